@@ -1,0 +1,221 @@
+"""Expert activations, one registry by name.
+
+Every activation is an ``nn.Module`` with a class attribute ``gated``:
+
+* non-gated (ReLU, GELU, ReLU2, PolyReLU, PolyNorm) map ``(..., H) -> (..., H)``;
+* gated (SwiGLU) take the fused input ``(..., 2H)`` -- first half the gate input (w1), second
+  half the up input (w3) -- and return ``(..., H)``.
+
+``options`` lists the constructor keywords a class accepts, so a config can hand each class
+exactly the settings it understands (see ``ModelConfig.activation_kwargs``).
+
+Adding an activation: one class here, one ``ACTIVATIONS`` entry, its tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_model import kernels
+
+__all__ = [
+    "ACTIVATIONS",
+    "GELU",
+    "PolyNorm",
+    "PolyReLU",
+    "ReLU",
+    "ReLU2",
+    "SwiGLU",
+    "build_activation",
+    "poly_norm_eager",
+    "poly_relu_eager",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference math of the paper's activations (PolyCom).
+#
+# Coefficient order follows the paper's released OLMoE code and Liger-Kernel: weight[0]
+# multiplies the HIGHEST power. For order r, weight[i] multiplies power r - i:
+#     PolyNorm(x) = w0*norm(x^3) + w1*norm(x^2) + w2*norm(x) + b          (r = 3)
+# Beware two other snippets from the paper: the review thread's `_poly` indexes the weights the
+# other way (weight[i] * x**(i+1)), and the README's "Using PolyNorm in Other Models" snippet
+# calls torch.norm (a whole-tensor L2 norm, not a per-row RMS norm) with an undefined `weight`.
+# With the default init (all weights 1/r) the first two orderings coincide, so the difference
+# only shows once the coefficients train -- which is why checkpoints must agree on it.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms_norm_no_gain(u: torch.Tensor, eps: float) -> torch.Tensor:
+    """u * rsqrt(mean(u^2) + eps) per row over the last dim (no affine gain)."""
+    return u * torch.rsqrt(u.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def poly_norm_eager(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """PolyNorm: sum_i weight[i] * norm(x ** (r - i)) + bias, r = len(weight).
+
+    Powers and norms run in fp32 and the result is cast back to ``x.dtype``: bf16 x**3 keeps
+    only 8 mantissa bits and fp16 x**3 overflows for |x| > 40. In fp32, |x| up to 1e3 stays
+    finite for r <= 4 (mean of x^8 ~ 1e24 << 3e38).
+    """
+    order = weight.numel()
+    x_f = x.float()
+    w_f = weight.float()
+    y = bias.float().expand_as(x_f)
+    for i in range(order):
+        y = y + w_f[i] * _rms_norm_no_gain(x_f.pow(order - i), eps)
+    return y.to(x.dtype)
+
+
+def poly_relu_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """PolyReLU: sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight); fp32 inside."""
+    order = weight.numel()
+    r_f = F.relu(x.float())
+    w_f = weight.float()
+    y = bias.float().expand_as(r_f)
+    for i in range(order):
+        y = y + w_f[i] * r_f.pow(order - i)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class ReLU(nn.Module):
+    """relu(x)."""
+
+    gated = False
+    options: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+
+class GELU(nn.Module):
+    """gelu(x); exact erf form by default (``approximate="tanh"`` for the tanh form)."""
+
+    gated = False
+    options: tuple[str, ...] = ("approximate",)
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class ReLU2(nn.Module):
+    """Squared ReLU, relu(x)^2 (Primer)."""
+
+    gated = False
+    options: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """silu(a) * b on the fused input [a | b] of last dim 2H (a from w1, b from w3)."""
+
+    gated = True
+    options: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+class _Polynomial(nn.Module):
+    """Shared parameters of PolyReLU/PolyNorm: ``weight`` (order,) and ``bias`` (1,).
+
+    The parameters are created, with their init values, in ``__init__`` -- the paper's MoE code
+    only handed the coefficients to the experts inside ``reset_parameters``, so models built on
+    the meta device or loaded without init silently ran defaults. Here they are ordinary
+    registered parameters: they move with ``to_empty``, FSDP and ``state_dict``.
+    """
+
+    gated = False
+
+    def __init__(self, order: int = 3, backend: str = "auto"):
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"{type(self).__name__} order must be >= 1, got {order}")
+        self.order = order
+        self.backend = backend
+        self.weight = nn.Parameter(torch.full((order,), 1.0 / order))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: weight = 1/order each, bias = 0."""
+        self.weight.fill_(1.0 / self.order)
+        self.bias.zero_()
+
+
+class PolyReLU(_Polynomial):
+    """PolyReLU(x) = sum_i weight[i] * relu(x)^(order - i) + bias."""
+
+    options: tuple[str, ...] = ("order", "backend")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.poly_relu(x, self.weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}, backend={self.backend!r}"
+
+
+class PolyNorm(_Polynomial):
+    """PolyNorm(x) = sum_i weight[i] * norm(x^(order - i)) + bias, norm = per-row RMS norm."""
+
+    options: tuple[str, ...] = ("order", "eps", "backend")
+
+    def __init__(self, order: int = 3, eps: float = 1e-6, backend: str = "auto"):
+        super().__init__(order=order, backend=backend)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.poly_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}, eps={self.eps}, backend={self.backend!r}"
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": ReLU,
+    "gelu": GELU,
+    "relu2": ReLU2,
+    "swiglu": SwiGLU,
+    "polyrelu": PolyReLU,
+    "polynorm": PolyNorm,
+}
+
+
+def get_activation_class(name: str) -> type[nn.Module]:
+    """The registered class for ``name``; ValueError listing the known names otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def build_activation(name: str, **kwargs) -> nn.Module:
+    """Build the activation registered as ``name`` with constructor ``kwargs``."""
+    cls = get_activation_class(name)
+    unknown = sorted(set(kwargs) - set(cls.options))
+    if unknown:
+        raise ValueError(
+            f"activation {name!r} does not take {unknown}; it accepts {list(cls.options)}"
+        )
+    return cls(**kwargs)

@@ -1,0 +1,308 @@
+"""ModelConfig: sizes, validation, total/active parameter and FLOP counts.
+
+The YAML ``model:`` section maps one-to-one onto :class:`ModelConfig`
+(``ModelConfig(**yaml["model"])`` or ``ModelConfig.from_dict``), and ``build()`` makes the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from moe_model.activations import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from moe_model.transformer import MoETransformer
+
+__all__ = ["ConfigError", "ModelConfig", "equal_param_hidden_size"]
+
+BLOCK_TYPES = ("moe", "dense")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+# grouped_mm needs 16-byte aligned strides: 8 elements in bf16 (4 would do for fp32).
+GROUPED_MM_ALIGN = 8
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+def _num_matrices(activation: str) -> int:
+    """Weight matrices per expert FFN: 3 for gated (w1, w3, w2), 2 otherwise (w1, w2)."""
+    return 3 if ACTIVATIONS[activation].gated else 2
+
+
+def equal_param_hidden_size(hidden_size: int, from_activation: str, to_activation: str) -> int:
+    """Expert hidden size for ``to_activation`` with the FFN weight count of ``hidden_size``
+    under ``from_activation`` (gated 1024 <-> non-gated 1536).
+
+    Counts the FFN matrices only; the 4 PolyNorm/PolyReLU coefficients per layer are noise.
+    Raises ConfigError when no integer size matches exactly.
+    """
+    for name in (from_activation, to_activation):
+        if name not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}")
+    n_from, n_to = _num_matrices(from_activation), _num_matrices(to_activation)
+    if (hidden_size * n_from) % n_to:
+        raise ConfigError(
+            f"hidden_size={hidden_size} for {from_activation!r} has no exact equal-parameter "
+            f"size for {to_activation!r} (needs {n_to} | {n_from}*hidden_size)"
+        )
+    return hidden_size * n_from // n_to
+
+
+@dataclass
+class ModelConfig:
+    """An OLMoE-style decoder; defaults are OLMoE-1B-7B with SwiGLU experts."""
+
+    vocab_size: int = 50280
+    """Tokenizer vocabulary; token ids must be < this."""
+    embedding_size: int = 50304
+    """Rows of the embedding and LM head (vocab padded to a multiple of 128 for speed)."""
+    d_model: int = 2048
+    """Residual stream width D."""
+    n_layers: int = 16
+    """Transformer blocks L."""
+    n_heads: int = 16
+    """Attention heads; d_model / n_heads is the head dim (must be even for RoPE)."""
+    max_sequence_length: int = 4096
+    """Longest sequence the model is trained/evaluated on."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    qk_norm: bool = True
+    """RMSNorm over the full q and k projections (D wide) before splitting heads (OLMoE)."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm (block norms, QK-norm, final norm)."""
+    block_type: str = "moe"
+    """'moe' (router + experts in every block) or 'dense' (one FFN per block)."""
+    activation_type: str = "swiglu"
+    """Expert activation, a key of moe_model.activations.ACTIVATIONS."""
+    activation_order: int = 3
+    """Polynomial order of polyrelu/polynorm (ignored by the others)."""
+    activation_eps: float = 1e-6
+    """Epsilon of polynorm's per-row RMS norm (ignored by the others)."""
+    activation_backend: str = "auto"
+    """Kernel backend of polyrelu/polynorm (see moe_model.kernels)."""
+    mlp_hidden_size: int = 1024
+    """Per-expert hidden size H; for gated activations each of w1, w3 is D -> H."""
+    moe_num_experts: int = 64
+    """Experts per MoE layer E."""
+    moe_top_k: int = 8
+    """Experts per token K."""
+    moe_loss_weight: float = 0.01
+    """Load-balancing loss weight (equals the loss at perfect balance)."""
+    moe_zloss_weight: float = 0.001
+    """Router z-loss weight."""
+    moe_renormalize: bool = False
+    """Renormalise the top-k routing weights to sum to 1 (OLMoE: no)."""
+    moe_expert_impl: str = "auto"
+    """'grouped_mm', 'loop', or 'auto' (grouped_mm on CUDA, loop on CPU)."""
+    init_std: float = 0.02
+    """Std of the truncated-normal init of every linear, embedding and expert weight."""
+    init_cutoff_factor: float = 3.0
+    """Truncate the init at +-init_cutoff_factor * init_std."""
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Like ``ModelConfig(**d)`` but an unknown key is a ConfigError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def build(self, init_device: str = "cpu") -> MoETransformer:
+        """The model; on ``init_device="meta"`` call ``to_empty`` then ``init_weights`` after."""
+        from moe_model.transformer import MoETransformer
+
+        return MoETransformer(self, init_device=init_device)
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for key in (
+            "vocab_size",
+            "embedding_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_sequence_length",
+            "activation_order",
+            "mlp_hidden_size",
+            "moe_num_experts",
+            "moe_top_k",
+        ):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
+        for key in ("rope_theta", "layer_norm_eps", "activation_eps", "init_std", "init_cutoff_factor"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
+        for key in ("moe_loss_weight", "moe_zloss_weight"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0")
+        if self.embedding_size < self.vocab_size:
+            raise ConfigError(
+                f"model.embedding_size={self.embedding_size} must be >= "
+                f"model.vocab_size={self.vocab_size}"
+            )
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"model.d_model/model.n_heads={self.d_model // self.n_heads} (head dim) must be "
+                "even for RoPE"
+            )
+        if self.block_type not in BLOCK_TYPES:
+            raise ConfigError(f"model.block_type={self.block_type!r} must be one of {list(BLOCK_TYPES)}")
+        if self.activation_type not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.activation_type={self.activation_type!r} is unknown; known activations: "
+                f"{sorted(ACTIVATIONS)}"
+            )
+        if self.moe_top_k > self.moe_num_experts:
+            raise ConfigError(
+                f"model.moe_top_k={self.moe_top_k} must be <= "
+                f"model.moe_num_experts={self.moe_num_experts}"
+            )
+        if self.moe_expert_impl not in EXPERT_IMPLS:
+            raise ConfigError(
+                f"model.moe_expert_impl={self.moe_expert_impl!r} must be one of {list(EXPERT_IMPLS)}"
+            )
+        if self.moe_expert_impl == "grouped_mm":
+            for key in ("d_model", "mlp_hidden_size"):
+                if getattr(self, key) % GROUPED_MM_ALIGN:
+                    raise ConfigError(
+                        f"model.{key}={getattr(self, key)} must be a multiple of "
+                        f"{GROUPED_MM_ALIGN} for model.moe_expert_impl='grouped_mm' "
+                        "(16-byte aligned strides); use 'loop' or 'auto'"
+                    )
+
+    def _check_types(self) -> None:
+        """Type-check every field; ints become floats where a float is expected.
+
+        PyYAML reads ``1e-5`` (no dot) as a string, so numeric strings are accepted for floats.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"model.{f.name}={value!r} must be an int")
+            elif f.type in ("float", float):
+                if isinstance(value, str):
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        raise ConfigError(f"model.{f.name}={value!r} must be a number") from None
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"model.{f.name}={value!r} must be a number")
+                if not math.isfinite(value):
+                    raise ConfigError(f"model.{f.name}={value!r} must be finite")
+                setattr(self, f.name, float(value))
+            elif f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"model.{f.name}={value!r} must be true or false")
+            elif f.type in ("str", str):
+                if not isinstance(value, str):
+                    raise ConfigError(f"model.{f.name}={value!r} must be a string")
+
+    # ---- derived sizes -----------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        """Whether the activation takes a fused 2H input (w1 and w3)."""
+        return ACTIVATIONS[self.activation_type].gated
+
+    @property
+    def mlp_in_size(self) -> int:
+        """Output width of the expert input projection: 2H for gated activations, else H."""
+        return 2 * self.mlp_hidden_size if self.gated else self.mlp_hidden_size
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.n_layers if self.block_type == "moe" else 0
+
+    def activation_kwargs(self) -> dict[str, Any]:
+        """The settings the chosen activation class accepts, from this config."""
+        available = {
+            "order": self.activation_order,
+            "eps": self.activation_eps,
+            "backend": self.activation_backend,
+        }
+        cls = ACTIVATIONS[self.activation_type]
+        return {k: v for k, v in available.items() if k in cls.options}
+
+    def _activation_params(self) -> int:
+        """Coefficients of one activation module (one set per layer, shared by experts)."""
+        return self.activation_order + 1 if "order" in ACTIVATIONS[self.activation_type].options else 0
+
+    def _ffn_params(self) -> int:
+        """Weights of one expert (or the dense FFN): D x mlp_in_size in, H x D out."""
+        return self.d_model * self.mlp_in_size + self.mlp_hidden_size * self.d_model
+
+    def _attention_block_params(self) -> int:
+        """Attention + the two block norms (+ QK-norm weights)."""
+        d = self.d_model
+        n = 4 * d * d + 2 * d  # q, k, v, o projections; attention and FFN norms
+        if self.qk_norm:
+            n += 2 * d
+        return n
+
+    def _block_params(self, experts: int) -> int:
+        """One block counting ``experts`` experts (all of them, or top-k for 'active')."""
+        n = self._attention_block_params() + self._activation_params()
+        if self.block_type == "moe":
+            n += self.d_model * self.moe_num_experts  # router: always fully used
+            n += experts * self._ffn_params()
+        else:
+            n += self._ffn_params()
+        return n
+
+    def _embedding_params(self) -> int:
+        return self.embedding_size * self.d_model
+
+    def num_params(self) -> int:
+        """Total parameters (equals the sum of p.numel() over the built model)."""
+        return (
+            self._embedding_params()  # token embedding
+            + self.n_layers * self._block_params(self.moe_num_experts)
+            + self.d_model  # final norm
+            + self.embedding_size * self.d_model  # untied LM head
+        )
+
+    def num_active_params(self) -> int:
+        """Parameters touched per token: top-k experts of each MoE layer, everything else in full.
+
+        Like OLMo/OLMoE's reported "1B active", the input embedding and the LM head are counted
+        (OLMoE-1B-7B: 1.28B active of 6.92B total).
+        """
+        return (
+            self._embedding_params()
+            + self.n_layers * self._block_params(self.moe_top_k)
+            + self.d_model
+            + self.embedding_size * self.d_model
+        )
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token, forward + backward (olmo-core / PaLM convention).
+
+        6 * (active params minus the input embedding, whose lookup does no matmul; the LM head is
+        counted) + 12 * L * D * S for the attention scores and values (QK^T and AV, forward 2x2,
+        backward twice that, per layer). Norms, softmax, activations and the router softmax are
+        not counted.
+        """
+        n = self.num_active_params() - self._embedding_params()
+        return 6 * n + 12 * self.n_layers * self.d_model * seq_len

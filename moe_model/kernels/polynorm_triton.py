@@ -1,0 +1,286 @@
+"""Triton PolyNorm and PolyReLU, forward and backward, for any order 1..4.
+
+PolyNorm is bandwidth-bound (see ``shared/DESIGN.md``): the floor is one read of x and one
+write of y forward, one read of x and dy and one write of dx backward. So:
+
+* forward: one program per row holds the whole row in registers (``BLOCK`` = next power of two
+  of the row length), computes x**p by repeated multiplication, one row-sum per power, and
+  stores y plus ``rstd[row, p-1] = rsqrt(mean(x**2p) + eps)`` (``order`` fp32 per row);
+* backward: a grid of a few programs per SM, each walking a strided set of rows, recomputes
+  x**p from x, needs one extra row-sum per power (``sum(dy * x**p)``) and accumulates its
+  share of dweight and dbias in registers; one small (programs x order) partial array is then
+  summed by torch. No atomics, so the result is deterministic.
+
+PolyReLU is elementwise: a flat forward kernel, and a backward whose programs keep per-power
+partial sums of ``dy * relu(x)**p`` for dweight.
+
+Interpreter mode: Triton decides at decoration time (``triton.jit``) whether a kernel runs on
+the GPU or in its NumPy interpreter, from ``TRITON_INTERPRET=1`` in the environment. Set it
+before this module is first imported to run these kernels on CPU tensors (the tests do).
+
+Math and the weight convention (``weight[0]`` multiplies the highest power) are documented in
+:mod:`moe_model.kernels.polynorm_fused`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# One program holds a whole row: beyond this the row no longer fits in registers. The
+# dispatcher falls back to the torch implementation for longer rows.
+MAX_ROW = 65536
+MAX_ORDER = 4
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _num_warps(block: int) -> int:
+    # Enough threads that each holds a handful of elements of the row (fewer spills).
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def _num_programs(device: torch.device, n_work: int, per_sm: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # interpreter: programs run one after another; few keeps the Python loop short
+        sms = 2
+    return max(1, min(n_work, sms * per_sm))
+
+
+@triton.jit
+def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(B).to(tl.float32)
+    xp = x
+    for p in tl.static_range(1, ORDER + 1):
+        if p > 1:
+            xp = xp * x
+        # Masked columns are 0, so they add nothing to the sum; divide by the true length.
+        r = tl.rsqrt(tl.sum(xp * xp, axis=0) / n_cols + eps)
+        w = tl.load(W + (ORDER - p)).to(tl.float32)
+        y += (w * r) * xp
+        tl.store(RSTD + row * ORDER + (p - 1), r)
+    tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _poly_norm_bwd(
+    X, DY, W, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols,
+    ORDER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    slots = tl.arange(0, 4)  # slot p-1 accumulates dweight for power p (= weight[ORDER - p])
+    dw_acc = tl.zeros([4], dtype=tl.float32)
+    db_acc = tl.zeros([1], dtype=tl.float32)
+    # int64 offsets (rows * n_cols can pass 2**31); adding an int64 zero promotes the loop
+    # index, which is a plain int under the interpreter and has no .to() there.
+    zero64 = pid.to(tl.int64) * 0
+    for row in range(pid, n_rows, n_progs):
+        row64 = row + zero64
+        base = row64 * n_cols
+        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
+        db_acc += tl.sum(g, axis=0)
+        dx = tl.zeros([BLOCK], dtype=tl.float32)
+        xp = x
+        xpm1 = x  # x**(p-1); unused for p == 1
+        for p in tl.static_range(1, ORDER + 1):
+            if p > 1:
+                xpm1 = xp
+                xp = xp * x
+            r = tl.load(RSTD + row64 * ORDER + (p - 1))
+            w = tl.load(W + (ORDER - p)).to(tl.float32)
+            gxp = tl.sum(g * xp, axis=0)
+            # d norm(u)/du applied to g: r * (g - r^2 * u * mean(g * u)), chained by p x^(p-1).
+            term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
+            if p > 1:
+                term = term * xpm1
+            dx += term
+            dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+        tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    # Store in weight order: power p goes to column ORDER - p.
+    tl.store(DW_PART + pid * ORDER + (ORDER - 1 - slots), dw_acc, mask=slots < ORDER)
+    tl.store(DB_PART + pid + tl.arange(0, 1), db_acc)
+
+
+@triton.jit
+def _poly_relu_fwd(X, W, B, Y, n_elem, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elem
+    rx = tl.maximum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+    # Horner in relu(x): ((w_r rx + w_{r-1}) rx + ...) rx + b, W[0] being w_r.
+    y = rx * tl.load(W).to(tl.float32)
+    for i in tl.static_range(1, ORDER):
+        y = (y + tl.load(W + i).to(tl.float32)) * rx
+    y += tl.load(B).to(tl.float32)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _poly_relu_bwd(
+    X, DY, W, DX, DW_PART, DB_PART, n_elem, ORDER: tl.constexpr, BLOCK: tl.constexpr
+):
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    # Vector accumulators, reduced once at the end (one per power; unused ones stay zero).
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc4 = tl.zeros([BLOCK], dtype=tl.float32)
+    accb = tl.zeros([BLOCK], dtype=tl.float32)
+    n_blocks = tl.cdiv(n_elem, BLOCK)
+    zero64 = pid.to(tl.int64) * 0  # see _poly_norm_bwd
+    for blk in range(pid, n_blocks, n_progs):
+        offs = (blk + zero64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elem
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rx = tl.maximum(x, 0.0)
+        # d/dx = sum_p p w_p rx^(p-1) [x > 0], Horner in rx.
+        d = tl.zeros([BLOCK], dtype=tl.float32) + ORDER * tl.load(W).to(tl.float32)
+        for i in tl.static_range(1, ORDER):
+            d = d * rx + (ORDER - i) * tl.load(W + i).to(tl.float32)
+        dx = tl.where(x > 0, d * g, 0.0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        accb += g
+        gp = g * rx
+        acc1 += gp
+        if ORDER >= 2:
+            gp = gp * rx
+            acc2 += gp
+        if ORDER >= 3:
+            gp = gp * rx
+            acc3 += gp
+        if ORDER >= 4:
+            gp = gp * rx
+            acc4 += gp
+    # DW_PART row layout follows weight: slot order - p holds power p.
+    out = DW_PART + pid * ORDER
+    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
+    if ORDER >= 2:
+        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
+    if ORDER >= 3:
+        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
+    if ORDER >= 4:
+        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
+    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            "the triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+            "moe_model.kernels.polynorm_triton is imported (CPU interpreter, slow)"
+        )
+
+
+class TritonPolyNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        _check_device(x)
+        order = weight.numel()
+        n_cols = x.shape[-1]
+        if not 1 <= order <= MAX_ORDER or n_cols > MAX_ROW:
+            raise ValueError(f"triton PolyNorm supports order 1..{MAX_ORDER} and rows <= {MAX_ROW}")
+        x2 = x.reshape(-1, n_cols).contiguous()
+        n_rows = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(n_rows, order, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        if n_rows > 0:
+            _poly_norm_fwd[(n_rows,)](
+                x2, weight.contiguous(), bias.contiguous(), y, rstd, n_cols, eps,
+                ORDER=order, BLOCK=block, num_warps=_num_warps(block),
+            )  # fmt: skip
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.bias_meta = (bias.shape, bias.dtype)
+        ctx.x_shape = x.shape
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        order = weight.numel()
+        n_rows, n_cols = x2.shape
+        g = grad_out.reshape(n_rows, n_cols).contiguous()
+        dx = torch.empty_like(x2)
+        block = triton.next_power_of_2(n_cols)
+        # Several programs per SM hide load latency; each keeps its dweight share in registers.
+        progs = _num_programs(x2.device, n_rows, per_sm=8)
+        dw_part = torch.zeros(progs, order, dtype=torch.float32, device=x2.device)
+        db_part = torch.zeros(progs, dtype=torch.float32, device=x2.device)
+        if n_rows > 0:
+            _poly_norm_bwd[(progs,)](
+                x2, g, weight.contiguous(), rstd, dx, dw_part, db_part, n_rows, n_cols,
+                ORDER=order, BLOCK=block, num_warps=_num_warps(block),
+            )  # fmt: skip
+        bias_shape, bias_dtype = ctx.bias_meta
+        return (
+            dx.reshape(ctx.x_shape),
+            dw_part.sum(0).to(weight.dtype),
+            db_part.sum().reshape(bias_shape).to(bias_dtype),
+            None,
+        )
+
+
+# Elements per program of the flat PolyReLU kernels: 16 B/thread loads at 4 warps for bf16.
+_RELU_BLOCK = 2048
+
+
+class TritonPolyReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        _check_device(x)
+        order = weight.numel()
+        if not 1 <= order <= MAX_ORDER:
+            raise ValueError(f"triton PolyReLU supports order 1..{MAX_ORDER}")
+        xc = x.contiguous()
+        y = torch.empty_like(xc)
+        n = xc.numel()
+        if n > 0:
+            _poly_relu_fwd[(triton.cdiv(n, _RELU_BLOCK),)](
+                xc, weight.contiguous(), bias.contiguous(), y, n, ORDER=order, BLOCK=_RELU_BLOCK
+            )
+        ctx.save_for_backward(xc, weight)
+        ctx.bias_meta = (bias.shape, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        xc, weight = ctx.saved_tensors
+        order = weight.numel()
+        g = grad_out.contiguous()
+        dx = torch.empty_like(xc)
+        n = xc.numel()
+        progs = _num_programs(xc.device, triton.cdiv(max(n, 1), _RELU_BLOCK), per_sm=8)
+        dw_part = torch.zeros(progs, order, dtype=torch.float32, device=xc.device)
+        db_part = torch.zeros(progs, dtype=torch.float32, device=xc.device)
+        if n > 0:
+            _poly_relu_bwd[(progs,)](
+                xc, g, weight.contiguous(), dx, dw_part, db_part, n, ORDER=order, BLOCK=_RELU_BLOCK
+            )
+        bias_shape, bias_dtype = ctx.bias_meta
+        return dx, dw_part.sum(0).to(weight.dtype), db_part.sum().reshape(bias_shape).to(bias_dtype)
+
+
+def poly_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return TritonPolyNorm.apply(x, weight, bias, eps)
+
+
+def poly_relu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return TritonPolyReLU.apply(x, weight, bias)

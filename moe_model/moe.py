@@ -1,0 +1,185 @@
+"""Mixture-of-Experts layer: softmax top-k router, auxiliary losses, dropless experts.
+
+Shape suffixes on tensor names:
+    B batch, S sequence, T tokens (B*S), D d_model, H expert hidden size, E experts, K top-k,
+    L layers, R routed rows (T*K). ``w_in_EDH`` is D x H, or D x 2H for a gated activation
+    (its fused w1|w3 output: gate half first, up half second).
+
+Routing follows OLMoE: router logits = x @ W_r (no bias), softmax over all E experts in fp32,
+top-k of the probabilities used as combine weights, not renormalised (unless configured).
+Experts are dropless: every (token, expert) pair is computed, with tokens sorted by expert and
+one grouped matmul per projection (``torch.nn.functional.grouped_mm``) or a per-expert loop.
+
+Auxiliary losses (megablocks' formulas, which OLMoE trained with), already weighted:
+    lb_loss = w_lb * E / (T*K) * sum_e count_e * mean_prob_e   (= w_lb at perfect balance)
+    z_loss  = w_z * sum_t logsumexp(logits_t)^2 / (T*K)
+Nothing from the router is kept on the module between calls (the paper's megablocks setup kept
+router tensors every step and leaked memory); the losses travel in the returned ``MoEAux``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_model.activations import build_activation
+
+if TYPE_CHECKING:
+    from moe_model.config import ModelConfig
+
+__all__ = ["MoEAux", "MoELayer", "grouped_mm", "load_balancing_loss", "router_z_loss"]
+
+# torch >= 2.10 has the public name; older torches only the private op.
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+GROUPED_MM_ALIGN = 8  # elements: 16-byte aligned strides in bf16
+
+
+@dataclass
+class MoEAux:
+    """What one MoE forward reports besides its output."""
+
+    lb_loss: torch.Tensor
+    """Weighted load-balancing loss (scalar, fp32, differentiable w.r.t. the router)."""
+    z_loss: torch.Tensor
+    """Weighted router z-loss (scalar, fp32, differentiable w.r.t. the router)."""
+    tokens_per_expert_E: torch.Tensor
+    """Rows routed to each expert (long, detached)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        # Lets callers treat it as a mapping too: aux["lb_loss"].
+        return getattr(self, key)
+
+
+def load_balancing_loss(
+    probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int, weight: float
+) -> torch.Tensor:
+    """w * E/(T*K) * sum_e count_e * mean_t probs_TE[t, e]; the gradient flows through probs."""
+    num_tokens, num_experts = probs_TE.shape
+    mean_prob_E = probs_TE.float().mean(dim=0)
+    scale = weight * num_experts / (num_tokens * top_k)
+    return scale * torch.dot(tokens_per_expert_E.to(mean_prob_E.dtype), mean_prob_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor, top_k: int, weight: float) -> torch.Tensor:
+    """w * sum_t logsumexp(logits_t)^2 / (T*K); logsumexp in fp32 (stable: it subtracts the max)."""
+    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return weight * lse_T.square().sum() / (logits_TE.shape[0] * top_k)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when active, else the input's.
+
+    grouped_mm has no autocast rule, so under autocast its operands are cast by hand.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class MoELayer(nn.Module):
+    """Router + E experts, each FFN ``act(x @ w_in[e]) @ w_out[e]``; one activation per layer."""
+
+    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = config
+        d, h, e = config.d_model, config.mlp_hidden_size, config.moe_num_experts
+        self.num_experts = e
+        self.top_k = config.moe_top_k
+        self.renormalize = config.moe_renormalize
+        self.lb_weight = config.moe_loss_weight
+        self.z_weight = config.moe_zloss_weight
+        self.expert_impl = config.moe_expert_impl
+        self.router = nn.Linear(d, e, bias=False, device=init_device)
+        # One activation module (and so one set of coefficients) per layer, shared by experts.
+        self.act = build_activation(config.activation_type, **config.activation_kwargs())
+        self.act.to(init_device)
+        self.w_in_EDH = nn.Parameter(torch.empty(e, d, config.mlp_in_size, device=init_device))
+        self.w_out_EHD = nn.Parameter(torch.empty(e, h, d, device=init_device))
+        if torch.device(init_device).type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std, cut = self.config.init_std, self.config.init_cutoff_factor * self.config.init_std
+        for w in (self.router.weight, self.w_in_EDH, self.w_out_EHD):
+            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-cut, b=cut)
+        if hasattr(self.act, "reset_parameters"):
+            self.act.reset_parameters()
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def route(self, x_TD: torch.Tensor):
+        """Router logits, probabilities and the top-k choice of every token."""
+        # Softmax and top-k in fp32: bf16 probabilities tie often and skew the choice.
+        logits_TE = F.linear(x_TD, self.router.weight.to(x_TD.dtype)).float()
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, weights_TK, experts_TK
+
+    def _impl(self, x: torch.Tensor) -> str:
+        if self.expert_impl != "auto":
+            return self.expert_impl
+        # On CPU the per-expert loop measured faster than grouped_mm at small shapes (see
+        # scripts/bench or the model-package report); grouped_mm also needs aligned sizes.
+        aligned = all(
+            n % GROUPED_MM_ALIGN == 0 for n in (self.w_in_EDH.shape[1], self.w_out_EHD.shape[1])
+        )
+        return "grouped_mm" if x.is_cuda and aligned else "loop"
+
+    # ---- experts -----------------------------------------------------------------------------
+
+    def experts(
+        self, x_RD: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str
+    ) -> torch.Tensor:
+        """Expert FFNs over rows sorted by expert (``tokens_per_expert_E`` rows each)."""
+        dtype = x_RD.dtype
+        w_in_EDH = self.w_in_EDH.to(dtype)
+        w_out_EHD = self.w_out_EHD.to(dtype)
+        if impl == "grouped_mm":
+            # offs[e] = end row of expert e; empty experts repeat the previous offset.
+            offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            h_RH = grouped_mm(x_RD, w_in_EDH, offs=offs_E)
+            return grouped_mm(self.act(h_RH), w_out_EHD, offs=offs_E)
+        if impl == "loop":
+            # One host sync for the split sizes; empty experts get empty slices. The activation
+            # runs once over all rows (it is row-wise), as in the grouped path.
+            counts = tokens_per_expert_E.tolist()
+            h_RH = torch.cat(
+                [x_ND @ w_in_EDH[e] for e, x_ND in enumerate(x_RD.split(counts))]
+            )
+            a_RH = self.act(h_RH)
+            return torch.cat([a_NH @ w_out_EHD[e] for e, a_NH in enumerate(a_RH.split(counts))])
+        raise ValueError(f"unknown moe_expert_impl {impl!r}; expected 'grouped_mm' or 'loop'")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """``x`` (..., D) -> (y shaped like x, MoEAux)."""
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        num_tokens = x_TD.shape[0]
+        logits_TE, probs_TE, weights_TK, experts_TK = self.route(x_TD)
+
+        # Sort the T*K (token, expert) rows by expert; stable so equal experts keep token order.
+        experts_R = experts_TK.reshape(-1)
+        order_R = experts_R.argsort(stable=True)
+        token_R = order_R // self.top_k
+        tokens_per_expert_E = torch.bincount(experts_R, minlength=self.num_experts)
+
+        dtype = compute_dtype(x)
+        y_RD = self.experts(x_TD[token_R].to(dtype), tokens_per_expert_E, self._impl(x))
+        # Combine weights applied after w_out (megablocks); fp32 weights cast to compute dtype.
+        y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
+        y_TD = y_RD.new_zeros(num_tokens, shape[-1]).index_add_(0, token_R, y_RD)
+
+        aux = MoEAux(
+            lb_loss=load_balancing_loss(probs_TE, tokens_per_expert_E, self.top_k, self.lb_weight),
+            z_loss=router_z_loss(logits_TE, self.top_k, self.z_weight),
+            tokens_per_expert_E=tokens_per_expert_E.detach(),
+        )
+        return y_TD.reshape(shape), aux

@@ -1,0 +1,211 @@
+"""OLMoE decoder: RoPE attention with QK-norm, MoE (or dense) FFN blocks, untied LM head.
+
+Shape suffixes: B batch, S sequence, D d_model, N heads, Dh head dim, V embedding rows,
+L MoE layers, E experts.
+
+Build on the meta device for large models, then materialise:
+    model = config.build("meta"); model.to_empty(device="cuda"); model.init_weights()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_model.activations import build_activation
+from moe_model.config import ModelConfig
+from moe_model.moe import MoELayer
+
+__all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "apply_rope"]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, S, embedding_size) in the compute dtype."""
+    lb_loss: torch.Tensor
+    """Weighted load-balancing loss averaged over MoE layers (0 for dense models)."""
+    z_loss: torch.Tensor
+    """Weighted router z-loss averaged over MoE layers (0 for dense models)."""
+    tokens_per_expert_LE: torch.Tensor
+    """Routed rows per expert per MoE layer (long, detached; shape (0, 0) for dense models)."""
+
+
+def _trunc_normal_(w: torch.Tensor, config: ModelConfig) -> None:
+    cut = config.init_cutoff_factor * config.init_std
+    nn.init.trunc_normal_(w, mean=0.0, std=config.init_std, a=-cut, b=cut)
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (S, Dh) in fp32 for the rotate-half RoPE layout (GPT-NeoX/OLMo).
+
+    Recomputed every forward instead of cached in a buffer: it costs S*Dh/2 trig ops, and a
+    buffer made on the meta device would hold garbage after ``to_empty`` until someone
+    remembered to rebuild it.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs_SDh = torch.outer(pos, inv_freq).repeat(1, 2)
+    return freqs_SDh.cos(), freqs_SDh.sin()
+
+
+def apply_rope(x_BNSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Rotate q or k (B, N, S, Dh) by position, in fp32, returning x's dtype."""
+    x = x_BNSDh.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos_SDh + rotated * sin_SDh).to(x_BNSDh.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention, no biases, QK-norm over the full D-wide q and k (OLMoE)."""
+
+    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False, device=init_device)
+        self.k_proj = nn.Linear(d, d, bias=False, device=init_device)
+        self.v_proj = nn.Linear(d, d, bias=False, device=init_device)
+        self.o_proj = nn.Linear(d, d, bias=False, device=init_device)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
+            self.k_norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
+        else:
+            self.q_norm = self.k_norm = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            _trunc_normal_(proj.weight, self.config)
+        if self.q_norm is not None:
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        b, s, d = x_BSD.shape
+        q_BSD, k_BSD, v_BSD = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.q_norm is not None:
+            q_BSD, k_BSD = self.q_norm(q_BSD), self.k_norm(k_BSD)
+
+        def heads(t_BSD: torch.Tensor) -> torch.Tensor:
+            return t_BSD.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+
+        cos_SDh, sin_SDh = rope_cos_sin(s, self.head_dim, self.config.rope_theta, x_BSD.device)
+        q_BNSDh = apply_rope(heads(q_BSD), cos_SDh, sin_SDh)
+        k_BNSDh = apply_rope(heads(k_BSD), cos_SDh, sin_SDh)
+        v_BNSDh = heads(v_BSD).to(q_BNSDh.dtype)
+        o_BNSDh = F.scaled_dot_product_attention(q_BNSDh, k_BNSDh, v_BNSDh, is_causal=True)
+        return self.o_proj(o_BNSDh.transpose(1, 2).reshape(b, s, d))
+
+
+class DenseFFN(nn.Module):
+    """One FFN ``act(x @ w_in) @ w_out`` with the activation registry (block_type='dense')."""
+
+    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = config
+        self.w_in = nn.Linear(config.d_model, config.mlp_in_size, bias=False, device=init_device)
+        self.act = build_activation(config.activation_type, **config.activation_kwargs())
+        self.act.to(init_device)
+        self.w_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False, device=init_device)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _trunc_normal_(self.w_in.weight, self.config)
+        _trunc_normal_(self.w_out.weight, self.config)
+        if hasattr(self.act, "reset_parameters"):
+            self.act.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.w_out(self.act(self.w_in(x))), None
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); the unit FSDP wraps."""
+
+    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
+        self.attn = Attention(config, init_device)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
+        self.ffn = (
+            MoELayer(config, init_device) if config.block_type == "moe" else DenseFFN(config, init_device)
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.attn_norm.reset_parameters()
+        self.attn.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.ffn.reset_parameters()
+
+    def forward(self, x_BSD: torch.Tensor):
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        y_BSD, aux = self.ffn(self.ffn_norm(h_BSD))
+        return h_BSD + y_BSD, aux
+
+
+class MoETransformer(nn.Module):
+    """Token embedding -> n_layers blocks -> final RMSNorm -> untied LM head."""
+
+    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embedding = nn.Embedding(config.embedding_size, d, device=init_device)
+        self.blocks = nn.ModuleList(Block(config, init_device) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
+        self.lm_head = nn.Linear(d, config.embedding_size, bias=False, device=init_device)
+        if torch.device(init_device).type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter: truncated normal weights, norms 1, activation
+        coefficients to their defaults. Call after ``to_empty`` on a meta-built model."""
+        _trunc_normal_(self.embedding.weight, self.config)
+        for block in self.blocks:
+            block.reset_parameters()
+        self.norm.reset_parameters()
+        _trunc_normal_(self.lm_head.weight, self.config)
+
+    reset_parameters = init_weights
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
+        x_BSD = self.embedding(input_ids_BS)
+        lb_losses, z_losses, loads_E = [], [], []
+        for block in self.blocks:
+            x_BSD, aux = block(x_BSD)
+            if aux is not None:
+                lb_losses.append(aux.lb_loss)
+                z_losses.append(aux.z_loss)
+                loads_E.append(aux.tokens_per_expert_E)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        if lb_losses:
+            lb_loss = torch.stack(lb_losses).mean()
+            z_loss = torch.stack(z_losses).mean()
+            tokens_per_expert_LE = torch.stack(loads_E)
+        else:
+            lb_loss = logits_BSV.new_zeros((), dtype=torch.float32)
+            z_loss = logits_BSV.new_zeros((), dtype=torch.float32)
+            tokens_per_expert_LE = torch.zeros(0, 0, dtype=torch.long, device=logits_BSV.device)
+        return ModelOutput(
+            logits=logits_BSV,
+            lb_loss=lb_loss,
+            z_loss=z_loss,
+            tokens_per_expert_LE=tokens_per_expert_LE,
+        )

@@ -1,0 +1,289 @@
+"""Training configuration: YAML + ``--key=value`` overrides -> a validated :class:`TrainConfig`.
+
+Key names follow OLMo/OLMoE's configs where OLMoE had them (``run_name``, ``save_folder``,
+``global_train_batch_size``, ``model.moe_top_k``...), so an OLMoE YAML reads familiar. Loading is
+strict: an unknown key, a value of the wrong type or an out-of-range value raises
+:class:`ConfigError` with a one-line message naming the key, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moe_model.config import ConfigError, ModelConfig
+from olmo.data import DataConfig
+
+__all__ = [
+    "ConfigError",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "WandbConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_duration",
+]
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """Optimizer; only AdamW (OLMoE's) is implemented."""
+    learning_rate: float = 4e-4
+    """Peak learning rate (OLMoE: 4e-4)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; activation coefficients never decay."""
+    decay_norm_and_bias: bool = True
+    """Also decay norm weights (OLMoE did)."""
+    decay_embeddings: bool = True
+    """Also decay the token embedding (OLMoE did)."""
+
+    def __post_init__(self):
+        if self.name != "adamw":
+            raise ConfigError(f"optimizer.name={self.name!r} is not supported; expected 'adamw'")
+        _positive("optimizer.learning_rate", self.learning_rate)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)")
+        _positive("optimizer.eps", self.eps)
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"
+    """``cosine_with_warmup`` (OLMoE's), ``linear_with_warmup`` or ``constant_with_warmup``."""
+    t_warmup: int = 2000
+    """Linear warmup length in steps, from 0 to the peak learning rate."""
+    alpha_f: float = 0.1
+    """Final learning rate as a fraction of the peak (OLMoE: 0.1)."""
+
+    def __post_init__(self):
+        known = ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup")
+        if self.name not in known:
+            raise ConfigError(f"scheduler.name={self.name!r} is unknown; expected one of {list(known)}")
+        if self.t_warmup < 0:
+            raise ConfigError(f"scheduler.t_warmup={self.t_warmup} must be >= 0")
+        if not 0.0 <= self.alpha_f <= 1.0:
+            raise ConfigError(f"scheduler.alpha_f={self.alpha_f} must be in [0, 1]")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """``offline`` (default, no API key needed), ``online`` (needs WANDB_API_KEY) or ``disabled``."""
+    project: str = "moe-polycom"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None = the key's default."""
+    group: str | None = None
+    """W&B group, e.g. one activation comparison sweep."""
+    name: str | None = None
+    """Run name in W&B; defaults to ``run_name``."""
+    tags: list[str] = field(default_factory=list)
+    """Tags for the run."""
+
+    def __post_init__(self):
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(
+                f"wandb.mode={self.mode!r} is unknown; expected 'offline', 'online' or 'disabled'"
+            )
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "tiny-polynorm"
+    """Name of the run (W&B name unless wandb.name is set)."""
+    seed: int = 6198
+    """Seed for model init and data order (OLMoE's seed)."""
+    save_folder: str = "runs/${run_name}"
+    """Where checkpoints, metrics.jsonl, the resolved config and W&B files go."""
+    save_interval: int = 1000
+    """Save a sharded checkpoint every this many steps (and at the end)."""
+    save_num_checkpoints_to_keep: int = 3
+    """Keep the last k checkpoints; older ones are removed (-1 keeps all)."""
+    save_overwrite: bool = False
+    """Allow training into a save_folder that holds another run's checkpoints."""
+    load_path: str | None = None
+    """Checkpoint directory to start from when save_folder has none."""
+    reset_data_position: bool = False
+    """With load_path: start the data loader from the beginning instead of the saved position."""
+    max_duration: str = "1ep"
+    """Training length: steps ("1000"), epochs ("1ep") or tokens ("2e9T"); sets the LR schedule."""
+    stop_at: int | None = None
+    """Stop at this step without changing the LR schedule (for splitting a run)."""
+    global_train_batch_size: int = 1024
+    """Sequences per optimizer step, summed over all data-parallel ranks."""
+    device_train_microbatch_size: int = 4
+    """Sequences per forward/backward on one rank; gradient accumulation fills the rest."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (<= 0 disables clipping)."""
+    precision: str = "auto"
+    """``auto`` (bf16 params + fp32 reduce on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    eval_interval: int = 1000
+    """Evaluate on data.validation every this many steps (and at the end)."""
+    eval_batch_size: int | None = None
+    """Sequences per eval batch per rank; defaults to device_train_microbatch_size."""
+    console_log_interval: int = 1
+    """Print a progress line every this many steps."""
+    metrics_collect_interval: int = 1
+    """Reduce metrics across ranks every this many steps (every step is still written)."""
+    nonfinite_policy: str = "stop"
+    """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
+    device_peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None = a datasheet value on GPU, measured on CPU."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (moe_model.config.ModelConfig)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(paths=[]))
+    """Token files (dolma output) and validation sets."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+    def __post_init__(self):
+        for key in ("global_train_batch_size", "device_train_microbatch_size", "save_interval",
+                    "eval_interval", "console_log_interval", "metrics_collect_interval"):
+            _positive(key, getattr(self, key))
+        if self.eval_batch_size is not None:
+            _positive("eval_batch_size", self.eval_batch_size)
+        if self.save_num_checkpoints_to_keep == 0 or self.save_num_checkpoints_to_keep < -1:
+            raise ConfigError(
+                f"save_num_checkpoints_to_keep={self.save_num_checkpoints_to_keep} must be >= 1 "
+                "(or -1 to keep all)"
+            )
+        parse_duration(self.max_duration)
+        if self.stop_at is not None:
+            _positive("stop_at", self.stop_at)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r} is unknown; expected auto, fp32 or bf16")
+        if self.nonfinite_policy not in ("stop", "skip"):
+            raise ConfigError(
+                f"nonfinite_policy={self.nonfinite_policy!r} is unknown; expected 'stop' or 'skip'"
+            )
+        if self.device_peak_flops is not None:
+            _positive("device_peak_flops", self.device_peak_flops)
+
+    def validate_batch_sizes(self, dp_world_size: int) -> None:
+        """Check that the global batch splits evenly into ranks and micro-batches."""
+        per_rank, rem = divmod(self.global_train_batch_size, dp_world_size)
+        if rem:
+            raise ConfigError(
+                f"global_train_batch_size={self.global_train_batch_size} must be divisible by the "
+                f"number of data-parallel processes ({dp_world_size})"
+            )
+        if per_rank % self.device_train_microbatch_size:
+            raise ConfigError(
+                f"global_train_batch_size / processes = {per_rank} must be divisible by "
+                f"device_train_microbatch_size={self.device_train_microbatch_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(key: str, value: float) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+_DURATION_RE = re.compile(r"^\s*(?P<num>[0-9.eE+]+)\s*(?P<unit>ep|T)?\s*$")
+
+
+def parse_duration(value: str | int) -> tuple[str, int]:
+    """``"1000"`` -> ("steps", 1000); ``"2ep"`` -> ("epochs", 2); ``"2e9T"`` -> ("tokens", 2e9)."""
+    match = _DURATION_RE.match(str(value))
+    if match is None:
+        raise ConfigError(
+            f"max_duration={value!r} is not a duration; expected steps ('1000'), epochs ('2ep') "
+            "or tokens ('2e9T')"
+        )
+    try:
+        number = float(match["num"])
+    except ValueError:
+        raise ConfigError(f"max_duration={value!r}: {match['num']!r} is not a number") from None
+    if number <= 0 or number != int(number):
+        raise ConfigError(f"max_duration={value!r} must be a positive whole number")
+    unit = {"ep": "epochs", "T": "tokens", None: "steps"}[match["unit"]]
+    return unit, int(number)
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """OmegaConf errors span several lines; keep the key and the reason."""
+    key = getattr(err, "full_key", None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "not in" in first and key:
+        return f"unknown config key '{key}'"
+    if key:
+        return f"bad value for '{key}': {first}"
+    return first
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Overrides accept ``--key=value``, ``key=value`` and ``--key value`` was already joined by the
+    CLI. Raises :class:`ConfigError` with one line naming the key or file.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    layers: list[DictConfig] = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or "invalid YAML"
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
+        layers.append(OmegaConf.create(raw))
+    dotlist = []
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --key=value")
+        dotlist.append(item)
+    try:
+        if dotlist:
+            layers.append(OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.merge(*layers)
+        OmegaConf.resolve(merged)
+        config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(_omegaconf_message(err)) from None
+    except (ValueError, TypeError) as err:
+        # Raised by a dataclass __post_init__ of a nested config (e.g. olmo.data.DataError).
+        raise ConfigError(str(err).splitlines()[0]) from None
+    assert isinstance(config, TrainConfig)
+    return config

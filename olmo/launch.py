@@ -1,0 +1,268 @@
+"""Build and run a training job from a :class:`TrainConfig` (the body of ``scripts/train.py``).
+
+Order matters: everything that can fail on user input (config, data files, save folder) is
+checked before the process group, the model or any file in the save folder is created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe_model.config import ConfigError
+from olmo.config import TrainConfig, load_config, parse_duration
+from olmo.data import DataError, build_eval_loaders, build_train_loader, validate_data
+
+log = logging.getLogger("olmo.train")
+
+CONFIG_FNAME = "config.yaml"
+
+
+class LaunchError(RuntimeError):
+    """A problem with the run's inputs found before training; printed as one line."""
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def find_checkpoints(save_folder: Path) -> list[Path]:
+    """Complete checkpoints (``stepN/`` with DCP metadata) in ``save_folder``, oldest first."""
+    if not save_folder.is_dir():
+        return []
+    found = []
+    for child in save_folder.iterdir():
+        if child.is_dir() and child.name.startswith("step") and child.name[4:].isdigit():
+            if (child / "model_and_optim" / ".metadata").is_file():
+                found.append(child)
+    return sorted(found, key=lambda p: int(p.name[4:]))
+
+
+def check_save_folder(cfg: TrainConfig) -> None:
+    """Refuse to write into a folder holding another run's checkpoints (unless save_overwrite).
+
+    A folder whose saved config has the same model, data and batch settings is the same run and
+    is resumed; anything else would silently mix two runs' checkpoints.
+    """
+    save_folder = Path(cfg.save_folder)
+    if cfg.save_overwrite or not find_checkpoints(save_folder):
+        return
+    saved_path = save_folder / CONFIG_FNAME
+    if not saved_path.is_file():
+        raise LaunchError(
+            f"save_folder {str(save_folder)!r} holds checkpoints but no {CONFIG_FNAME}; "
+            "pass --save_overwrite=true to train into it anyway"
+        )
+    saved = load_config(saved_path)
+    for key in ("model", "global_train_batch_size", "data.paths", "data.dtype"):
+        old, new = saved.to_dict(), cfg.to_dict()
+        for part in key.split("."):
+            old, new = old[part], new[part]
+        if old != new:
+            raise LaunchError(
+                f"save_folder {str(save_folder)!r} holds checkpoints of another run ({key} "
+                f"differs from its {CONFIG_FNAME}); use a new save_folder or --save_overwrite=true"
+            )
+
+
+def check_load_path(cfg: TrainConfig) -> None:
+    if cfg.load_path is None:
+        return
+    path = Path(cfg.load_path)
+    if not (path / "model_and_optim" / ".metadata").is_file():
+        raise LaunchError(
+            f"load_path {cfg.load_path!r} is not a checkpoint (expected a stepN directory with "
+            "model_and_optim/.metadata inside)"
+        )
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """All cheap checks on user input; raise ConfigError/DataError/LaunchError."""
+    cfg.validate_batch_sizes(world_size_from_env())
+    validate_data(
+        cfg.data,
+        vocab_size=cfg.model.vocab_size,
+        sequence_length=cfg.model.max_sequence_length,
+        global_batch_size=cfg.global_train_batch_size,
+    )
+    check_load_path(cfg)
+    check_save_folder(cfg)
+
+
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """fp32 matmul FLOP/s on this CPU: the denominator of CPU MFU (no datasheet number exists)."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def device_peak_flops(cfg: TrainConfig, device: torch.device, param_dtype: torch.dtype) -> float:
+    if cfg.device_peak_flops is not None:
+        return cfg.device_peak_flops
+    if device.type == "cuda":
+        from olmo_core.train.callbacks.speed_monitor import get_device_peak_flops_per_second
+
+        half = param_dtype in (torch.bfloat16, torch.float16)
+        peak = get_device_peak_flops_per_second(torch.cuda.get_device_name(device), using_half_precision=half)
+        if peak is not None:
+            return float(peak)
+    return measure_cpu_peak_flops()
+
+
+def train(cfg: TrainConfig) -> None:
+    """Run (or resume) training. Assumes :func:`preflight` passed."""
+    import torch.distributed as dist
+    from olmo_core.distributed.utils import get_rank
+    from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
+    from olmo_core.train.callbacks import (
+        CheckpointerCallback,
+        ConsoleLoggerCallback,
+        GarbageCollectorCallback,
+        SpeedMonitorCallback,
+    )
+    from olmo_core.utils import seed_all
+
+    from olmo.callbacks import MetricsCallback, ValidationCallback, WandbCallback
+    from olmo.train_module import MoETrainModule, resolve_precision
+
+    distributed = "WORLD_SIZE" in os.environ
+    if "OMP_NUM_THREADS" not in os.environ:
+        # olmo-core would set 8; oversubscribing a small CPU slows every op.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // local)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    prepare_training_environment(
+        seed=cfg.seed, backend="cpu:gloo,cuda:nccl" if distributed else None
+    )
+    rank = get_rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+
+    save_folder = Path(cfg.save_folder)
+    if rank == 0:
+        save_folder.mkdir(parents=True, exist_ok=True)
+        (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+
+    # Every rank builds the full model from the same seed before sharding, so initial weights
+    # do not depend on the number of processes.
+    seed_all(cfg.seed)
+    model = cfg.model.build(init_device="cpu")
+    model.to(device)
+    train_module = MoETrainModule(model, cfg, device)
+
+    seq_len = cfg.model.max_sequence_length
+    work_dir = save_folder / "data_work"
+    train_loader = build_train_loader(
+        cfg.data,
+        sequence_length=seq_len,
+        vocab_size=cfg.model.vocab_size,
+        global_batch_size=cfg.global_train_batch_size,
+        seed=cfg.seed,
+        work_dir=str(work_dir),
+        dp_rank=rank,
+        dp_world_size=world,
+    )
+    eval_loaders = build_eval_loaders(
+        cfg.data,
+        sequence_length=seq_len,
+        vocab_size=cfg.model.vocab_size,
+        batch_size=cfg.eval_batch_size or cfg.device_train_microbatch_size,
+        work_dir=str(work_dir),
+        dp_rank=rank,
+        dp_world_size=world,
+    )
+
+    unit, amount = parse_duration(cfg.max_duration)
+    max_duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit](amount)
+    callbacks = {
+        "checkpointer": CheckpointerCallback(
+            save_interval=cfg.save_interval,
+            max_checkpoints=None if cfg.save_num_checkpoints_to_keep < 0 else cfg.save_num_checkpoints_to_keep,
+            save_async=False,
+        ),
+        "console_logger": ConsoleLoggerCallback(metrics_log_interval=cfg.console_log_interval),
+        "speed_monitor": SpeedMonitorCallback(
+            num_flops_per_token=cfg.model.num_flops_per_token(seq_len),
+            device_peak_flops_per_second=int(device_peak_flops(cfg, device, train_module.param_dtype)),
+        ),
+        "garbage_collector": GarbageCollectorCallback(),
+        "metrics": MetricsCallback(tokens_per_step=cfg.global_train_batch_size * seq_len),
+        "wandb": WandbCallback(
+            mode=cfg.wandb.mode,
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=cfg.wandb.group,
+            name=cfg.wandb.name or cfg.run_name,
+            tags=list(cfg.wandb.tags),
+            config=cfg.to_dict(),
+        ),
+    }
+    if eval_loaders:
+        callbacks["validation"] = ValidationCallback(loaders=eval_loaders, eval_interval=cfg.eval_interval)
+    trainer = TrainerConfig(
+        save_folder=str(save_folder),
+        work_dir=str(work_dir),
+        load_path=cfg.load_path,
+        load_trainer_state=False if cfg.reset_data_position else None,
+        save_overwrite=cfg.save_overwrite,
+        max_duration=max_duration,
+        hard_stop=Duration.steps(cfg.stop_at) if cfg.stop_at is not None else None,
+        metrics_collect_interval=cfg.metrics_collect_interval,
+        cancel_check_interval=1,
+        callbacks=callbacks,
+        device=str(device),
+    ).build(train_module, train_loader)
+    log.info(
+        f"{cfg.run_name}: {cfg.model.num_params():,d} params ({cfg.model.num_active_params():,d} active), "
+        f"{world} process(es) on {device}, precision {resolve_precision(cfg.precision, device)}"
+    )
+    trainer.fit()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Train an OLMoE-style MoE. Overrides: --model.d_model=256 --save_folder=runs/x",
+    )
+    parser.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            print(cfg.to_yaml(), end="")
+            print(json.dumps({
+                "total_params": cfg.model.num_params(),
+                "active_params": cfg.model.num_active_params(),
+                "flops_per_token": cfg.model.num_flops_per_token(cfg.model.max_sequence_length),
+            }))
+            return 0
+        preflight(cfg)
+    except (ConfigError, DataError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from olmo.train_module import NonFiniteError
+
+    try:
+        train(cfg)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

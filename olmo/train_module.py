@@ -1,0 +1,333 @@
+"""The train module: our MoE model on olmo-core's Trainer.
+
+olmo-core's Trainer owns the loop, checkpoint files, cancellation and metric reduction; this
+module owns what is specific to our model: parallelism (FSDP2 per block), the optimizer and
+learning-rate schedule, micro-batching, and the objective
+
+    loss = cross_entropy + load_balancing + router_z_loss
+
+with the two auxiliary losses (already weighted by the model) divided by the number of
+micro-batches in a step, as OLMoE trained (DESIGN.md). The paper's released trainer dropped
+them from the objective; here they always reach the gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dist_cp_sd
+import torch.nn as nn
+import torch.nn.functional as F
+from olmo_core.data.utils import get_labels, split_batch
+from olmo_core.train.common import ReduceType
+from olmo_core.train.train_module import EvalBatchSpec, EvalBatchSizeUnit, TrainModule
+from olmo_core.utils import move_to_device
+from torch.distributed.tensor import DTensor
+
+from moe_model.activations import ACTIVATIONS
+from moe_model.transformer import MoETransformer
+from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+LABEL_IGNORE_INDEX = -100
+
+# Metric names written to metrics.jsonl and W&B.
+CE_LOSS = "train/CrossEntropyLoss"
+LB_LOSS = "train/LoadBalancingLoss"
+Z_LOSS = "train/MoEZLoss"
+TOTAL_LOSS = "train/TotalLoss"
+LR = "optim/LR"
+GRAD_NORM = "optim/GradNorm"
+SKIPPED_STEPS = "optim/SkippedSteps"
+EXPERT_LOAD_PREFIX = "expert_load/"
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm was seen; raised on every rank before the update."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def parallelize_model(
+    model: MoETransformer,
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    activation_checkpointing: bool,
+    compile_blocks: bool,
+) -> tuple[nn.Module, bool]:
+    """Apply activation checkpointing, torch.compile and FSDP2 to each block, in that order.
+
+    Returns the model and whether it is sharded. FSDP is used whenever more than one process
+    runs, and on a single GPU too (it then only handles bf16 params with fp32 reduction).
+    """
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile(dynamic=False)
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or (dist.get_world_size() == 1 and device.type != "cuda"):
+        return model, False
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
+    # precision across many ranks.
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    return model, True
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with activation coefficients (and optionally norms, embeddings) excluded from decay."""
+    act_types = tuple(ACTIVATIONS.values())
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, act_types):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, nn.RMSNorm | nn.LayerNorm) and not cfg.decay_norm_and_bias:
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, nn.Embedding) and not cfg.decay_embeddings:
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay = [p for p in model.parameters() if id(p) not in no_decay]
+    other = [p for p in model.parameters() if id(p) in no_decay]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if other:
+        groups.append({"params": other, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
+    )
+
+
+def lr_at(cfg: SchedulerConfig, peak_lr: float, step: int, max_steps: int) -> float:
+    """Learning rate for a 1-based step: linear warmup from 0, then the named decay."""
+    if step < cfg.t_warmup:
+        return peak_lr * step / cfg.t_warmup
+    final = peak_lr * cfg.alpha_f
+    if cfg.name == "constant_with_warmup":
+        return peak_lr
+    if step >= max_steps:
+        return final
+    progress = (step - cfg.t_warmup) / max(1, max_steps - cfg.t_warmup)
+    if cfg.name == "linear_with_warmup":
+        return peak_lr - (peak_lr - final) * progress
+    return final + (peak_lr - final) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class MoETrainModule(TrainModule):
+    def __init__(self, model: MoETransformer, cfg: TrainConfig, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.device = device
+        self.model_config = model.config if hasattr(model, "config") else cfg.model
+        self.param_dtype = resolve_precision(cfg.precision, device)
+        self.model, self.sharded = parallelize_model(
+            model,
+            device=device,
+            param_dtype=self.param_dtype,
+            activation_checkpointing=cfg.activation_checkpointing,
+            compile_blocks=cfg.compile,
+        )
+        self.optim = build_optimizer(self.model, cfg.optimizer)
+        self.microbatch_size = cfg.device_train_microbatch_size
+        self.skipped_steps = 0
+        self._step_loss_sum: torch.Tensor | None = None
+        # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
+        self._autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if self.param_dtype == torch.bfloat16 and not self.sharded
+            else None
+        )
+
+    # ---- olmo-core TrainModule interface -------------------------------------------------
+
+    @property
+    def eval_batch_spec(self) -> EvalBatchSpec:
+        seq_len = self.cfg.model.max_sequence_length
+        return EvalBatchSpec(
+            rank_batch_size=(self.cfg.eval_batch_size or self.microbatch_size),
+            batch_size_unit=EvalBatchSizeUnit.instances,
+            max_sequence_length=seq_len,
+        )
+
+    def state_dict(self, *, optim: bool | None = None) -> dict[str, Any]:
+        options = dist_cp_sd.StateDictOptions(full_state_dict=False, cpu_offload=True)
+        state: dict[str, Any] = {
+            "model": dist_cp_sd.get_model_state_dict(self.model, options=options),
+            "train_module": {"skipped_steps": self.skipped_steps},
+        }
+        if optim is not False:
+            state["optim"] = dist_cp_sd.get_optimizer_state_dict(
+                self.model, self.optim, options=options
+            )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        strict = dist_cp_sd.StateDictOptions(strict=True)
+        dist_cp_sd.set_model_state_dict(self.model, state_dict["model"], options=strict)
+        if "optim" in state_dict:
+            dist_cp_sd.set_optimizer_state_dict(
+                self.model, self.optim, state_dict["optim"], options=strict
+            )
+        self.skipped_steps = int(state_dict.get("train_module", {}).get("skipped_steps", 0))
+
+    def zero_grads(self) -> None:
+        self.optim.zero_grad(set_to_none=True)
+
+    @lru_cache  # noqa: B019 - one model config per module; mirrors olmo-core's signature
+    def num_flops_per_token(self, seq_len: int) -> int:
+        return self.cfg.model.num_flops_per_token(seq_len)
+
+    def global_num_flops_in_batch(self, batch: dict[str, Any]) -> int | None:
+        input_ids = batch["input_ids"]
+        seq_len = input_ids.shape[1]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return self.num_flops_per_token(seq_len) * input_ids.numel() * world
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def _forward(self, input_ids: torch.Tensor):
+        ctx = self._autocast if self._autocast is not None else nullcontext()
+        with ctx:
+            return self.model(input_ids)
+
+    def train_batch(self, batch: dict[str, Any], dry_run: bool = False) -> None:
+        self.model.train()
+        batch = move_to_device(batch, self.device)
+        input_ids = batch["input_ids"]
+        if "labels" not in batch:
+            batch["labels"] = get_labels(batch, label_ignore_index=LABEL_IGNORE_INDEX)
+        # Normalise CE by the tokens of the whole rank batch, not the micro-batch, so that
+        # accumulation over micro-batches equals one big batch.
+        num_loss_tokens = (batch["labels"] != LABEL_IGNORE_INDEX).sum().clamp_min(1)
+        micro_batches = split_batch(batch, self.microbatch_size)
+        num_micro = len(micro_batches)
+
+        ce_total = torch.zeros((), device=self.device)
+        lb_total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device)
+        load_LE: torch.Tensor | None = None
+        for micro in micro_batches:
+            out = self._forward(micro["input_ids"])
+            logits = out.logits
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                micro["labels"].reshape(-1),
+                ignore_index=LABEL_IGNORE_INDEX,
+                reduction="sum",
+            ) / num_loss_tokens
+            lb = out.lb_loss.float() / num_micro
+            z = out.z_loss.float() / num_micro
+            (ce + lb + z).backward()
+            ce_total += ce.detach()
+            lb_total += lb.detach()
+            z_total += z.detach()
+            counts = out.tokens_per_expert_LE
+            if counts is not None and counts.numel() > 0:
+                load_LE = counts if load_LE is None else load_LE + counts
+            del out, logits, ce, lb, z
+
+        if dry_run:
+            self.zero_grads()
+            return
+
+        self._step_loss_sum = (ce_total + lb_total + z_total).detach()
+        self.record_metric(CE_LOSS, ce_total, ReduceType.mean)
+        self.record_metric(LB_LOSS, lb_total, ReduceType.mean)
+        self.record_metric(Z_LOSS, z_total, ReduceType.mean)
+        self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
+        if load_LE is not None:
+            # Raw counts, summed over ranks; ExpertLoadCallback turns them into fractions.
+            for layer, counts_E in enumerate(load_LE.float()):
+                for expert, count in enumerate(counts_E):
+                    self.record_metric(
+                        f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}", count, ReduceType.sum
+                    )
+        del batch, input_ids
+
+    def _grad_norm(self) -> torch.Tensor:
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return norm
+
+    def optim_step(self) -> None:
+        step = self.trainer.global_step
+        grad_norm = self._grad_norm()
+        loss = self._step_loss_sum if self._step_loss_sum is not None else torch.zeros(())
+        # One flag for all ranks: a NaN on one rank must stop (or skip on) every rank at the
+        # same step, otherwise the ranks' collectives fall out of step and hang.
+        bad = torch.stack(
+            [(~torch.isfinite(loss)).float().to(self.device), (~torch.isfinite(grad_norm)).float()]
+        )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad_loss, bad_grad = (bool(v) for v in bad.tolist())
+        if bad_loss or bad_grad:
+            what = " and ".join(
+                name
+                for name, flag in (("loss", bad_loss), ("gradient norm", bad_grad))
+                if flag
+            )
+            if self.cfg.nonfinite_policy == "stop":
+                raise NonFiniteError(
+                    f"step {step}: non-finite {what} on at least one rank; stopped before the "
+                    "optimizer update (the last saved checkpoint is intact)"
+                )
+            self.skipped_steps += 1
+            log.warning(f"step {step}: non-finite {what}; skipping this step's update")
+            self.zero_grads()
+        else:
+            lr = lr_at(
+                self.cfg.scheduler, self.cfg.optimizer.learning_rate, step, self.trainer.max_steps
+            )
+            for group in self.optim.param_groups:
+                group["lr"] = lr
+            self.optim.step()
+            self.record_metric(LR, lr, ReduceType.mean)
+        self.record_metric(GRAD_NORM, grad_norm.detach(), None)
+        self.record_metric(SKIPPED_STEPS, float(self.skipped_steps), None)
+        self._step_loss_sum = None
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval_batch(
+        self, batch: dict[str, Any], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and number of predicted tokens of a batch (no aux losses)."""
+        self.model.eval()
+        batch = move_to_device(batch, self.device)
+        if labels is None:
+            labels = get_labels(batch, label_ignore_index=LABEL_IGNORE_INDEX)
+        out = self._forward(batch["input_ids"])
+        ce_sum = F.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=LABEL_IGNORE_INDEX,
+            reduction="sum",
+        )
+        return ce_sum, (labels != LABEL_IGNORE_INDEX).sum()

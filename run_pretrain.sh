@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Launch training with torchrun: one process per GPU (or one CPU process), several nodes when
+# NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT are set.
+#
+#   bash run_pretrain.sh [CONFIG] [--key=value ...]
+#
+# With no arguments: sets up the environment if needed, prepares the sample data if missing and
+# trains configs/tiny.yaml on it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+CONFIG=configs/tiny.yaml
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then
+  CONFIG=$1
+  shift
+fi
+
+# Use the active Python if it already has the project; else the project's .venv (made on demand).
+if [ -n "${PYTHON:-}" ]; then
+  :
+elif [ ! -d .venv ] && python3 -c "import moe_model, olmo_core" 2>/dev/null; then
+  PYTHON=python3
+else
+  bash scripts/setup_env.sh
+  PYTHON=.venv/bin/python
+fi
+
+if [ "$CONFIG" = configs/tiny.yaml ]; then
+  # Idempotent: a second run only checks that the token files are there.
+  PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" bash scripts/prepare_sample_data.sh
+fi
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
+  else
+    NPROC_PER_NODE=1
+  fi
+fi
+
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes="${NNODES:-1}" \
+  --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+  --master_port="${MASTER_PORT:-29500}" \
+  --nproc_per_node="$NPROC_PER_NODE" \
+  scripts/train.py "$CONFIG" "$@"

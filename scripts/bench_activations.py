@@ -1,0 +1,253 @@
+"""Benchmark expert activations alone: PolyNorm / PolyReLU backends against SwiGLU.
+
+GPU (default on CUDA): 131072 rows (one OLMoE MoE layer: 16384 tokens x top-8) x {1024, 1536}
+in bf16. For each implementation: forward and backward time (medians), peak memory above the
+inputs, memory kept for backward, and achieved bandwidth against the floor traffic
+(PolyNorm forward reads x and writes y; backward reads x and dy and writes dx) as a share of
+the device-to-device copy bandwidth measured in this run.
+
+Implementations: ``eager`` (the reference math), ``eager_ckpt`` (eager under
+``torch.utils.checkpoint``, the paper's way), ``compile``, ``fused`` (our autograd.Function),
+``triton`` (our kernels), ``liger`` (Liger-Kernel's PolyNorm, order 3 only, when
+``liger_kernel`` imports). SwiGLU rows (eager and compiled) are the reference point at equal
+parameters: PolyNorm h=1536 against SwiGLU h=1024.
+
+CPU: the same table at 8192 rows x 1536 (SwiGLU 8192 x 2*1024 -> 1024), eager/fused/compile.
+``--quick`` runs tiny shapes in seconds (a smoke test of the script).
+
+    python scripts/bench_activations.py                      # GPU, full
+    python scripts/bench_activations.py --device cpu         # CPU, 8192 x 1536
+    python scripts/bench_activations.py --device cpu --quick # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_common import (
+    copy_bandwidth_gbs,
+    environment,
+    format_table,
+    median,
+    pick_device,
+    sync,
+    time_phases,
+    write_json,
+)
+
+from moe_model import kernels
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+@functools.cache
+def _swiglu_compiled():
+    return torch.compile(_swiglu)
+
+
+def _liger_poly_norm():
+    try:
+        from liger_kernel.ops.poly_norm import LigerPolyNormFunction
+    except Exception:
+        return None
+    # in_place=False: keep dy intact between timed iterations (in_place only saves an allocation).
+    return lambda x, w, b, eps: LigerPolyNormFunction.apply(x, w, b, eps, False)
+
+
+def implementations(activation: str, device: torch.device, names: list[str]) -> dict:
+    """name -> f(x, weight, bias) for the requested implementations that can run here."""
+    eps = 1e-6
+    out = {}
+    if activation == "swiglu":
+        for name in names:
+            if name == "eager":
+                out[name] = lambda x, w, b: _swiglu(x)
+            elif name == "compile":
+                out[name] = lambda x, w, b: _swiglu_compiled()(x)
+        return out
+    call = (
+        (lambda be: lambda x, w, b: kernels.poly_norm(x, w, b, eps, backend=be))
+        if activation == "polynorm"
+        else (lambda be: lambda x, w, b: kernels.poly_relu(x, w, b, backend=be))
+    )
+    for name in names:
+        if name in ("eager", "fused", "compile"):
+            out[name] = call(name)
+        elif name == "eager_ckpt":
+            eager = call("eager")
+            out[name] = lambda x, w, b, eager=eager: torch.utils.checkpoint.checkpoint(
+                eager, x, w, b, use_reentrant=False
+            )
+        elif name == "triton" and device.type == "cuda" and kernels.triton_available():
+            out[name] = call("triton")
+        elif name == "liger" and activation == "polynorm" and device.type == "cuda":
+            liger = _liger_poly_norm()
+            if liger is not None:
+                out[name] = lambda x, w, b, liger=liger: liger(x, w, b, eps)
+    return out
+
+
+def traffic_bytes(activation: str, rows: int, cols: int, elem: int) -> tuple[int, int]:
+    """Floor bytes moved (forward, backward); for SwiGLU ``cols`` is the output width H."""
+    n = rows * cols * elem
+    if activation == "swiglu":
+        return 3 * n, 5 * n  # fwd: read a, b, write y; bwd: read a, b, dy, write da, db
+    return 2 * n, 3 * n
+
+
+def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, iters, copy_gbs):
+    in_cols = 2 * cols if activation == "swiglu" else cols
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, in_cols, device=device, dtype=dtype, generator=gen).requires_grad_()
+    w = torch.full((order,), 1.0 / order, device=device, requires_grad=True)
+    b = torch.zeros(1, device=device, requires_grad=True)
+    g = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
+    state = {}
+
+    def phases():
+        x.grad = w.grad = b.grad = None
+        state.clear()
+
+        def fwd():
+            state["y"] = fn(x, w, b)
+
+        def bwd():
+            state["y"].backward(g)
+
+        return [fwd, bwd]
+
+    # First call separately: for compile it is the compilation (tens of seconds on CPU).
+    t = time.perf_counter()
+    for f in phases():
+        f()
+    sync(device)
+    first_call_s = time.perf_counter() - t
+
+    peak_mib = saved_mib = None
+    if device.type == "cuda":
+        x.grad = w.grad = b.grad = None
+        state.clear()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        y = fn(x, w, b)
+        torch.cuda.synchronize(device)
+        saved_mib = (torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()) / 2**20
+        y.backward(g)
+        del y
+        torch.cuda.synchronize(device)
+        peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    fwd_ms, bwd_ms = time_phases(phases, device=device, warmup=warmup, iters=iters)
+    fwd, bwd = median(fwd_ms), median(bwd_ms)
+    bytes_f, bytes_b = traffic_bytes(activation, rows, cols, x.element_size())
+    row = {
+        "activation": activation,
+        "impl": name,
+        "shape": f"{rows}x{in_cols}" + (f"->{cols}" if activation == "swiglu" else ""),
+        "dtype": str(dtype).removeprefix("torch."),
+        "fwd_ms": fwd,
+        "bwd_ms": bwd,
+        "total_ms": fwd + bwd,
+        "fwd_gbs": bytes_f / (fwd * 1e-3) / 1e9,
+        "bwd_gbs": bytes_b / (bwd * 1e-3) / 1e9,
+        "peak_mib": peak_mib,
+        "saved_mib": saved_mib,
+        "first_call_s": first_call_s,
+        "fwd_ms_all": fwd_ms,
+        "bwd_ms_all": bwd_ms,
+    }
+    if copy_gbs:
+        row["fwd_pct_copy"] = 100 * row["fwd_gbs"] / copy_gbs
+        row["bwd_pct_copy"] = 100 * row["bwd_gbs"] / copy_gbs
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--rows", type=int, help="rows (default: 131072 on GPU, 8192 on CPU)")
+    p.add_argument("--cols", type=int, nargs="+", help="PolyNorm/PolyReLU row lengths (GPU: 1024 1536; CPU: 1536)")
+    p.add_argument("--swiglu-hidden", type=int, default=1024, help="SwiGLU output width H (input 2H)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--activations", nargs="+", default=["polynorm", "polyrelu", "swiglu"])
+    p.add_argument("--impls", nargs="+", default=["eager", "eager_ckpt", "compile", "fused", "triton", "liger"])
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations, no compile")
+    p.add_argument("--name", default=None, help="JSON name under benchmarks/results (default from device)")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        rows, cols_list, hid = args.rows or 256, args.cols or [192], 128
+        warmup, iters = args.warmup or 1, args.iters or 3
+        impls = [i for i in args.impls if i != "compile"]
+    else:
+        rows = args.rows or (131072 if gpu else 8192)
+        cols_list = args.cols or ([1024, 1536] if gpu else [1536])
+        hid = args.swiglu_hidden
+        warmup, iters = args.warmup or (5 if gpu else 2), args.iters or (50 if gpu else 10)
+        impls = args.impls
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    if not gpu:
+        impls = [i for i in impls if i not in ("triton", "liger")]
+
+    env = environment(device)
+    copy_gbs = copy_bandwidth_gbs(device, n_bytes=(1 << 30) if gpu else (1 << 27)) if not args.quick else None
+    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_rev']}")
+    if copy_gbs:
+        print(f"# measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+
+    results = []
+    for act in args.activations:
+        shapes = [hid] if act == "swiglu" else cols_list
+        for cols in shapes:
+            for name, fn in implementations(act, device, impls).items():
+                row = bench_one(act, name, fn, rows, cols, dtype, device, args.order, warmup, iters, copy_gbs)
+                results.append(row)
+                print(
+                    f"  {act:9s} {name:10s} {row['shape']:>14s}  fwd {row['fwd_ms']:8.3f} ms  "
+                    f"bwd {row['bwd_ms']:8.3f} ms  first call {row['first_call_s']:.1f} s",
+                    flush=True,
+                )
+
+    cols = [
+        ("activation", "activation", ""), ("impl", "impl", ""), ("shape", "shape", ""),
+        ("fwd_ms", "fwd ms", ".3f"), ("bwd_ms", "bwd ms", ".3f"), ("total_ms", "fwd+bwd ms", ".3f"),
+        ("fwd_gbs", "fwd GB/s", ".1f"), ("bwd_gbs", "bwd GB/s", ".1f"),
+    ]  # fmt: skip
+    if copy_gbs and gpu:
+        cols += [("fwd_pct_copy", "fwd % copy", ".0f"), ("bwd_pct_copy", "bwd % copy", ".0f")]
+    if gpu:
+        cols += [("peak_mib", "peak MiB", ".0f"), ("saved_mib", "saved MiB", ".0f")]
+    cols += [("first_call_s", "1st call s", ".1f")]
+    print()
+    print(format_table(results, cols))
+    name = args.name or ("activations_" + ("gpu" if gpu else "cpu") + ("_quick" if args.quick else ""))
+    payload = {
+        "benchmark": "activations",
+        "env": env,
+        "settings": {"rows": rows, "cols": cols_list, "swiglu_hidden": hid, "dtype": str(dtype),
+                     "order": args.order, "warmup": warmup, "iters": iters, "impls": impls},
+        "copy_gbs": copy_gbs,
+        "results": results,
+    }  # fmt: skip
+    path = write_json(name, payload)
+    print(f"\nwrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Benchmark one MoE layer, forward + backward, per expert activation at equal parameters.
+
+Default shape is one OLMoE-1B-7B layer: d_model 2048, 64 experts, top-8, 16384 tokens (a
+micro-batch of 4 x 4096), i.e. 131072 routed rows. Expert hidden sizes are chosen for equal
+parameters: SwiGLU h=1024 (three matrices), non-gated activations h=1536 (two matrices).
+
+Reported per activation: forward and backward time (medians), expert GEMM TFLOP/s (the
+expert matmul FLOPs, 6 * R * D * (in + H) forward + backward, over the whole layer's time, so
+routing, permutation and the activation count against it), the activation's own forward +
+backward time on the routed (R x in) tensor and its share of the layer's time, peak memory.
+
+    python scripts/bench_moe_layer.py                        # GPU, OLMoE shape, bf16 params
+    python scripts/bench_moe_layer.py --device cpu --quick   # smoke test on tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_common import (
+    environment,
+    format_table,
+    median,
+    pick_device,
+    sync,
+    time_phases,
+    write_json,
+)
+
+from moe_model.config import ModelConfig, equal_param_hidden_size
+from moe_model.moe import MoELayer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_acts(specs: list[str], swiglu_hidden: int) -> list[tuple[str, int]]:
+    """'polynorm' -> (polynorm, equal-parameter h); 'polynorm:2048' -> explicit h."""
+    out = []
+    for spec in specs:
+        name, _, h = spec.partition(":")
+        out.append((name, int(h) if h else equal_param_hidden_size(swiglu_hidden, "swiglu", name)))
+    return out
+
+
+def bench_layer(args, act, hidden, device, dtype, backend):
+    cfg = ModelConfig(
+        d_model=args.d_model, n_layers=1, n_heads=args.n_heads, activation_type=act,
+        mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
+        activation_backend=backend, moe_expert_impl=args.expert_impl,
+    )  # fmt: skip
+    layer = MoELayer(cfg, init_device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, generator=gen).requires_grad_()
+    g = torch.randn_like(x)
+    state = {}
+
+    def phases():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        state.clear()
+
+        def fwd():
+            y, aux = layer(x)
+            # The auxiliary losses join the objective as in training (their backward is tiny).
+            state["loss"] = (y * g).sum() + aux.lb_loss + aux.z_loss
+
+        def bwd():
+            state["loss"].backward()
+
+        return [fwd, bwd]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    fwd_ms, bwd_ms = time_phases(phases, device=device, warmup=args.warmup, iters=args.iters)
+    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+
+    # The activation alone, on the routed rows it sees inside the layer.
+    rows = args.tokens * args.top_k
+    a_in = torch.randn(rows, cfg.mlp_in_size, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a_g = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
+    act_state = {}
+
+    def act_phases():
+        layer.act.zero_grad(set_to_none=True)
+        a_in.grad = None
+
+        def fwd():
+            act_state["y"] = layer.act(a_in)
+
+        def bwd():
+            act_state["y"].backward(a_g)
+
+        return [fwd, bwd]
+
+    a_fwd, a_bwd = time_phases(act_phases, device=device, warmup=args.warmup, iters=args.iters)
+    sync(device)
+
+    fwd, bwd = median(fwd_ms), median(bwd_ms)
+    total = fwd + bwd
+    gemm_flops = 6 * rows * args.d_model * (cfg.mlp_in_size + hidden)
+    act_total = median(a_fwd) + median(a_bwd)
+    return {
+        "activation": act,
+        "backend": backend if act in ("polynorm", "polyrelu") else "-",
+        "hidden": hidden,
+        "expert_params_M": args.experts * args.d_model * (cfg.mlp_in_size + hidden) / 1e6,
+        "fwd_ms": fwd,
+        "bwd_ms": bwd,
+        "total_ms": total,
+        "gemm_tflops": gemm_flops / (total * 1e-3) / 1e12,
+        "act_ms": act_total,
+        "act_share_pct": 100 * act_total / total,
+        "peak_mib": peak_mib,
+        "fwd_ms_all": fwd_ms,
+        "bwd_ms_all": bwd_ms,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--swiglu-hidden", type=int, default=1024)
+    p.add_argument("--activations", nargs="+", default=["swiglu", "polynorm", "polyrelu", "relu2"],
+                   help="names, or name:hidden; without a hidden size: equal parameters to SwiGLU")  # fmt: skip
+    p.add_argument("--poly-backends", nargs="+", default=["auto", "eager"],
+                   help="activation_backend values to run for polynorm/polyrelu")  # fmt: skip
+    p.add_argument("--expert-impl", default="auto", help="moe_expert_impl: auto, grouped_mm, loop")
+    p.add_argument("--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (d 64, 8 experts, top-2, 256 tokens)")
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        args.d_model, args.n_heads, args.experts, args.top_k, args.tokens = 64, 4, 8, 2, 256
+        args.swiglu_hidden = 32
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.iters = args.iters or (20 if gpu else 3)
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+
+    env = environment(device)
+    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_rev']}")
+    print(f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, {args.tokens} tokens, {dtype}")
+    results = []
+    for act, hidden in parse_acts(args.activations, args.swiglu_hidden):
+        backends = args.poly_backends if act in ("polynorm", "polyrelu") else ["auto"]
+        for backend in backends:
+            row = bench_layer(args, act, hidden, device, dtype, backend)
+            results.append(row)
+            print(f"  {act:9s} {row['backend']:6s} h={hidden:5d}  fwd+bwd {row['total_ms']:9.3f} ms", flush=True)
+            if gpu:
+                torch.cuda.empty_cache()
+
+    base = next((r["total_ms"] for r in results if r["activation"] == "swiglu"), None)
+    for r in results:
+        r["vs_swiglu"] = r["total_ms"] / base if base else None
+    cols = [
+        ("activation", "activation", ""), ("backend", "backend", ""), ("hidden", "h", "d"),
+        ("expert_params_M", "expert params M", ".1f"), ("fwd_ms", "fwd ms", ".3f"),
+        ("bwd_ms", "bwd ms", ".3f"), ("total_ms", "fwd+bwd ms", ".3f"),
+        ("vs_swiglu", "x SwiGLU", ".3f"), ("gemm_tflops", "expert GEMM TFLOP/s", ".1f"),
+        ("act_ms", "act fwd+bwd ms", ".3f"), ("act_share_pct", "act % of layer", ".1f"),
+    ]  # fmt: skip
+    if gpu:
+        cols.append(("peak_mib", "peak MiB", ".0f"))
+    print()
+    print(format_table(results, cols))
+    name = args.name or ("moe_layer_" + ("gpu" if gpu else "cpu") + ("_quick" if args.quick else ""))
+    settings = {k: v for k, v in vars(args).items() if k != "name"}
+    settings["dtype"] = str(dtype)
+    path = write_json(name, {"benchmark": "moe_layer", "env": env, "settings": settings, "results": results})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""TrainConfig: YAML + overrides, strict keys, validation, and every shipped config builds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_model.config import ConfigError
+from olmo.config import TrainConfig, load_config, parse_duration
+
+from .helpers import REPO, run_train
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert any(p.name == "tiny.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_loads_and_builds_on_meta(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    model = cfg.model.build(init_device="meta")
+    assert sum(p.numel() for p in model.parameters()) == cfg.model.num_params()
+    assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+def test_overrides_apply_and_interpolate():
+    cfg = load_config(REPO / "configs/tiny.yaml", ["--model.d_model=64", "run_name=abc",
+                                                   "--optimizer.betas=[0.8,0.9]"])
+    assert cfg.model.d_model == 64
+    assert cfg.save_folder == "runs/abc"
+    assert cfg.optimizer.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--model.not_a_key=1"], "unknown config key 'model.not_a_key'"),
+        (["--nope=1"], "unknown config key 'nope'"),
+        (["--model.d_model=abc"], "model.d_model"),
+        (["--model.activation_type=tanh"], "tanh"),
+        (["--model.moe_top_k=9", "--model.moe_num_experts=8"], "moe_top_k"),
+        (["--model.n_heads=5"], "n_heads"),
+        (["--global_train_batch_size=0"], "global_train_batch_size=0 must be > 0"),
+        (["--max_duration=ten"], "max_duration='ten'"),
+        (["--optimizer.learning_rate=-1"], "optimizer.learning_rate"),
+        (["--wandb.mode=sometimes"], "wandb.mode"),
+        (["d_model"], "override 'd_model' must look like --key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/tiny.yaml", overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_parse_duration():
+    assert parse_duration("1000") == ("steps", 1000)
+    assert parse_duration("2ep") == ("epochs", 2)
+    assert parse_duration("2e9T") == ("tokens", 2_000_000_000)
+    with pytest.raises(ConfigError):
+        parse_duration("1.5")
+
+
+def test_batch_size_divisibility():
+    cfg = load_config(REPO / "configs/tiny.yaml", ["--global_train_batch_size=12",
+                                                   "--device_train_microbatch_size=4"])
+    cfg.validate_batch_sizes(1)
+    with pytest.raises(ConfigError, match="divisible by the number of data-parallel"):
+        cfg.validate_batch_sizes(5)
+    with pytest.raises(ConfigError, match="device_train_microbatch_size=4"):
+        cfg.validate_batch_sizes(2)
+
+
+def test_dry_run_prints_config_and_counts():
+    proc = run_train([str(REPO / "configs/tiny.yaml"), "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "activation_type: polynorm" in proc.stdout
+    assert '"total_params"' in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.foo=1"], "unknown config key 'model.foo'"),
+        (["--model.activation_type=tanh"], "tanh"),
+        (["--model.moe_top_k=99"], "moe_top_k"),
+        (["--data.paths=[/nonexistent/dir/*.npy]"], "/nonexistent/dir/*.npy"),
+    ],
+)
+def test_cli_errors_exit_nonzero_with_one_line(tmp_path, args, message):
+    save = tmp_path / "run"
+    proc = run_train([str(REPO / "configs/tiny.yaml"), f"--save_folder={save}", *args])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not save.exists(), "nothing may be written before the inputs are checked"

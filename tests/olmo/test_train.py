@@ -1,0 +1,90 @@
+"""End-to-end training on CPU: metrics, resume, and 1- vs 2-process equivalence (gloo + FSDP2)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from .helpers import REPO, make_data, read_metrics, run_train, tiny_overrides
+
+pytestmark = pytest.mark.slow
+TINY = str(REPO / "configs/tiny.yaml")
+REQUIRED_KEYS = {
+    "step", "tokens", "train/CrossEntropyLoss", "train/LoadBalancingLoss", "train/MoEZLoss",
+    "optim/LR", "optim/GradNorm", "throughput/device/TPS", "expert_load",
+}
+
+
+def _train(tmp_path, name, nproc=1, **extra):
+    data = make_data(tmp_path)
+    save = tmp_path / name
+    proc = run_train([TINY, *tiny_overrides(save, data, **extra)], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return save
+
+
+def _losses(save):
+    return [(m["step"], m["train/CrossEntropyLoss"]) for m in read_metrics(save)
+            if "train/CrossEntropyLoss" in m]
+
+
+def _final_weights(save, step):
+    state = {}
+    dcp.load  # noqa: B018 - imported for the reader below
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+
+    dcp.state_dict_loader._load_state_dict(
+        state, storage_reader=FileSystemReader(str(save / f"step{step}" / "model_and_optim")),
+        planner=_EmptyStateDictLoadPlanner(), no_dist=True,
+    )
+    return {k: v for k, v in state["model"].items()}
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    return {n: _train(tmp, f"straight{n}", nproc=n) for n in (1, 2)}
+
+
+def test_metrics_file_has_the_keys_and_loss_falls(straight_runs):
+    records = read_metrics(straight_runs[1])
+    train = [r for r in records if "train/CrossEntropyLoss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for record in train:
+        missing = REQUIRED_KEYS - record.keys()
+        assert not missing, f"step {record['step']} lacks {missing}"
+        for key in REQUIRED_KEYS - {"expert_load"}:
+            assert math.isfinite(record[key]), (key, record[key])
+        # 2 MoE layers x 4 experts, fractions summing to 1.
+        assert len(record["expert_load"]) == 2
+        assert all(abs(sum(row) - 1) < 1e-4 and len(row) == 4 for row in record["expert_load"])
+        # Load balancing is weighted 0.01 and equals its weight at perfect balance.
+        assert 0.01 <= record["train/LoadBalancingLoss"] < 0.02
+    assert train[-1]["train/CrossEntropyLoss"] < train[0]["train/CrossEntropyLoss"] - 0.5
+    assert train[0]["tokens"] == 8 * 32
+    evals = [r for r in records if "eval/val/CrossEntropyLoss" in r]
+    assert {r["step"] for r in evals} == {4, 8}
+    # Checkpoints and the resolved config are in the save folder.
+    assert (straight_runs[1] / "step8" / "model_and_optim" / ".metadata").is_file()
+    assert (straight_runs[1] / "config.yaml").is_file()
+
+
+def test_two_processes_match_one(straight_runs):
+    one, two = _losses(straight_runs[1]), _losses(straight_runs[2])
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (step, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4), f"step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_continues_exactly(tmp_path, straight_runs, nproc):
+    save = _train(tmp_path, "split", nproc=nproc, stop_at=4)
+    assert _losses(save)[-1][0] == 4
+    save = _train(tmp_path, "split", nproc=nproc)  # same save_folder: resumes from step4
+    assert _losses(save) == _losses(straight_runs[nproc]), "per-step losses differ after resume"
+    resumed, straight = _final_weights(save, 8), _final_weights(straight_runs[nproc], 8)
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
