@@ -42,7 +42,9 @@ def equal_param_hidden_size(hidden_size: int, from_activation: str, to_activatio
     """
     for name in (from_activation, to_activation):
         if name not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}")
+            raise ConfigError(
+                f"unknown activation {name!r}; known activations: {sorted(ACTIVATIONS)}"
+            )
     n_from, n_to = _num_matrices(from_activation), _num_matrices(to_activation)
     if (hidden_size * n_from) % n_to:
         raise ConfigError(
@@ -97,7 +99,8 @@ class ModelConfig:
     moe_renormalize: bool = False
     """Renormalise the top-k routing weights to sum to 1 (OLMoE: no)."""
     moe_expert_impl: str = "auto"
-    """'grouped_mm', 'loop', or 'auto' (grouped_mm on CUDA, loop on CPU)."""
+    """'grouped_mm', 'loop', or 'auto': grouped_mm when d_model and H are multiples of 8 and it
+    supports the dtype (bf16 anywhere; fp32 on CPU without torch.compile), else the loop."""
     init_std: float = 0.02
     """Std of the truncated-normal init of every linear, embedding and expert weight."""
     init_cutoff_factor: float = 3.0
@@ -142,7 +145,13 @@ class ModelConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
-        for key in ("rope_theta", "layer_norm_eps", "activation_eps", "init_std", "init_cutoff_factor"):
+        for key in (
+            "rope_theta",
+            "layer_norm_eps",
+            "activation_eps",
+            "init_std",
+            "init_cutoff_factor",
+        ):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be > 0")
         for key in ("moe_loss_weight", "moe_zloss_weight"):
@@ -163,7 +172,9 @@ class ModelConfig:
                 "even for RoPE"
             )
         if self.block_type not in BLOCK_TYPES:
-            raise ConfigError(f"model.block_type={self.block_type!r} must be one of {list(BLOCK_TYPES)}")
+            raise ConfigError(
+                f"model.block_type={self.block_type!r} must be one of {list(BLOCK_TYPES)}"
+            )
         if self.activation_type not in ACTIVATIONS:
             raise ConfigError(
                 f"model.activation_type={self.activation_type!r} is unknown; known activations: "
@@ -247,7 +258,9 @@ class ModelConfig:
 
     def _activation_params(self) -> int:
         """Coefficients of one activation module (one set per layer, shared by experts)."""
-        return self.activation_order + 1 if "order" in ACTIVATIONS[self.activation_type].options else 0
+        return (
+            self.activation_order + 1 if "order" in ACTIVATIONS[self.activation_type].options else 0
+        )
 
     def _ffn_params(self) -> int:
         """Weights of one expert (or the dense FFN): D x mlp_in_size in, H x D out."""

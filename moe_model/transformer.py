@@ -117,7 +117,9 @@ class DenseFFN(nn.Module):
         self.w_in = nn.Linear(config.d_model, config.mlp_in_size, bias=False, device=init_device)
         self.act = build_activation(config.activation_type, **config.activation_kwargs())
         self.act.to(init_device)
-        self.w_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False, device=init_device)
+        self.w_out = nn.Linear(
+            config.mlp_hidden_size, config.d_model, bias=False, device=init_device
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -140,7 +142,9 @@ class Block(nn.Module):
         self.attn = Attention(config, init_device)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
         self.ffn = (
-            MoELayer(config, init_device) if config.block_type == "moe" else DenseFFN(config, init_device)
+            MoELayer(config, init_device)
+            if config.block_type == "moe"
+            else DenseFFN(config, init_device)
         )
 
     @torch.no_grad()

@@ -33,14 +33,16 @@ def world_size_from_env() -> int:
 
 
 def find_checkpoints(save_folder: Path) -> list[Path]:
-    """Complete checkpoints (``stepN/`` with DCP metadata) in ``save_folder``, oldest first."""
+    """Complete checkpoints in ``save_folder``, oldest first.
+
+    olmo-core writes ``stepN-tmp/``, renames it to ``stepN/`` and writes ``.metadata.json``
+    last; a directory missing any of its files (a crash mid-save) is not a checkpoint.
+    """
+    from olmo_core.train.checkpoint import Checkpointer
+
     if not save_folder.is_dir():
         return []
-    found = []
-    for child in save_folder.iterdir():
-        if child.is_dir() and child.name.startswith("step") and child.name[4:].isdigit():
-            if (child / "model_and_optim" / ".metadata").is_file():
-                found.append(child)
+    found = [Path(p) for _, p in Checkpointer.find_checkpoints(str(save_folder))]
     return sorted(found, key=lambda p: int(p.name[4:]))
 
 
@@ -74,11 +76,13 @@ def check_save_folder(cfg: TrainConfig) -> None:
 def check_load_path(cfg: TrainConfig) -> None:
     if cfg.load_path is None:
         return
+    from olmo_core.train.checkpoint import Checkpointer
+
     path = Path(cfg.load_path)
-    if not (path / "model_and_optim" / ".metadata").is_file():
+    if not path.is_dir() or not Checkpointer.dir_is_checkpoint(str(path)):
         raise LaunchError(
-            f"load_path {cfg.load_path!r} is not a checkpoint (expected a stepN directory with "
-            "model_and_optim/.metadata inside)"
+            f"load_path {cfg.load_path!r} is not a complete checkpoint (expected a stepN "
+            "directory with model_and_optim/, train/ and .metadata.json)"
         )
 
 
@@ -179,7 +183,8 @@ def train(cfg: TrainConfig) -> None:
         cfg.data,
         sequence_length=seq_len,
         vocab_size=cfg.model.vocab_size,
-        batch_size=cfg.eval_batch_size or cfg.device_train_microbatch_size,
+        # build_eval_loaders counts sequences over all ranks; the config counts per rank.
+        batch_size=(cfg.eval_batch_size or cfg.device_train_microbatch_size) * world,
         work_dir=str(work_dir),
         dp_rank=rank,
         dp_world_size=world,

@@ -37,6 +37,7 @@ def tiny_overrides(save_folder: Path, data_dir: Path, **extra) -> list[str]:
         "data.paths": f"[{data_dir}/train*.npy]",
         "data.validation": "{val: [" + str(data_dir) + "/val*.npy]}",
         "model.vocab_size": TINY_VOCAB,
+        "data.eos_token_id": TINY_VOCAB - 1,
         "model.embedding_size": TINY_VOCAB,
         "model.d_model": 32,
         "model.n_layers": 2,

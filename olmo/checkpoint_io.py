@@ -1,0 +1,203 @@
+"""Read and write model checkpoints outside the trainer: on CPU, in one process, no process group.
+
+Three on-disk forms of one model:
+
+* **sharded** (what training writes): ``{save_folder}/stepN/model_and_optim/`` is a
+  torch.distributed.checkpoint (DCP) directory with keys ``model.<param>`` and ``optim.*``;
+  ``{save_folder}/config.yaml`` is the resolved TrainConfig.
+* **unsharded**: a directory with ``model.safetensors`` (parameter names as in
+  ``MoETransformer.state_dict()``) and ``config.yaml`` (the TrainConfig). Made by
+  :func:`unshard` / ``scripts/unshard.py``.
+* **model-only DCP** (what ``scripts/convert_from_hf.py`` writes): ``{dir}/step0/model_and_optim``
+  with ``model.*`` keys only (no optimizer state) plus ``{dir}/config.yaml``; training continues
+  from it with ``--load_path={dir}/step0`` and a fresh optimizer.
+
+Any reader here accepts a save folder (its latest ``stepN`` is used), a ``stepN`` directory, a
+``model_and_optim`` directory or an unsharded directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from moe_model.config import ModelConfig
+from moe_model.transformer import MoETransformer
+
+__all__ = [
+    "CONFIG_FNAME",
+    "WEIGHTS_FNAME",
+    "CheckpointError",
+    "find_config",
+    "load_model",
+    "load_model_config",
+    "load_state_dict",
+    "resolve_checkpoint",
+    "save_model_dcp",
+    "save_unsharded",
+    "unshard",
+]
+
+CONFIG_FNAME = "config.yaml"
+WEIGHTS_FNAME = "model.safetensors"
+DCP_DIR = "model_and_optim"
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(FileNotFoundError):
+    """A path that holds no readable checkpoint or config; the message says what was expected."""
+
+
+def _is_dcp(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
+def _step_dirs(path: Path) -> list[Path]:
+    steps = [
+        p for p in path.iterdir()
+        if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and _is_dcp(p / DCP_DIR)
+    ]
+    return sorted(steps, key=lambda p: int(p.name[4:]))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The DCP directory or unsharded directory that ``path`` designates."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
+    if _is_dcp(path) or (path / WEIGHTS_FNAME).is_file():
+        return path
+    if _is_dcp(path / DCP_DIR):
+        return path / DCP_DIR
+    steps = _step_dirs(path)
+    if steps:
+        return steps[-1] / DCP_DIR
+    raise CheckpointError(
+        f"{str(path)!r} holds no checkpoint: expected a save folder with stepN/{DCP_DIR}/, a stepN "
+        f"directory, a {DCP_DIR} directory, or a directory with {WEIGHTS_FNAME}"
+    )
+
+
+def find_config(path: str | Path) -> Path:
+    """The config.yaml of a checkpoint: in the directory or up to three levels above it."""
+    start = Path(path).resolve()
+    for parent in [start, *list(start.parents)[:3]]:
+        candidate = parent / CONFIG_FNAME
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"no {CONFIG_FNAME} in {str(path)!r} or the three directories above it")
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint (from its TrainConfig YAML)."""
+    from olmo.config import load_config
+
+    return load_config(find_config(path)).model
+
+
+def _read_dcp_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of a DCP checkpoint, unsharded, as plain CPU tensors."""
+    import torch.distributed.checkpoint as dcp
+    from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    # olmo-core's reader: the trainer writes with olmo-core's RemoteFileSystemWriter, whose
+    # storage records torch's own FileSystemReader cannot read (torch 2.13).
+    reader = RemoteFileSystemReader(str(dcp_dir))
+    metadata = reader.read_metadata()
+    state = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
+            # DCP records the global shape of every (FSDP/DTensor-sharded) parameter: reading
+            # into a full tensor gathers all shards.
+            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not state:
+        raise CheckpointError(f"DCP checkpoint {str(dcp_dir)!r} has no '{MODEL_PREFIX}*' tensors")
+    # allow_partial_load: the optimizer and trainer entries are left out on purpose.
+    dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=True)
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's full state dict (parameter name -> CPU tensor) from any checkpoint form."""
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / WEIGHTS_FNAME).is_file() and not _is_dcp(ckpt):
+        from safetensors.torch import load_file
+
+        return load_file(ckpt / WEIGHTS_FNAME)
+    return _read_dcp_model(ckpt)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> MoETransformer:
+    """The trained model in eval mode; ``dtype`` casts the parameters (None keeps them).
+
+    Built on the meta device and filled with ``assign=True``: no random init is computed and a
+    missing or extra parameter (e.g. a PolyNorm coefficient) is an error.
+    """
+    config = load_model_config(path)
+    state = load_state_dict(path)
+    model = config.build(init_device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_unsharded(
+    state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path
+) -> Path:
+    """Write ``model.safetensors`` + ``config.yaml`` (a TrainConfig YAML) into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from olmo.config import load_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    (out_dir / CONFIG_FNAME).write_text(config_yaml)
+    model_config = load_config(out_dir / CONFIG_FNAME).model
+    # The model config rides along in the file's metadata, so the weights file alone is usable.
+    metadata = {"format": "pt", "model_config": json.dumps(dataclasses.asdict(model_config))}
+    save_file(tensors, out_dir / WEIGHTS_FNAME, metadata=metadata)
+    return out_dir
+
+
+def unshard(path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A sharded training checkpoint -> one ``model.safetensors`` + ``config.yaml``."""
+    state = load_state_dict(path)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return save_unsharded(state, find_config(path).read_text(), out_dir)
+
+
+def save_model_dcp(
+    state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path, step: int = 0
+) -> Path:
+    """Write a model-only checkpoint ``{out_dir}/step{step}/model_and_optim`` + config.yaml.
+
+    Holds ``model.*`` and ``train_module.skipped_steps`` (what olmo.train_module saves besides
+    the optimizer), no optimizer and no trainer state: loading it with ``load_path`` starts
+    step 0 with a fresh optimizer and the configured warm-up. Returns the ``stepN`` directory.
+    """
+    from olmo_core.distributed.checkpoint import save_state_dict
+
+    out_dir = Path(out_dir)
+    step_dir = out_dir / f"step{step}"
+    target = step_dir / DCP_DIR
+    if target.exists():
+        raise FileExistsError(f"{str(target)!r} exists; pick a new output directory")
+    state = {
+        "model": {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+        "train_module": {"skipped_steps": 0},
+    }
+    # olmo-core's writer, the one the trainer's loader reads (see _read_dcp_model).
+    save_state_dict(str(target), state)
+    (out_dir / CONFIG_FNAME).write_text(config_yaml)
+    return step_dir

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Compare expert activations at equal parameters: train, resume, aggregate, report.
+
+    python scripts/compare_activations.py configs/tiny.yaml --out runs/compare \\
+        --activations swiglu,polynorm --seeds 0,1 [--key=value ...]
+
+Every ``--key=value`` that is not an option below is passed to each run (``--max_duration=30``,
+``--model.d_model=64``...). The config's own ``model.activation_type`` and
+``model.mlp_hidden_size`` fix the parameter budget: each activation gets the hidden size with
+the same expert weight count (gated SwiGLU h <-> non-gated 1.5h).
+
+Rerunning the same command resumes an interrupted sweep: finished runs are skipped, unfinished
+ones continue from their last checkpoint. ``--report-only`` just rebuilds the figure and table.
+
+At GPU scale, give each run a launcher: ``--launcher "bash run_pretrain.sh"`` or
+``--launcher "torchrun --nproc_per_node=8 scripts/train.py"`` (it replaces
+``python scripts/train.py``; the config and overrides follow it).
+
+Writes to --out: compare_activations.{png,svg,md,csv}, summary.json, runs/<act>-s<seed>/,
+logs/. --wandb-mode (default: the config's wandb.mode, offline unless set) also logs the table
+and figure to W&B as a summary run in the sweep's group (every run is in that group too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_model.config import ConfigError  # noqa: E402
+from olmo.compare import (  # noqa: E402
+    DEFAULT_ACTIVATIONS,
+    aggregate,
+    log_wandb,
+    markdown_table,
+    plan_sweep,
+    run_sweep,
+    write_report,
+)
+from olmo.config import load_config  # noqa: E402
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default=None, help="base YAML config")
+    parser.add_argument("--out", required=True, help="sweep directory (runs, logs, report)")
+    parser.add_argument("--name", default=None, help="sweep name and W&B group (default: --out's name)")
+    parser.add_argument("--activations", type=_csv, default=list(DEFAULT_ACTIVATIONS),
+                        help=f"comma-separated (default: {','.join(DEFAULT_ACTIVATIONS)})")
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in _csv(v)], default=[0, 1, 2],
+                        help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--launcher", default=None,
+                        help="command replacing 'python scripts/train.py', e.g. 'bash run_pretrain.sh'")
+    parser.add_argument("--report-only", action="store_true", help="do not train; report what is there")
+    parser.add_argument("--val-label", default=None, help="validation set for the table (default: first)")
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window for the training-loss plot")
+    parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default=None,
+                        help="W&B mode of the summary (default: the config's wandb.mode)")
+    parser.add_argument("--report-dir", default=None, help="also copy figure and table here (e.g. docs)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        plan = plan_sweep(args.config, activations=args.activations, seeds=args.seeds,
+                          out_dir=args.out, overrides=overrides, name=args.name)
+        base = load_config(args.config, overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sweep {plan.name}: {len(plan.runs)} runs, base {plan.base_activation} "
+          f"H={plan.base_hidden_size}; " + ", ".join(
+              f"{a} H={next(r.hidden_size for r in plan.runs if r.activation == a)}"
+              for a in plan.activations()), flush=True)
+    status = {}
+    if not args.report_only:
+        status = run_sweep(plan, launcher=args.launcher)
+    result = aggregate(plan, val_label=args.val_label)
+    if not result.summaries:
+        print("error: no complete runs to report", file=sys.stderr)
+        return 1
+    paths = write_report(result, plan.out_dir, smooth_window=args.smooth)
+    if args.report_dir:
+        import shutil
+
+        dest = Path(args.report_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for key in ("png", "svg", "md", "csv"):
+            shutil.copy(paths[key], dest / paths[key].name)
+    wandb_mode = args.wandb_mode or base.wandb.mode
+    log_wandb(result, mode=wandb_mode, project=base.wandb.project, entity=base.wandb.entity,
+              figure=paths["png"])
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if any(v == "failed" for v in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""MoE layer: experts vs a per-token reference, routing, auxiliary losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_model.config import ModelConfig
+from moe_model.moe import MoELayer, load_balancing_loss, router_z_loss
+
+D, H, E, K = 16, 8, 6, 2
+
+
+def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=64,
+        embedding_size=64,
+        d_model=D,
+        n_layers=1,
+        n_heads=2,
+        mlp_hidden_size=H,
+        moe_num_experts=E,
+        moe_top_k=K,
+        activation_type=activation,
+        moe_expert_impl=impl,
+        moe_renormalize=renormalize,
+        **kw,
+    )
+    layer = MoELayer(config)
+    if hasattr(layer.act, "weight"):  # non-default coefficients, so their gradients are real
+        with torch.no_grad():
+            layer.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3, 0.2][: layer.act.order]))
+            layer.act.bias.fill_(0.1)
+    return layer
+
+
+def skewed_inputs(layer, num_tokens=40, seed=1):
+    """Inputs whose routing is uneven and leaves experts 4 and 5 empty.
+
+    Feature 0 is a constant 1; the router reads it with a large negative weight for experts 4
+    and 5 (never chosen) and a positive one for expert 0 (chosen by most tokens).
+    """
+    torch.manual_seed(seed)
+    x = torch.randn(num_tokens, D)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        layer.router.weight[:, 0] = torch.tensor([2.0, 0.0, 0.0, 0.0, -30.0, -30.0])
+    return x
+
+
+def reference_moe(layer, x_TD, renormalize=False):
+    """Token by token, expert by expert: y_t = sum_k p_tk * act(x_t W_in[e]) W_out[e]."""
+    logits_TE = x_TD @ layer.router.weight.T
+    probs_TE = logits_TE.float().softmax(-1)
+    y = []
+    for t in range(x_TD.shape[0]):
+        top_p, top_e = probs_TE[t].topk(K)
+        if renormalize:
+            top_p = top_p / top_p.sum()
+        y_t = torch.zeros(D)
+        for p, e in zip(top_p, top_e.tolist()):
+            h = layer.act(x_TD[t : t + 1] @ layer.w_in_EDH[e])
+            y_t = y_t + p * (h @ layer.w_out_EHD[e])[0]
+        y.append(y_t)
+    return torch.stack(y), logits_TE, probs_TE
+
+
+def grads(layer, x, loss):
+    params = dict(layer.named_parameters())
+    g = torch.autograd.grad(loss, [x, *params.values()], allow_unused=True)
+    return dict(zip(["x", *params], g))
+
+
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelu", "swiglu", "gelu", "relu2"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_experts_match_reference(activation, impl, renormalize):
+    layer = make_layer(activation, impl, renormalize)
+    x = skewed_inputs(layer).requires_grad_(True)
+    y, aux = layer(x)
+
+    counts = aux.tokens_per_expert_E
+    assert counts.dtype == torch.long and not counts.requires_grad
+    assert counts.sum() == x.shape[0] * K
+    assert counts[4] == 0 and counts[5] == 0, counts  # empty experts
+    assert counts[0] > counts[1:4].max(), counts  # uneven load
+
+    y_ref, _, _ = reference_moe(layer, x, renormalize)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+    cotangent = torch.randn_like(y)
+    g = grads(layer, x, (y * cotangent).sum())
+    g_ref = grads(layer, x, (y_ref * cotangent).sum())
+    assert set(g) >= {"x", "router.weight", "w_in_EDH", "w_out_EHD"}
+    if activation.startswith("poly"):
+        assert {"act.weight", "act.bias"} <= set(g)
+    for name in g:
+        assert g[name] is not None and g_ref[name] is not None, name
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Empty experts get zero gradient, and all of the router still gets one.
+    assert g["w_in_EDH"][4:].abs().max() == 0
+    assert g["router.weight"].abs().sum() > 0
+
+
+def test_grouped_and_loop_agree_3d_input():
+    layer = make_layer("swiglu", "loop")
+    x = torch.randn(2, 7, D)
+    y_loop, aux_loop = layer(x)
+    layer.expert_impl = "grouped_mm"
+    y_grouped, aux_grouped = layer(x)
+    assert y_loop.shape == x.shape
+    torch.testing.assert_close(y_loop, y_grouped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux_loop.tokens_per_expert_E, aux_grouped.tokens_per_expert_E)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_single_token_and_bf16(impl):
+    layer = make_layer("polynorm", impl)
+    y, aux = layer(torch.randn(1, D))
+    assert y.shape == (1, D) and (aux.tokens_per_expert_E > 0).sum() == K
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(3, 5, D, dtype=torch.bfloat16)
+    y, aux = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert aux.lb_loss.dtype == torch.float32
+
+
+def test_auto_impl_falls_back_to_loop_when_unaligned():
+    config = ModelConfig(d_model=12, n_heads=2, mlp_hidden_size=6, moe_num_experts=4, moe_top_k=2)
+    layer = MoELayer(config)
+    x = torch.randn(5, 12)
+    assert layer._impl(x) == "loop"
+    y, _ = layer(x)
+    assert y.shape == x.shape
+    assert make_layer("relu", "auto")._impl(torch.randn(5, D)) == "grouped_mm"
+    assert make_layer("relu", "auto")._impl(torch.randn(5, D, dtype=torch.bfloat16)) == "grouped_mm"
+
+
+def test_no_router_state_kept_on_module():
+    layer = make_layer()
+    layer(torch.randn(10, D))
+    leftovers = [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
+    assert leftovers == []
+
+
+# ---- auxiliary losses ---------------------------------------------------------------------------
+
+
+def cyclic_balanced_layer(lb_weight=0.01):
+    """E tokens (one-hot inputs); token t prefers experts t..t+K-1 (mod E): every expert gets
+    exactly K rows, and by symmetry every expert's mean probability is 1/E."""
+    layer = make_layer("relu", "loop", moe_loss_weight=lb_weight)
+    logits_TE = torch.zeros(E, E)
+    for t in range(E):
+        for j in range(K):
+            logits_TE[t, (t + j) % E] = 4.0 - j  # distinct, so top-k has no ties
+    x_TD = torch.zeros(E, D)
+    x_TD[:, :E] = torch.eye(E)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, :E] = logits_TE.T
+    return layer, x_TD
+
+
+def test_lb_loss_equals_weight_at_perfect_balance():
+    layer, x = cyclic_balanced_layer(lb_weight=0.01)
+    _, aux = layer(x)
+    assert aux.tokens_per_expert_E.tolist() == [K] * E
+    torch.testing.assert_close(aux.lb_loss, torch.tensor(0.01))
+    # Uniform probabilities give exactly the weight whatever the counts.
+    probs = torch.full((10, E), 1.0 / E)
+    counts = torch.tensor([20, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(load_balancing_loss(probs, counts, K, 0.5), torch.tensor(0.5))
+
+
+def test_lb_loss_grows_when_routing_collapses():
+    layer, x = cyclic_balanced_layer(lb_weight=0.01)
+    with torch.no_grad():
+        layer.router.weight[0, :] = 8.0  # expert 0 and 1 win for every token
+        layer.router.weight[1, :] = 6.0
+    x = torch.ones(E, D)
+    _, aux = layer(x)
+    assert aux.tokens_per_expert_E[:2].tolist() == [E, E]
+    assert aux.lb_loss > 2 * 0.01  # upper bound is w * E / K = 0.03
+    assert aux.lb_loss <= 0.01 * E / K + 1e-6
+
+
+def test_lb_formula_direct():
+    torch.manual_seed(0)
+    probs = torch.randn(12, E).softmax(-1)
+    counts = torch.randint(0, 5, (E,))
+    expected = 0.01 * E / (12 * K) * sum(counts[e] * probs[:, e].mean() for e in range(E))
+    torch.testing.assert_close(load_balancing_loss(probs, counts, K, 0.01), expected)
+
+
+def test_z_loss_equals_direct_computation():
+    layer = make_layer(moe_zloss_weight=0.001)
+    x = torch.randn(20, D)
+    _, aux = layer(x)
+    logits = (x.double() @ layer.router.weight.double().T).detach()
+    lse = torch.log(torch.exp(logits).sum(-1))
+    expected = 0.001 * (lse**2).sum() / (20 * K)
+    torch.testing.assert_close(aux.z_loss.double(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_z_loss_is_stable_for_huge_logits():
+    logits = torch.tensor([[1e4, 0.0, -1e4], [3e4, 3e4, 0.0]])
+    z = router_z_loss(logits, top_k=1, weight=1.0)
+    expected = (1e4**2 + (3e4 + torch.log(torch.tensor(2.0)).item()) ** 2) / 2
+    assert torch.isfinite(z)
+    torch.testing.assert_close(z.double(), torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_name", ["lb_loss", "z_loss"])
+def test_aux_losses_reach_router(loss_name):
+    layer = make_layer()
+    x = skewed_inputs(layer)
+    _, aux = layer(x)
+    loss = getattr(aux, loss_name)
+    assert aux[loss_name] is loss
+    loss.backward()
+    assert layer.router.weight.grad is not None
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_weights_not_renormalised_by_default():
+    """OLMoE: the output is sum_k softmax_k * expert_k, weights summing to < 1."""
+    layer = make_layer("relu", "loop")
+    x = torch.randn(5, D)
+    y, _ = layer(x)
+    y_renorm, _ = make_layer("relu", "loop", renormalize=True)(x)
+    assert not torch.allclose(y, y_renorm)
+    probs = F.softmax(x @ layer.router.weight.T, -1)
+    assert (probs.topk(K).values.sum(-1) < 1).all()

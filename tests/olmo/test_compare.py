@@ -1,0 +1,137 @@
+"""Activation comparison: interpolation and aggregation units, and a tiny sweep end to end with
+resume (2 activations x 2 seeds, 4 steps each, on synthetic vocab-512 data)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from olmo.compare import (
+    RunSpec,
+    _stack_common,
+    expected_final_step,
+    plan_sweep,
+    run_is_complete,
+    smooth,
+    tokens_to_reach,
+)
+from olmo.config import load_config
+
+from .helpers import REPO, make_data, tiny_overrides
+
+TINY = str(REPO / "configs/tiny.yaml")
+SCRIPT = REPO / "scripts" / "compare_activations.py"
+STEPS = 4
+
+
+def test_tokens_to_reach_interpolates_on_the_running_minimum():
+    tokens = np.array([100.0, 200.0, 300.0, 400.0])
+    loss = np.array([5.0, 4.0, 4.5, 3.0])
+    assert tokens_to_reach(tokens, loss, 4.0) == pytest.approx(200.0)
+    assert tokens_to_reach(tokens, loss, 4.5) == pytest.approx(150.0)
+    # The bump at 300 is ignored: best-so-far stays 4.0 until 400.
+    assert tokens_to_reach(tokens, loss, 3.5) == pytest.approx(300.0 + 100.0 * 0.5 / 1.0)
+    assert tokens_to_reach(tokens, loss, 2.0) is None
+    assert tokens_to_reach(tokens, loss, 9.0) == 100.0
+
+
+def test_stack_common_and_smooth():
+    grid, rows = _stack_common([(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])),
+                                (np.array([2.0, 3.0]), np.array([5.0, 4.0]))])
+    assert grid.tolist() == [2.0, 3.0]
+    assert rows.tolist() == [[2.0, 1.0], [5.0, 4.0]]
+    assert smooth(np.array([1.0, 3.0, 5.0]), 2).tolist() == [1.0, 2.0, 4.0]
+
+
+def test_plan_uses_equal_parameter_hidden_sizes(tmp_path):
+    plan = plan_sweep(TINY, activations=["swiglu", "polynorm", "gelu"], seeds=[0, 1],
+                      out_dir=tmp_path / "sw", overrides=["--max_duration=30"])
+    sizes = {r.activation: r.hidden_size for r in plan.runs}
+    # tiny.yaml is polynorm at 384 = SwiGLU at 256.
+    assert sizes == {"swiglu": 256, "polynorm": 384, "gelu": 384}
+    assert len(plan.runs) == 6 and {r.final_step for r in plan.runs} == {30}
+    run = next(r for r in plan.runs if r.activation == "swiglu" and r.seed == 1)
+    cfg = load_config(TINY, run.overrides)
+    assert cfg.model.activation_type == "swiglu" and cfg.seed == 1
+    assert cfg.wandb.group == "sw"
+    polynorm = load_config(TINY, plan.runs[2].overrides)
+    assert polynorm.model.activation_type == "polynorm"
+    # Equal expert weights; PolyNorm adds its 4 coefficients per layer (4 layers).
+    assert cfg.model.num_params() == polynorm.model.num_params() - 4 * 4
+    assert expected_final_step(load_config(TINY, ["max_duration=4096T", "stop_at=1"])) == 1
+
+
+def test_run_is_complete_reads_the_final_step(tmp_path):
+    spec = RunSpec("gelu", 0, 8, "r", tmp_path, [], final_step=3)
+    assert not run_is_complete(spec)
+    lines = [{"step": s, "tokens": s, "train/CrossEntropyLoss": 1.0} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "{torn")
+    assert not run_is_complete(spec)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write("\n" + json.dumps({"step": 3, "tokens": 3, "train/CrossEntropyLoss": 1.0}) + "\n")
+    assert run_is_complete(spec)
+
+
+def _compare(tmp_path, out, data, *extra):
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", data,
+                                           max_duration=STEPS, eval_interval=2, save_interval=2,
+                                           **{"data.eos_token_id": 511,
+                                              # Replaces tiny.yaml's set (dicts merge by key).
+                                              "data.validation": "{shakespeare_val: ["
+                                              + str(data) + "/val*.npy]}"})
+                 if not o.startswith("--save_folder")]
+    cmd = [sys.executable, str(SCRIPT), TINY, "--out", str(out), "--activations",
+           "swiglu,polynorm", "--seeds", "0,1", "--wandb-mode", "disabled", *overrides, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tmp_path):
+    data = make_data(tmp_path)
+    out = tmp_path / "sweep"
+    stdout = _compare(tmp_path, out, data)
+    assert stdout.count(": training") == 4
+
+    for ext in ("png", "svg", "md", "csv"):
+        assert (out / f"compare_activations.{ext}").stat().st_size > 0
+    rows = list(csv.DictReader((out / "compare_activations.csv").open()))
+    assert [r["activation"] for r in rows] == ["swiglu", "polynorm"]
+    for r in rows:
+        assert r["seeds"] == "2"
+        assert int(r["tokens"]) == STEPS * 8 * 32
+        assert 0 < float(r["val_loss_mean"]) < 10 and float(r["val_loss_std"]) >= 0
+        assert float(r["val_loss_min"]) <= float(r["val_loss_mean"]) <= float(r["val_loss_max"])
+        assert float(r["tokens_per_s"]) > 0
+        assert float(r["token_efficiency_vs_swiglu"]) > 0
+    swiglu = rows[0]
+    assert float(swiglu["token_efficiency_vs_swiglu"]) == pytest.approx(1.0)
+    md = (out / "compare_activations.md").read_text()
+    assert "| swiglu | 32 | 2 |" in md and "| polynorm | 48 | 2 |" in md
+
+    # Interrupt: one run lost everything after its step-2 checkpoint, another never started.
+    runs = out / "runs"
+    partial = runs / "polynorm-s1"
+    shutil.rmtree(partial / "step4")
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    shutil.rmtree(runs / "swiglu-s1")
+    finished = [runs / "swiglu-s0", runs / "polynorm-s0"]
+    before = {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in finished}
+
+    stdout = _compare(tmp_path, out, data)
+    assert stdout.count("skipped") == 2
+    assert "polynorm-s1: resuming" in stdout and "swiglu-s1: training" in stdout
+    assert {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in finished} == before
+    records = [json.loads(x) for x in (partial / "metrics.jsonl").read_text().splitlines()]
+    # Resumed from step 2: each step's training loss once, up to the final step.
+    assert [r["step"] for r in records if "train/CrossEntropyLoss" in r] == [1, 2, 3, 4]
+    rows = list(csv.DictReader((out / "compare_activations.csv").open()))
+    assert [r["seeds"] for r in rows] == ["2", "2"]
