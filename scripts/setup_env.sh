@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-data,dev}
+EXTRAS=${EXTRAS:-data,dev,hf}
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

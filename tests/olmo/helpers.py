@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,30 +31,15 @@ def write_token_file(path: Path, num_tokens: int, vocab: int = TINY_VOCAB, seed:
     return path
 
 
+TEST_CONFIG = str(Path(__file__).with_name("tiny_test.yaml"))
+
+
 def tiny_overrides(save_folder: Path, data_dir: Path, **extra) -> list[str]:
-    """Overrides that turn configs/tiny.yaml into a seconds-long run on synthetic data."""
+    """Overrides pointing tests/olmo/tiny_test.yaml at a save folder and synthetic data."""
     opts = {
         "save_folder": str(save_folder),
         "data.paths": f"[{data_dir}/train*.npy]",
         "data.validation": "{val: [" + str(data_dir) + "/val*.npy]}",
-        "model.vocab_size": TINY_VOCAB,
-        "data.eos_token_id": TINY_VOCAB - 1,
-        "model.embedding_size": TINY_VOCAB,
-        "model.d_model": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.max_sequence_length": 32,
-        "model.mlp_hidden_size": 48,
-        "model.moe_num_experts": 4,
-        "model.moe_top_k": 2,
-        "global_train_batch_size": 8,
-        "device_train_microbatch_size": 2,
-        "max_duration": "8",
-        "save_interval": 4,
-        "eval_interval": 4,
-        "scheduler.t_warmup": 2,
-        "wandb.mode": "disabled",
-        "console_log_interval": 1,
     }
     opts.update(extra)
     return [f"--{k}={v}" for k, v in opts.items()]
@@ -66,12 +52,18 @@ def make_data(tmp_path: Path) -> Path:
     return data_dir
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
     """Run scripts/train.py (through torchrun when nproc > 1); returns CompletedProcess."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port=0", str(TRAIN_SCRIPT), *args]
+               f"--master_port={free_port()}", str(TRAIN_SCRIPT), *args]
     else:
         cmd = [sys.executable, str(TRAIN_SCRIPT), *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,

@@ -22,7 +22,7 @@ from olmo.compare import (
 )
 from olmo.config import load_config
 
-from .helpers import REPO, make_data, tiny_overrides
+from .helpers import REPO, TEST_CONFIG, make_data, tiny_overrides
 
 TINY = str(REPO / "configs/tiny.yaml")
 SCRIPT = REPO / "scripts" / "compare_activations.py"
@@ -78,14 +78,10 @@ def test_run_is_complete_reads_the_final_step(tmp_path):
 
 
 def _compare(tmp_path, out, data, *extra):
-    overrides = [o for o in tiny_overrides(tmp_path / "unused", data,
-                                           max_duration=STEPS, eval_interval=2, save_interval=2,
-                                           **{"data.eos_token_id": 511,
-                                              # Replaces tiny.yaml's set (dicts merge by key).
-                                              "data.validation": "{shakespeare_val: ["
-                                              + str(data) + "/val*.npy]}"})
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", data, max_duration=STEPS,
+                                           eval_interval=2, save_interval=2)
                  if not o.startswith("--save_folder")]
-    cmd = [sys.executable, str(SCRIPT), TINY, "--out", str(out), "--activations",
+    cmd = [sys.executable, str(SCRIPT), TEST_CONFIG, "--out", str(out), "--activations",
            "swiglu,polynorm", "--seeds", "0,1", "--wandb-mode", "disabled", *overrides, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -21,10 +21,27 @@ from moe_model.activations import ACTIVATIONS  # noqa: E402
 from moe_model.config import ModelConfig  # noqa: E402
 from moe_model.hf import default_tokenizer_path, export_hf, from_hf_state_dict, read_hf_dir  # noqa: E402
 from olmo import checkpoint_io  # noqa: E402
-from tests.olmo.helpers import REPO, make_data, run_train, tiny_overrides  # noqa: E402
+from tests.olmo.helpers import (  # noqa: E402
+    REPO,
+    TEST_CONFIG,
+    make_data,
+    read_metrics,
+    run_train,
+    tiny_overrides,
+)
 
 ACTS = ["relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm"]
 VOCAB = 512
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine idle OpenMP
+    workers made each one take milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def load_script(name: str):
@@ -62,15 +79,9 @@ def load_hf(path: Path):
 
 
 def train_args(save_folder: Path, data: Path, **extra) -> list[str]:
-    """configs/tiny.yaml shrunk to a 4-step run on synthetic tokens (vocab 512)."""
-    overrides = {
-        "max_duration": "4", "save_interval": 4, "eval_interval": 100,
-        "data.eos_token_id": VOCAB - 1,
-        # Replaces tiny.yaml's validation set (dicts merge by key).
-        "data.validation": "{shakespeare_val: [" + str(data) + "/val*.npy]}",
-        **extra,
-    }
-    return [str(REPO / "configs" / "tiny.yaml"), *tiny_overrides(save_folder, data, **overrides)]
+    """tests/olmo/tiny_test.yaml (the tiny model above, vocab 512) as a 4-step run."""
+    overrides = {"max_duration": "4", "save_interval": 4, "eval_interval": 100, **extra}
+    return [TEST_CONFIG, *tiny_overrides(save_folder, data, **overrides)]
 
 
 @torch.no_grad()
@@ -235,3 +246,29 @@ def test_sampling_temperature_and_top_p():
 
 def test_registry_covers_every_activation():
     assert sorted(ACTS) == sorted(ACTIVATIONS)
+
+
+def _train_module_loads_model_only_checkpoints() -> bool:
+    from olmo_core.train.train_module import TrainModule
+
+    from olmo.train_module import MoETrainModule
+
+    return MoETrainModule.state_dict_to_load is not TrainModule.state_dict_to_load
+
+
+@pytest.mark.skipif(not _train_module_loads_model_only_checkpoints(),
+                    reason="MoETrainModule.state_dict_to_load must skip the absent optimizer state")
+def test_training_continues_from_imported_model(tmp_path):
+    """HF -> import -> train with load_path: weights loaded strictly, fresh optimizer, warm-up."""
+    model = tiny_model("polynorm", seed=11)
+    export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_json=None)
+    assert load_script("convert_from_hf").main([str(tmp_path / "hf"), str(tmp_path / "imp")]) == 0
+    save = tmp_path / "continued"
+    proc = run_train(train_args(save, make_data(tmp_path), load_path=str(tmp_path / "imp" / "model")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(save)
+    assert any("checkpoint/load_duration_s" in m for m in metrics if m["step"] == 0)
+    first = next(m for m in metrics if m["step"] == 1)
+    assert first["optim/LR"] < 3.0e-3  # step 1 of the warm-up, not the peak
+    trained = checkpoint_io.load_state_dict(save)
+    assert not torch.equal(trained["blocks.0.ffn.act.weight"], model.state_dict()["blocks.0.ffn.act.weight"])

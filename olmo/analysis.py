@@ -1,0 +1,341 @@
+"""The paper's analyses of a trained MoE, from a checkpoint, each with a figure.
+
+* Effective rank of every expert weight matrix, per layer. The paper's definition (Roy &
+  Vetterli 2007): with singular values s_i, p_i = s_i / sum_j s_j and H = -sum_i p_i log p_i,
+  ``erank = exp(H)``; an n x n identity has erank n, a rank-1 matrix erank 1. Gated experts
+  (SwiGLU) report their gate (w1) and up (w3) halves of ``w_in`` separately.
+* Layer-wise cosine similarity of hidden states on validation text: the residual stream after
+  the embedding and after every block, cosine similarity per token averaged over tokens, for
+  every pair of layers (identical layers give 1).
+* Per-layer expert load (share of the top-k assignments each expert receives) and routing
+  entropy (mean entropy of the router's softmax over experts, in nats; log E is uniform).
+* The activation coefficients per layer (PolyNorm / PolyReLU ``weight`` and ``bias``).
+
+``load_checkpoint`` reads a ``stepN/model_and_optim`` checkpoint (torch.distributed.checkpoint,
+model keys ``model.<fqn>``) on one process without a process group.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(``model_and_optim`` dir, ``config.yaml`` or None) for a save folder (latest step), a
+    ``stepN`` dir or a ``model_and_optim`` dir."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        ckpt = path
+    elif (path / "model_and_optim" / ".metadata").is_file():
+        ckpt = path / "model_and_optim"
+    else:
+        steps = sorted(
+            (p for p in path.glob("step*") if p.name[4:].isdigit()
+             and (p / "model_and_optim" / ".metadata").is_file()),
+            key=lambda p: int(p.name[4:]),
+        )
+        if not steps:
+            raise FileNotFoundError(
+                f"{str(path)!r} holds no checkpoint (expected stepN/model_and_optim/.metadata)"
+            )
+        ckpt = steps[-1] / "model_and_optim"
+    config = None
+    for candidate in (ckpt.parent.parent / "config.yaml", ckpt.parent / "config.yaml"):
+        if candidate.is_file():
+            config = candidate
+            break
+    return ckpt, config
+
+
+def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model's state dict (plain FQNs) from a DCP checkpoint, without a process group."""
+    # olmo-core writes with its own storage writer; its reader (load_keys) reads it back
+    # unsharded, in a non-distributed process.
+    from olmo_core.distributed.checkpoint import load_keys
+
+    (model_state,) = load_keys(str(ckpt_dir), ["model"])
+    out = {}
+    for key, value in _flatten(model_state).items():
+        for part in _WRAPPER_PARTS:
+            key = key.replace(part, "")
+        out[key] = value
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", config_path=None):
+    """(model in eval mode, TrainConfig) from a checkpoint and the run's saved config.yaml."""
+    from olmo.config import load_config
+
+    ckpt, found = resolve_checkpoint(path)
+    config_path = config_path or found
+    if config_path is None:
+        raise FileNotFoundError(f"no config.yaml beside checkpoint {str(ckpt)!r}; pass config_path")
+    cfg = load_config(config_path)
+    model = cfg.model.build(init_device="cpu")
+    model.load_state_dict(load_model_state(ckpt), strict=True)
+    return model.to(device).eval(), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) (Roy & Vetterli 2007)."""
+    s = torch.linalg.svdvals(matrix.detach().double())
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def expert_matrices(ffn) -> dict[str, torch.Tensor]:
+    """name -> (E, rows, cols) stack of one MoE layer's expert matrices."""
+    w_in = ffn.w_in_EDH.detach().float().cpu()
+    w_out = ffn.w_out_EHD.detach().float().cpu()
+    if getattr(ffn.act, "gated", False):
+        h = w_out.shape[1]
+        return {"w1 (gate)": w_in[..., :h], "w3 (up)": w_in[..., h:], "w2 (out)": w_out}
+    return {"w1 (in)": w_in, "w2 (out)": w_out}
+
+
+def moe_layers(model) -> list[tuple[int, Any]]:
+    return [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "w_in_EDH")]
+
+
+def effective_ranks(model) -> dict[str, list[list[float]]]:
+    """matrix name -> [layer][expert] effective rank."""
+    out: dict[str, list[list[float]]] = {}
+    for _, ffn in moe_layers(model):
+        for name, stack in expert_matrices(ffn).items():
+            out.setdefault(name, []).append([effective_rank(w) for w in stack])
+    return out
+
+
+def layer_similarity(hidden_states: list[torch.Tensor]) -> np.ndarray:
+    """[i, j] = mean over tokens of cos(h_i[t], h_j[t]) for hidden states of shape (..., D)."""
+    flat = [h.detach().double().reshape(-1, h.shape[-1]) for h in hidden_states]
+    normed = [torch.nn.functional.normalize(h, dim=-1) for h in flat]
+    n = len(normed)
+    sim = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            sim[i, j] = sim[j, i] = float((normed[i] * normed[j]).sum(-1).mean())
+    return sim
+
+
+@torch.no_grad()
+def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
+    """Hidden states after the embedding and each block, and per-layer routing statistics."""
+    hidden: list[list[torch.Tensor]] = [[] for _ in range(len(model.blocks) + 1)]
+    probs_sum: dict[int, torch.Tensor] = {}
+    entropy_sum: dict[int, float] = {}
+    counts: dict[int, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    hooks = [model.embedding.register_forward_hook(
+        lambda m, i, o: hidden[0].append(o.float().cpu()))]
+    for li, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_hook(
+            lambda m, i, o, li=li: hidden[li + 1].append(o[0].float().cpu())))
+        if hasattr(block.ffn, "route"):
+            def route_hook(ffn, inputs, li=li):
+                x = inputs[0]
+                _, probs, _, experts = ffn.route(x.reshape(-1, x.shape[-1]))
+                probs = probs.float()
+                ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+                entropy_sum[li] = entropy_sum.get(li, 0.0) + float(ent.sum())
+                tokens[li] = tokens.get(li, 0) + probs.shape[0]
+                c = torch.bincount(experts.reshape(-1), minlength=ffn.num_experts).cpu()
+                counts[li] = counts.get(li, 0) + c
+                probs_sum[li] = probs_sum.get(li, 0) + probs.sum(0).cpu()
+            hooks.append(block.ffn.register_forward_pre_hook(route_hook))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids[start:start + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    layers = sorted(counts)
+    return {
+        "hidden": [torch.cat(h) for h in hidden],
+        "expert_load": [(counts[li] / counts[li].sum()).tolist() for li in layers],
+        "routing_entropy": [entropy_sum[li] / tokens[li] for li in layers],
+        "mean_router_prob": [(probs_sum[li] / tokens[li]).tolist() for li in layers],
+        "num_experts": int(len(counts[layers[0]])) if layers else 0,
+    }
+
+
+def activation_coefficients(model) -> list[dict[str, list[float]]]:
+    """Per layer: {'weight': [...], 'bias': [...]} of the activation (empty when it has none)."""
+    out = []
+    for block in model.blocks:
+        act = getattr(block.ffn, "act", None)
+        if act is not None and hasattr(act, "weight"):
+            out.append({"weight": act.weight.detach().float().cpu().tolist(),
+                        "bias": act.bias.detach().float().cpu().tolist()})
+        else:
+            out.append({})
+    return out
+
+
+def validation_tokens(paths: list[str], seq_len: int, num_sequences: int,
+                      dtype=np.uint16) -> torch.Tensor:
+    """The first ``num_sequences`` x ``seq_len`` tokens of the token files (dolma memmaps)."""
+    files = [f for p in paths for f in (sorted(glob.glob(p)) or [p])]
+    need = seq_len * num_sequences
+    parts, have = [], 0
+    for f in files:
+        arr = np.memmap(f, dtype=dtype, mode="r")
+        take = min(len(arr), need - have)
+        parts.append(np.asarray(arr[:take], dtype=np.int64))
+        have += take
+        if have >= need:
+            break
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"fewer than {seq_len} tokens in {paths}")
+    return torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def analyze(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
+    stats = collect(model, input_ids, batch_size)
+    return {
+        "activation": model.config.activation_type,
+        "effective_rank": effective_ranks(model),
+        "max_rank": {name: min(stack.shape[1:]) for name, stack in
+                     expert_matrices(moe_layers(model)[0][1]).items()} if moe_layers(model) else {},
+        "layer_similarity": layer_similarity(stats["hidden"]).tolist(),
+        "expert_load": stats["expert_load"],
+        "routing_entropy": stats["routing_entropy"],
+        "max_routing_entropy": math.log(stats["num_experts"]) if stats["num_experts"] else 0.0,
+        "activation_coefficients": activation_coefficients(model),
+        "num_tokens": int(input_ids.numel()),
+    }
+
+
+def write_figures(result: dict[str, Any], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"{title}: " if title else ""
+    paths = {}
+
+    # Effective rank: mean over experts with min-max band, per matrix, per layer.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, per_layer in result["effective_rank"].items():
+        arr = np.array(per_layer)
+        layers = np.arange(len(arr))
+        ax.plot(layers, arr.mean(1), marker="o", label=f"{name} (max {result['max_rank'].get(name)})")
+        ax.fill_between(layers, arr.min(1), arr.max(1), alpha=0.2)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("effective rank (mean over experts, band min-max)")
+    ax.set_title(f"{prefix}expert weight effective rank")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths["effective_rank"] = _save(fig, out_dir / "effective_rank.png")
+
+    sim = np.array(result["layer_similarity"])
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(sim, vmin=min(0.0, sim.min()), vmax=1.0, cmap="viridis")
+    labels = ["emb"] + [str(i) for i in range(len(sim) - 1)]
+    ax.set_xticks(range(len(sim)), labels)
+    ax.set_yticks(range(len(sim)), labels)
+    for i in range(len(sim)):
+        for j in range(len(sim)):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(f"{prefix}hidden-state cosine similarity\n(after embedding / block i)")
+    paths["layer_similarity"] = _save(fig, out_dir / "layer_similarity.png")
+
+    load = np.array(result["expert_load"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if load.size:
+        n_exp = load.shape[1]
+        im = axes[0].imshow(load * n_exp, aspect="auto", cmap="magma")
+        fig.colorbar(im, ax=axes[0], label="load x E (1 = balanced)")
+        axes[0].set_xlabel("expert")
+        axes[0].set_ylabel("layer")
+        axes[0].set_title(f"{prefix}expert load")
+        axes[1].plot(result["routing_entropy"], marker="o", label="routing entropy")
+        axes[1].axhline(result["max_routing_entropy"], ls="--", c="gray", label="uniform (log E)")
+        axes[1].set_xlabel("layer")
+        axes[1].set_ylabel("nats")
+        axes[1].set_title("mean router entropy per token")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
+    paths["routing"] = _save(fig, out_dir / "routing.png")
+
+    coeffs = result["activation_coefficients"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if any(coeffs):
+        weights = np.array([c["weight"] for c in coeffs if c])
+        bias = np.array([c["bias"][0] for c in coeffs if c])
+        order = weights.shape[1]
+        layers = [i for i, c in enumerate(coeffs) if c]
+        for k in range(order):
+            ax.plot(layers, weights[:, k], marker="o", label=f"weight[{k}] (power {order - k})")
+        ax.plot(layers, bias, marker="s", ls="--", label="bias")
+        ax.axhline(1.0 / order, c="gray", lw=0.8, ls=":", label=f"init 1/{order}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("layer")
+    else:
+        ax.text(0.5, 0.5, f"{result['activation']} has no trainable coefficients",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title(f"{prefix}activation coefficients ({result['activation']})")
+    paths["coefficients"] = _save(fig, out_dir / "activation_coefficients.png")
+
+    summary = out_dir / "analysis.json"
+    summary.write_text(json.dumps(result, indent=1))
+    paths["json"] = summary
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
