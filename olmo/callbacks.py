@@ -168,10 +168,11 @@ class WandbCallback(Callback):
         if self.mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise RuntimeError("wandb.mode=online needs the WANDB_API_KEY environment variable")
         import wandb
+        from wandb.sdk.lib import runid
 
         save_folder = Path(self.trainer.save_folder)
         id_file = save_folder / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
         self._run = wandb.init(
             mode=self.mode,
@@ -202,3 +203,56 @@ class WandbCallback(Callback):
     def on_error(self, exc: BaseException):
         del exc
         self._finish(1)
+
+
+@dataclass
+class SpikeDetectorCallback(Callback):
+    """Flags loss and gradient-norm spikes: a value above mean + ``threshold_std`` * std of the
+    last ``window`` finite values (after ``min_history`` of them), as OLMo's stability monitor.
+
+    Adds ``stability/<name>Spike`` (0 or 1) and ``stability/<name>Spikes`` (running count) to
+    every step's metrics and logs a warning; its window and counts are in the checkpoint.
+    """
+
+    priority: ClassVar[int] = 11
+    window: int = 100
+    threshold_std: float = 6.0
+    min_history: int = 20
+    watch: dict[str, str] = field(
+        default_factory=lambda: {"Loss": "train/CrossEntropyLoss", "GradNorm": "optim/GradNorm"}
+    )
+    _history: dict[str, list[float]] = field(default_factory=dict)
+    _counts: dict[str, int] = field(default_factory=dict)
+
+    def check(self, name: str, value: float) -> bool:
+        """Record ``value`` for ``name``; True when it is a spike."""
+        history = self._history.setdefault(name, [])
+        spike = False
+        if len(history) >= self.min_history:
+            mean = sum(history) / len(history)
+            std = math.sqrt(sum((v - mean) ** 2 for v in history) / len(history))
+            spike = value > mean + self.threshold_std * max(std, 1e-12)
+        if math.isfinite(value):
+            history.append(value)
+            del history[: -self.window]
+        if spike:
+            self._counts[name] = self._counts.get(name, 0) + 1
+        return spike
+
+    def pre_log_metrics(self, step: int, metrics: dict[str, float]):
+        for name, key in self.watch.items():
+            value = metrics.get(key)
+            if value is None:
+                continue
+            spike = self.check(name, float(value))
+            if spike:
+                log.warning(f"step {step}: {key} spike ({value:.4g})")
+            metrics[f"stability/{name}Spike"] = float(spike)
+            metrics[f"stability/{name}Spikes"] = float(self._counts.get(name, 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self._history.items()}, "counts": dict(self._counts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]):
+        self._history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
+        self._counts = dict(state_dict.get("counts", {}))

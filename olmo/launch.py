@@ -143,7 +143,12 @@ def train(cfg: TrainConfig) -> None:
     )
     from olmo_core.utils import seed_all
 
-    from olmo.callbacks import MetricsCallback, ValidationCallback, WandbCallback
+    from olmo.callbacks import (
+        MetricsCallback,
+        SpikeDetectorCallback,
+        ValidationCallback,
+        WandbCallback,
+    )
     from olmo.train_module import MoETrainModule, resolve_precision
 
     distributed = "WORLD_SIZE" in os.environ
@@ -209,6 +214,7 @@ def train(cfg: TrainConfig) -> None:
             device_peak_flops_per_second=int(device_peak_flops(cfg, device, train_module.param_dtype)),
         ),
         "garbage_collector": GarbageCollectorCallback(),
+        "spike_detector": SpikeDetectorCallback(),
         "metrics": MetricsCallback(tokens_per_step=cfg.global_train_batch_size * seq_len),
         "wandb": WandbCallback(
             mode=cfg.wandb.mode,
@@ -222,6 +228,15 @@ def train(cfg: TrainConfig) -> None:
     }
     if eval_loaders:
         callbacks["validation"] = ValidationCallback(loaders=eval_loaders, eval_interval=cfg.eval_interval)
+    if cfg.downstream_tasks:
+        from olmo.downstream import DownstreamCallback
+
+        callbacks["downstream"] = DownstreamCallback(
+            tasks=list(cfg.downstream_tasks),
+            eval_interval=cfg.downstream_interval or cfg.eval_interval,
+            limit=cfg.downstream_limit,
+            batch_size=cfg.eval_batch_size or cfg.device_train_microbatch_size,
+        )
     trainer = TrainerConfig(
         save_folder=str(save_folder),
         work_dir=str(work_dir),
@@ -232,6 +247,9 @@ def train(cfg: TrainConfig) -> None:
         hard_stop=Duration.steps(cfg.stop_at) if cfg.stop_at is not None else None,
         metrics_collect_interval=cfg.metrics_collect_interval,
         cancel_check_interval=1,
+        # Synchronous bookkeeping: every rank sees a cancellation (SIGTERM on any rank) at the
+        # same step, so all stop together and write the same final checkpoint.
+        async_bookkeeping=False,
         callbacks=callbacks,
         device=str(device),
     ).build(train_module, train_loader)

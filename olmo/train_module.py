@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from moe_model.activations import ACTIVATIONS
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from olmo.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class MoETrainModule(TrainModule):
         self.optim = build_optimizer(self.model, cfg.optimizer)
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0
+        self.faults = FaultInjector(dist.get_rank() if dist.is_initialized() else 0)
         self._step_loss_sum: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
@@ -231,6 +233,9 @@ class MoETrainModule(TrainModule):
         num_loss_tokens = (batch["labels"] != LABEL_IGNORE_INDEX).sum().clamp_min(1)
         micro_batches = split_batch(batch, self.microbatch_size)
         num_micro = len(micro_batches)
+        step = self.trainer.global_step if not dry_run else 0
+        self.faults.maybe_signal(step)
+        loss_scale = self.faults.loss_scale(step)
 
         ce_total = torch.zeros((), device=self.device)
         lb_total = torch.zeros((), device=self.device)
@@ -247,7 +252,8 @@ class MoETrainModule(TrainModule):
             ) / num_loss_tokens
             lb = out.lb_loss.float() / num_micro
             z = out.z_loss.float() / num_micro
-            (ce + lb + z).backward()
+            ((ce + lb + z) * loss_scale).backward()
+            ce = ce * loss_scale
             ce_total += ce.detach()
             lb_total += lb.detach()
             z_total += z.detach()
