@@ -227,14 +227,16 @@ class SpikeDetectorCallback(Callback):
     def check(self, name: str, value: float) -> bool:
         """Record ``value`` for ``name``; True when it is a spike."""
         history = self._history.setdefault(name, [])
+        if not math.isfinite(value):
+            # Non-finite values are the non-finite policy's business, not a spike.
+            return False
         spike = False
         if len(history) >= self.min_history:
             mean = sum(history) / len(history)
             std = math.sqrt(sum((v - mean) ** 2 for v in history) / len(history))
             spike = value > mean + self.threshold_std * max(std, 1e-12)
-        if math.isfinite(value):
-            history.append(value)
-            del history[: -self.window]
+        history.append(value)
+        del history[: -self.window]
         if spike:
             self._counts[name] = self._counts.get(name, 0) + 1
         return spike

@@ -4,7 +4,8 @@
 rank RANK (every rank when omitted):
 
 - ``nan_loss``: the loss of the step becomes NaN (as an overflow would make it);
-- ``sigterm``: the process sends itself SIGTERM (as a scheduler's preemption does);
+- ``sigterm`` / ``sigint``: the process sends itself SIGTERM (a scheduler's preemption) or
+  SIGINT (Ctrl-C);
 - ``exit``: the process dies at once with exit code 3, no clean-up (as a node failure does).
 
 The real code paths then run: the non-finite check, the signal handler and checkpointing.
@@ -17,7 +18,7 @@ import signal
 from dataclasses import dataclass
 
 ENV_VAR = "MOE_FAULT"
-KINDS = ("nan_loss", "sigterm", "exit")
+KINDS = ("nan_loss", "sigterm", "sigint", "exit")
 
 
 @dataclass(frozen=True)
@@ -59,5 +60,7 @@ class FaultInjector:
     def maybe_signal(self, step: int) -> None:
         if self._due("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._due("sigint", step):
+            os.kill(os.getpid(), signal.SIGINT)
         if self._due("exit", step):
             os._exit(3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,16 +62,50 @@ def check_save_folder(cfg: TrainConfig) -> None:
             f"save_folder {str(save_folder)!r} holds checkpoints but no {CONFIG_FNAME}; "
             "pass --save_overwrite=true to train into it anyway"
         )
-    saved = load_config(saved_path)
-    for key in ("model", "global_train_batch_size", "data.paths", "data.dtype"):
+    key = differing_key(load_config(saved_path), cfg)
+    if key is not None:
+        raise LaunchError(
+            f"save_folder {str(save_folder)!r} holds checkpoints of another run ({key} differs "
+            f"from its {CONFIG_FNAME}); use a new save_folder or --save_overwrite=true"
+        )
+
+
+RUN_IDENTITY_KEYS = ("model", "global_train_batch_size", "data.paths", "data.dtype")
+
+
+def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
+    """The first setting that makes ``cfg`` a different run from ``saved``, or None."""
+    for key in RUN_IDENTITY_KEYS:
         old, new = saved.to_dict(), cfg.to_dict()
         for part in key.split("."):
             old, new = old[part], new[part]
         if old != new:
-            raise LaunchError(
-                f"save_folder {str(save_folder)!r} holds checkpoints of another run ({key} "
-                f"differs from its {CONFIG_FNAME}); use a new save_folder or --save_overwrite=true"
-            )
+            return key
+    return None
+
+
+def clear_other_run(cfg: TrainConfig) -> None:
+    """With save_overwrite: remove another run's checkpoints and logs from save_folder (rank 0).
+
+    olmo-core would otherwise resume from them. A folder holding this same run (same model,
+    batch and data) is left alone and resumes.
+    """
+    save_folder = Path(cfg.save_folder)
+    checkpoints = find_checkpoints(save_folder)
+    if not cfg.save_overwrite or not save_folder.is_dir():
+        return
+    saved_path = save_folder / CONFIG_FNAME
+    if checkpoints and saved_path.is_file() and differing_key(load_config(saved_path), cfg) is None:
+        return
+    doomed = [p for p in save_folder.iterdir() if p.name.startswith("step") and p.is_dir()]
+    doomed += [save_folder / n for n in ("metrics.jsonl", "wandb_run_id", "data_work")]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if checkpoints:
+        log.warning(f"save_overwrite: removed {len(checkpoints)} checkpoint(s) of another run from {save_folder}")
 
 
 def check_load_path(cfg: TrainConfig) -> None:
@@ -167,8 +202,11 @@ def train(cfg: TrainConfig) -> None:
 
     save_folder = Path(cfg.save_folder)
     if rank == 0:
+        clear_other_run(cfg)
         save_folder.mkdir(parents=True, exist_ok=True)
         (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+    if dist.is_initialized():
+        dist.barrier()
 
     # Every rank builds the full model from the same seed before sharding, so initial weights
     # do not depend on the number of processes.
@@ -293,4 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (DataError, LaunchError) as err:
+        # Found only once the checkpoint is read (e.g. data files changed in place).
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -17,7 +17,7 @@ from olmo.analysis import (
 )
 from olmo.config import load_config
 
-from .helpers import REPO, make_data
+from .helpers import REPO, TEST_CONFIG, make_data
 
 
 def test_effective_rank_closed_forms():
@@ -47,9 +47,11 @@ def make_checkpoint(tmp_path, activation="polynorm", hidden=48):
 
     data = make_data(tmp_path)
     save = tmp_path / "run"
-    cfg = load_config(str(REPO / "configs/tiny.yaml"), [
+    cfg = load_config(TEST_CONFIG, [
         f"save_folder={save}", f"data.paths=[{data}/train*.npy]",
         "data.validation={val: [" + f"{data}/val*.npy" + "]}",
+        # The OLMo tokenizer's vocabulary, so downstream tasks can run on this checkpoint too.
+        "model.vocab_size=50280", "model.embedding_size=50304", "data.eos_token_id=50279",
         "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
         "model.max_sequence_length=64", f"model.activation_type={activation}",
         f"model.mlp_hidden_size={hidden}", "model.moe_num_experts=4", "model.moe_top_k=2",
