@@ -30,63 +30,21 @@ import torch
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """(``model_and_optim`` dir, ``config.yaml`` or None) for a save folder (latest step), a
-    ``stepN`` dir or a ``model_and_optim`` dir."""
-    path = Path(path)
-    if (path / ".metadata").is_file():
-        ckpt = path
-    elif (path / "model_and_optim" / ".metadata").is_file():
-        ckpt = path / "model_and_optim"
-    else:
-        steps = sorted(
-            (p for p in path.glob("step*") if p.name[4:].isdigit()
-             and (p / "model_and_optim" / ".metadata").is_file()),
-            key=lambda p: int(p.name[4:]),
-        )
-        if not steps:
-            raise FileNotFoundError(
-                f"{str(path)!r} holds no checkpoint (expected stepN/model_and_optim/.metadata)"
-            )
-        ckpt = steps[-1] / "model_and_optim"
-    config = None
-    for candidate in (ckpt.parent.parent / "config.yaml", ckpt.parent / "config.yaml"):
-        if candidate.is_file():
-            config = candidate
-            break
+    """(checkpoint directory, its run's ``config.yaml`` or None); see olmo.checkpoint_io."""
+    from olmo import checkpoint_io
+
+    ckpt = checkpoint_io.resolve_checkpoint(path)
+    try:
+        config = checkpoint_io.find_config(ckpt)
+    except checkpoint_io.CheckpointError:
+        config = None
     return ckpt, config
-
-
-def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model's state dict (plain FQNs) from a DCP checkpoint, without a process group."""
-    # olmo-core writes with its own storage writer; its reader (load_keys) reads it back
-    # unsharded, in a non-distributed process.
-    from olmo_core.distributed.checkpoint import load_keys
-
-    (model_state,) = load_keys(str(ckpt_dir), ["model"])
-    out = {}
-    for key, value in _flatten(model_state).items():
-        for part in _WRAPPER_PARTS:
-            key = key.replace(part, "")
-        out[key] = value
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", config_path=None):
     """(model in eval mode, TrainConfig) from a checkpoint and the run's saved config.yaml."""
+    from olmo import checkpoint_io
     from olmo.config import load_config
 
     ckpt, found = resolve_checkpoint(path)
@@ -94,8 +52,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", config
     if config_path is None:
         raise FileNotFoundError(f"no config.yaml beside checkpoint {str(ckpt)!r}; pass config_path")
     cfg = load_config(config_path)
-    model = cfg.model.build(init_device="cpu")
-    model.load_state_dict(load_model_state(ckpt), strict=True)
+    model = cfg.model.build(init_device="meta")
+    model.load_state_dict(checkpoint_io.load_state_dict(ckpt), strict=True, assign=True)
     return model.to(device).eval(), cfg
 
 

@@ -91,3 +91,13 @@ def test_resume_continues_exactly(tmp_path, straight_runs, nproc):
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
+    # Recomputing blocks in backward must not change the numbers; W&B logs offline, no key.
+    save = _train(tmp_path, "ac", activation_checkpointing="true", **{"wandb.mode": "offline"})
+    ac, plain = _losses(save), _losses(straight_runs[1])
+    assert [s for s, _ in ac] == [s for s, _ in plain]
+    assert [loss for _, loss in ac] == pytest.approx([loss for _, loss in plain], rel=1e-6)
+    runs = list((save / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), list((save / "wandb").iterdir())
