@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from olmo_core.distributed.utils import get_rank
-from olmo_core.train.callbacks import Callback
+from olmo_core.train.callbacks import Callback, CheckpointerCallback
 
 from olmo.train_module import EXPERT_LOAD_PREFIX
 
@@ -258,3 +258,16 @@ class SpikeDetectorCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]):
         self._history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
         self._counts = dict(state_dict.get("counts", {}))
+
+
+@dataclass
+class FinalCheckpointerCallback(CheckpointerCallback):
+    """olmo-core's checkpointer, except that a run resumed from its final checkpoint (a finished
+    run started again) does not try to write that same ``stepN`` again, which would fail."""
+
+    def post_train(self):
+        from olmo_core.train.checkpoint import Checkpointer
+
+        if Checkpointer.dir_is_checkpoint(str(Path(self.trainer.save_folder) / f"step{self.step}")):
+            self._latest_checkpoint_step = max(self._latest_checkpoint_step, self.step)
+        super().post_train()

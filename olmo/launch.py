@@ -171,7 +171,6 @@ def train(cfg: TrainConfig) -> None:
     from olmo_core.distributed.utils import get_rank
     from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
     from olmo_core.train.callbacks import (
-        CheckpointerCallback,
         ConsoleLoggerCallback,
         GarbageCollectorCallback,
         SpeedMonitorCallback,
@@ -179,6 +178,7 @@ def train(cfg: TrainConfig) -> None:
     from olmo_core.utils import seed_all
 
     from olmo.callbacks import (
+        FinalCheckpointerCallback,
         MetricsCallback,
         SpikeDetectorCallback,
         ValidationCallback,
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig) -> None:
     unit, amount = parse_duration(cfg.max_duration)
     max_duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit](amount)
     callbacks = {
-        "checkpointer": CheckpointerCallback(
+        "checkpointer": FinalCheckpointerCallback(
             save_interval=cfg.save_interval,
             max_checkpoints=None if cfg.save_num_checkpoints_to_keep < 0 else cfg.save_num_checkpoints_to_keep,
             save_async=False,

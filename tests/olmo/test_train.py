@@ -101,3 +101,12 @@ def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
     assert [loss for _, loss in ac] == pytest.approx([loss for _, loss in plain], rel=1e-6)
     runs = list((save / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), list((save / "wandb").iterdir())
+
+
+def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
+    save = straight_runs[1]
+    before = (save / "metrics.jsonl").read_text()
+    data = save.parent / "data"
+    proc = run_train([TEST_CONFIG, *tiny_overrides(save, data)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (save / "metrics.jsonl").read_text() == before
