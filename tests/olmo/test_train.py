@@ -121,3 +121,15 @@ def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     assert [s for s, _ in compiled] == [s for s, _ in plain]
     # Fused kernels reorder fp32 sums; the first steps agree to rounding.
     assert [loss for _, loss in compiled[:3]] == pytest.approx([loss for _, loss in plain[:3]], rel=1e-4)
+
+
+def test_in_loop_downstream_accuracy(tmp_path):
+    # Downstream tasks need the OLMo tokenizer's vocabulary; the synthetic ids fit inside it.
+    save = _train(tmp_path, "downstream", max_duration=4, downstream_tasks="[arc_easy,piqa]",
+                  downstream_limit=6, **{"model.vocab_size": 50280, "model.embedding_size": 50304,
+                                         "data.eos_token_id": 50279})
+    records = [r for r in read_metrics(save) if "downstream/piqa/accuracy" in r]
+    assert [r["step"] for r in records] == [4]
+    for task in ("arc_easy", "piqa"):
+        assert records[0][f"downstream/{task}/instances"] == 6
+        assert 0.0 <= records[0][f"downstream/{task}/accuracy"] <= 1.0
