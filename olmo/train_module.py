@@ -272,8 +272,9 @@ class MoETrainModule(TrainModule):
         self.record_metric(Z_LOSS, z_total, ReduceType.mean)
         self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
         if load_LE is not None:
-            # Raw counts, summed over ranks; ExpertLoadCallback turns them into fractions.
-            for layer, counts_E in enumerate(load_LE.float()):
+            # Raw counts, summed over ranks; MetricsCallback turns them into fractions. One
+            # device-to-host copy here instead of one per (layer, expert) metric at log time.
+            for layer, counts_E in enumerate(load_LE.float().cpu()):
                 for expert, count in enumerate(counts_E):
                     self.record_metric(
                         f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}", count, ReduceType.sum
