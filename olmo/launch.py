@@ -47,29 +47,6 @@ def find_checkpoints(save_folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[4:]))
 
 
-def check_save_folder(cfg: TrainConfig) -> None:
-    """Refuse to write into a folder holding another run's checkpoints (unless save_overwrite).
-
-    A folder whose saved config has the same model, data and batch settings is the same run and
-    is resumed; anything else would silently mix two runs' checkpoints.
-    """
-    save_folder = Path(cfg.save_folder)
-    if cfg.save_overwrite or not find_checkpoints(save_folder):
-        return
-    saved_path = save_folder / CONFIG_FNAME
-    if not saved_path.is_file():
-        raise LaunchError(
-            f"save_folder {str(save_folder)!r} holds checkpoints but no {CONFIG_FNAME}; "
-            "pass --save_overwrite=true to train into it anyway"
-        )
-    key = differing_key(load_config(saved_path), cfg)
-    if key is not None:
-        raise LaunchError(
-            f"save_folder {str(save_folder)!r} holds checkpoints of another run ({key} differs "
-            f"from its {CONFIG_FNAME}); use a new save_folder or --save_overwrite=true"
-        )
-
-
 RUN_IDENTITY_KEYS = ("model", "global_train_batch_size", "data.paths", "data.dtype")
 
 
@@ -84,18 +61,45 @@ def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
     return None
 
 
+def other_run_reason(cfg: TrainConfig) -> str | None:
+    """Why save_folder's checkpoints belong to another run, or None (none there, or this run).
+
+    A folder whose saved config has the same model, data and batch settings is the same run and
+    is resumed; anything else would silently mix two runs' checkpoints.
+    """
+    save_folder = Path(cfg.save_folder)
+    if not find_checkpoints(save_folder):
+        return None
+    saved_path = save_folder / CONFIG_FNAME
+    if not saved_path.is_file():
+        return f"holds checkpoints but no {CONFIG_FNAME}"
+    key = differing_key(load_config(saved_path), cfg)
+    if key is not None:
+        return f"holds checkpoints of another run ({key} differs from its {CONFIG_FNAME})"
+    return None
+
+
+def check_save_folder(cfg: TrainConfig) -> None:
+    """Refuse to write into a folder holding another run's checkpoints (unless save_overwrite)."""
+    reason = None if cfg.save_overwrite else other_run_reason(cfg)
+    if reason is not None:
+        raise LaunchError(
+            f"save_folder {cfg.save_folder!r} {reason}; use a new save_folder or "
+            "--save_overwrite=true"
+        )
+
+
 def clear_other_run(cfg: TrainConfig) -> None:
     """With save_overwrite: remove another run's checkpoints and logs from save_folder (rank 0).
 
-    olmo-core would otherwise resume from them. A folder holding this same run (same model,
-    batch and data) is left alone and resumes.
+    olmo-core would otherwise resume from them. A folder holding this same run is left alone
+    and resumes.
     """
     save_folder = Path(cfg.save_folder)
-    checkpoints = find_checkpoints(save_folder)
     if not cfg.save_overwrite or not save_folder.is_dir():
         return
-    saved_path = save_folder / CONFIG_FNAME
-    if checkpoints and saved_path.is_file() and differing_key(load_config(saved_path), cfg) is None:
+    checkpoints = find_checkpoints(save_folder)
+    if checkpoints and other_run_reason(cfg) is None:
         return
     doomed = [p for p in save_folder.iterdir() if p.name.startswith("step") and p.is_dir()]
     doomed += [save_folder / n for n in ("metrics.jsonl", "wandb_run_id", "data_work")]

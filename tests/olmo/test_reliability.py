@@ -320,10 +320,8 @@ def test_resume_with_changed_setup_is_refused(finished, data, capsys, override, 
 def test_resume_onto_changed_data_files_is_one_error_line(tmp_path, data, finished):
     """Same config, but the training file at the same path now has another size.
 
-    BUG (the last three asserts): the loader's resume check raises a clear DataError, but it
-    escapes main() as a traceback with exit 1: olmo/launch.py main() catches
-    ConfigError/DataError/LaunchError only around preflight and only NonFiniteError around
-    train().
+    The loader's resume check raises its DataError inside trainer.fit(); main() must still turn
+    it into one line and exit 2 (it once escaped as a traceback with exit 1).
     """
     save, _ = finished
     new_data = tmp_path / "data"
@@ -348,13 +346,11 @@ def test_resume_onto_changed_data_files_is_one_error_line(tmp_path, data, finish
 
 @pytest.mark.slow
 def test_save_overwrite_starts_a_new_run(finished, data):
-    """BUG: the guardrail's advice (--save_overwrite=true) crashes and corrupts config.yaml.
+    """The guardrail's advice, --save_overwrite=true, starts a new run in that folder.
 
     olmo-core's Trainer resumes from the latest checkpoint in save_folder whatever
-    save_overwrite says (it only allows overwriting files), so the d_model=64 model loads the
-    d_model=32 checkpoint: ValueError size mismatch, a traceback, exit 1. Before that, train()
-    has already rewritten save_folder/config.yaml with d_model=64, so the original run can no
-    longer be resumed either (check_save_folder now reports 'model differs').
+    save_overwrite says, so the other run's checkpoints must be removed first (it once loaded
+    the d_model=32 checkpoint into the d_model=64 model and crashed).
     """
     save, snapshot = finished
     proc = _run(save, data, **{"model.d_model": 64, "save_overwrite": "true"})
