@@ -305,6 +305,13 @@ def train(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
+def _print_error(err: Exception) -> None:
+    # One write per message: with several ranks on one stderr pipe, print()'s separate write of the
+    # newline lets another rank's line land in between.
+    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -326,17 +333,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         preflight(cfg)
     except (ConfigError, DataError, LaunchError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     from olmo.train_module import NonFiniteError
 
     try:
         train(cfg)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         return 1
     except (DataError, LaunchError) as err:
         # Found only once the checkpoint is read (e.g. data files changed in place).
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     return 0

@@ -108,8 +108,9 @@ def test_nonfinite_stop_keeps_last_checkpoint_and_resumes(tmp_path, data, straig
     fault = f"nan_loss@3:{nproc - 1}"
     proc = _run(save, data, nproc=nproc, env={"MOE_FAULT": fault}, save_interval=2)
     assert proc.returncode != 0
-    lines = [line for line in _error_lines(proc.stderr) if "step 3" in line and "non-finite loss" in line]
-    assert len(lines) == nproc, proc.stderr[-3000:]  # one per rank: all ranks raised
+    # One message per rank (all ranks raised); counted in the text, since torchrun merges the ranks'
+    # stderr into one pipe.
+    assert proc.stderr.count("error: step 3: non-finite loss") == nproc, proc.stderr[-3000:]
     # No optimizer update at step 3 or later on any rank (rank 0 writes the metrics).
     records = read_metrics(save)
     assert not [r for r in records if r["step"] >= 3 and "optim/LR" in r]
