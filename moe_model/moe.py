@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_model.activations import build_activation
+from moe_model.init import trunc_normal_
 
 if TYPE_CHECKING:
     from moe_model.config import ModelConfig
@@ -105,9 +106,8 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        std, cut = self.config.init_std, self.config.init_cutoff_factor * self.config.init_std
         for w in (self.router.weight, self.w_in_EDH, self.w_out_EHD):
-            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-cut, b=cut)
+            trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
         if hasattr(self.act, "reset_parameters"):
             self.act.reset_parameters()
 

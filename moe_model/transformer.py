@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moe_model.activations import build_activation
 from moe_model.config import ModelConfig
+from moe_model.init import trunc_normal_
 from moe_model.moe import MoELayer
 
 __all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "apply_rope"]
@@ -35,8 +36,7 @@ class ModelOutput:
 
 
 def _trunc_normal_(w: torch.Tensor, config: ModelConfig) -> None:
-    cut = config.init_cutoff_factor * config.init_std
-    nn.init.trunc_normal_(w, mean=0.0, std=config.init_std, a=-cut, b=cut)
+    trunc_normal_(w, std=config.init_std, cutoff_factor=config.init_cutoff_factor)
 
 
 def rope_cos_sin(
@@ -167,11 +167,15 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.embedding = nn.Embedding(config.embedding_size, d, device=init_device)
-        self.blocks = nn.ModuleList(Block(config, init_device) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
-        self.lm_head = nn.Linear(d, config.embedding_size, bias=False, device=init_device)
+        # Always laid out on meta and initialised once, in init_weights' order: a whole build
+        # then draws exactly the random numbers of a meta build materialised later (sharded or
+        # not), instead of also those of each submodule's default init.
+        self.embedding = nn.Embedding(config.embedding_size, d, device="meta")
+        self.blocks = nn.ModuleList(Block(config, "meta") for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device="meta")
+        self.lm_head = nn.Linear(d, config.embedding_size, bias=False, device="meta")
         if torch.device(init_device).type != "meta":
+            self.to_empty(device=init_device)
             self.init_weights()
 
     @torch.no_grad()

@@ -212,11 +212,10 @@ def train(cfg: TrainConfig) -> None:
     if dist.is_initialized():
         dist.barrier()
 
-    # Every rank builds the full model from the same seed before sharding, so initial weights
-    # do not depend on the number of processes.
+    # Built on the meta device and materialised shard by shard inside the train module, so no
+    # rank ever holds the whole model; the weights still do not depend on the number of ranks.
     seed_all(cfg.seed)
-    model = cfg.model.build(init_device="cpu")
-    model.to(device)
+    model = cfg.model.build(init_device="meta")
     train_module = MoETrainModule(model, cfg, device)
 
     seq_len = cfg.model.max_sequence_length

@@ -144,6 +144,9 @@ class MoETrainModule(TrainModule):
         self.device = device
         self.model_config = model.config if hasattr(model, "config") else cfg.model
         self.param_dtype = resolve_precision(cfg.precision, device)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if not on_meta:
+            model.to(device)
         self.model, self.sharded = parallelize_model(
             model,
             device=device,
@@ -151,6 +154,12 @@ class MoETrainModule(TrainModule):
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
         )
+        if on_meta:
+            # After sharding: each rank allocates and fills only its own shards (moe_model/init.py
+            # draws every tensor whole on the CPU from this seed, one parameter at a time).
+            self.model.to_empty(device=device)
+            torch.manual_seed(cfg.seed)
+            self.model.init_weights()
         self.optim = build_optimizer(self.model, cfg.optimizer)
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0
