@@ -14,6 +14,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["trunc_normal_"]
 
+_DRAW_CHUNK = 1 << 22  # elements per trunc_normal_ call (16 MiB in fp32)
+
 
 def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
     """Write ``full`` (the whole logical tensor) into ``param``, plain or sharded."""
@@ -33,5 +35,8 @@ def trunc_normal_(param: torch.Tensor, *, std: float, cutoff_factor: float) -> N
     """Truncated normal N(0, std^2) cut at +-cutoff_factor*std, in place (see module docstring)."""
     cut = cutoff_factor * std
     full = torch.empty(param.shape, dtype=torch.float32, device="cpu")
-    nn.init.trunc_normal_(full, mean=0.0, std=std, a=-cut, b=cut)
+    # In fixed-size pieces: torch's rejection sampler makes about three temporaries the size of
+    # its input, which for a whole expert tensor (0.75 GiB in OLMoE) would dominate peak memory.
+    for piece in full.view(-1).split(_DRAW_CHUNK):
+        nn.init.trunc_normal_(piece, mean=0.0, std=std, a=-cut, b=cut)
     _copy_full_(param, full)
