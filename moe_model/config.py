@@ -101,6 +101,9 @@ class ModelConfig:
     moe_expert_impl: str = "auto"
     """'grouped_mm', 'loop', or 'auto': grouped_mm when d_model and H are multiples of 8 and it
     supports the dtype (bf16 anywhere; fp32 on CPU without torch.compile), else the loop."""
+    moe_activation_per_expert: bool = False
+    """One polyrelu/polynorm coefficient set per expert instead of one per MoE layer shared by its
+    experts (the paper); ignored by activations without coefficients and by dense blocks."""
     init_std: float = 0.02
     """Std of the truncated-normal init of every linear, embedding and expert weight."""
     init_cutoff_factor: float = 3.0
@@ -256,11 +259,26 @@ class ModelConfig:
         cls = ACTIVATIONS[self.activation_type]
         return {k: v for k, v in available.items() if k in cls.options}
 
-    def _activation_params(self) -> int:
-        """Coefficients of one activation module (one set per layer, shared by experts)."""
-        return (
-            self.activation_order + 1 if "order" in ACTIVATIONS[self.activation_type].options else 0
-        )
+    @property
+    def has_activation_coefficients(self) -> bool:
+        """Whether the activation has trainable coefficients (polyrelu, polynorm)."""
+        return "order" in ACTIVATIONS[self.activation_type].options
+
+    @property
+    def activation_sets_per_layer(self) -> int:
+        """Coefficient sets in one block: E with moe_activation_per_expert, else 1 (0 if none)."""
+        if not self.has_activation_coefficients:
+            return 0
+        if self.moe_activation_per_expert and self.block_type == "moe":
+            return self.moe_num_experts
+        return 1
+
+    def _activation_params(self, experts: int) -> int:
+        """Coefficients counted for one block; per-expert sets count for ``experts`` experts."""
+        sets = self.activation_sets_per_layer
+        if sets > 1:
+            sets = experts
+        return sets * (self.activation_order + 1)
 
     def _ffn_params(self) -> int:
         """Weights of one expert (or the dense FFN): D x mlp_in_size in, H x D out."""
@@ -276,7 +294,7 @@ class ModelConfig:
 
     def _block_params(self, experts: int) -> int:
         """One block counting ``experts`` experts (all of them, or top-k for 'active')."""
-        n = self._attention_block_params() + self._activation_params()
+        n = self._attention_block_params() + self._activation_params(experts)
         if self.block_type == "moe":
             n += self.d_model * self.moe_num_experts  # router: always fully used
             n += experts * self._ffn_params()

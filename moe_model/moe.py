@@ -96,8 +96,15 @@ class MoELayer(nn.Module):
         self.z_weight = config.moe_zloss_weight
         self.expert_impl = config.moe_expert_impl
         self.router = nn.Linear(d, e, bias=False, device=init_device)
-        # One activation module (and so one set of coefficients) per layer, shared by experts.
-        self.act = build_activation(config.activation_type, **config.activation_kwargs())
+        # One activation module (one coefficient set) per layer shared by the experts, as in the
+        # paper; or, with moe_activation_per_expert, one module per expert.
+        if config.activation_sets_per_layer > 1:
+            self.act = nn.ModuleList(
+                build_activation(config.activation_type, **config.activation_kwargs())
+                for _ in range(e)
+            )
+        else:
+            self.act = build_activation(config.activation_type, **config.activation_kwargs())
         self.act.to(init_device)
         self.w_in_EDH = nn.Parameter(torch.empty(e, d, config.mlp_in_size, device=init_device))
         self.w_out_EHD = nn.Parameter(torch.empty(e, h, d, device=init_device))
@@ -108,8 +115,12 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         for w in (self.router.weight, self.w_in_EDH, self.w_out_EHD):
             trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
-        if hasattr(self.act, "reset_parameters"):
-            self.act.reset_parameters()
+        for act in self._act_modules():
+            if hasattr(act, "reset_parameters"):
+                act.reset_parameters()
+
+    def _act_modules(self) -> list[nn.Module]:
+        return list(self.act) if isinstance(self.act, nn.ModuleList) else [self.act]
 
     # ---- routing -----------------------------------------------------------------------------
 
@@ -155,15 +166,27 @@ class MoELayer(nn.Module):
             # offs[e] = end row of expert e; empty experts repeat the previous offset.
             offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
             h_RH = grouped_mm(x_RD, w_in_EDH, offs=offs_E)
-            return grouped_mm(self.act(h_RH), w_out_EHD, offs=offs_E)
+            return grouped_mm(self.activate(h_RH, tokens_per_expert_E), w_out_EHD, offs=offs_E)
         if impl == "loop":
-            # One host sync for the split sizes; empty experts get empty slices. The activation
-            # runs once over all rows (it is row-wise), as in the grouped path.
+            # One host sync for the split sizes; empty experts get empty slices.
             counts = tokens_per_expert_E.tolist()
             h_RH = torch.cat([x_ND @ w_in_EDH[e] for e, x_ND in enumerate(x_RD.split(counts))])
-            a_RH = self.act(h_RH)
+            a_RH = self.activate(h_RH, tokens_per_expert_E)
             return torch.cat([a_NH @ w_out_EHD[e] for e, a_NH in enumerate(a_RH.split(counts))])
         raise ValueError(f"unknown moe_expert_impl {impl!r}; expected 'grouped_mm' or 'loop'")
+
+    def activate(self, h_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """The activation over rows sorted by expert.
+
+        A shared activation runs once over all rows (it is row-wise). Per-expert coefficient sets
+        run expert by expert (one host sync for the split sizes), empty experts included: their
+        coefficients then get a zero gradient rather than none, so every FSDP rank reduces the
+        same set of gradients.
+        """
+        if not isinstance(self.act, nn.ModuleList):
+            return self.act(h_RH)
+        counts = tokens_per_expert_E.tolist()
+        return torch.cat([act(h_NH) for act, h_NH in zip(self.act, h_RH.split(counts), strict=True)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """``x`` (..., D) -> (y shaped like x, MoEAux)."""

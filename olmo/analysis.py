@@ -153,12 +153,21 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, An
     }
 
 
-def activation_coefficients(model) -> list[dict[str, list[float]]]:
-    """Per layer: {'weight': [...], 'bias': [...]} of the activation (empty when it has none)."""
+def activation_coefficients(model) -> list[dict[str, list]]:
+    """Per layer: {'weight': [...], 'bias': [...]} of the activation (empty when it has none).
+
+    With one coefficient set per expert, 'weight' and 'bias' are the means over experts and
+    'weight_per_expert' (E x order) and 'bias_per_expert' (E) hold every set.
+    """
     out = []
     for block in model.blocks:
         act = getattr(block.ffn, "act", None)
-        if act is not None and hasattr(act, "weight"):
+        if isinstance(act, torch.nn.ModuleList) and hasattr(act[0], "weight"):
+            weight_EO = torch.stack([a.weight.detach().float().cpu() for a in act])
+            bias_E = torch.cat([a.bias.detach().float().cpu() for a in act])
+            out.append({"weight": weight_EO.mean(0).tolist(), "bias": [bias_E.mean().item()],
+                        "weight_per_expert": weight_EO.tolist(), "bias_per_expert": bias_E.tolist()})
+        elif act is not None and hasattr(act, "weight"):
             out.append({"weight": act.weight.detach().float().cpu().tolist(),
                         "bias": act.bias.detach().float().cpu().tolist()})
         else:
@@ -270,8 +279,14 @@ def write_figures(result: dict[str, Any], out_dir: str | Path, title: str = "") 
         bias = np.array([c["bias"][0] for c in coeffs if c])
         order = weights.shape[1]
         layers = [i for i, c in enumerate(coeffs) if c]
+        per_expert = all("weight_per_expert" in c for c in coeffs if c)
         for k in range(order):
-            ax.plot(layers, weights[:, k], marker="o", label=f"weight[{k}] (power {order - k})")
+            line, = ax.plot(layers, weights[:, k], marker="o",
+                            label=f"weight[{k}] (power {order - k})" + (", mean over experts" if per_expert else ""))
+            if per_expert:  # min-max band over the experts' sets
+                w_LEO = np.array([c["weight_per_expert"] for c in coeffs if c])
+                ax.fill_between(layers, w_LEO[:, :, k].min(1), w_LEO[:, :, k].max(1),
+                                color=line.get_color(), alpha=0.2)
         ax.plot(layers, bias, marker="s", ls="--", label="bias")
         ax.axhline(1.0 / order, c="gray", lw=0.8, ls=":", label=f"init 1/{order}")
         ax.legend()

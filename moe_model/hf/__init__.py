@@ -89,6 +89,7 @@ _KEY_RENAMES = [
     (r"blocks\.(\d+)\.ffn\.w_out_EHD", "model.layers.{}.mlp.experts.w_out"),
     (r"blocks\.(\d+)\.ffn\.(w_in|w_out)\.weight", "model.layers.{}.mlp.{}.weight"),  # dense
     (r"blocks\.(\d+)\.ffn\.act\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}"),
+    (r"blocks\.(\d+)\.ffn\.act\.(\d+)\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}.{}"),  # per expert
 ]
 
 

@@ -36,6 +36,7 @@ class PolyMoEConfig(PretrainedConfig):
         num_experts: int = 64,
         num_experts_per_tok: int = 8,
         norm_topk_prob: bool = False,
+        moe_activation_per_expert: bool = False,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
         initializer_range: float = 0.02,
@@ -72,6 +73,7 @@ class PolyMoEConfig(PretrainedConfig):
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.norm_topk_prob = norm_topk_prob
+        self.moe_activation_per_expert = moe_activation_per_expert
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.initializer_range = initializer_range

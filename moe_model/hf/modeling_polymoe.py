@@ -22,6 +22,8 @@ Weight layout (safetensors keys):
     model.layers.{i}.mlp.experts.w_out                (E, H, D)
     model.layers.{i}.mlp.act_fn.{weight,bias}         (r,), (1,)  polyrelu/polynorm only, one
                                                                  set per layer shared by experts
+    model.layers.{i}.mlp.act_fn.{e}.{weight,bias}     (r,), (1,)  instead, one set per expert e
+                                                                 (moe_activation_per_expert)
     model.norm.weight, lm_head.weight                 (D,), (V, D)
 Dense models (``block_type="dense"``) have ``mlp.w_in.weight`` (H or 2H, D) and
 ``mlp.w_out.weight`` (D, H) instead of the router and experts.
@@ -202,8 +204,12 @@ class PolyMoESparseMoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = PolyMoEExperts(config)
-        # One activation (one set of coefficients) per layer, shared by all experts.
-        self.act_fn = build_activation(config)
+        # One activation (one set of coefficients) per layer shared by all experts, or one per
+        # expert (moe_activation_per_expert, polyrelu/polynorm).
+        if config.moe_activation_per_expert and config.hidden_act in ("polyrelu", "polynorm"):
+            self.act_fn = nn.ModuleList(build_activation(config) for _ in range(self.num_experts))
+        else:
+            self.act_fn = build_activation(config)
 
     def forward(self, x: torch.Tensor):
         shape = x.shape
@@ -221,7 +227,10 @@ class PolyMoESparseMoeBlock(nn.Module):
         counts = torch.bincount(experts_R, minlength=self.num_experts).tolist()
         x_RD = x_TD[token_R]
         h_RH = torch.cat([x_ND @ w_in[e] for e, x_ND in enumerate(x_RD.split(counts))])
-        a_RH = self.act_fn(h_RH)
+        if isinstance(self.act_fn, nn.ModuleList):
+            a_RH = torch.cat([act(h) for act, h in zip(self.act_fn, h_RH.split(counts))])
+        else:
+            a_RH = self.act_fn(h_RH)
         y_RD = torch.cat([a_NH @ w_out[e] for e, a_NH in enumerate(a_RH.split(counts))])
         y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
         y_TD = y_RD.new_zeros(x_TD.shape[0], shape[-1]).index_add_(0, token_R, y_RD)

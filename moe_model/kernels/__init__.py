@@ -55,6 +55,10 @@ def _compiled(name: str):
 
 def _resolve(backend: str, x: torch.Tensor, order: int, what: str) -> str:
     _check_backend(backend, what)
+    if x.numel() == 0:
+        # Nothing to compute (an expert without rows); the eager math handles it on any device
+        # and still gives the coefficients a (zero) gradient, with no kernel over an empty grid.
+        return "eager"
     if backend != "auto":
         return backend
     if x.is_cuda and triton_available():

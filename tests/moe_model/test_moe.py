@@ -234,3 +234,87 @@ def test_weights_not_renormalised_by_default():
     assert not torch.allclose(y, y_renorm)
     probs = F.softmax(x @ layer.router.weight.T, -1)
     assert (probs.topk(K).values.sum(-1) < 1).all()
+
+
+# ---- one coefficient set per expert ------------------------------------------------------------
+
+
+def make_per_expert_layer(activation, impl, backend="eager"):
+    layer = make_layer(activation, impl, moe_activation_per_expert=True, activation_backend=backend)
+    assert isinstance(layer.act, torch.nn.ModuleList) and len(layer.act) == E
+    with torch.no_grad():  # a different set in every expert
+        for e, act in enumerate(layer.act):
+            act.weight.copy_(torch.tensor([0.7, -0.4, 1.3]) * (1 + 0.3 * e))
+            act.bias.fill_(0.1 - 0.05 * e)
+    return layer
+
+
+def reference_moe_per_expert(layer, x_TD):
+    probs_TE = (x_TD @ layer.router.weight.T).float().softmax(-1)
+    y = []
+    for t in range(x_TD.shape[0]):
+        top_p, top_e = probs_TE[t].topk(K)
+        y_t = torch.zeros(D)
+        for p, e in zip(top_p, top_e.tolist()):
+            h = layer.act[e](x_TD[t : t + 1] @ layer.w_in_EDH[e])
+            y_t = y_t + p * (h @ layer.w_out_EHD[e])[0]
+        y.append(y_t)
+    return torch.stack(y)
+
+
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_per_expert_coefficients_match_reference(activation, impl, backend):
+    layer = make_per_expert_layer(activation, impl, backend)
+    x = skewed_inputs(layer).requires_grad_(True)
+    y, aux = layer(x)
+    assert aux.tokens_per_expert_E[4] == 0 and aux.tokens_per_expert_E[5] == 0
+    y_ref = reference_moe_per_expert(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+    cotangent = torch.randn_like(y)
+    g = grads(layer, x, (y * cotangent).sum())
+    g_ref = grads(layer, x, (y_ref * cotangent).sum())
+    for e in range(4):  # used experts: their own set gets the reference gradient
+        for p in ("weight", "bias"):
+            name = f"act.{e}.{p}"
+            assert g[name].abs().sum() > 0, name
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Empty experts: a zero gradient, not None (every FSDP rank must reduce the same grads).
+    for e in (4, 5):
+        assert g[f"act.{e}.weight"] is not None and g[f"act.{e}.weight"].abs().max() == 0
+    torch.testing.assert_close(g["x"], g_ref["x"], rtol=1e-4, atol=1e-6)
+
+
+def test_per_expert_sets_all_equal_is_the_shared_layer():
+    shared = make_layer("polynorm", "grouped_mm")
+    per_expert = make_layer("polynorm", "grouped_mm", moe_activation_per_expert=True)
+    per_expert.load_state_dict(
+        {k: v for k, v in shared.state_dict().items() if not k.startswith("act.")}, strict=False
+    )
+    with torch.no_grad():
+        for act in per_expert.act:
+            act.weight.copy_(shared.act.weight)
+            act.bias.copy_(shared.act.bias)
+    x = skewed_inputs(shared)
+    skewed_inputs(per_expert)  # the same router edit
+    torch.testing.assert_close(per_expert(x)[0], shared(x)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_per_expert_option_is_ignored_without_coefficients():
+    layer = make_layer("swiglu", "loop", moe_activation_per_expert=True)
+    assert not isinstance(layer.act, torch.nn.ModuleList)
+    assert layer.config.num_params() == layer.config.replace(moe_activation_per_expert=False).num_params()
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_parameter_counts_with_per_expert_sets(per_expert):
+    config = make_layer("polynorm", moe_activation_per_expert=per_expert).config
+    model = config.build("meta")
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+    sets = E if per_expert else 1
+    assert sum(p.numel() for n, p in model.named_parameters() if ".act." in n) == sets * 4
+    # Active: the top-k experts' sets when per expert.
+    shared_active = config.replace(moe_activation_per_expert=False).num_active_params()
+    assert config.num_active_params() - shared_active == (4 * (K - 1) if per_expert else 0)

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from olmo.analysis import (
+    activation_coefficients,
     analyze,
     effective_rank,
     layer_similarity,
     load_checkpoint,
     validation_tokens,
+    write_figures,
 )
 from olmo.config import load_config
 
@@ -100,3 +102,23 @@ def test_analyze_cli_writes_figures(tmp_path):
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert set(result["effective_rank"]) == {"w1 (gate)", "w3 (up)", "w2 (out)"}
     assert result["max_rank"] == {"w1 (gate)": 32, "w3 (up)": 32, "w2 (out)": 32}
+
+
+def test_per_expert_coefficients_are_reported_and_plotted(tmp_path):
+    from tests.moe_model.test_transformer import tiny_config
+
+    torch.manual_seed(0)
+    model = tiny_config("polynorm", moe_activation_per_expert=True).build()
+    with torch.no_grad():
+        for e, act in enumerate(model.blocks[1].ffn.act):
+            act.weight.fill_(0.1 * e)
+            act.bias.fill_(-0.2 * e)
+    coeffs = activation_coefficients(model)
+    assert len(coeffs[1]["weight_per_expert"]) == 4 and coeffs[1]["weight_per_expert"][3] == pytest.approx([0.3] * 3)
+    assert coeffs[1]["weight"] == pytest.approx([0.15] * 3)  # mean over experts 0..3
+    assert coeffs[1]["bias"] == pytest.approx([-0.3])
+    assert coeffs[0]["weight"] == pytest.approx([1 / 3] * 3)
+    result = analyze(model, torch.randint(0, 64, (2, 16)), batch_size=2)
+    assert result["activation_coefficients"] == coeffs
+    paths = write_figures(result, tmp_path / "figs")
+    assert paths["coefficients"].stat().st_size > 0

@@ -133,3 +133,19 @@ def test_in_loop_downstream_accuracy(tmp_path):
     for task in ("arc_easy", "piqa"):
         assert records[0][f"downstream/{task}/instances"] == 6
         assert 0.0 <= records[0][f"downstream/{task}/accuracy"] <= 1.0
+
+
+def test_per_expert_coefficients_train_under_fsdp(tmp_path):
+    """One PolyNorm set per expert: 2 FSDP ranks match 1 process, and the sets drift apart."""
+    runs = {n: _train(tmp_path / f"p{n}", "per_expert", nproc=n,
+                      **{"model.moe_activation_per_expert": "true"}) for n in (1, 2)}
+    one, two = _losses(runs[1]), _losses(runs[2])
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (step, a), (_, b) in zip(one[:2], two[:2]):
+        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
+    assert one[-1][1] < one[0][1] - 0.3
+    weights = _final_weights(runs[2], 8)
+    sets = [weights[f"blocks.0.ffn.act.{e}.weight"] for e in range(4)]
+    assert all(torch.isfinite(w).all() for w in sets)
+    # Trained separately from the same init: no two experts end with the same coefficients.
+    assert len({tuple(w.tolist()) for w in sets}) == 4

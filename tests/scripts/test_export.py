@@ -126,16 +126,21 @@ def test_left_padded_batch_generation_matches_unpadded(tmp_path):
 
 
 @pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
-def test_trained_coefficients_survive_export_and_import(tmp_path, activation):
-    model = tiny_model(activation, seed=3)
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_trained_coefficients_survive_export_and_import(tmp_path, activation, per_expert):
+    model = tiny_model(activation, seed=3, moe_activation_per_expert=per_expert)
     trained = act_params(model.state_dict())
-    assert len(trained) == 2 * model.config.n_layers
+    sets = model.config.moe_num_experts if per_expert else 1
+    assert len(trained) == 2 * model.config.n_layers * sets
     default = torch.full((model.config.activation_order,), 1.0 / model.config.activation_order)
     assert not any(torch.equal(v, default) for k, v in trained.items() if k.endswith("weight"))
 
     export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_json=None)
     hf = load_hf(tmp_path / "hf")
     assert act_params(from_hf_state_dict(hf.state_dict())).keys() == trained.keys()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     for key, value in act_params(from_hf_state_dict(hf.state_dict())).items():
         assert torch.equal(value, trained[key]), key
 

@@ -158,6 +158,21 @@ def test_unknown_backend_lists_names():
             call()
 
 
+@pytest.mark.parametrize("backend", ["fused", "triton", "compile"])
+def test_empty_input_gives_empty_output_and_zero_coefficient_grads(backend):
+    """An expert with no rows (per-expert coefficient sets): no kernel launch, a zero gradient."""
+    x = torch.empty(0, 64, requires_grad=True)
+    w = torch.tensor([0.5, -0.2, 0.9], requires_grad=True)
+    b = torch.tensor([0.1], requires_grad=True)
+    for fn in (lambda: kernels.poly_norm(x, w, b, EPS, backend=backend),
+               lambda: kernels.poly_relu(x, w, b, backend=backend)):  # fmt: skip
+        y = fn()
+        assert y.shape == (0, 64)
+        gw, gb = torch.autograd.grad(y.sum(), [w, b], allow_unused=True)
+        assert gb is not None and gb.abs().max() == 0
+        assert gw is not None and gw.abs().max() == 0
+
+
 def test_auto_on_cpu_is_fused():
     x, w, b, _ = make_inputs((4, 32), 3, torch.float32)
     x.requires_grad_()
