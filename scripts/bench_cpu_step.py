@@ -65,6 +65,10 @@ def main() -> None:
         "polynorm (compile)": dataclasses.replace(
             base, activation_type="polynorm", mlp_hidden_size=h_plain, activation_backend="compile"
         ),
+        "polynorm (compile, per expert)": dataclasses.replace(
+            base, activation_type="polynorm", mlp_hidden_size=h_plain, activation_backend="compile",
+            moe_activation_per_expert=True,
+        ),
     }
     seq = base.max_sequence_length
     gen = torch.Generator().manual_seed(0)

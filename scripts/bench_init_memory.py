@@ -5,7 +5,7 @@
 (what olmo/launch.py did before). ``sharded``: build on the meta device, ``fully_shard``,
 ``to_empty``, ``init_weights`` (what it does now; moe_model/init.py holds one full parameter at a
 time). Each mode runs as its own torchrun job of gloo ranks on this CPU, since a process's peak
-RSS only grows. Prints a table and writes benchmarks/results/init_memory_cpu.json.
+RSS only grows. Prints a table and writes benchmarks/results/<--name>.json.
 
     python scripts/bench_init_memory.py [--config configs/olmoe-1b-7b-polynorm.yaml] \\
         [--nproc 2] [--key=value ...]          # e.g. --model.n_layers=2 to fit a small machine
@@ -89,6 +89,9 @@ def worker(mode: str, config: str, overrides: list[str], result: str) -> None:
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
         Path(result).write_text(json.dumps({"params": model_cfg.num_params(), "ranks": rows}))
+    # Both ranks leave together: a gloo peer torn down while the other still reads from it has
+    # aborted the survivor ("terminate called without an active exception") once here.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -96,6 +99,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "olmoe-1b-7b-polynorm.yaml"))
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--name", default="init_memory_cpu", help="results file name (no .json)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -133,7 +137,7 @@ def main() -> int:
     print(format_table(rows, columns))
     same = rows[0]["checksum"] == rows[1]["checksum"]
     print(f"same weights in both modes (checksum): {same}")
-    path = write_json("init_memory_cpu", {
+    path = write_json(args.name, {
         "environment": environment(torch.device("cpu")),
         "config": args.config, "overrides": overrides, "rows": rows, "same_weights": same,
     })
