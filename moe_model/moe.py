@@ -115,12 +115,9 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         for w in (self.router.weight, self.w_in_EDH, self.w_out_EHD):
             trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
-        for act in self._act_modules():
+        for act in self.act if isinstance(self.act, nn.ModuleList) else [self.act]:
             if hasattr(act, "reset_parameters"):
                 act.reset_parameters()
-
-    def _act_modules(self) -> list[nn.Module]:
-        return list(self.act) if isinstance(self.act, nn.ModuleList) else [self.act]
 
     # ---- routing -----------------------------------------------------------------------------
 

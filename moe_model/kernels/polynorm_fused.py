@@ -167,32 +167,3 @@ def poly_norm_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 def poly_relu_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return PolyReLUFunction.apply(x, weight, bias)
-
-
-def poly_norm_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """The PolyNorm formula as plain differentiable ops in fp32: what the ``compile`` backend
-    hands to ``torch.compile`` (inductor fuses it and derives its own backward)."""
-    order = weight.numel()
-    x32 = x.to(_acc(x))
-    w32 = weight.to(x32.dtype)
-    y = bias.to(x32.dtype).reshape(())
-    xp = x32
-    for p in range(1, order + 1):
-        if p > 1:
-            xp = xp * x32
-        y = y + w32[order - p] * (xp * torch.rsqrt(xp.pow(2).mean(-1, keepdim=True) + eps))
-    return y.to(x.dtype)
-
-
-def poly_relu_math(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The PolyReLU formula as plain differentiable ops in fp32 (for ``torch.compile``)."""
-    order = weight.numel()
-    rx = torch.relu(x.to(_acc(x)))
-    w32 = weight.to(rx.dtype)
-    y = bias.to(rx.dtype).reshape(())
-    rp = rx
-    for p in range(1, order + 1):
-        if p > 1:
-            rp = rp * rx
-        y = y + w32[order - p] * rp
-    return y.to(x.dtype)
