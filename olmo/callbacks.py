@@ -20,6 +20,7 @@ import torch.distributed as dist
 from olmo_core.distributed.utils import get_rank
 from olmo_core.train.callbacks import Callback, CheckpointerCallback
 
+from olmo.config import WandbConfig
 from olmo.train_module import EXPERT_LOAD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -153,19 +154,18 @@ class WandbCallback(Callback):
     """
 
     priority: ClassVar[int] = 3
-    mode: str = "offline"
-    project: str = "moe-polycom"
-    entity: str | None = None
-    group: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    settings: WandbConfig = field(default_factory=WandbConfig)
+    run_name: str | None = None
+    """The W&B run name when ``settings.name`` is unset."""
     config: dict[str, Any] | None = None
+    """The resolved training config, stored with the W&B run."""
     _run: Any = None
 
     def pre_train(self):
-        if self.mode == "disabled" or get_rank() != 0:
+        s = self.settings
+        if s.mode == "disabled" or get_rank() != 0:
             return
-        if self.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        if s.mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise RuntimeError("wandb.mode=online needs the WANDB_API_KEY environment variable")
         import wandb
         from wandb.sdk.lib import runid
@@ -175,13 +175,13 @@ class WandbCallback(Callback):
         run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
         self._run = wandb.init(
-            mode=self.mode,
+            mode=s.mode,
             dir=str(save_folder),
-            project=self.project,
-            entity=self.entity,
-            group=self.group,
-            name=self.name,
-            tags=self.tags or None,
+            project=s.project,
+            entity=s.entity,
+            group=s.group,
+            name=s.name or self.run_name,
+            tags=list(s.tags) or None,
             config=self.config,
             id=run_id,
             resume="allow",

@@ -257,15 +257,7 @@ def train(cfg: TrainConfig) -> None:
         "garbage_collector": GarbageCollectorCallback(),
         "spike_detector": SpikeDetectorCallback(),
         "metrics": MetricsCallback(tokens_per_step=cfg.global_train_batch_size * seq_len),
-        "wandb": WandbCallback(
-            mode=cfg.wandb.mode,
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            group=cfg.wandb.group,
-            name=cfg.wandb.name or cfg.run_name,
-            tags=list(cfg.wandb.tags),
-            config=cfg.to_dict(),
-        ),
+        "wandb": WandbCallback(settings=cfg.wandb, run_name=cfg.run_name, config=cfg.to_dict()),
     }
     if eval_loaders:
         callbacks["validation"] = ValidationCallback(loaders=eval_loaders, eval_interval=cfg.eval_interval)
