@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from moe_model.activations import ACTIVATIONS
+from moe_model.errors import ConfigError
+from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
 
 if TYPE_CHECKING:
     from moe_model.transformer import MoETransformer
@@ -22,10 +24,6 @@ BLOCK_TYPES = ("moe", "dense")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 # grouped_mm needs 16-byte aligned strides: 8 elements in bf16 (4 would do for fp32).
 GROUPED_MM_ALIGN = 8
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key."""
 
 
 def _num_matrices(activation: str) -> int:
@@ -58,9 +56,9 @@ def equal_param_hidden_size(hidden_size: int, from_activation: str, to_activatio
 class ModelConfig:
     """An OLMoE-style decoder; defaults are OLMoE-1B-7B with SwiGLU experts."""
 
-    vocab_size: int = 50280
+    vocab_size: int = VOCAB_SIZE
     """Tokenizer vocabulary; token ids must be < this."""
-    embedding_size: int = 50304
+    embedding_size: int = EMBEDDING_SIZE
     """Rows of the embedding and LM head (vocab padded to a multiple of 128 for speed)."""
     d_model: int = 2048
     """Residual stream width D."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from moe_model.config import ModelConfig
+from moe_model.errors import CheckpointError
 from moe_model.transformer import MoETransformer
 
 __all__ = [
@@ -48,10 +49,6 @@ WEIGHTS_FNAME = "model.safetensors"
 DCP_DIR = "model_and_optim"
 MODEL_ONLY_DIR = "model"
 MODEL_PREFIX = "model."
-
-
-class CheckpointError(FileNotFoundError):
-    """A path that holds no readable checkpoint or config; the message says what was expected."""
 
 
 def _is_dcp(path: Path) -> bool:

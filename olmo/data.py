@@ -29,6 +29,9 @@ import torch
 from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.data.data_loader import DataLoaderBase
 
+from moe_model.errors import DataError
+from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
+
 __all__ = [
     "DataError",
     "DataConfig",
@@ -48,10 +51,6 @@ _SAMPLE_CHUNK_TOKENS = 4096
 _SAMPLE_RANDOM_CHUNKS = 4
 
 
-class DataError(ValueError):
-    """A problem with the training data or its configuration, in one line naming the cause."""
-
-
 @dataclass
 class DataConfig:
     """Where the token files are and how to read them (the `data:` section of a config)."""
@@ -66,9 +65,9 @@ class DataConfig:
     """Data loader worker processes (0 = load in the training process, with threads)."""
     ignore_fingerprint_mismatch: bool = False
     """Allow resuming onto changed data (files or sizes differ from the checkpoint); the order then differs."""
-    eos_token_id: int = 50279
+    eos_token_id: int = EOS_TOKEN_ID
     """End-of-document token the files were written with (gpt-neox-olmo-dolma-v1_5: 50279)."""
-    pad_token_id: int = 1
+    pad_token_id: int = PAD_TOKEN_ID
     """Padding token id (gpt-neox-olmo-dolma-v1_5: 1); used only for eval padding rows."""
 
 

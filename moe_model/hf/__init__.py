@@ -18,7 +18,6 @@ The code files need transformers; this module needs it only for :func:`export_hf
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from moe_model.config import ModelConfig
+from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, default_tokenizer_path
 
 __all__ = [
     "CONFIG_RENAMES",
@@ -50,10 +50,6 @@ AUTO_MAP = {
 }
 MODEL_TYPE = "polymoe"
 
-# The OLMo tokenizer (gpt-neox-olmo-dolma-v1_5): EOS <|endoftext|> 50279, pad <|padding|> 1.
-TOKENIZER_RESOURCE = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"
-EOS_TOKEN_ID = 50279
-PAD_TOKEN_ID = 1
 
 # ModelConfig field -> HF config field (names from transformers' OlmoeConfig where it has one).
 # HF's vocab_size is the number of embedding rows, as in OLMoE's HF config (50304).
@@ -172,15 +168,6 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
 
 
 # ---- files ----------------------------------------------------------------------------------
-
-
-def default_tokenizer_path() -> Path | None:
-    """The OLMo tokenizer json shipped in ai2-olmo-eval, or None when it is not installed."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / TOKENIZER_RESOURCE
-    return path if path.is_file() else None
 
 
 def _write_tokenizer(tokenizer_json: Path, out_dir: Path, max_length: int) -> None:

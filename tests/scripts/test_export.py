@@ -19,7 +19,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from moe_model.activations import ACTIVATIONS  # noqa: E402
 from moe_model.config import ModelConfig  # noqa: E402
-from moe_model.hf import default_tokenizer_path, export_hf, from_hf_state_dict, read_hf_dir  # noqa: E402
+from moe_model.hf import export_hf, from_hf_state_dict, read_hf_dir  # noqa: E402
+from moe_model.tokenizer import default_tokenizer_path  # noqa: E402
 from olmo import checkpoint_io  # noqa: E402
 from tests.olmo.helpers import (  # noqa: E402
     REPO,
