@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_model import kernels
+from moe_model.kernels.dispatch import poly_norm, poly_relu
+from moe_model.kernels.reference import poly_norm_eager, poly_relu_eager
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,54 +33,6 @@ __all__ = [
     "poly_norm_eager",
     "poly_relu_eager",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference math of the paper's activations (PolyCom).
-#
-# Coefficient order follows the paper's released OLMoE code and Liger-Kernel: weight[0]
-# multiplies the HIGHEST power. For order r, weight[i] multiplies power r - i:
-#     PolyNorm(x) = w0*norm(x^3) + w1*norm(x^2) + w2*norm(x) + b          (r = 3)
-# Beware two other snippets from the paper: the review thread's `_poly` indexes the weights the
-# other way (weight[i] * x**(i+1)), and the README's "Using PolyNorm in Other Models" snippet
-# calls torch.norm (a whole-tensor L2 norm, not a per-row RMS norm) with an undefined `weight`.
-# With the default init (all weights 1/r) the first two orderings coincide, so the difference
-# only shows once the coefficients train -- which is why checkpoints must agree on it.
-# ---------------------------------------------------------------------------------------------
-
-
-def _rms_norm_no_gain(u: torch.Tensor, eps: float) -> torch.Tensor:
-    """u * rsqrt(mean(u^2) + eps) per row over the last dim (no affine gain)."""
-    return u * torch.rsqrt(u.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
-def poly_norm_eager(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """PolyNorm: sum_i weight[i] * norm(x ** (r - i)) + bias, r = len(weight).
-
-    Powers and norms run in fp32 and the result is cast back to ``x.dtype``: bf16 x**3 keeps
-    only 8 mantissa bits and fp16 x**3 overflows for |x| > 40. In fp32, |x| up to 1e3 stays
-    finite for r <= 4 (mean of x^8 ~ 1e24 << 3e38).
-    """
-    order = weight.numel()
-    x_f = x.float()
-    w_f = weight.float()
-    y = bias.float().expand_as(x_f)
-    for i in range(order):
-        y = y + w_f[i] * _rms_norm_no_gain(x_f.pow(order - i), eps)
-    return y.to(x.dtype)
-
-
-def poly_relu_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """PolyReLU: sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight); fp32 inside."""
-    order = weight.numel()
-    r_f = F.relu(x.float())
-    w_f = weight.float()
-    y = bias.float().expand_as(r_f)
-    for i in range(order):
-        y = y + w_f[i] * r_f.pow(order - i)
-    return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +121,7 @@ class PolyReLU(_Polynomial):
     options: tuple[str, ...] = ("order", "backend")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.poly_relu(x, self.weight, self.bias, self.backend)
+        return poly_relu(x, self.weight, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         return f"order={self.order}, backend={self.backend!r}"
@@ -184,7 +137,7 @@ class PolyNorm(_Polynomial):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.poly_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return poly_norm(x, self.weight, self.bias, self.eps, self.backend)
 
     def extra_repr(self) -> str:
         return f"order={self.order}, eps={self.eps}, backend={self.backend!r}"

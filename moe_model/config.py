@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from moe_model.activations import ACTIVATIONS
 from moe_model.errors import ConfigError
+from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
+from moe_model.moe import GROUPED_MM_ALIGN
 from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -22,8 +24,6 @@ __all__ = ["ConfigError", "ModelConfig", "equal_param_hidden_size"]
 
 BLOCK_TYPES = ("moe", "dense")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
-# grouped_mm needs 16-byte aligned strides: 8 elements in bf16 (4 would do for fp32).
-GROUPED_MM_ALIGN = 8
 
 
 def _num_matrices(activation: str) -> int:
@@ -180,6 +180,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.activation_type={self.activation_type!r} is unknown; known activations: "
                 f"{sorted(ACTIVATIONS)}"
+            )
+        if self.activation_backend not in ACTIVATION_BACKENDS:
+            raise ConfigError(
+                f"model.activation_backend={self.activation_backend!r} must be one of "
+                f"{list(ACTIVATION_BACKENDS)}"
             )
         if self.moe_top_k > self.moe_num_experts:
             raise ConfigError(

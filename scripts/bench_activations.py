@@ -39,7 +39,7 @@ from bench_common import (
     write_json,
 )
 
-from moe_model import kernels
+from moe_model.kernels import dispatch as kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_model import kernels
+from moe_model.kernels import dispatch as kernels
 from moe_model.kernels.polynorm_fused import poly_norm_fused, poly_relu_fused
 
 REPO = Path(__file__).resolve().parents[3]

@@ -1,0 +1,121 @@
+"""Dispatch of PolyNorm / PolyReLU to a kernel backend, chosen by name from one table.
+
+Backends (``BACKENDS``):
+
+* ``eager``   -- :mod:`.reference`, the paper's math (autograd saves every intermediate; what
+  the paper ran, there under activation checkpointing);
+* ``fused``   -- :mod:`.polynorm_fused`: ``torch.autograd.Function``s in plain PyTorch that save
+  only x (and one fp32 per row and power) and have analytic backwards; any device;
+* ``triton``  -- :mod:`.polynorm_triton`: fused Triton kernels, forward and backward. CUDA
+  tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before the first use (slow;
+  for tests);
+* ``compile`` -- ``torch.compile`` of the reference formula (inductor fuses it and derives the
+  backward). The first call per shape, dtype and order compiles, which dominates tests and
+  short CPU runs; choose it for long CPU runs (``benchmarks/RESULTS.md`` has the numbers);
+* ``auto``    -- ``triton`` on CUDA when Triton imports (order <= 4, row <= 65536), else
+  ``fused`` (no warm-up on any device).
+
+All take inputs of any leading shape (the last dim is the normalised row), bf16/fp16/fp32, and
+compute in fp32, returning the input dtype. Backends import lazily: Triton is optional.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from moe_model.kernels import reference
+
+__all__ = ["BACKENDS", "poly_norm", "poly_relu", "triton_available"]
+
+
+class Backend(NamedTuple):
+    """How to get one backend's two functions (imported on first use)."""
+
+    poly_norm: Callable[[], Callable]
+    """Returns ``f(x, weight, bias, eps)``."""
+    poly_relu: Callable[[], Callable]
+    """Returns ``f(x, weight, bias)``."""
+
+
+def _fused(name: str) -> Callable[[], Callable]:
+    def load():
+        from moe_model.kernels import polynorm_fused
+
+        return getattr(polynorm_fused, name)
+
+    return load
+
+
+def _triton(name: str) -> Callable[[], Callable]:
+    def load():
+        from moe_model.kernels import polynorm_triton
+
+        return getattr(polynorm_triton, name)
+
+    return load
+
+
+@functools.cache
+def _compiled(name: str) -> Callable:
+    # The reference formula itself: inductor fuses it and derives the backward, so there is no
+    # second copy of the math to keep in step.
+    return torch.compile(getattr(reference, name))
+
+
+_BACKENDS: dict[str, Backend] = {
+    "eager": Backend(lambda: reference.poly_norm_eager, lambda: reference.poly_relu_eager),
+    "fused": Backend(_fused("poly_norm_fused"), _fused("poly_relu_fused")),
+    "triton": Backend(_triton("poly_norm_triton"), _triton("poly_relu_triton")),
+    "compile": Backend(
+        lambda: _compiled("poly_norm_eager"), lambda: _compiled("poly_relu_eager")
+    ),
+}
+BACKENDS = ("auto", *_BACKENDS)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the Triton kernels import (Triton installed and working)."""
+    try:
+        from moe_model.kernels import polynorm_triton  # noqa: F401
+    except Exception:  # ImportError, or a broken Triton install: fall back, never crash
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x: torch.Tensor, order: int) -> str:
+    """The concrete backend that runs ``x`` for the requested name (``auto`` resolved)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown activation backend {backend!r}; expected one of {list(BACKENDS)}")
+    if x.numel() == 0:
+        # Nothing to compute (an expert without rows); the eager math handles it on any device
+        # and still gives the coefficients a (zero) gradient, with no kernel over an empty grid.
+        return "eager"
+    if backend != "auto":
+        return backend
+    if x.is_cuda and triton_available():
+        from moe_model.kernels.polynorm_triton import MAX_ORDER, MAX_ROW
+
+        if order <= MAX_ORDER and x.shape[-1] <= MAX_ROW:
+            return "triton"
+    return "fused"
+
+
+def poly_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """sum_i weight[i] * norm(x ** (r - i)) + bias, r = len(weight), norm a per-row RMS norm."""
+    name = resolve_backend(backend, x, weight.numel())
+    return _BACKENDS[name].poly_norm()(x, weight, bias, eps)
+
+
+def poly_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight)."""
+    name = resolve_backend(backend, x, weight.numel())
+    return _BACKENDS[name].poly_relu()(x, weight, bias)
