@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "LaunchError",
     "NonFiniteError",
+    "OutputExistsError",
     "PolycomError",
 ]
 
@@ -41,6 +42,10 @@ class CheckpointError(PolycomError, FileNotFoundError):
 
 class ConversionError(PolycomError, ValueError):
     """A model directory or checkpoint that cannot be converted (wrong architecture or shapes)."""
+
+
+class OutputExistsError(PolycomError, FileExistsError):
+    """An output path that already holds something a command would overwrite."""
 
 
 class LaunchError(PolycomError, RuntimeError):

@@ -11,8 +11,8 @@
   entropy (mean entropy of the router's softmax over experts, in nats; log E is uniform).
 * The activation coefficients per layer (PolyNorm / PolyReLU ``weight`` and ``bias``).
 
-``load_checkpoint`` reads a ``stepN/model_and_optim`` checkpoint (torch.distributed.checkpoint,
-model keys ``model.<fqn>``) on one process without a process group.
+Checkpoints are read with :func:`olmo.checkpoint_io.load_checkpoint` (any checkpoint form, one
+process, no process group).
 """
 
 from __future__ import annotations
@@ -26,36 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint directory, its run's ``config.yaml`` or None); see olmo.checkpoint_io."""
-    from olmo import checkpoint_io
-
-    ckpt = checkpoint_io.resolve_checkpoint(path)
-    try:
-        config = checkpoint_io.find_config(ckpt)
-    except checkpoint_io.CheckpointError:
-        config = None
-    return ckpt, config
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", config_path=None):
-    """(model in eval mode, TrainConfig) from a checkpoint and the run's saved config.yaml."""
-    from olmo import checkpoint_io
-    from olmo.config import load_config
-
-    ckpt, found = resolve_checkpoint(path)
-    config_path = config_path or found
-    if config_path is None:
-        raise FileNotFoundError(f"no config.yaml beside checkpoint {str(ckpt)!r}; pass config_path")
-    cfg = load_config(config_path)
-    model = cfg.model.build(init_device="meta")
-    model.load_state_dict(checkpoint_io.load_state_dict(ckpt), strict=True, assign=True)
-    return model.to(device).eval(), cfg
-
+from moe_model.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -176,8 +147,9 @@ def activation_coefficients(model) -> list[dict[str, list]]:
 
 
 def validation_tokens(paths: list[str], seq_len: int, num_sequences: int,
-                      dtype=np.uint16) -> torch.Tensor:
-    """The first ``num_sequences`` x ``seq_len`` tokens of the token files (dolma memmaps)."""
+                      dtype: type) -> torch.Tensor:
+    """The first ``num_sequences`` x ``seq_len`` tokens of the token files (dolma memmaps of
+    ``dtype``, as :func:`olmo.data.resolve_dtype` gives for the run's config)."""
     files = [f for p in paths for f in (sorted(glob.glob(p)) or [p])]
     need = seq_len * num_sequences
     parts, have = [], 0
@@ -191,7 +163,7 @@ def validation_tokens(paths: list[str], seq_len: int, num_sequences: int,
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     n = len(tokens) // seq_len
     if n == 0:
-        raise ValueError(f"fewer than {seq_len} tokens in {paths}")
+        raise DataError(f"{paths}: fewer than {seq_len} tokens, expected at least one sequence")
     return torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
 
 

@@ -1,7 +1,8 @@
-"""Trainer callbacks: metrics.jsonl + expert load, validation loss, Weights & Biases.
+"""Trainer callbacks: metrics.jsonl + expert load, validation loss, W&B, the console.
 
-olmo-core provides checkpointing, console logging, speed/MFU and garbage collection; these add
-what an activation comparison needs, and nothing here holds tensors across steps.
+olmo-core provides checkpointing, speed/MFU and garbage collection; these add what an
+activation comparison needs (and a console a person can watch), and nothing here holds tensors
+across steps.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,11 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from olmo_core.distributed.utils import get_rank
-from olmo_core.train.callbacks import Callback, CheckpointerCallback
+from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLoggerCallback
 
+from olmo import metric_names as names
 from olmo.config import WandbConfig
-from olmo.train_module import EXPERT_LOAD_PREFIX
+from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,8 @@ log = logging.getLogger(__name__)
 def expert_load_from_metrics(metrics: dict[str, float]) -> list[list[float]]:
     """Pop ``expert_load/layer{l}/expert{e}`` counts from ``metrics``; return fractions [L][E]."""
     counts: dict[int, dict[int, float]] = {}
-    for key in [k for k in metrics if k.startswith(EXPERT_LOAD_PREFIX)]:
-        layer_part, expert_part = key[len(EXPERT_LOAD_PREFIX):].split("/")
+    for key in [k for k in metrics if k.startswith(names.EXPERT_LOAD_PREFIX)]:
+        layer_part, expert_part = key[len(names.EXPERT_LOAD_PREFIX):].split("/")
         layer, expert = int(layer_part[len("layer"):]), int(expert_part[len("expert"):])
         counts.setdefault(layer, {})[expert] = metrics.pop(key)
     load = []
@@ -50,7 +53,7 @@ class MetricsCallback(Callback):
     """
 
     priority: ClassVar[int] = 10
-    fname: str = "metrics.jsonl"
+    fname: str = METRICS_FNAME
     tokens_per_step: int = 0
     _path: Path | None = None
     _expert_load: dict[int, list[list[float]]] = field(default_factory=dict)
@@ -74,12 +77,12 @@ class MetricsCallback(Callback):
         load = expert_load_from_metrics(metrics)
         if load:
             for layer, fractions in enumerate(load):
-                metrics[f"moe/layer{layer}/MaxLoad"] = max(fractions) * len(fractions)
-                metrics[f"moe/layer{layer}/MinLoad"] = min(fractions) * len(fractions)
+                metrics[names.layer_max_load(layer)] = max(fractions) * len(fractions)
+                metrics[names.layer_min_load(layer)] = min(fractions) * len(fractions)
             self._expert_load[step] = load
-        ce = metrics.get("train/CrossEntropyLoss")
+        ce = metrics.get(names.CE_LOSS)
         if ce is not None and math.isfinite(ce) and ce < 30:
-            metrics["train/Perplexity"] = math.exp(ce)
+            metrics[names.PERPLEXITY] = math.exp(ce)
 
     def log_metrics(self, step: int, metrics: dict[str, float]):
         load = self._expert_load.pop(step, None)
@@ -135,10 +138,8 @@ class ValidationCallback(Callback):
                 ce_sum, count = totals.cpu().unbind()
             loss = (ce_sum / count.clamp_min(1)).item()
             results[label] = loss
-            self.trainer.record_metric(f"eval/{label}/CrossEntropyLoss", loss, None)
-            self.trainer.record_metric(
-                f"eval/{label}/Perplexity", math.exp(min(loss, 30.0)), None
-            )
+            self.trainer.record_metric(names.eval_loss(label), loss, None)
+            self.trainer.record_metric(names.eval_perplexity(label), math.exp(min(loss, 30.0)), None)
             log.info(
                 f"eval {label}: CE {loss:.4f}  PPL {math.exp(min(loss, 30.0)):.2f}  "
                 f"({int(count.item()):,d} tokens, {time.perf_counter() - start:.1f}s)"
@@ -171,7 +172,7 @@ class WandbCallback(Callback):
         from wandb.sdk.lib import runid
 
         save_folder = Path(self.trainer.save_folder)
-        id_file = save_folder / "wandb_run_id"
+        id_file = save_folder / WANDB_RUN_ID_FNAME
         run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
         self._run = wandb.init(
@@ -219,7 +220,7 @@ class SpikeDetectorCallback(Callback):
     threshold_std: float = 6.0
     min_history: int = 20
     watch: dict[str, str] = field(
-        default_factory=lambda: {"Loss": "train/CrossEntropyLoss", "GradNorm": "optim/GradNorm"}
+        default_factory=lambda: {"Loss": names.CE_LOSS, "GradNorm": names.GRAD_NORM}
     )
     _history: dict[str, list[float]] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
@@ -249,8 +250,8 @@ class SpikeDetectorCallback(Callback):
             spike = self.check(name, float(value))
             if spike:
                 log.warning(f"step {step}: {key} spike ({value:.4g})")
-            metrics[f"stability/{name}Spike"] = float(spike)
-            metrics[f"stability/{name}Spikes"] = float(self._counts.get(name, 0))
+            metrics[names.spike_flag(name)] = float(spike)
+            metrics[names.spike_count(name)] = float(self._counts.get(name, 0))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self._history.items()}, "counts": dict(self._counts)}
@@ -271,3 +272,135 @@ class FinalCheckpointerCallback(CheckpointerCallback):
         if Checkpointer.dir_is_checkpoint(str(Path(self.trainer.save_folder) / f"step{self.step}")):
             self._latest_checkpoint_step = max(self._latest_checkpoint_step, self.step)
         super().post_train()
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s``, ``12s``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+@dataclass
+class ConsoleCallback(ConsoleLoggerCallback):
+    """One line per ``log_interval`` steps, and none in between::
+
+        step 20/150 | CE 6.912 | LB 0.01003 | Z 0.00215 | grad 0.873 | lr 2.9e-03 | 1,305 tok/s | MFU 11.8% | ETA 4m52s
+
+    CE, LB and Z are this step's (LB and Z already weighted, as in the objective); tok/s and MFU
+    are medians over the steps since the previous line (robust to a step that also ran
+    validation or a checkpoint); ETA extrapolates the wall time of those steps, validation and
+    checkpoints included. Subclasses olmo-core's console logger, which the trainer would
+    otherwise add with a line per step.
+    """
+
+    _since: float | None = None
+    _since_step: int = -1
+    _tps: list[float] = field(default_factory=list)
+    _mfu: list[float] = field(default_factory=list)
+
+    def pre_train(self):
+        self._since, self._since_step = time.monotonic(), self.trainer.global_step
+
+    def post_step(self):
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, float]):
+        for key, values in ((names.TOKENS_PER_SECOND, self._tps), (names.MFU, self._mfu)):
+            if key in metrics:
+                values.append(float(metrics[key]))
+        max_steps = self.trainer.max_steps
+        # The trainer can log one step twice (metrics recorded after its first flush, e.g. by
+        # validation); one line per step.
+        if (step % self.log_interval and step != max_steps) or step <= self._since_step:
+            return
+        now = time.monotonic()
+        eta = None
+        if self._since is not None and step > self._since_step and max_steps:
+            per_step = (now - self._since) / (step - self._since_step)
+            eta = per_step * max(0, max_steps - step)
+        log.info(progress_line(step, max_steps, metrics, self._tps, self._mfu, eta))
+        self._since, self._since_step = now, step
+        self._tps.clear()
+        self._mfu.clear()
+
+
+def progress_line(
+    step: int,
+    max_steps: int | None,
+    metrics: dict[str, float],
+    tps: list[float],
+    mfu: list[float],
+    eta_seconds: float | None,
+) -> str:
+    """The console line of :class:`ConsoleCallback`; fields without a value are left out."""
+    parts = [f"step {step}/{max_steps or '?'}"]
+    for label, key, fmt in (
+        ("CE", names.CE_LOSS, ".4f"),
+        ("LB", names.LB_LOSS, ".5f"),
+        ("Z", names.Z_LOSS, ".5f"),
+        ("grad", names.GRAD_NORM, ".3f"),
+        ("lr", names.LR, ".2e"),
+    ):
+        if key in metrics:
+            parts.append(f"{label} {float(metrics[key]):{fmt}}")
+    if metrics.get(names.SKIPPED_STEPS):
+        parts.append(f"skipped {int(metrics[names.SKIPPED_STEPS])}")
+    if tps:
+        parts.append(f"{statistics.median(tps):,.0f} tok/s")
+    if mfu:
+        parts.append(f"MFU {statistics.median(mfu):.1f}%")
+    if eta_seconds is not None:
+        parts.append(f"ETA {format_duration(eta_seconds)}")
+    return " | ".join(parts)
+
+
+@dataclass
+class RunSummaryCallback(Callback):
+    """At the end of a run (finished or stopped), rank 0 prints where its outputs are and the
+    commands that continue from them."""
+
+    priority: ClassVar[int] = -100  # after the checkpointer has written the final checkpoint
+    config_path: str | None = None
+    """The YAML the run was launched with (for the commands that take a config)."""
+
+    def post_train(self):
+        if get_rank() != 0:
+            return
+        print(run_summary(Path(self.trainer.save_folder), self.trainer.global_step,
+                          self.trainer.max_steps, self.config_path), flush=True)
+
+
+def run_summary(
+    save_folder: Path, step: int, max_steps: int | None, config_path: str | None
+) -> str:
+    """Outputs of the run in ``save_folder`` and what to do next, as printed text."""
+    from olmo.run_files import CONFIG_FNAME, WANDB_DIR, find_checkpoints
+
+    folder = str(save_folder)
+    done = max_steps is not None and step >= max_steps
+    lines = [f"Run {'complete' if done else f'stopped at step {step}'}: {folder}"]
+    checkpoints = find_checkpoints(save_folder)
+    if checkpoints:
+        lines.append(f"  checkpoint    {checkpoints[-1]}  ({len(checkpoints)} kept)")
+    lines.append(f"  metrics       {save_folder / METRICS_FNAME}")
+    lines.append(f"  config        {save_folder / CONFIG_FNAME}")
+    wandb_runs = sorted((save_folder / WANDB_DIR).glob("*run-*"))
+    if wandb_runs:
+        newest = wandb_runs[-1]
+        sync = f"  (upload: wandb sync {newest})" if newest.name.startswith("offline-") else ""
+        lines.append(f"  W&B           {newest}{sync}")
+    config = config_path or str(save_folder / CONFIG_FNAME)
+    lines += [
+        "Next:",
+        f"  continue      bash run_pretrain.sh {config} --save_folder={folder} --max_duration=N",
+        f"  generate      python scripts/generate.py {folder} --prompt \"ROMEO:\" --temperature 0.8",
+        f"  export        python scripts/convert_to_hf.py {folder} {folder}-hf --verify",
+        f"  analyse       python scripts/analyze.py {folder}",
+        f"  evaluate      python scripts/evaluate_downstream.py {folder} --tasks arc_easy,piqa",
+        f"  compare       python scripts/compare_activations.py {config} --out runs/compare",
+    ]
+    return "\n".join(lines)

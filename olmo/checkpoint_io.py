@@ -23,44 +23,40 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_model.config import ModelConfig
-from moe_model.errors import CheckpointError
+from moe_model.errors import CheckpointError, OutputExistsError
 from moe_model.transformer import MoETransformer
+from olmo.run_files import CONFIG_FNAME, DCP_DIR, step_dirs
+
+if TYPE_CHECKING:
+    from olmo.config import TrainConfig
 
 __all__ = [
-    "CONFIG_FNAME",
     "WEIGHTS_FNAME",
     "CheckpointError",
     "find_config",
+    "load_checkpoint",
     "load_model",
     "load_model_config",
     "load_state_dict",
+    "load_train_config",
     "resolve_checkpoint",
     "save_model_dcp",
     "save_unsharded",
     "unshard",
 ]
 
-CONFIG_FNAME = "config.yaml"
 WEIGHTS_FNAME = "model.safetensors"
-DCP_DIR = "model_and_optim"
 MODEL_ONLY_DIR = "model"
 MODEL_PREFIX = "model."
 
 
 def _is_dcp(path: Path) -> bool:
     return (path / ".metadata").is_file()
-
-
-def _step_dirs(path: Path) -> list[Path]:
-    steps = [
-        p for p in path.iterdir()
-        if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and _is_dcp(p / DCP_DIR)
-    ]
-    return sorted(steps, key=lambda p: int(p.name[4:]))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -73,7 +69,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for sub in (DCP_DIR, MODEL_ONLY_DIR):
         if _is_dcp(path / sub):
             return path / sub
-    steps = _step_dirs(path)
+    # Readable model weights are enough here (trainer state is not needed to read a model).
+    steps = [p for p in step_dirs(path) if _is_dcp(p / DCP_DIR)]
     if steps:
         return steps[-1] / DCP_DIR
     raise CheckpointError(
@@ -92,11 +89,16 @@ def find_config(path: str | Path) -> Path:
     raise CheckpointError(f"no {CONFIG_FNAME} in {str(path)!r} or the three directories above it")
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a checkpoint (from its TrainConfig YAML)."""
+def load_train_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (its run's config.yaml)."""
     from olmo.config import load_config
 
-    return load_config(find_config(path)).model
+    return load_config(find_config(path))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint (from its TrainConfig YAML)."""
+    return load_train_config(path).model
 
 
 def _read_dcp_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
@@ -147,11 +149,24 @@ def load_model(
     Built on the meta device and filled with ``assign=True``: no random init is computed and a
     missing or extra parameter (e.g. a PolyNorm coefficient) is an error.
     """
-    config = load_model_config(path)
-    state = load_state_dict(path)
-    model = config.build(init_device="meta")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return load_checkpoint(path, device, dtype=dtype)[0]
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    config_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> tuple[MoETransformer, TrainConfig]:
+    """(model in eval mode, TrainConfig) of any checkpoint form; ``config_path`` overrides the
+    run's saved config.yaml (e.g. for a checkpoint copied without it)."""
+    from olmo.config import load_config
+
+    cfg = load_config(config_path) if config_path is not None else load_train_config(path)
+    model = cfg.model.build(init_device="meta")
+    model.load_state_dict(load_state_dict(path), strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval(), cfg
 
 
 def save_unsharded(
@@ -194,7 +209,7 @@ def save_model_dcp(state_dict: dict[str, torch.Tensor], config_yaml: str, out_di
     out_dir = Path(out_dir)
     target = out_dir / MODEL_ONLY_DIR
     if target.exists():
-        raise FileExistsError(f"{str(target)!r} exists; pick a new output directory")
+        raise OutputExistsError(f"{str(target)!r} exists; pick a new output directory")
     state = {
         "model": {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
         "train_module": {"skipped_steps": 0},

@@ -42,15 +42,16 @@ from typing import Any
 import numpy as np
 
 from moe_model.config import equal_param_hidden_size
+from olmo import metric_names
 from olmo.config import TrainConfig, load_config, parse_duration
+from olmo.data import resolve_dtype
+from olmo.run_files import METRICS_FNAME
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ACTIVATIONS = ("swiglu", "polynorm", "polyrelu", "relu2", "gelu", "relu")
 REFERENCE = "swiglu"
-TRAIN_LOSS = "train/CrossEntropyLoss"
-TPS = "throughput/device/TPS"
 REPORT_STEM = "compare_activations"
 # One colour per activation, fixed so figures of different sweeps read the same.
 COLORS = {
@@ -103,7 +104,7 @@ def expected_final_step(cfg: TrainConfig) -> int | None:
         final = math.ceil(amount / tokens_per_step)
     else:  # epochs: whole sequences per file (tails dropped), whole batches per epoch
         seq = cfg.model.max_sequence_length
-        itemsize = 2 if cfg.data.dtype in (None, "uint16") else 4
+        itemsize = np.dtype(resolve_dtype(cfg.data.dtype, cfg.model.vocab_size)).itemsize
         sequences = 0
         for pattern in cfg.data.paths:
             for path in sorted(glob.glob(pattern)) or [pattern]:
@@ -170,7 +171,7 @@ def _normalise(overrides) -> list[str]:
 
 def read_metrics(save_folder: str | Path) -> list[dict[str, Any]]:
     """Records of ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
-    path = Path(save_folder) / "metrics.jsonl"
+    path = Path(save_folder) / METRICS_FNAME
     if not path.is_file():
         return []
     records = []
@@ -190,7 +191,7 @@ def run_is_complete(spec: RunSpec) -> bool:
     final = spec.final_step
     if final is None:  # unknown length: trust a finished run's last checkpoint == last step
         return False
-    steps = {r.get("step") for r in records if TRAIN_LOSS in r}
+    steps = {r.get("step") for r in records if metric_names.CE_LOSS in r}
     return final in steps
 
 
@@ -251,8 +252,8 @@ def run_sweep(
 
 
 def validation_label(records: list[dict], preferred: str | None = None) -> str | None:
-    labels = sorted({k.split("/")[1] for r in records for k in r
-                     if k.startswith("eval/") and k.endswith("/CrossEntropyLoss")})
+    labels = sorted({label for r in records for k in r
+                     if (label := metric_names.eval_loss_label(k)) is not None})
     if preferred is not None:
         return preferred if preferred in labels else None
     return labels[0] if labels else None
@@ -260,11 +261,12 @@ def validation_label(records: list[dict], preferred: str | None = None) -> str |
 
 def run_curves(records: list[dict], val_label: str | None) -> dict[str, np.ndarray]:
     """tokens/loss arrays of the training and validation curves of one run, plus its speed."""
-    train = sorted((r["tokens"], float(r[TRAIN_LOSS])) for r in records if TRAIN_LOSS in r)
-    key = f"eval/{val_label}/CrossEntropyLoss"
-    val = sorted((r["tokens"], float(r[key])) for r in records if val_label and key in r)
+    ce, tps_key = metric_names.CE_LOSS, metric_names.TOKENS_PER_SECOND
+    train = sorted((r["tokens"], float(r[ce])) for r in records if ce in r)
+    key = metric_names.eval_loss(val_label) if val_label else None
+    val = sorted((r["tokens"], float(r[key])) for r in records if key in r)
     # Tokens/s: median over steps after the first (which includes warm-up and compilation).
-    tps = [float(r[TPS]) for r in records if TPS in r and r.get("step", 0) > 1]
+    tps = [float(r[tps_key]) for r in records if tps_key in r and r.get("step", 0) > 1]
     return {
         "train_tokens": np.array([t for t, _ in train], dtype=np.float64),
         "train_loss": np.array([v for _, v in train], dtype=np.float64),

@@ -32,7 +32,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from moe_model.errors import ConfigError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, TOKENIZER_RESOURCE
+from olmo import metric_names as names
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def load_task(task: str, tokenizer, *, max_length: int, limit: int | None = None
     from olmo_eval.tasks import LABEL_TO_TASK_MAP
 
     if task not in LABEL_TO_TASK_MAP:
-        raise ValueError(f"unknown downstream task {task!r}; e.g. {list(DEFAULT_TASKS)}")
+        raise ConfigError(f"unknown downstream task {task!r}; e.g. {list(DEFAULT_TASKS)}")
     task_class, task_kwargs = LABEL_TO_TASK_MAP[task], {}
     if isinstance(task_class, tuple):
         task_class, task_kwargs = task_class
@@ -147,10 +149,10 @@ def evaluate_task(model, tokenizer, task: str, *, limit: int | None = None, batc
                   dataset=None) -> TaskResult:
     """Accuracy of ``model`` on one task (first ``limit`` questions)."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r}; expected one of {NORMALIZATIONS}")
+        raise ConfigError(f"normalization={normalization!r}; expected one of {NORMALIZATIONS}")
     config = _model_config(model)
     if tokenizer.vocab_size > config.embedding_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer's vocabulary ({tokenizer.vocab_size}) does not fit the model's "
             f"embedding ({config.embedding_size}); downstream tasks need a model trained on "
             "that tokenizer"
@@ -236,8 +238,10 @@ class DownstreamCallback(_Callback):
                                     normalization=self.normalization,
                                     dataset=self._datasets[task])
             results[task] = res.accuracy
-            self.trainer.record_metric(f"downstream/{task}/accuracy", res.accuracy, None)
-            self.trainer.record_metric(f"downstream/{task}/instances", float(res.num_instances), None)
+            self.trainer.record_metric(names.downstream_accuracy(task), res.accuracy, None)
+            self.trainer.record_metric(
+                names.downstream_instances(task), float(res.num_instances), None
+            )
             log.info(f"downstream {task}: accuracy {res.accuracy:.4f} over {res.num_instances} "
                      f"questions ({res.normalization}, {res.seconds:.1f}s)")
         return results

@@ -9,13 +9,21 @@ rank RANK (every rank when omitted):
 - ``exit``: the process dies at once with exit code 3, no clean-up (as a node failure does).
 
 The real code paths then run: the non-finite check, the signal handler and checkpointing.
+Nothing in the training code knows about faults: :class:`FaultInjectionCallback` does it all,
+and the launcher adds it only when ``MOE_FAULT`` is set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from olmo_core.train.callbacks import Callback
+
+from moe_model.errors import ConfigError
 
 ENV_VAR = "MOE_FAULT"
 KINDS = ("nan_loss", "sigterm", "sigint", "exit")
@@ -36,31 +44,56 @@ def parse_faults(spec: str | None) -> list[Fault]:
             step, _, rank = where.partition(":")
             fault = Fault(kind, int(step), int(rank) if rank else None)
         except ValueError:
-            raise ValueError(f"{ENV_VAR}={spec!r}: expected KIND@STEP[:RANK], e.g. nan_loss@3:1") from None
+            raise ConfigError(f"{ENV_VAR}={spec!r}: expected KIND@STEP[:RANK], e.g. nan_loss@3:1") from None
         if fault.kind not in KINDS:
-            raise ValueError(f"{ENV_VAR}: unknown fault {fault.kind!r}; expected one of {list(KINDS)}")
+            raise ConfigError(f"{ENV_VAR}: unknown fault {fault.kind!r}; expected one of {list(KINDS)}")
         faults.append(fault)
     return faults
 
 
-class FaultInjector:
-    def __init__(self, rank: int, spec: str | None = None):
-        self.rank = rank
-        self.faults = parse_faults(spec if spec is not None else os.environ.get(ENV_VAR))
+@dataclass
+class FaultInjectionCallback(Callback):
+    """Injects the faults of ``MOE_FAULT`` at the start of their step, outside the training code.
 
-    def _due(self, kind: str, step: int) -> bool:
+    Registered by the launcher only when ``MOE_FAULT`` is set, so normal runs carry no trace of
+    it. ``nan_loss`` makes the model's logits NaN for that step through a forward hook (so the
+    loss, and the gradients, are NaN exactly as an overflow would make them); the signals and
+    the hard exit happen in ``pre_step``, where a scheduler's would land between two steps.
+    """
+
+    faults: list[Fault] = field(default_factory=list)
+    rank: int = 0
+    _hook: Any = None
+
+    def _due(self, kind: str) -> bool:
+        step = self.trainer.global_step
         return any(
             f.kind == kind and f.step == step and f.rank in (None, self.rank) for f in self.faults
         )
 
-    def loss_scale(self, step: int) -> float:
-        """1.0, or NaN when a nan_loss fault is due (multiply the loss by it)."""
-        return float("nan") if self._due("nan_loss", step) else 1.0
-
-    def maybe_signal(self, step: int) -> None:
-        if self._due("sigterm", step):
+    def pre_step(self, batch: dict[str, Any]):
+        del batch
+        if self._due("sigterm"):
             os.kill(os.getpid(), signal.SIGTERM)
-        if self._due("sigint", step):
+        if self._due("sigint"):
             os.kill(os.getpid(), signal.SIGINT)
-        if self._due("exit", step):
+        if self._due("exit"):
             os._exit(3)
+        if self._due("nan_loss"):
+            self._hook = self.trainer.train_module.model.register_forward_hook(_nan_logits)
+
+    def post_train_batch(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _nan_logits(module, inputs, output):
+    del module, inputs
+    return dataclasses.replace(output, logits=output.logits * float("nan"))
+
+
+def fault_injection_callback(rank: int) -> FaultInjectionCallback | None:
+    """The callback for ``MOE_FAULT`` (None when it is unset)."""
+    faults = parse_faults(os.environ.get(ENV_VAR))
+    return FaultInjectionCallback(faults=faults, rank=rank) if faults else None

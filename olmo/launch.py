@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,28 +19,18 @@ import torch
 from moe_model.errors import LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
 from olmo.data import build_eval_loaders, build_train_loader, validate_data
+from olmo.run_files import (
+    CONFIG_FNAME,
+    DATA_WORK_DIR,
+    METRICS_FNAME,
+    WANDB_RUN_ID_FNAME,
+    find_checkpoints,
+)
 
 log = logging.getLogger("olmo.train")
 
-CONFIG_FNAME = "config.yaml"
-
-
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def find_checkpoints(save_folder: Path) -> list[Path]:
-    """Complete checkpoints in ``save_folder``, oldest first.
-
-    olmo-core writes ``stepN-tmp/``, renames it to ``stepN/`` and writes ``.metadata.json``
-    last; a directory missing any of its files (a crash mid-save) is not a checkpoint.
-    """
-    from olmo_core.train.checkpoint import Checkpointer
-
-    if not save_folder.is_dir():
-        return []
-    found = [Path(p) for _, p in Checkpointer.find_checkpoints(str(save_folder))]
-    return sorted(found, key=lambda p: int(p.name[4:]))
 
 
 RUN_IDENTITY_KEYS = ("model", "global_train_batch_size", "data.paths", "data.dtype")
@@ -97,7 +88,7 @@ def clear_other_run(cfg: TrainConfig) -> None:
     if checkpoints and other_run_reason(cfg) is None:
         return
     doomed = [p for p in save_folder.iterdir() if p.name.startswith("step") and p.is_dir()]
-    doomed += [save_folder / n for n in ("metrics.jsonl", "wandb_run_id", "data_work")]
+    doomed += [save_folder / n for n in (METRICS_FNAME, WANDB_RUN_ID_FNAME, DATA_WORK_DIR)]
     for path in doomed:
         if path.is_dir():
             shutil.rmtree(path)
@@ -159,62 +150,59 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device, param_dtype: torch
     return measure_cpu_peak_flops()
 
 
-def _backend() -> str:
-    # NCCL for GPU tensors plus gloo for the trainer's CPU bookkeeping collectives.
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+@dataclass(frozen=True)
+class RunEnv:
+    """Where this process runs: its data-parallel rank, the world size and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
 
 
-def train(cfg: TrainConfig) -> None:
-    """Run (or resume) training. Assumes :func:`preflight` passed."""
+def init_distributed(cfg: TrainConfig) -> RunEnv:
+    """Threads, the process group (under torchrun), seeds; returns this process's place."""
     import torch.distributed as dist
     from olmo_core.distributed.utils import get_rank
-    from olmo_core.train import Duration, TrainerConfig, prepare_training_environment
-    from olmo_core.train.callbacks import (
-        ConsoleLoggerCallback,
-        GarbageCollectorCallback,
-        SpeedMonitorCallback,
-    )
-    from olmo_core.utils import seed_all
+    from olmo_core.train import prepare_training_environment
 
-    from olmo.callbacks import (
-        FinalCheckpointerCallback,
-        MetricsCallback,
-        SpikeDetectorCallback,
-        ValidationCallback,
-        WandbCallback,
-    )
-    from olmo.train_module import MoETrainModule, resolve_precision
-
-    distributed = "WORLD_SIZE" in os.environ
     if "OMP_NUM_THREADS" not in os.environ:
         # olmo-core would set 8; oversubscribing a small CPU slows every op.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, (os.cpu_count() or 1) // local)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    prepare_training_environment(
-        seed=cfg.seed, backend=_backend() if distributed else None
-    )
-    rank = get_rank()
+    # NCCL for GPU tensors plus gloo for the trainer's CPU bookkeeping collectives.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    prepare_training_environment(seed=cfg.seed, backend=backend if "WORLD_SIZE" in os.environ else None)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{torch.cuda.current_device()}")
+    else:
+        device = torch.device("cpu")
+    return RunEnv(rank=get_rank(), world_size=world, device=device)
 
-    save_folder = Path(cfg.save_folder)
-    if rank == 0:
-        clear_other_run(cfg)
-        save_folder.mkdir(parents=True, exist_ok=True)
-        (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
-    # Built on the meta device and materialised shard by shard inside the train module, so no
-    # rank ever holds the whole model; the weights still do not depend on the number of ranks.
-    seed_all(cfg.seed)
-    model = cfg.model.build(init_device="meta")
-    train_module = MoETrainModule(model, cfg, device)
 
+def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path:
+    """Rank 0 clears another run's files (save_overwrite) and writes the resolved config."""
+    save_folder = Path(cfg.save_folder)
+    if env.rank == 0:
+        clear_other_run(cfg)
+        save_folder.mkdir(parents=True, exist_ok=True)
+        (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+    _barrier()
+    return save_folder
+
+
+def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path):
+    """(training loader, {label: validation loader}) for this rank."""
     seq_len = cfg.model.max_sequence_length
-    work_dir = save_folder / "data_work"
     train_loader = build_train_loader(
         cfg.data,
         sequence_length=seq_len,
@@ -222,37 +210,57 @@ def train(cfg: TrainConfig) -> None:
         global_batch_size=cfg.global_train_batch_size,
         seed=cfg.seed,
         work_dir=str(work_dir),
-        dp_rank=rank,
-        dp_world_size=world,
+        dp_rank=env.rank,
+        dp_world_size=env.world_size,
     )
     eval_loaders = build_eval_loaders(
         cfg.data,
         sequence_length=seq_len,
         vocab_size=cfg.model.vocab_size,
         # build_eval_loaders counts sequences over all ranks; the config counts per rank.
-        batch_size=(cfg.eval_batch_size or cfg.device_train_microbatch_size) * world,
+        batch_size=(cfg.eval_batch_size or cfg.device_train_microbatch_size) * env.world_size,
         work_dir=str(work_dir),
-        dp_rank=rank,
-        dp_world_size=world,
+        dp_rank=env.rank,
+        dp_world_size=env.world_size,
     )
+    return train_loader, eval_loaders
 
-    unit, amount = parse_duration(cfg.max_duration)
-    max_duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit](amount)
+
+def build_callbacks(
+    cfg: TrainConfig, env: RunEnv, train_module, eval_loaders: dict, config_path: str | None
+) -> dict:
+    """The trainer's callbacks, by name, from the config."""
+    from olmo_core.train.callbacks import GarbageCollectorCallback, SpeedMonitorCallback
+
+    from olmo.callbacks import (
+        ConsoleCallback,
+        FinalCheckpointerCallback,
+        MetricsCallback,
+        RunSummaryCallback,
+        SpikeDetectorCallback,
+        ValidationCallback,
+        WandbCallback,
+    )
+    from olmo.faults import fault_injection_callback
+
+    seq_len = cfg.model.max_sequence_length
+    keep = cfg.save_num_checkpoints_to_keep
     callbacks = {
         "checkpointer": FinalCheckpointerCallback(
-            save_interval=cfg.save_interval,
-            max_checkpoints=None if cfg.save_num_checkpoints_to_keep < 0 else cfg.save_num_checkpoints_to_keep,
-            save_async=False,
+            save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep, save_async=False
         ),
-        "console_logger": ConsoleLoggerCallback(metrics_log_interval=cfg.console_log_interval),
+        "console_logger": ConsoleCallback(log_interval=cfg.console_log_interval),
         "speed_monitor": SpeedMonitorCallback(
             num_flops_per_token=cfg.model.num_flops_per_token(seq_len),
-            device_peak_flops_per_second=int(device_peak_flops(cfg, device, train_module.param_dtype)),
+            device_peak_flops_per_second=int(
+                device_peak_flops(cfg, env.device, train_module.param_dtype)
+            ),
         ),
         "garbage_collector": GarbageCollectorCallback(),
         "spike_detector": SpikeDetectorCallback(),
         "metrics": MetricsCallback(tokens_per_step=cfg.global_train_batch_size * seq_len),
         "wandb": WandbCallback(settings=cfg.wandb, run_name=cfg.run_name, config=cfg.to_dict()),
+        "run_summary": RunSummaryCallback(config_path=config_path),
     }
     if eval_loaders:
         callbacks["validation"] = ValidationCallback(loaders=eval_loaders, eval_interval=cfg.eval_interval)
@@ -265,13 +273,25 @@ def train(cfg: TrainConfig) -> None:
             limit=cfg.downstream_limit,
             batch_size=cfg.eval_batch_size or cfg.device_train_microbatch_size,
         )
-    trainer = TrainerConfig(
+    if (faults := fault_injection_callback(env.rank)) is not None:
+        callbacks["fault_injection"] = faults
+    return callbacks
+
+
+def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module, train_loader,
+                  callbacks: dict):
+    """olmo-core's Trainer over our train module, loader and callbacks."""
+    from olmo_core.train import Duration, TrainerConfig
+
+    unit, amount = parse_duration(cfg.max_duration)
+    duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit]
+    return TrainerConfig(
         save_folder=str(save_folder),
-        work_dir=str(work_dir),
+        work_dir=str(save_folder / DATA_WORK_DIR),
         load_path=cfg.load_path,
         load_trainer_state=False if cfg.reset_data_position else None,
         save_overwrite=cfg.save_overwrite,
-        max_duration=max_duration,
+        max_duration=duration(amount),
         hard_stop=Duration.steps(cfg.stop_at) if cfg.stop_at is not None else None,
         metrics_collect_interval=cfg.metrics_collect_interval,
         cancel_check_interval=1,
@@ -279,15 +299,34 @@ def train(cfg: TrainConfig) -> None:
         # same step, so all stop together and write the same final checkpoint.
         async_bookkeeping=False,
         callbacks=callbacks,
-        device=str(device),
+        device=str(env.device),
     ).build(train_module, train_loader)
+
+
+def train(cfg: TrainConfig, config_path: str | None = None) -> None:
+    """Run (or resume) training. Assumes :func:`preflight` passed."""
+    import torch.distributed as dist
+    from olmo_core.utils import seed_all
+
+    from olmo.train_module import MoETrainModule, resolve_precision
+
+    env = init_distributed(cfg)
+    save_folder = prepare_save_folder(cfg, env)
+    # Built on the meta device and materialised shard by shard inside the train module, so no
+    # rank ever holds the whole model; the weights still do not depend on the number of ranks.
+    seed_all(cfg.seed)
+    train_module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, env.device)
+    train_loader, eval_loaders = build_data_loaders(cfg, env, save_folder / DATA_WORK_DIR)
+    callbacks = build_callbacks(cfg, env, train_module, eval_loaders, config_path)
+    trainer = build_trainer(cfg, env, save_folder, train_module, train_loader, callbacks)
     log.info(
-        f"{cfg.run_name}: {cfg.model.num_params():,d} params ({cfg.model.num_active_params():,d} active), "
-        f"{world} process(es) on {device}, precision {resolve_precision(cfg.precision, device)}"
+        f"{cfg.run_name}: {cfg.model.num_params():,d} params ({cfg.model.num_active_params():,d} "
+        f"active), {env.world_size} process(es) on {env.device}, "
+        f"precision {resolve_precision(cfg.precision, env.device)}"
     )
     trainer.fit()
+    _barrier()
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -316,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)
         # Data files changed in place or a diverged run surface only once training runs; they
         # are reported the same way.
-        train(cfg)
+        train(cfg, config_path=args.config)
         return 0
 
     return run_cli(run)

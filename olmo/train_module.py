@@ -34,21 +34,20 @@ from moe_model.activations import ACTIVATIONS
 from moe_model.errors import NonFiniteError
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
-from olmo.faults import FaultInjector
+from olmo.metric_names import (
+    CE_LOSS,
+    GRAD_NORM,
+    LB_LOSS,
+    LR,
+    SKIPPED_STEPS,
+    TOTAL_LOSS,
+    Z_LOSS,
+    expert_count,
+)
 
 log = logging.getLogger(__name__)
 
 LABEL_IGNORE_INDEX = -100
-
-# Metric names written to metrics.jsonl and W&B.
-CE_LOSS = "train/CrossEntropyLoss"
-LB_LOSS = "train/LoadBalancingLoss"
-Z_LOSS = "train/MoEZLoss"
-TOTAL_LOSS = "train/TotalLoss"
-LR = "optim/LR"
-GRAD_NORM = "optim/GradNorm"
-SKIPPED_STEPS = "optim/SkippedSteps"
-EXPERT_LOAD_PREFIX = "expert_load/"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -160,7 +159,6 @@ class MoETrainModule(TrainModule):
         self.optim = build_optimizer(self.model, cfg.optimizer)
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0
-        self.faults = FaultInjector(dist.get_rank() if dist.is_initialized() else 0)
         self._step_loss_sum: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
@@ -239,9 +237,6 @@ class MoETrainModule(TrainModule):
         num_loss_tokens = (batch["labels"] != LABEL_IGNORE_INDEX).sum().clamp_min(1)
         micro_batches = split_batch(batch, self.microbatch_size)
         num_micro = len(micro_batches)
-        step = self.trainer.global_step if not dry_run else 0
-        self.faults.maybe_signal(step)
-        loss_scale = self.faults.loss_scale(step)
 
         ce_total = torch.zeros((), device=self.device)
         lb_total = torch.zeros((), device=self.device)
@@ -258,8 +253,7 @@ class MoETrainModule(TrainModule):
             ) / num_loss_tokens
             lb = out.lb_loss.float() / num_micro
             z = out.z_loss.float() / num_micro
-            ((ce + lb + z) * loss_scale).backward()
-            ce = ce * loss_scale
+            (ce + lb + z).backward()
             ce_total += ce.detach()
             lb_total += lb.detach()
             z_total += z.detach()
@@ -282,9 +276,7 @@ class MoETrainModule(TrainModule):
             # device-to-host copy here instead of one per (layer, expert) metric at log time.
             for layer, counts_E in enumerate(load_LE.float().cpu()):
                 for expert, count in enumerate(counts_E):
-                    self.record_metric(
-                        f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}", count, ReduceType.sum
-                    )
+                    self.record_metric(expert_count(layer, expert), count, ReduceType.sum)
         del batch, input_ids
 
     def _grad_norm(self) -> torch.Tensor:

@@ -19,13 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olmo.analysis import (  # noqa: E402
-    analyze,
-    load_checkpoint,
-    resolve_checkpoint,
-    validation_tokens,
-    write_figures,
-)
+from olmo.analysis import analyze, validation_tokens, write_figures  # noqa: E402
+from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint  # noqa: E402
+from olmo.cli import run_cli  # noqa: E402
+from olmo.data import resolve_dtype  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args(argv)
-    try:
-        ckpt, _ = resolve_checkpoint(args.checkpoint)
-        model, cfg = load_checkpoint(args.checkpoint, args.device, args.config)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _analyze(args))
+
+
+def _analyze(args) -> int:
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_checkpoint(args.checkpoint, args.device, args.config)
     paths = args.data or (next(iter(cfg.data.validation.values())) if cfg.data.validation
                           else list(cfg.data.paths))
-    import numpy as np
-
-    dtype = np.uint32 if cfg.data.dtype == "uint32" or (
-        cfg.data.dtype is None and cfg.model.vocab_size > 65536) else np.uint16
+    dtype = resolve_dtype(cfg.data.dtype, cfg.model.vocab_size)
     ids = validation_tokens(paths, cfg.model.max_sequence_length, args.sequences, dtype)
     result = analyze(model, ids, batch_size=args.batch_size)
     result["checkpoint"] = str(ckpt)

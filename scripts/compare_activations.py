@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_model.config import ConfigError  # noqa: E402
+from olmo.cli import print_error, run_cli  # noqa: E402
 from olmo.compare import (  # noqa: E402
     DEFAULT_ACTIVATIONS,
     aggregate,
@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="W&B mode of the summary (default: the config's wandb.mode)")
     parser.add_argument("--report-dir", default=None, help="also copy figure and table here (e.g. docs)")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        plan = plan_sweep(args.config, activations=args.activations, seeds=args.seeds,
-                          out_dir=args.out, overrides=overrides, name=args.name)
-        base = load_config(args.config, overrides)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _compare(args, overrides))
+
+
+def _compare(args, overrides: list[str]) -> int:
+    plan = plan_sweep(args.config, activations=args.activations, seeds=args.seeds,
+                      out_dir=args.out, overrides=overrides, name=args.name)
+    base = load_config(args.config, overrides)
     print(f"sweep {plan.name}: {len(plan.runs)} runs, base {plan.base_activation} "
           f"H={plan.base_hidden_size}; " + ", ".join(
               f"{a} H={next(r.hidden_size for r in plan.runs if r.activation == a)}"
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         status = run_sweep(plan, launcher=args.launcher)
     result = aggregate(plan, val_label=args.val_label)
     if not result.summaries:
-        print("error: no complete runs to report", file=sys.stderr)
+        print_error("no complete runs to report")
         return 1
     paths = write_report(result, plan.out_dir, smooth_window=args.smooth)
     if args.report_dir:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olmo.analysis import load_checkpoint, resolve_checkpoint  # noqa: E402
+from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint  # noqa: E402
+from olmo.cli import run_cli  # noqa: E402
 from olmo.downstream import DEFAULT_TASKS, NORMALIZATIONS, build_tokenizer, evaluate_task  # noqa: E402
 
 
@@ -32,25 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    return run_cli(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        ckpt, _ = resolve_checkpoint(args.checkpoint)
-        model, cfg = load_checkpoint(args.checkpoint, device, args.config)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_checkpoint(args.checkpoint, device, args.config)
     tokenizer = build_tokenizer(eos_token_id=cfg.data.eos_token_id, pad_token_id=cfg.data.pad_token_id)
     results = {}
     print("| task | accuracy | questions | scoring |\n|---|---:|---:|---|")
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        try:
-            res = evaluate_task(model, tokenizer, task, limit=args.limit, batch_size=args.batch_size,
-                                device=device, normalization=args.normalization)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        res = evaluate_task(model, tokenizer, task, limit=args.limit, batch_size=args.batch_size,
+                            device=device, normalization=args.normalization)
         results[task] = {"accuracy": res.accuracy, "instances": res.num_instances,
                          "normalization": res.normalization}
         print(f"| {task} | {res.accuracy:.4f} | {res.num_instances} | {res.normalization} |", flush=True)

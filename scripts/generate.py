@@ -150,19 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top_p must be in (0, 1]")
     args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
-    from olmo.checkpoint_io import CheckpointError
+    from olmo.cli import run_cli
 
-    is_hf = (Path(args.path) / "config.json").is_file()
-    try:
+    def run() -> int:
+        is_hf = (Path(args.path) / "config.json").is_file()
         new_ids = (_run_hf if is_hf else _run_checkpoint)(args, prompt_ids)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print()
-    if args.print_ids:
-        print("ids:", " ".join(map(str, new_ids)))
-    return 0
+        if not args.quiet:
+            print()
+        if args.print_ids:
+            print("ids:", " ".join(map(str, new_ids)))
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

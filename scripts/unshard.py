@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from olmo.checkpoint_io import CheckpointError, resolve_checkpoint, unshard  # noqa: E402
+from olmo.checkpoint_io import resolve_checkpoint, unshard  # noqa: E402
+from olmo.cli import run_cli  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast floating tensors (default: keep the saved dtype)")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         source = resolve_checkpoint(args.checkpoint)
         out = unshard(source, args.out_dir, DTYPES.get(args.dtype))
-    except (CheckpointError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"unsharded {source} -> {out}")
-    return 0
+        print(f"unsharded {source} -> {out}")
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

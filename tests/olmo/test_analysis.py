@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +14,10 @@ from olmo.analysis import (
     analyze,
     effective_rank,
     layer_similarity,
-    load_checkpoint,
     validation_tokens,
     write_figures,
 )
+from olmo.checkpoint_io import load_checkpoint
 from olmo.config import load_config
 
 from .helpers import REPO, TEST_CONFIG, make_data
@@ -75,7 +76,7 @@ def test_load_checkpoint_and_analyze(tmp_path):
     loaded, cfg = load_checkpoint(save)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    ids = validation_tokens([str(tmp_path / "data" / "val*.npy")], 64, 4)
+    ids = validation_tokens([str(tmp_path / "data" / "val*.npy")], 64, 4, np.uint16)
     assert ids.shape == (4, 64)
     result = analyze(loaded, ids, batch_size=2)
     assert set(result["effective_rank"]) == {"w1 (in)", "w2 (out)"}

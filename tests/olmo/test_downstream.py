@@ -46,7 +46,7 @@ def test_limit_is_applied_before_tokenizing(tokenizer):
 
 
 def test_tiny_checkpoint_accuracy_over_limit(tmp_path, tokenizer):
-    from olmo.analysis import load_checkpoint
+    from olmo.checkpoint_io import load_checkpoint
 
     save, _ = make_checkpoint(tmp_path)
     model, _ = load_checkpoint(save)
@@ -85,7 +85,7 @@ def test_continuation_positions_and_targets():
 
 
 def test_callback_records_metrics(tmp_path, tokenizer):
-    from olmo.analysis import load_checkpoint
+    from olmo.checkpoint_io import load_checkpoint
 
     save, _ = make_checkpoint(tmp_path)
     model, _ = load_checkpoint(save)

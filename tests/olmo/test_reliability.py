@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from olmo.checkpoint_io import load_state_dict
-from olmo.launch import find_checkpoints, main
+from olmo.launch import main
+from olmo.run_files import find_checkpoints
 
 from .helpers import (
     TEST_CONFIG,

@@ -1,0 +1,94 @@
+"""Names of the metrics written to metrics.jsonl, W&B and the console, in one place.
+
+Writers (the train module, callbacks) and readers (the comparison tool, tests) use these
+constants, so a renamed metric cannot silently leave a reader looking at nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CE_LOSS",
+    "EXPERT_LOAD_PREFIX",
+    "GRAD_NORM",
+    "LB_LOSS",
+    "LR",
+    "MFU",
+    "PERPLEXITY",
+    "SKIPPED_STEPS",
+    "TOKENS_PER_SECOND",
+    "TOTAL_LOSS",
+    "Z_LOSS",
+    "downstream_accuracy",
+    "downstream_instances",
+    "eval_loss",
+    "eval_loss_label",
+    "eval_perplexity",
+    "expert_count",
+    "layer_max_load",
+    "layer_min_load",
+    "spike_count",
+    "spike_flag",
+]
+
+# Training objective (per optimizer step, mean over data-parallel ranks).
+CE_LOSS = "train/CrossEntropyLoss"
+LB_LOSS = "train/LoadBalancingLoss"
+Z_LOSS = "train/MoEZLoss"
+TOTAL_LOSS = "train/TotalLoss"
+PERPLEXITY = "train/Perplexity"
+
+# Optimizer.
+LR = "optim/LR"
+GRAD_NORM = "optim/GradNorm"
+SKIPPED_STEPS = "optim/SkippedSteps"
+
+# Throughput (recorded by olmo-core's SpeedMonitorCallback under these names).
+TOKENS_PER_SECOND = "throughput/device/TPS"
+MFU = "throughput/device/MFU"
+
+# Raw routed-row counts, one metric per (layer, expert); MetricsCallback turns them into
+# per-layer load summaries and the ``expert_load`` field of metrics.jsonl.
+EXPERT_LOAD_PREFIX = "expert_load/"
+
+
+def expert_count(layer: int, expert: int) -> str:
+    return f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}"
+
+
+def layer_max_load(layer: int) -> str:
+    """The busiest expert's share of routed rows times E (1.0 = perfect balance)."""
+    return f"moe/layer{layer}/MaxLoad"
+
+
+def layer_min_load(layer: int) -> str:
+    return f"moe/layer{layer}/MinLoad"
+
+
+def eval_loss(label: str) -> str:
+    return f"eval/{label}/CrossEntropyLoss"
+
+
+def eval_loss_label(key: str) -> str | None:
+    """The validation set of an :func:`eval_loss` key, None for any other metric."""
+    parts = key.split("/")
+    return parts[1] if len(parts) == 3 and key == eval_loss(parts[1]) else None
+
+
+def eval_perplexity(label: str) -> str:
+    return f"eval/{label}/Perplexity"
+
+
+def downstream_accuracy(task: str) -> str:
+    return f"downstream/{task}/accuracy"
+
+
+def downstream_instances(task: str) -> str:
+    return f"downstream/{task}/instances"
+
+
+def spike_flag(name: str) -> str:
+    return f"stability/{name}Spike"
+
+
+def spike_count(name: str) -> str:
+    return f"stability/{name}Spikes"

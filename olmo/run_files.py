@@ -1,0 +1,60 @@
+"""The layout of a run's save folder, in one place.
+
+    {save_folder}/config.yaml            the resolved TrainConfig (what resume checks against)
+    {save_folder}/metrics.jsonl          one JSON object per step (rank 0)
+    {save_folder}/stepN/                 a checkpoint: model_and_optim/ (DCP), train/, .metadata.json
+    {save_folder}/wandb/, wandb_run_id   W&B files, and the run id a resumed run continues
+    {save_folder}/data_work/             the data loader's cached shuffle orders
+
+olmo-core's Checkpointer writes ``stepN-tmp/``, renames it to ``stepN/`` and writes
+``.metadata.json`` last, so a directory without it (a crash mid-save) is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = [
+    "CONFIG_FNAME",
+    "DATA_WORK_DIR",
+    "DCP_DIR",
+    "METRICS_FNAME",
+    "WANDB_DIR",
+    "WANDB_RUN_ID_FNAME",
+    "checkpoint_step",
+    "find_checkpoints",
+    "step_dirs",
+]
+
+CONFIG_FNAME = "config.yaml"
+METRICS_FNAME = "metrics.jsonl"
+WANDB_DIR = "wandb"
+WANDB_RUN_ID_FNAME = "wandb_run_id"
+DATA_WORK_DIR = "data_work"
+DCP_DIR = "model_and_optim"
+"""Inside ``stepN/``: the torch.distributed.checkpoint directory of model and optimizer."""
+
+_STEP_DIR = re.compile(r"step(\d+)")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N for a ``stepN`` directory, None for anything else (``stepN-tmp`` included)."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    return int(match[1]) if match else None
+
+
+def step_dirs(save_folder: str | Path) -> list[Path]:
+    """Every ``stepN`` directory in ``save_folder``, complete or not, oldest first."""
+    save_folder = Path(save_folder)
+    if not save_folder.is_dir():
+        return []
+    found = [p for p in save_folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def find_checkpoints(save_folder: str | Path) -> list[Path]:
+    """Checkpoints training can resume from (olmo-core's metadata written last), oldest first."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    return [p for p in step_dirs(save_folder) if Checkpointer.dir_is_checkpoint(str(p))]

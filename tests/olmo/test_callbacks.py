@@ -1,0 +1,65 @@
+"""The console a person watches: one line per interval with the objective's terms, and a summary
+of the run's outputs at the end."""
+
+import re
+
+import pytest
+
+from olmo import metric_names as names
+from olmo.callbacks import format_duration, progress_line
+
+from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overrides
+
+LINE = re.compile(
+    r"step (\d+)/(\d+) \| CE ([0-9.]+) \| LB ([0-9.]+) \| Z ([0-9.]+) \| grad ([0-9.]+) \| "
+    r"lr ([0-9.e+-]+)"
+)
+
+
+def test_format_duration():
+    assert format_duration(0) == "0s"
+    assert format_duration(59.6) == "1m00s"
+    assert format_duration(3 * 60 + 5) == "3m05s"
+    assert format_duration(2 * 3600 + 7 * 60 + 59) == "2h07m"
+
+
+def test_progress_line_fields_and_medians():
+    metrics = {names.CE_LOSS: 6.123456, names.LB_LOSS: 0.0101234, names.Z_LOSS: 0.00212345,
+               names.GRAD_NORM: 0.87654, names.LR: 0.0029}
+    line = progress_line(20, 150, metrics, [1000.0, 10.0, 1300.0], [11.0, 0.5, 12.5], 292.0)
+    assert line == ("step 20/150 | CE 6.1235 | LB 0.01012 | Z 0.00212 | grad 0.877 | lr 2.90e-03 | "
+                    "1,000 tok/s | MFU 11.0% | ETA 4m52s")
+    # A step with only evaluation metrics: nothing invented.
+    assert progress_line(3, None, {}, [], [], None) == "step 3/?"
+    assert "skipped 2" in progress_line(5, 9, {names.SKIPPED_STEPS: 2.0}, [], [], None)
+
+
+@pytest.mark.slow
+def test_console_prints_one_line_per_interval_and_a_run_summary(tmp_path):
+    data = make_data(tmp_path)
+    save = tmp_path / "run"
+    proc = run_train([TEST_CONFIG, *tiny_overrides(save, data, console_log_interval=3)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Where olmo-core's logging writes depends on its set-up; read both streams.
+    text = proc.stdout + proc.stderr
+    lines = [m for m in map(LINE.search, text.splitlines()) if m]
+    # Steps 3 and 6 by the interval, 8 as the last step; no line for any other step.
+    assert [int(m[1]) for m in lines] == [3, 6, 8]
+    assert not re.search(r"\[step=\d+/", text), "olmo-core's per-step progress lines remain"
+    records = {r["step"]: r for r in read_metrics(save) if names.CE_LOSS in r}
+    for m in lines:
+        record = records[int(m[1])]
+        assert int(m[2]) == 8
+        assert float(m[3]) == pytest.approx(record[names.CE_LOSS], abs=5e-5)
+        assert float(m[4]) == pytest.approx(record[names.LB_LOSS], abs=5e-6)
+        assert float(m[5]) == pytest.approx(record[names.Z_LOSS], abs=5e-6)
+        assert float(m[6]) == pytest.approx(record[names.GRAD_NORM], abs=5e-4)
+        assert float(m[7]) == pytest.approx(record[names.LR], rel=5e-3)
+    out = text
+    assert f"Run complete: {save}" in out
+    assert f"checkpoint    {save / 'step8'}" in out
+    assert f"metrics       {save / 'metrics.jsonl'}" in out
+    assert f"config        {save / 'config.yaml'}" in out
+    for command in ("scripts/generate.py", "scripts/convert_to_hf.py", "scripts/analyze.py",
+                    "scripts/compare_activations.py", "scripts/evaluate_downstream.py"):
+        assert f"python {command} " in out
