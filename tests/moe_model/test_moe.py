@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,13 +120,19 @@ def test_grouped_and_loop_agree_3d_input():
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 def test_single_token_and_bf16(impl):
     layer = make_layer("polynorm", impl)
-    y, aux = layer(torch.randn(1, D))
-    assert y.shape == (1, D) and (aux.tokens_per_expert_E > 0).sum() == K
+    x1 = torch.randn(1, D)
+    y, aux = layer(x1)
+    assert (aux.tokens_per_expert_E > 0).sum() == K
+    torch.testing.assert_close(y, reference_moe(layer, x1)[0], rtol=1e-5, atol=1e-6)
     layer = layer.to(torch.bfloat16)
     x = torch.randn(3, 5, D, dtype=torch.bfloat16)
     y, aux = layer(x)
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
     assert aux.lb_loss.dtype == torch.float32
+    # The same bf16 weights and inputs in fp32, token by token: equal to bf16 rounding.
+    y_ref, _, _ = reference_moe(copy.deepcopy(layer).float(), x.float().reshape(-1, D))
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.float().reshape(-1, D), y_ref, rtol=0, atol=0.01 * scale)
 
 
 def test_auto_impl_falls_back_to_loop_when_unaligned():
@@ -182,9 +190,14 @@ def test_lb_loss_grows_when_routing_collapses():
         layer.router.weight[1, :] = 6.0
     x = torch.ones(E, D)
     _, aux = layer(x)
-    assert aux.tokens_per_expert_E[:2].tolist() == [E, E]
-    assert aux.lb_loss > 2 * 0.01  # upper bound is w * E / K = 0.03
-    assert aux.lb_loss <= 0.01 * E / K + 1e-6
+    assert aux.tokens_per_expert_E.tolist() == [E, E, 0, 0, 0, 0]
+    # Every token: logits 8 D and 6 D for experts 0 and 1; 4 + 3 for the others (each is
+    # some feature's first choice and another's second in the cyclic router).
+    probs = torch.tensor([8.0 * D, 6.0 * D] + [7.0] * (E - 2), dtype=torch.float64).softmax(-1)
+    # w E / (T K) * sum_e count_e * mean_prob_e, with T = E tokens: near the collapse value w E / K.
+    expected = 0.01 * E / (E * K) * (E * probs[0] + E * probs[1])
+    torch.testing.assert_close(aux.lb_loss.double(), expected, rtol=1e-6, atol=0)
+    assert expected > 2.9 * 0.01
 
 
 def test_lb_formula_direct():
@@ -215,14 +228,26 @@ def test_z_loss_is_stable_for_huge_logits():
 
 @pytest.mark.parametrize("loss_name", ["lb_loss", "z_loss"])
 def test_aux_losses_reach_router(loss_name):
-    layer = make_layer()
+    """The router weight's gradient from each auxiliary loss equals that of the formula
+    written out here (float64; the counts carry no gradient)."""
+    layer = make_layer(moe_loss_weight=0.01, moe_zloss_weight=0.001)
     x = skewed_inputs(layer)
     _, aux = layer(x)
     loss = getattr(aux, loss_name)
     assert aux[loss_name] is loss
     loss.backward()
-    assert layer.router.weight.grad is not None
-    assert layer.router.weight.grad.abs().sum() > 0
+    w = layer.router.weight.detach().double().requires_grad_(True)
+    logits = x.double() @ w.T
+    probs = logits.softmax(-1)
+    T = x.shape[0]
+    if loss_name == "lb_loss":
+        counts = torch.bincount(probs.topk(K).indices.flatten(), minlength=E)
+        direct = 0.01 * E / (T * K) * (counts * probs.mean(0)).sum()
+    else:
+        direct = 0.001 * (logits.logsumexp(-1) ** 2).sum() / (T * K)
+    (expected,) = torch.autograd.grad(direct, w)
+    assert expected.abs().max() > 1e-6
+    torch.testing.assert_close(layer.router.weight.grad.double(), expected, rtol=1e-4, atol=1e-9)
 
 
 def test_weights_not_renormalised_by_default():

@@ -1,4 +1,5 @@
-"""Shared helpers for training tests: synthetic token files and tiny-run command lines."""
+"""Shared helpers for training tests: synthetic token files, tiny-run command lines, and
+references the tests check results against (downstream scoring, figures)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -73,3 +75,60 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
 def read_metrics(save_folder: Path) -> list[dict]:
     path = Path(save_folder) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# Scoring rule of each task's OLMo metric: ``acc`` sums the continuation's log-likelihood,
+# ``len_norm`` divides it by the continuation's length in characters.
+TASK_NORMALIZATION = {"arc_easy": "sum", "sciq": "sum", "arc_challenge": "per_char",
+                      "hellaswag": "per_char", "piqa": "per_char"}
+
+
+@torch.no_grad()
+def direct_scores(model, samples: list[dict]) -> list[float]:
+    """Log-likelihood of each sample's continuation given its context, one sample at a time
+    (no batching, no padding), the input cut from the left to the model's context window."""
+    window, vocab = model.config.max_sequence_length, model.config.vocab_size
+    scores = []
+    for sample in samples:
+        cont = list(sample["continuation"])
+        inputs = (list(sample["ctx"]) + cont)[:-1][-window:]
+        logprobs = model(torch.tensor([inputs])).logits[0, :, :vocab].double().log_softmax(-1)
+        first = len(inputs) - len(cont)  # the position whose output predicts cont[0]
+        scores.append(sum(logprobs[first + j, tok].item() for j, tok in enumerate(cont)))
+    return scores
+
+
+def direct_accuracy(model, task: str, limit: int) -> float:
+    """Accuracy of ``model`` on the first ``limit`` questions of ``task`` from
+    :func:`direct_scores`: the reference for olmo/downstream.py. A question counts when its
+    labelled continuation scores highest; a near-tie (the answer would depend on rounding)
+    fails instead."""
+    from olmo.downstream import build_tokenizer, load_task
+
+    dataset = load_task(task, build_tokenizer(), max_length=model.config.max_sequence_length,
+                        limit=limit)
+    samples = list(dataset.samples)
+    per_char = TASK_NORMALIZATION[task] == "per_char"
+    choices: dict[int, list[tuple[float, int]]] = {}
+    labels: dict[int, int] = {}
+    for sample, score in zip(samples, direct_scores(model, samples)):
+        score = score / sample["cont_str_len"] if per_char else score
+        choices.setdefault(sample["doc_id"], []).append((score, sample["cont_id"]))
+        labels[sample["doc_id"]] = sample["label_id"]
+    assert sorted(choices) == list(range(limit)), sorted(choices)
+    correct = 0
+    for doc, scored in choices.items():
+        scored.sort(reverse=True)
+        assert scored[0][0] - scored[1][0] > 1e-4, f"{task} question {doc}: near-tie {scored[:2]}"
+        correct += scored[0][1] == labels[doc]
+    return correct / limit
+
+
+def assert_png_drawn(path: Path) -> None:
+    """The file decodes as a PNG image with something drawn on it (not one flat colour)."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path, format="png")
+    assert image.ndim == 3 and min(image.shape[:2]) >= 100, (path, image.shape)
+    colours = np.unique(image.reshape(-1, image.shape[-1]), axis=0)
+    assert len(colours) > 10, (path, len(colours))

@@ -20,7 +20,7 @@ from olmo.analysis import (
 from olmo.checkpoint_io import load_checkpoint
 from olmo.config import load_config
 
-from .helpers import REPO, TEST_CONFIG, make_data
+from .helpers import REPO, TEST_CONFIG, assert_png_drawn, make_data
 
 
 def test_effective_rank_closed_forms():
@@ -71,6 +71,38 @@ def make_checkpoint(tmp_path, activation="polynorm", hidden=48):
     return save, model
 
 
+def entropy_rank(s: torch.Tensor) -> float:
+    """exp(entropy of s / sum(s)) written from the definition, for known singular values."""
+    p = s.double() / s.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def set_known_spectra(model) -> dict[str, list[list[float]]]:
+    """Give every expert matrix chosen singular values (random rotations around them) and
+    return the effective ranks they imply, [layer][expert] per matrix name."""
+    gen = torch.Generator().manual_seed(0)
+    expected: dict[str, list[list[float]]] = {"w1 (in)": [], "w2 (out)": []}
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            for name, w_EXY in (("w1 (in)", block.ffn.w_in_EDH), ("w2 (out)", block.ffn.w_out_EHD)):
+                row = []
+                for e in range(w_EXY.shape[0]):
+                    rows, cols = w_EXY.shape[1:]
+                    n = min(rows, cols)
+                    # w1: 4 * layer + e + 1 equal values; w2: a geometric decay per expert.
+                    if name == "w1 (in)":
+                        s = (torch.arange(n) < 4 * layer + e + 1).double()
+                    else:
+                        s = (0.5 + 0.1 * e) ** torch.arange(n, dtype=torch.float64)
+                    u, _ = torch.linalg.qr(torch.randn(rows, n, generator=gen, dtype=torch.float64))
+                    v, _ = torch.linalg.qr(torch.randn(cols, n, generator=gen, dtype=torch.float64))
+                    w_EXY[e] = (0.1 * u * s @ v.T).float()
+                    row.append(entropy_rank(s))
+                expected[name].append(row)
+    return expected
+
+
 def test_load_checkpoint_and_analyze(tmp_path):
     save, model = make_checkpoint(tmp_path)
     loaded, cfg = load_checkpoint(save)
@@ -78,15 +110,41 @@ def test_load_checkpoint_and_analyze(tmp_path):
         assert k == k2 and torch.equal(v, v2)
     ids = validation_tokens([str(tmp_path / "data" / "val*.npy")], 64, 4, np.uint16)
     assert ids.shape == (4, 64)
+
+    expected_rank = set_known_spectra(loaded)
+    with torch.no_grad():
+        loaded.blocks[0].ffn.router.weight.zero_()  # a uniform router: entropy log(E) exactly
+    # What each layer's router sees, and each block's output, captured here in one pass.
+    moe_in, hidden = [], [loaded.embedding(ids).double()]
+    hooks = [b.ffn.register_forward_pre_hook(lambda m, i: moe_in.append(i[0].detach()))
+             for b in loaded.blocks]
+    hooks += [b.register_forward_hook(lambda m, i, o: hidden.append(o[0].detach().double()))
+              for b in loaded.blocks]
+    with torch.no_grad():
+        loaded(ids)
+    for h in hooks:
+        h.remove()
+
     result = analyze(loaded, ids, batch_size=2)
     assert set(result["effective_rank"]) == {"w1 (in)", "w2 (out)"}
-    for per_layer in result["effective_rank"].values():
-        assert len(per_layer) == 2 and all(len(r) == 4 for r in per_layer)
-        assert all(1.0 <= x <= 32 for r in per_layer for x in r)
-    sim = result["layer_similarity"]
-    assert len(sim) == 3 and all(sim[i][i] == pytest.approx(1.0) for i in range(3))
-    assert all(abs(sum(row) - 1) < 1e-6 and len(row) == 4 for row in result["expert_load"])
-    assert all(0 <= e <= math.log(4) + 1e-6 for e in result["routing_entropy"])
+    # fp32 storage leaves the zero singular values at ~1e-8, which adds that much entropy.
+    for name, per_layer in expected_rank.items():
+        assert result["effective_rank"][name] == [pytest.approx(r, rel=2e-5) for r in per_layer]
+
+    assert result["routing_entropy"][0] == pytest.approx(math.log(4), rel=1e-6)
+    for layer, (x, block) in enumerate(zip(moe_in, loaded.blocks)):
+        logits = x.reshape(-1, x.shape[-1]) @ block.ffn.router.weight.T
+        probs = logits.double().softmax(-1)
+        entropy = -(probs * probs.log()).sum(-1).mean().item()
+        assert result["routing_entropy"][layer] == pytest.approx(entropy, rel=1e-5), layer
+        if layer > 0:  # a uniform router's top-k is a tie-break, not a choice
+            counts = torch.bincount(logits.float().softmax(-1).topk(2).indices.flatten(), minlength=4)
+            assert result["expert_load"][layer] == pytest.approx((counts / counts.sum()).tolist())
+    assert result["routing_entropy"][1] < math.log(4) - 1e-3  # the trained-looking router
+
+    flat = [torch.nn.functional.normalize(h.reshape(-1, h.shape[-1]), dim=-1) for h in hidden]
+    cosines = [[(a * b).sum(-1).mean().item() for b in flat] for a in flat]
+    assert result["layer_similarity"] == [pytest.approx(row, abs=1e-5) for row in cosines]
     coeffs = result["activation_coefficients"]
     assert coeffs[1]["weight"] == pytest.approx([1 / 3 + 0.2] * 3)
 
@@ -99,10 +157,30 @@ def test_analyze_cli_writes_figures(tmp_path):
          "--out", str(tmp_path / "an")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("effective_rank", "layer_similarity", "routing", "activation_coefficients"):
-        assert (tmp_path / "an" / f"{name}.png").stat().st_size > 0
+        assert_png_drawn(tmp_path / "an" / f"{name}.png")
     result = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert set(result["effective_rank"]) == {"w1 (gate)", "w3 (up)", "w2 (out)"}
     assert result["max_rank"] == {"w1 (gate)": 32, "w3 (up)": 32, "w2 (out)": 32}
+    # The same numbers as the analysis run here on the checkpoint and the config's validation
+    # set (the script's default data), first 4 sequences.
+    model, _ = load_checkpoint(save)
+    ids = validation_tokens([str(tmp_path / "data" / "val*.npy")], 64, 4, np.uint16)
+    expected = json.loads(json.dumps(analyze(model, ids, batch_size=8)))
+    assert str(save / "step1") in result.pop("checkpoint")
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert result[key] == _approx_nested(value), key
+
+
+def _approx_nested(value):
+    """pytest.approx through nested lists and dicts of floats."""
+    if isinstance(value, dict):
+        return {k: _approx_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx_nested(v) for v in value]
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-6, abs=1e-6)
+    return value
 
 
 def test_per_expert_coefficients_are_reported_and_plotted(tmp_path):
@@ -122,4 +200,5 @@ def test_per_expert_coefficients_are_reported_and_plotted(tmp_path):
     result = analyze(model, torch.randint(0, 64, (2, 16)), batch_size=2)
     assert result["activation_coefficients"] == coeffs
     paths = write_figures(result, tmp_path / "figs")
-    assert paths["coefficients"].stat().st_size > 0
+    assert_png_drawn(paths["coefficients"])
+    assert json.loads(paths["json"].read_text())["activation_coefficients"] == coeffs

@@ -1,9 +1,11 @@
 """TrainConfig: YAML + overrides, strict keys, validation, and every shipped config builds."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moe_model.config import ConfigError
 from olmo.config import TrainConfig, load_config, parse_duration
@@ -89,10 +91,16 @@ def test_batch_size_divisibility():
 
 
 def test_dry_run_prints_config_and_counts():
-    proc = run_train([str(REPO / "configs/tiny.yaml"), "--dry-run"])
+    proc = run_train([str(REPO / "configs/tiny.yaml"), "--dry-run", "--model.d_model=64"])
     assert proc.returncode == 0, proc.stderr
-    assert "activation_type: polynorm" in proc.stdout
-    assert '"total_params"' in proc.stdout
+    *config_lines, counts_line = proc.stdout.strip().splitlines()
+    cfg = load_config(REPO / "configs/tiny.yaml", ["--model.d_model=64"])
+    assert yaml.safe_load("\n".join(config_lines)) == cfg.to_dict()
+    counts = json.loads(counts_line)
+    model = cfg.model.build(init_device="meta")
+    assert counts["total_params"] == sum(p.numel() for p in model.parameters())
+    assert counts["active_params"] == cfg.model.num_active_params()
+    assert counts["flops_per_token"] == cfg.model.num_flops_per_token(cfg.model.max_sequence_length)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -340,7 +339,6 @@ def test_sample_corpus_is_committed():
     assert sum(os.path.getsize(p) for p in docs) < 5_000_000
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_tokenize_script_rejects_missing_documents(tmp_path: Path):
     r = subprocess.run(
         [

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from olmo.checkpoint_io import load_state_dict
+from olmo.config import load_config
 
-from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overrides
+from .helpers import (
+    TEST_CONFIG,
+    direct_accuracy,
+    make_data,
+    read_metrics,
+    run_train,
+    tiny_overrides,
+)
 
 pytestmark = pytest.mark.slow
 REQUIRED_KEYS = {
@@ -17,6 +25,15 @@ REQUIRED_KEYS = {
 # olmo-core's speed monitor leaves out the first step and steps right after a checkpoint or an
 # evaluation (their wall time is not training); every other step has them.
 SPEED_KEYS = {"throughput/device/TPS", "throughput/device/MFU"}
+
+
+def tiny_test_lr(step: int) -> float:
+    """tests/olmo/tiny_test.yaml's schedule written out: peak 3e-3, linear warm-up over 2 steps,
+    cosine to 0.1 x peak at step 8."""
+    peak, final = 3.0e-3, 3.0e-4
+    if step < 2:
+        return peak * step / 2
+    return final + (peak - final) * (1 + math.cos(math.pi * (step - 2) / 6)) / 2
 
 
 def _train(tmp_path, name, nproc=1, **extra):
@@ -61,11 +78,17 @@ def test_metrics_file_has_the_keys_and_loss_falls(straight_runs):
     assert all(r["throughput/device/TPS"] > 0 and 0 < r["throughput/device/MFU"] < 100 for r in timed)
     assert train[-1]["train/CrossEntropyLoss"] < train[0]["train/CrossEntropyLoss"] - 0.3
     assert train[0]["tokens"] == 8 * 32
+    for record in train:
+        assert record["optim/LR"] == pytest.approx(tiny_test_lr(record["step"]), rel=1e-6)
+    assert train[0]["optim/LR"] == pytest.approx(1.5e-3, rel=1e-6)  # half-way up the warm-up
+    assert train[-1]["optim/LR"] == pytest.approx(3.0e-4, rel=1e-6)  # final = 0.1 x peak
     evals = [r for r in records if "eval/val/CrossEntropyLoss" in r]
     assert {r["step"] for r in evals} == {4, 8}
     # Checkpoints and the resolved config are in the save folder.
     assert (straight_runs[1] / "step8" / "model_and_optim" / ".metadata").is_file()
-    assert (straight_runs[1] / "config.yaml").is_file()
+    data = straight_runs[1].parent / "data"
+    resolved = load_config(TEST_CONFIG, tiny_overrides(straight_runs[1], data))
+    assert load_config(straight_runs[1] / "config.yaml").to_dict() == resolved.to_dict()
 
 
 def test_two_processes_match_one(straight_runs):
@@ -123,16 +146,30 @@ def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     assert [loss for _, loss in compiled[:3]] == pytest.approx([loss for _, loss in plain[:3]], rel=1e-4)
 
 
-def test_in_loop_downstream_accuracy(tmp_path):
+def test_in_loop_downstream_accuracy_and_mfu(tmp_path):
     # Downstream tasks need the OLMo tokenizer's vocabulary; the synthetic ids fit inside it.
+    # A stated peak FLOP/s makes MFU a known function of the measured tokens per second.
+    peak = 1e12
     save = _train(tmp_path, "downstream", max_duration=4, downstream_tasks="[arc_easy,piqa]",
-                  downstream_limit=6, **{"model.vocab_size": 50280, "model.embedding_size": 50304,
-                                         "data.eos_token_id": 50279})
+                  downstream_limit=6, device_peak_flops=peak,
+                  **{"model.vocab_size": 50280, "model.embedding_size": 50304,
+                     "data.eos_token_id": 50279})
     records = [r for r in read_metrics(save) if "downstream/piqa/accuracy" in r]
     assert [r["step"] for r in records] == [4]
+    # The step-4 checkpoint holds the weights the in-loop evaluation scored.
+    from olmo.checkpoint_io import load_checkpoint
+
+    model, cfg = load_checkpoint(save)
     for task in ("arc_easy", "piqa"):
         assert records[0][f"downstream/{task}/instances"] == 6
-        assert 0.0 <= records[0][f"downstream/{task}/accuracy"] <= 1.0
+        assert records[0][f"downstream/{task}/accuracy"] == direct_accuracy(model, task, 6), task
+
+    flops_per_token = cfg.model.num_flops_per_token(cfg.model.max_sequence_length)
+    timed = [r for r in read_metrics(save) if SPEED_KEYS <= r.keys()]
+    assert timed
+    for r in timed:
+        want = 100 * r["throughput/device/TPS"] * flops_per_token / peak
+        assert r["throughput/device/MFU"] == pytest.approx(want, rel=1e-6), r["step"]
 
 
 def test_per_expert_coefficients_train_under_fsdp(tmp_path):

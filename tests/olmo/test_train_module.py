@@ -1,0 +1,259 @@
+"""MoETrainModule in one process: the objective's gradients, the recorded losses, the LR schedule.
+
+The paper's released trainer computed the load-balancing and router z-losses and never added
+them to the objective; nothing downstream of the loss value shows that. Here the gradients of
+``train_batch`` are compared, parameter by parameter, with a hand-built objective on a copy of
+the model, and the test checks that it tells the right objective from the likely faults (an
+auxiliary loss left out, or not divided by the number of micro-batches).
+
+``train_batch`` and ``optim_step`` run as olmo-core's Trainer calls them, with a stand-in for
+the few Trainer attributes they read.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from moe_model.config import ModelConfig
+from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
+from olmo.train_module import MoETrainModule, lr_at
+
+VOCAB, SEQ, BATCH, MICRO = 64, 12, 4, 2
+# max |grad - reference| / max |reference| per parameter: the two sides run the same fp32 ops
+# except the cross-entropy (here log_softmax + gather), so they agree to rounding.
+GRAD_TOL = 1e-5
+
+
+class TrainerStandIn:
+    """What ``train_batch``/``optim_step`` read from olmo-core's Trainer: the step counters and
+    ``record_metric`` (one value per name and step, as the Trainer's warn-on-merge expects)."""
+
+    def __init__(self, global_step: int = 1, max_steps: int = 10):
+        self.global_step = global_step
+        self.max_steps = max_steps
+        self.metrics: dict[str, float] = {}
+
+    def record_metric(self, name, value, reduce_type=None, namespace=None, merge_strategy=None):
+        assert name not in self.metrics, f"{name} recorded twice in one step"
+        self.metrics[name] = float(value)
+
+
+def model_config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=VOCAB, embedding_size=VOCAB, d_model=32, n_layers=2, n_heads=2,
+        max_sequence_length=SEQ, activation_type="polynorm", mlp_hidden_size=24,
+        moe_num_experts=4, moe_top_k=2,
+    )  # fmt: skip
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def make_module(config: ModelConfig, seed: int = 0, **train) -> tuple[MoETrainModule, TrainerStandIn]:
+    torch.manual_seed(seed)
+    model = config.build()
+    with torch.no_grad():  # non-default PolyNorm coefficients, distinct per layer
+        for i, block in enumerate(model.blocks):
+            block.ffn.act.weight.copy_(torch.tensor([0.5, -0.3, 0.9]) * (i + 1))
+            block.ffn.act.bias.fill_(0.1 * (i + 1))
+    cfg = TrainConfig(
+        model=config, precision="fp32", global_train_batch_size=BATCH,
+        device_train_microbatch_size=MICRO, **train,
+    )  # fmt: skip
+    module = MoETrainModule(model, cfg, torch.device("cpu"))
+    trainer = TrainerStandIn()
+    module._attach_trainer(trainer)  # what olmo-core's Trainer does when it is built
+    return module, trainer
+
+
+def make_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two micro-batches with different numbers of predicted tokens (a label mask in the first),
+    so dividing each micro-batch's CE by its own token count would show."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    label_mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    label_mask[0, :5] = False
+    label_mask[1, 7:] = False
+    return {"input_ids": input_ids, "label_mask": label_mask}
+
+
+# The objective (lb and z-loss divided by the number of micro-batches) and the faults the test
+# must tell from it: each auxiliary loss left out, or not divided.
+AUX_SCALES = {
+    "right": (0.5, 0.5),
+    "lb dropped": (0.0, 0.5),
+    "z-loss dropped": (0.5, 0.0),
+    "lb not divided": (1.0, 0.5),
+    "z-loss not divided": (0.5, 1.0),
+}
+assert BATCH // MICRO == 2
+
+
+def reference_step(model, batch, lb_scale: float, z_scale: float):
+    """The objective written out: per micro-batch, CE summed over its predicted tokens divided
+    by the predicted tokens of the whole batch, plus ``lb_scale * lb_loss + z_scale * z_loss``.
+
+    Backpropagates into ``model``; returns the losses as the trainer should record them (summed
+    over micro-batches, aux losses divided by their number) and the routed-row counts.
+    """
+    ids, mask = batch["input_ids"], batch["label_mask"]
+    # Token t predicts token t + 1 where the mask allows; the last position predicts nothing.
+    targets, keep = ids[:, 1:], mask[:, 1:]
+    n_tokens = keep.sum()
+    n_micro = BATCH // MICRO
+    totals = {"ce": 0.0, "lb": 0.0, "z": 0.0}
+    counts_LE = 0
+    for rows in torch.arange(BATCH).split(MICRO):
+        out = model(ids[rows])
+        logprobs = out.logits[:, :-1].float().log_softmax(-1)
+        picked = logprobs.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+        ce = -(picked * keep[rows]).sum() / n_tokens
+        (ce + lb_scale * out.lb_loss + z_scale * out.z_loss).backward()
+        totals["ce"] += ce.item()
+        totals["lb"] += out.lb_loss.item() / n_micro
+        totals["z"] += out.z_loss.item() / n_micro
+        counts_LE = counts_LE + out.tokens_per_expert_LE
+    return totals, counts_LE
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def worst_relative_error(got: dict, want: dict) -> tuple[float, str]:
+    errors = {
+        n: ((got[n] - want[n]).abs().max() / want[n].abs().max().clamp_min(1e-30)).item()
+        for n in want
+    }
+    name = max(errors, key=errors.get)
+    return errors[name], name
+
+
+def test_train_batch_gradients_are_ce_plus_aux_over_micro_batches():
+    # Aux weights above OLMoE's (0.01, 0.001) so that each term moves the router gradient far
+    # beyond rounding; the objective's form does not depend on them.
+    config = model_config(moe_loss_weight=0.05, moe_zloss_weight=0.02)
+    module, trainer = make_module(config)
+    batch = make_batch()
+    reference = {name: copy.deepcopy(module.model) for name in AUX_SCALES}
+
+    module.train_batch({k: v.clone() for k, v in batch.items()})
+    got = grads_of(module.model)
+    assert set(got) == {n for n, _ in module.model.named_parameters()}
+
+    ref_grads, ref_totals = {}, {}
+    for name, model in reference.items():
+        model.train()
+        ref_totals[name], counts_LE = reference_step(model, batch, *AUX_SCALES[name])
+        ref_grads[name] = grads_of(model)
+
+    err, param = worst_relative_error(got, ref_grads["right"])
+    assert err <= GRAD_TOL, f"{param}: gradient differs from CE + (lb + z) / n_micro by {err:.2e}"
+    # The comparison can fail: each fault is far outside the tolerance.
+    for wrong in AUX_SCALES.keys() - {"right"}:
+        err, param = worst_relative_error(got, ref_grads[wrong])
+        assert err > 100 * GRAD_TOL, f"{wrong}: indistinguishable ({param}: {err:.2e})"
+
+    totals = ref_totals["right"]
+    assert trainer.metrics[CE_LOSS] == pytest.approx(totals["ce"], rel=1e-6)
+    assert trainer.metrics[LB_LOSS] == pytest.approx(totals["lb"], rel=1e-6)
+    assert trainer.metrics[Z_LOSS] == pytest.approx(totals["z"], rel=1e-6)
+    assert trainer.metrics[TOTAL_LOSS] == pytest.approx(sum(totals.values()), rel=1e-6)
+    # Raw routed-row counts per layer and expert, summed over the micro-batches.
+    for layer, counts_E in enumerate(counts_LE.tolist()):
+        for expert, count in enumerate(counts_E):
+            assert trainer.metrics[f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}"] == count
+    assert counts_LE.sum() == BATCH * SEQ * config.moe_top_k * config.n_layers
+
+
+def test_dry_run_leaves_no_gradient_and_records_nothing():
+    module, trainer = make_module(model_config())
+    module.train_batch(make_batch(), dry_run=True)
+    assert all(p.grad is None for p in module.model.parameters())
+    assert trainer.metrics == {}
+
+
+# ---- learning-rate schedule --------------------------------------------------------------------
+
+
+def cosine_closed_form(step, peak, warmup, max_steps, alpha_f):
+    if step < warmup:
+        return peak * step / warmup
+    final = alpha_f * peak
+    t = min(1.0, (step - warmup) / (max_steps - warmup))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * t))
+
+
+def test_lr_schedules_against_closed_forms():
+    peak, warmup, max_steps = 4e-4, 10, 110
+    cosine = SchedulerConfig(name="cosine_with_warmup", t_warmup=warmup, alpha_f=0.1)
+    for step in (0, 1, 5, 9, 10, 11, 35, 60, 85, 109, 110, 200):
+        want = cosine_closed_form(step, peak, warmup, max_steps, 0.1)
+        assert lr_at(cosine, peak, step, max_steps) == pytest.approx(want, rel=1e-12), step
+    # Landmarks: half-way through the decay the LR is the mean of peak and final.
+    assert lr_at(cosine, peak, 60, max_steps) == pytest.approx((peak + 0.1 * peak) / 2, rel=1e-12)
+    assert lr_at(cosine, peak, 1, max_steps) == pytest.approx(peak / warmup, rel=1e-12)
+
+    linear = SchedulerConfig(name="linear_with_warmup", t_warmup=warmup, alpha_f=0.2)
+    for step, want in ((5, peak / 2), (10, peak), (60, peak * 0.6), (110, peak * 0.2)):
+        assert lr_at(linear, peak, step, max_steps) == pytest.approx(want, rel=1e-12), step
+    constant = SchedulerConfig(name="constant_with_warmup", t_warmup=warmup)
+    for step, want in ((2, peak / 5), (10, peak), (110, peak), (500, peak)):
+        assert lr_at(constant, peak, step, max_steps) == pytest.approx(want, rel=1e-12), step
+    no_warmup = SchedulerConfig(t_warmup=0, alpha_f=0.0)
+    assert lr_at(no_warmup, peak, 0, 100) == pytest.approx(peak, rel=1e-12)
+    assert lr_at(no_warmup, peak, 50, 100) == pytest.approx(peak / 2, rel=1e-12)
+
+
+def test_optim_step_sets_the_scheduled_lr_on_every_group():
+    peak, warmup = 2e-3, 4
+    module, trainer = make_module(
+        model_config(), optimizer=OptimizerConfig(learning_rate=peak),
+        scheduler=SchedulerConfig(t_warmup=warmup),
+    )  # fmt: skip
+    assert len(module.optim.param_groups) == 2  # decayed, and the PolyNorm coefficients
+    for step in (1, 3, 6):
+        trainer.global_step, trainer.metrics = step, {}
+        module.zero_grads()
+        module.train_batch(make_batch(seed=step))
+        module.optim_step()
+        want = cosine_closed_form(step, peak, warmup, trainer.max_steps, 0.1)
+        assert trainer.metrics[LR] == pytest.approx(want, rel=1e-12)
+        assert [g["lr"] for g in module.optim.param_groups] == [trainer.metrics[LR]] * 2
+
+
+def test_model_only_checkpoint_starts_with_a_fresh_optimizer_at_warmup_step_one(tmp_path):
+    """What ``--load_path`` does with scripts/convert_from_hf.py's output: the weights load
+    strictly, AdamW starts empty, and step 1's learning rate is peak / t_warmup."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    from olmo.checkpoint_io import save_model_dcp
+
+    peak, warmup = 3e-3, 2
+    source, _ = make_module(model_config(), seed=5)
+    state = {k: v.clone() for k, v in source.model.state_dict().items()}
+    for key in state:
+        if ".act." in key:  # make_module gives every model the same coefficients
+            state[key] += 0.25
+    model_dir = save_model_dcp(state, source.cfg.to_yaml(), tmp_path / "imported")
+
+    module, trainer = make_module(
+        model_config(), seed=6, optimizer=OptimizerConfig(learning_rate=peak),
+        scheduler=SchedulerConfig(t_warmup=warmup),
+    )  # fmt: skip
+    Checkpointer(work_dir=tmp_path / "work").load(model_dir, module)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert not module.optim.state  # nothing to load: AdamW starts from zero moments
+
+    # No trainer state in the checkpoint: the trainer starts from step 0, its first step is 1.
+    trainer.global_step, trainer.metrics = 1, {}
+    module.train_batch(make_batch())
+    module.optim_step()
+    assert trainer.metrics[LR] == pytest.approx(peak / warmup, rel=1e-12)
+    steps = {float(s["step"]) for s in module.optim.state.values()}
+    assert steps == {1.0}
