@@ -10,6 +10,11 @@ top-k of the probabilities used as combine weights, not renormalised (unless con
 Experts are dropless: every (token, expert) pair is computed, with tokens sorted by expert and
 one grouped matmul per projection (``torch.nn.functional.grouped_mm``) or a per-expert loop.
 
+The forward runs four stages: ``route`` (router -> :class:`Routing`), ``dispatcher.dispatch``
+(rows grouped by expert), ``experts`` (the FFNs), ``dispatcher.combine`` (weighted sum back into
+token order). The dispatcher is the seam where expert parallelism moves rows between ranks;
+:class:`LocalDispatcher` keeps them on this rank.
+
 Auxiliary losses (megablocks' formulas, which OLMoE trained with), already weighted:
     lb_loss = w_lb * E / (T*K) * sum_e count_e * mean_prob_e   (= w_lb at perfect balance)
     z_loss  = w_z * sum_t logsumexp(logits_t)^2 / (T*K)
@@ -32,13 +37,75 @@ from moe_model.init import trunc_normal_
 if TYPE_CHECKING:
     from moe_model.config import ModelConfig
 
-__all__ = ["MoEAux", "MoELayer", "grouped_mm", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "Dispatched",
+    "LocalDispatcher",
+    "MoEAux",
+    "MoELayer",
+    "Routing",
+    "grouped_mm",
+    "load_balancing_loss",
+    "router_z_loss",
+]
 
 # torch >= 2.10 has the public name; older torches only the private op.
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 GROUPED_MM_ALIGN = 8
 """grouped_mm needs 16-byte aligned strides: 8 elements in bf16 (4 would do in fp32)."""
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens."""
+
+    logits_TE: torch.Tensor
+    """Router logits (fp32)."""
+    probs_TE: torch.Tensor
+    """Softmax over all E experts (fp32): what the load-balancing loss averages."""
+    weights_TK: torch.Tensor
+    """Combine weight of each token's k-th expert (fp32)."""
+    experts_TK: torch.Tensor
+    """Index of each token's k-th expert (long)."""
+
+
+@dataclass
+class Dispatched:
+    """What :meth:`LocalDispatcher.combine` needs to undo its dispatch."""
+
+    order_R: torch.Tensor
+    """Position in the flattened (token, k) list of each expert-sorted row."""
+    token_R: torch.Tensor
+    """Token of each expert-sorted row."""
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Sends each (token, expert) row to its expert on this rank: a stable sort by expert.
+
+    ``dispatch`` returns the rows grouped by expert (``tokens_per_expert_E`` rows each, in
+    expert order, equal experts keeping token order) and ``combine`` sums each token's K expert
+    outputs, weighted, back into token order. The sum runs in fp32 and is cast once: in bf16
+    the K-term ``index_add_`` would round after every term (and use bf16 atomics on CUDA).
+    """
+
+    def dispatch(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        top_k = experts_TK.shape[-1]
+        experts_R = experts_TK.reshape(-1)
+        order_R = experts_R.argsort(stable=True)
+        token_R = order_R // top_k
+        tokens_per_expert_E = torch.bincount(experts_R, minlength=num_experts)
+        return x_TD[token_R], tokens_per_expert_E, Dispatched(order_R, token_R, x_TD.shape[0])
+
+    def combine(
+        self, y_RD: torch.Tensor, weights_TK: torch.Tensor, dispatched: Dispatched
+    ) -> torch.Tensor:
+        # Combine weights applied after w_out (megablocks).
+        weighted_RD = y_RD.float() * weights_TK.reshape(-1)[dispatched.order_R].unsqueeze(-1)
+        y_TD = weighted_RD.new_zeros(dispatched.num_tokens, y_RD.shape[-1])
+        return y_TD.index_add_(0, dispatched.token_R, weighted_RD).to(y_RD.dtype)
 
 
 @dataclass
@@ -96,6 +163,7 @@ class MoELayer(nn.Module):
         self.lb_weight = config.moe_loss_weight
         self.z_weight = config.moe_zloss_weight
         self.expert_impl = config.moe_expert_impl
+        self.dispatcher = LocalDispatcher()
         self.router = nn.Linear(d, e, bias=False, device=init_device)
         # One activation module (one coefficient set) per layer shared by the experts, as in the
         # paper; or, with moe_activation_per_expert, one module per expert.
@@ -122,7 +190,7 @@ class MoELayer(nn.Module):
 
     # ---- routing -----------------------------------------------------------------------------
 
-    def route(self, x_TD: torch.Tensor):
+    def route(self, x_TD: torch.Tensor) -> Routing:
         """Router logits, probabilities and the top-k choice of every token."""
         # Softmax and top-k in fp32: bf16 probabilities tie often and skew the choice.
         logits_TE = F.linear(x_TD, self.router.weight.to(x_TD.dtype)).float()
@@ -130,7 +198,7 @@ class MoELayer(nn.Module):
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return logits_TE, probs_TE, weights_TK, experts_TK
+        return Routing(logits_TE, probs_TE, weights_TK, experts_TK)
 
     def _impl(self, x_RD: torch.Tensor) -> str:
         """'grouped_mm' or 'loop' for rows ``x_RD`` (already in the compute dtype)."""
@@ -187,27 +255,20 @@ class MoELayer(nn.Module):
         return torch.cat([act(h_NH) for act, h_NH in zip(self.act, h_RH.split(counts), strict=True)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """``x`` (..., D) -> (y shaped like x, MoEAux)."""
+        """``x`` (..., D) -> (y shaped like x, MoEAux): route, dispatch, experts, combine."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        num_tokens = x_TD.shape[0]
-        logits_TE, probs_TE, weights_TK, experts_TK = self.route(x_TD)
-
-        # Sort the T*K (token, expert) rows by expert; stable so equal experts keep token order.
-        experts_R = experts_TK.reshape(-1)
-        order_R = experts_R.argsort(stable=True)
-        token_R = order_R // self.top_k
-        tokens_per_expert_E = torch.bincount(experts_R, minlength=self.num_experts)
-
-        x_RD = x_TD[token_R].to(compute_dtype(x))
+        routing = self.route(x_TD)
+        x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
+            x_TD.to(compute_dtype(x)), routing.experts_TK, self.num_experts
+        )
         y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
-        # Combine weights applied after w_out (megablocks); fp32 weights cast to compute dtype.
-        y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
-        y_TD = y_RD.new_zeros(num_tokens, shape[-1]).index_add_(0, token_R, y_RD)
-
+        y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
         aux = MoEAux(
-            lb_loss=load_balancing_loss(probs_TE, tokens_per_expert_E, self.top_k, self.lb_weight),
-            z_loss=router_z_loss(logits_TE, self.top_k, self.z_weight),
+            lb_loss=load_balancing_loss(
+                routing.probs_TE, tokens_per_expert_E, self.top_k, self.lb_weight
+            ),
+            z_loss=router_z_loss(routing.logits_TE, self.top_k, self.z_weight),
             tokens_per_expert_E=tokens_per_expert_E.detach(),
         )
         return y_TD.reshape(shape), aux

@@ -95,7 +95,8 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, An
         if hasattr(block.ffn, "route"):
             def route_hook(ffn, inputs, li=li):
                 x = inputs[0]
-                _, probs, _, experts = ffn.route(x.reshape(-1, x.shape[-1]))
+                routing = ffn.route(x.reshape(-1, x.shape[-1]))
+                probs, experts = routing.probs_TE, routing.experts_TK
                 probs = probs.float()
                 ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
                 entropy_sum[li] = entropy_sum.get(li, 0.0) + float(ent.sum())
