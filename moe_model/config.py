@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from moe_model.activations import ACTIVATIONS
 from moe_model.errors import ConfigError
 from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
-from moe_model.moe import GROUPED_MM_ALIGN
+from moe_model.moe import GROUPED_MM_ALIGN, LB_GRANULARITIES, ROUTER_SCORES
 from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -102,6 +102,31 @@ class ModelConfig:
     moe_activation_per_expert: bool = False
     """One polyrelu/polynorm coefficient set per expert instead of one per MoE layer shared by its
     experts (the paper); ignored by activations without coefficients and by dense blocks."""
+    moe_router_score: str = "softmax"
+    """Router gate: 'softmax' over all E experts (OLMoE) or 'sigmoid' per expert (DeepSeek-V3);
+    the load-balancing loss then averages the sigmoid scores normalised over E."""
+    moe_route_scale: float = 1.0
+    """Factor on the top-k combine weights, after moe_renormalize (DeepSeek-V3: 2.5)."""
+    moe_bias_update_rate: float | None = None
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores, used for the
+    top-k choice only, moved by this step after every optimizer step towards the mean load
+    (DeepSeek-V3: 0.001); None = off."""
+    moe_lb_granularity: str = "micro_batch"
+    """Token set of the load-balancing loss: 'micro_batch' (OLMoE), 'sequence' (each sequence
+    on its own, DeepSeek-V3) or 'global_batch' (expert counts summed over data-parallel ranks)."""
+    moe_capacity_factor: float | None = None
+    """None = dropless (OLMoE). A number: each expert takes at most ceil(cf*T*K/E) of a
+    micro-batch's T tokens in training, the rest (lowest router score first) dropped."""
+    moe_shared_experts: int = 0
+    """Always-on experts per MoE layer, each an FFN with the layer's activation, added to the
+    routed output (DeepSeek-V3: 1)."""
+    moe_shared_hidden_size: int | None = None
+    """Hidden size of each shared expert; None = mlp_hidden_size."""
+    moe_first_dense_layers: int = 0
+    """The first k blocks have a dense FFN instead of MoE (DeepSeek-V3: 3)."""
+    moe_first_dense_hidden_size: int | None = None
+    """Hidden size of those dense FFNs; None = moe_top_k * mlp_hidden_size (the routed experts'
+    active width)."""
     init_std: float = 0.02
     """Std of the truncated-normal init of every linear, embedding and expert weight."""
     init_cutoff_factor: float = 3.0
@@ -203,6 +228,69 @@ class ModelConfig:
                         f"{GROUPED_MM_ALIGN} for model.moe_expert_impl='grouped_mm' "
                         "(16-byte aligned strides); use 'loop' or 'auto'"
                     )
+        self._check_moe_options()
+
+    def _check_moe_options(self) -> None:
+        """The routing and balancing variants: each value, then the combinations."""
+        if self.moe_router_score not in ROUTER_SCORES:
+            raise ConfigError(
+                f"model.moe_router_score={self.moe_router_score!r} must be one of "
+                f"{list(ROUTER_SCORES)}"
+            )
+        if self.moe_lb_granularity not in LB_GRANULARITIES:
+            raise ConfigError(
+                f"model.moe_lb_granularity={self.moe_lb_granularity!r} must be one of "
+                f"{list(LB_GRANULARITIES)}"
+            )
+        if not self.moe_route_scale > 0:
+            raise ConfigError(f"model.moe_route_scale={self.moe_route_scale} must be > 0")
+        for key in ("moe_bias_update_rate", "moe_capacity_factor", "moe_shared_hidden_size",
+                    "moe_first_dense_hidden_size"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"model.{key}={value} must be > 0 (or null)")
+        for key in ("moe_shared_experts", "moe_first_dense_layers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0")
+        defaults = {f.name: f.default for f in fields(self)}
+        moe_only = ("moe_router_score", "moe_route_scale", "moe_bias_update_rate",
+                    "moe_lb_granularity", "moe_capacity_factor", "moe_shared_experts",
+                    "moe_shared_hidden_size", "moe_first_dense_layers",
+                    "moe_first_dense_hidden_size")
+        if self.block_type != "moe":
+            for key in moe_only:
+                if getattr(self, key) != defaults[key]:
+                    raise ConfigError(
+                        f"model.{key}={getattr(self, key)!r} needs model.block_type='moe' "
+                        f"(is {self.block_type!r})"
+                    )
+        if self.moe_first_dense_layers >= self.n_layers:
+            raise ConfigError(
+                f"model.moe_first_dense_layers={self.moe_first_dense_layers} must be < "
+                f"model.n_layers={self.n_layers} (for no MoE layer at all use "
+                "model.block_type='dense')"
+            )
+        if self.moe_first_dense_hidden_size is not None and self.moe_first_dense_layers == 0:
+            raise ConfigError(
+                f"model.moe_first_dense_hidden_size={self.moe_first_dense_hidden_size} is unused: "
+                "model.moe_first_dense_layers is 0"
+            )
+        if self.moe_shared_hidden_size is not None and self.moe_shared_experts == 0:
+            raise ConfigError(
+                f"model.moe_shared_hidden_size={self.moe_shared_hidden_size} is unused: "
+                "model.moe_shared_experts is 0"
+            )
+        if self.moe_router_score != "softmax" and self.moe_zloss_weight > 0:
+            raise ConfigError(
+                f"model.moe_zloss_weight={self.moe_zloss_weight} is the softmax router's z-loss "
+                f"(logsumexp of the logits); with model.moe_router_score="
+                f"{self.moe_router_score!r} set it to 0"
+            )
+        if self.moe_lb_granularity != defaults["moe_lb_granularity"] and self.moe_loss_weight == 0:
+            raise ConfigError(
+                f"model.moe_lb_granularity={self.moe_lb_granularity!r} has no effect with "
+                "model.moe_loss_weight=0"
+            )
 
     def _check_types(self) -> None:
         """Type-check every field; ints become floats where a float is expected.
@@ -211,10 +299,15 @@ class ModelConfig:
         """
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int):
+            kind = f.type
+            if isinstance(kind, str) and kind.endswith(" | None"):
+                if value is None:
+                    continue
+                kind = kind.removesuffix(" | None")
+            if kind in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ConfigError(f"model.{f.name}={value!r} must be an int")
-            elif f.type in ("float", float):
+            elif kind in ("float", float):
                 if isinstance(value, str):
                     try:
                         value = float(value)
@@ -225,10 +318,10 @@ class ModelConfig:
                 if not math.isfinite(value):
                     raise ConfigError(f"model.{f.name}={value!r} must be finite")
                 setattr(self, f.name, float(value))
-            elif f.type in ("bool", bool):
+            elif kind in ("bool", bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"model.{f.name}={value!r} must be true or false")
-            elif f.type in ("str", str):
+            elif kind in ("str", str):
                 if not isinstance(value, str):
                     raise ConfigError(f"model.{f.name}={value!r} must be a string")
 
@@ -246,11 +339,35 @@ class ModelConfig:
     @property
     def mlp_in_size(self) -> int:
         """Output width of the expert input projection: 2H for gated activations, else H."""
-        return 2 * self.mlp_hidden_size if self.gated else self.mlp_hidden_size
+        return self.in_size(self.mlp_hidden_size)
+
+    def in_size(self, hidden_size: int) -> int:
+        """Output width of an FFN input projection of hidden size ``hidden_size`` (2x if gated)."""
+        return 2 * hidden_size if self.gated else hidden_size
+
+    def is_moe_block(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has the MoE layer; else a dense FFN."""
+        return self.block_type == "moe" and layer >= self.moe_first_dense_layers
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """The blocks with an MoE layer, in order (rows of ModelOutput.tokens_per_expert_LE)."""
+        return [i for i in range(self.n_layers) if self.is_moe_block(i)]
 
     @property
     def num_moe_layers(self) -> int:
-        return self.n_layers if self.block_type == "moe" else 0
+        return len(self.moe_layer_ids)
+
+    @property
+    def shared_hidden_size(self) -> int:
+        """Hidden size of each shared expert."""
+        return self.moe_shared_hidden_size or self.mlp_hidden_size
+
+    def dense_hidden_size(self, layer: int) -> int:
+        """Hidden size of the dense FFN of block ``layer`` (not an MoE block)."""
+        if self.block_type == "dense":
+            return self.mlp_hidden_size
+        return self.moe_first_dense_hidden_size or self.moe_top_k * self.mlp_hidden_size
 
     def activation_kwargs(self) -> dict[str, Any]:
         """The settings the chosen activation class accepts, from this config."""
@@ -269,23 +386,38 @@ class ModelConfig:
 
     @property
     def activation_sets_per_layer(self) -> int:
-        """Coefficient sets in one block: E with moe_activation_per_expert, else 1 (0 if none)."""
+        """Coefficient sets of the routed experts in one block: E with moe_activation_per_expert,
+        else 1 (0 if the activation has none). Shared experts and dense FFNs have one each."""
         if not self.has_activation_coefficients:
             return 0
         if self.moe_activation_per_expert and self.block_type == "moe":
             return self.moe_num_experts
         return 1
 
-    def _activation_params(self, experts: int) -> int:
-        """Coefficients counted for one block; per-expert sets count for ``experts`` experts."""
-        sets = self.activation_sets_per_layer
-        if sets > 1:
-            sets = experts
-        return sets * (self.activation_order + 1)
+    def _coefficients_per_set(self) -> int:
+        return self.activation_order + 1 if self.has_activation_coefficients else 0
 
-    def _ffn_params(self) -> int:
-        """Weights of one expert (or the dense FFN): D x mlp_in_size in, H x D out."""
-        return self.d_model * self.mlp_in_size + self.mlp_hidden_size * self.d_model
+    def _ffn_params(self, hidden_size: int) -> int:
+        """One FFN (an expert, a shared expert, a dense FFN) of hidden size ``hidden_size`` with
+        its own coefficient set, if the activation has one: D x in, H x D out."""
+        return (
+            self.d_model * self.in_size(hidden_size)
+            + hidden_size * self.d_model
+            + self._coefficients_per_set()
+        )
+
+    def _moe_params(self, experts: int) -> int:
+        """One MoE layer counting ``experts`` routed experts (all E, or top-k for 'active')."""
+        expert = self._ffn_params(self.mlp_hidden_size) - self._coefficients_per_set()
+        sets = self.activation_sets_per_layer
+        if sets > 1:  # one set per expert: those of the counted experts
+            sets = experts
+        return (
+            self.d_model * self.moe_num_experts  # router: always fully used
+            + experts * expert
+            + sets * self._coefficients_per_set()
+            + self.moe_shared_experts * self._ffn_params(self.shared_hidden_size)  # always on
+        )
 
     def _attention_block_params(self) -> int:
         """Attention + the two block norms (+ QK-norm weights)."""
@@ -295,15 +427,17 @@ class ModelConfig:
             n += 2 * d
         return n
 
-    def _block_params(self, experts: int) -> int:
-        """One block counting ``experts`` experts (all of them, or top-k for 'active')."""
-        n = self._attention_block_params() + self._activation_params(experts)
-        if self.block_type == "moe":
-            n += self.d_model * self.moe_num_experts  # router: always fully used
-            n += experts * self._ffn_params()
-        else:
-            n += self._ffn_params()
-        return n
+    def _blocks_params(self, experts: int) -> int:
+        """All blocks, counting ``experts`` routed experts in each MoE layer."""
+        return sum(
+            self._attention_block_params()
+            + (
+                self._moe_params(experts)
+                if self.is_moe_block(layer)
+                else self._ffn_params(self.dense_hidden_size(layer))
+            )
+            for layer in range(self.n_layers)
+        )
 
     def _embedding_params(self) -> int:
         return self.embedding_size * self.d_model
@@ -312,20 +446,22 @@ class ModelConfig:
         """Total parameters (equals the sum of p.numel() over the built model)."""
         return (
             self._embedding_params()  # token embedding
-            + self.n_layers * self._block_params(self.moe_num_experts)
+            + self._blocks_params(self.moe_num_experts)
             + self.d_model  # final norm
             + self.embedding_size * self.d_model  # untied LM head
         )
 
     def num_active_params(self) -> int:
-        """Parameters touched per token: top-k experts of each MoE layer, everything else in full.
+        """Parameters touched per token: top-k experts of each MoE layer, everything else (shared
+        experts and dense FFNs included) in full.
 
         Like OLMo/OLMoE's reported "1B active", the input embedding and the LM head are counted
-        (OLMoE-1B-7B: 1.28B active of 6.92B total).
+        (OLMoE-1B-7B: 1.28B active of 6.92B total). Dropped rows (moe_capacity_factor) are not
+        subtracted: this is the routed work, not what survived the capacity limit.
         """
         return (
             self._embedding_params()
-            + self.n_layers * self._block_params(self.moe_top_k)
+            + self._blocks_params(self.moe_top_k)
             + self.d_model
             + self.embedding_size * self.d_model
         )

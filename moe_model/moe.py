@@ -1,14 +1,16 @@
-"""Mixture-of-Experts layer: softmax top-k router, auxiliary losses, dropless experts.
+"""Mixture-of-Experts layer: top-k router, auxiliary losses, experts (dropless by default).
 
 Shape suffixes on tensor names:
     B batch, S sequence, T tokens (B*S), D d_model, H expert hidden size, E experts, K top-k,
-    L layers, R routed rows (T*K). ``w_in_EDH`` is D x H, or D x 2H for a gated activation
-    (its fused w1|w3 output: gate half first, up half second).
+    L layers, R routed rows (T*K, or the kept ones), N kept (token, k) pairs.
+    ``w_in_EDH`` is D x H, or D x 2H for a gated activation (its fused w1|w3 output: gate half
+    first, up half second).
 
-Routing follows OLMoE: router logits = x @ W_r (no bias), softmax over all E experts in fp32,
-top-k of the probabilities used as combine weights, not renormalised (unless configured).
-Experts are dropless: every (token, expert) pair is computed, with tokens sorted by expert and
-one grouped matmul per projection (``torch.nn.functional.grouped_mm``) or a per-expert loop.
+Routing follows OLMoE by default: router logits = x @ W_r (no bias), softmax over all E experts
+in fp32, top-k of the probabilities used as combine weights, not renormalised (unless
+configured). Experts are dropless: every (token, expert) pair is computed, with tokens sorted by
+expert and one grouped matmul per projection (``torch.nn.functional.grouped_mm``) or a
+per-expert loop.
 
 The forward runs four stages: ``route`` (router -> :class:`Routing`), ``dispatcher.dispatch``
 (rows grouped by expert), ``experts`` (the FFNs), ``dispatcher.combine`` (weighted sum back into
@@ -20,14 +22,53 @@ Auxiliary losses (megablocks' formulas, which OLMoE trained with), already weigh
     z_loss  = w_z * sum_t logsumexp(logits_t)^2 / (T*K)
 Nothing from the router is kept on the module between calls (the paper's megablocks setup kept
 router tensors every step and leaked memory); the losses travel in the returned ``MoEAux``.
+
+Variants, each a ModelConfig option (defaults reproduce OLMoE bit for bit):
+
+* ``moe_router_score`` (:data:`ROUTER_SCORES`): ``softmax`` p_te = softmax(logits_t)_e, or
+  ``sigmoid`` s_te = sigmoid(logits_te) (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2, eq. 15). The
+  top-k weights are the chosen scores g_tk; ``moe_renormalize`` divides them by their sum over
+  the k chosen (DeepSeek-V3 eq. 14 always does for sigmoid), then ``moe_route_scale`` multiplies
+  them (DeepSeek-V3's ``route_scale``, 2.5 in inference/configs/config_671B.json of
+  deepseek-ai/DeepSeek-V3). The load-balancing loss averages the distribution p_te: softmax's
+  own, or sigmoid's scores normalised over E, s_te / sum_j s_tj (DeepSeek-V3 eq. 19; olmo-core's
+  router does the same).
+* ``moe_bias_update_rate`` gamma: auxiliary-loss-free balancing (DeepSeek-V3 sec. 2.1.2, eq. 16;
+  Wang et al. 2024, arXiv:2408.15664). A per-expert bias b_e is added to the scores for the
+  top-k *choice* only; the combine weights stay the unbiased scores. After every optimizer step
+  b_e += gamma * sign(mean_j load_j - load_e), with load_e the rows routed to e in the whole
+  step (all micro-batches, summed over data-parallel ranks), so every rank applies the same
+  update (:func:`update_expert_bias_`). torchtitan (components/optimizer/optimizer.py) also
+  subtracts the mean update; DeepSeek-V3 and olmo-core (nn/moe/router.py) do not, nor do we.
+  The bias is a buffer (``expert_bias_E``): saved in checkpoints, never seen by the optimizer.
+* ``moe_lb_granularity`` (:data:`LB_GRANULARITIES`): the tokens one load-balancing term counts.
+  ``micro_batch``: the formula above over the micro-batch (OLMoE). ``sequence``: the same
+  formula per sequence (T = S), averaged over the B sequences: DeepSeek-V3's complementary
+  sequence-wise balance loss (eqs. 17-20, with alpha = w_lb). ``global_batch``: count_e and T
+  summed over the data-parallel ranks before the loss, mean_prob_e still this rank's (Qiu et
+  al. 2025, "Demons in the detail", arXiv:2501.11873); the ranks' mean loss and gradient equal
+  the micro-batch loss over all ranks' tokens together.
+* ``moe_capacity_factor`` cf: at most C = ceil(cf * T * K / E) rows per expert per micro-batch in
+  training (GShard/Switch; OLMoE's token-dropping ablations). An expert chosen by more rows
+  keeps the C with the highest router score g_tk (before renormalisation; ties: lower token
+  first) and drops the rest (:func:`capacity_keep`); a dropped row adds nothing to its token.
+  Evaluation and inference stay dropless. The drop is a mask on the routing (``keep_TK``): the
+  dispatcher sees only the kept rows, each as a one-expert token, so any dispatcher works.
+* ``moe_shared_experts``: always-on FFNs (:class:`FeedForward`, the layer's activation, their
+  own coefficient sets) whose outputs are added to the routed output: y = sum_s FFN_s(x) +
+  sum_k g_k FFN_{e_k}(x) (DeepSeek-V3 eq. 12; torchtitan models/common/moe.py). olmo-core
+  instead weights shared and routed outputs 1/(K+1) and K/(K+1).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -38,14 +79,23 @@ if TYPE_CHECKING:
     from moe_model.config import ModelConfig
 
 __all__ = [
+    "LB_GRANULARITIES",
+    "ROUTER_SCORES",
     "Dispatched",
+    "FeedForward",
     "LocalDispatcher",
     "MoEAux",
     "MoELayer",
     "Routing",
+    "capacity_keep",
+    "expert_capacity",
+    "global_load_balancing_loss",
     "grouped_mm",
     "load_balancing_loss",
+    "router_entropy",
     "router_z_loss",
+    "sequence_load_balancing_loss",
+    "update_expert_bias_",
 ]
 
 # torch >= 2.10 has the public name; older torches only the private op.
@@ -62,11 +112,14 @@ class Routing:
     logits_TE: torch.Tensor
     """Router logits (fp32)."""
     probs_TE: torch.Tensor
-    """Softmax over all E experts (fp32): what the load-balancing loss averages."""
+    """Distribution over all E experts (fp32): softmax, or sigmoid scores normalised over E;
+    what the load-balancing loss averages."""
     weights_TK: torch.Tensor
     """Combine weight of each token's k-th expert (fp32)."""
     experts_TK: torch.Tensor
     """Index of each token's k-th expert (long)."""
+    keep_TK: torch.Tensor | None = None
+    """Which (token, k) rows the experts compute (bool); None = all of them (dropless)."""
 
 
 @dataclass
@@ -117,7 +170,11 @@ class MoEAux:
     z_loss: torch.Tensor
     """Weighted router z-loss (scalar, fp32, differentiable w.r.t. the router)."""
     tokens_per_expert_E: torch.Tensor
-    """Rows routed to each expert (long, detached)."""
+    """Rows routed to each expert (long, detached): the router's choice, before any drop."""
+    router_entropy: torch.Tensor | None = None
+    """Mean entropy of the router's distribution over experts (fp32 scalar, detached)."""
+    dropped_rows: torch.Tensor | None = None
+    """Routed rows dropped by the capacity limit (long scalar); None when dropless."""
 
     def __getitem__(self, key: str) -> torch.Tensor:
         # Lets callers treat it as a mapping too: aux["lb_loss"].
@@ -140,6 +197,128 @@ def router_z_loss(logits_TE: torch.Tensor, top_k: int, weight: float) -> torch.T
     return weight * lse_T.square().sum() / (logits_TE.shape[0] * top_k)
 
 
+def _softmax_scores(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    probs_TE = logits_TE.softmax(dim=-1)
+    return probs_TE, probs_TE
+
+
+def _sigmoid_scores(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores_TE = logits_TE.sigmoid()
+    return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+
+ROUTER_SCORES: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "softmax": _softmax_scores,
+    "sigmoid": _sigmoid_scores,
+}
+"""Router gate by name: fp32 logits -> (scores the top-k picks and weights with, the
+distribution over E the load-balancing loss averages)."""
+
+
+def sequence_load_balancing_loss(
+    probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, top_k: int, weight: float
+) -> torch.Tensor:
+    """Mean over sequences b of w * E/(S*K) * sum_e count_be * mean_s probs_BSE[b, s, e], count_be
+    the rows of sequence b routed to e (DeepSeek-V3's sequence-wise balance loss, eqs. 17-20)."""
+    num_seqs, seq_len, num_experts = probs_BSE.shape
+    mean_prob_BE = probs_BSE.float().mean(dim=1)
+    counts_BE = mean_prob_BE.new_zeros(num_seqs, num_experts).scatter_add_(
+        1, experts_BSK.reshape(num_seqs, -1), mean_prob_BE.new_ones(num_seqs, seq_len * top_k)
+    )
+    scale = weight * num_experts / (seq_len * top_k)
+    return scale * (counts_BE * mean_prob_BE).sum(dim=-1).mean()
+
+
+def global_load_balancing_loss(
+    probs_TE: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    top_k: int,
+    weight: float,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """w * E/(T_all*K) * sum_e count_all_e * mean_t probs_TE[t, e]: the counts and the token count
+    summed over the ranks of ``group`` (one all-reduce), the probabilities this rank's."""
+    num_tokens, num_experts = probs_TE.shape
+    totals = torch.cat([tokens_per_expert_E.detach().long(), tokens_per_expert_E.new_tensor(
+        [num_tokens], dtype=torch.long)])
+    dist.all_reduce(totals, group=group)
+    counts_E, all_tokens = totals[:-1], totals[-1]
+    mean_prob_E = probs_TE.float().mean(dim=0)
+    scale = weight * num_experts / (all_tokens.to(mean_prob_E.dtype) * top_k)
+    return scale * torch.dot(counts_E.to(mean_prob_E.dtype), mean_prob_E)
+
+
+def _lb_micro_batch(routing, tokens_per_expert_E, seq_len, top_k, weight, group):
+    del seq_len, group
+    return load_balancing_loss(routing.probs_TE, tokens_per_expert_E, top_k, weight)
+
+
+def _lb_sequence(routing, tokens_per_expert_E, seq_len, top_k, weight, group):
+    del tokens_per_expert_E, group
+    num_experts = routing.probs_TE.shape[-1]
+    return sequence_load_balancing_loss(
+        routing.probs_TE.reshape(-1, seq_len, num_experts),
+        routing.experts_TK.reshape(-1, seq_len, top_k),
+        top_k,
+        weight,
+    )
+
+
+def _lb_global_batch(routing, tokens_per_expert_E, seq_len, top_k, weight, group):
+    del seq_len
+    if group is None:  # not training across ranks: the micro-batch is the whole batch
+        return load_balancing_loss(routing.probs_TE, tokens_per_expert_E, top_k, weight)
+    return global_load_balancing_loss(routing.probs_TE, tokens_per_expert_E, top_k, weight, group)
+
+
+LB_GRANULARITIES: dict[str, Callable[..., torch.Tensor]] = {
+    "micro_batch": _lb_micro_batch,
+    "sequence": _lb_sequence,
+    "global_batch": _lb_global_batch,
+}
+"""Load-balancing granularity by name: (routing, tokens_per_expert_E, seq_len, top_k, weight,
+group to reduce counts over or None) -> the weighted loss."""
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    """Rows one expert may take: ceil(factor * T * K / E)."""
+    return math.ceil(factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep(
+    experts_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """keep_TK: for every expert, its ``capacity`` rows of highest priority (ties: the earlier
+    token, then the earlier k) are True, the rest False."""
+    experts_R = experts_TK.reshape(-1)
+    by_priority_R = priority_TK.detach().reshape(-1).argsort(descending=True, stable=True)
+    # Stable sort by expert of the priority order: rows grouped by expert, best first.
+    grouped_R = by_priority_R[experts_R[by_priority_R].argsort(stable=True)]
+    counts_E = torch.bincount(experts_R, minlength=num_experts)
+    first_row_E = counts_E.cumsum(0) - counts_E
+    rank_R = torch.arange(experts_R.numel(), device=experts_R.device) - first_row_E[
+        experts_R[grouped_R]
+    ]
+    keep_R = torch.empty_like(experts_R, dtype=torch.bool)
+    keep_R[grouped_R] = rank_R < capacity
+    return keep_R.view_as(experts_TK)
+
+
+@torch.no_grad()
+def update_expert_bias_(
+    bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float
+) -> None:
+    """b_e += rate * sign(mean_j load_j - load_e), in place (DeepSeek-V3 sec. 2.1.2)."""
+    load_E = tokens_per_expert_E.to(device=bias_E.device, dtype=torch.float32)
+    bias_E.add_((rate * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype))
+
+
+@torch.no_grad()
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_e p_te log p_te in nats (log E = uniform); fp32, detached."""
+    return torch.special.entr(probs_TE.detach().float()).sum(dim=-1).mean()
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's when active, else the input's.
 
@@ -148,6 +327,32 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+class FeedForward(nn.Module):
+    """One FFN ``act(x @ w_in) @ w_out`` with its own activation module: a shared expert, or
+    the FFN of a dense block (transformer.DenseFFN)."""
+
+    def __init__(
+        self, config: ModelConfig, hidden_size: int, init_device: str | torch.device = "cpu"
+    ):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.w_in = nn.Linear(d, config.in_size(hidden_size), bias=False, device=init_device)
+        self.act = build_activation(config.activation_type, **config.activation_kwargs())
+        self.act.to(init_device)
+        self.w_out = nn.Linear(hidden_size, d, bias=False, device=init_device)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in (self.w_in.weight, self.w_out.weight):
+            trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
+        if hasattr(self.act, "reset_parameters"):
+            self.act.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(self.act(self.w_in(x)))
 
 
 class MoELayer(nn.Module):
@@ -160,11 +365,26 @@ class MoELayer(nn.Module):
         self.num_experts = e
         self.top_k = config.moe_top_k
         self.renormalize = config.moe_renormalize
+        self.router_score = config.moe_router_score
+        self.route_scale = config.moe_route_scale
+        self.capacity_factor = config.moe_capacity_factor
+        self.lb_granularity = config.moe_lb_granularity
+        # The ranks whose counts the 'global_batch' loss sums; None = the default group.
+        self.lb_group: dist.ProcessGroup | None = None
         self.lb_weight = config.moe_loss_weight
         self.z_weight = config.moe_zloss_weight
         self.expert_impl = config.moe_expert_impl
         self.dispatcher = LocalDispatcher()
         self.router = nn.Linear(d, e, bias=False, device=init_device)
+        self.bias_update_rate = config.moe_bias_update_rate
+        if self.bias_update_rate is not None:
+            # A buffer: in the state dict (checkpoints resume it) but not a parameter, so the
+            # optimizer never sees it; fp32 whatever the parameter dtype.
+            self.register_buffer(
+                "expert_bias_E", torch.zeros(e, dtype=torch.float32, device=init_device)
+            )
+        else:
+            self.expert_bias_E = None
         # One activation module (one coefficient set) per layer shared by the experts, as in the
         # paper; or, with moe_activation_per_expert, one module per expert.
         if config.activation_sets_per_layer > 1:
@@ -177,6 +397,13 @@ class MoELayer(nn.Module):
         self.act.to(init_device)
         self.w_in_EDH = nn.Parameter(torch.empty(e, d, config.mlp_in_size, device=init_device))
         self.w_out_EHD = nn.Parameter(torch.empty(e, h, d, device=init_device))
+        if config.moe_shared_experts:
+            self.shared_experts = nn.ModuleList(
+                FeedForward(config, config.shared_hidden_size, init_device)
+                for _ in range(config.moe_shared_experts)
+            )
+        else:
+            self.shared_experts = None
         if torch.device(init_device).type != "meta":
             self.reset_parameters()
 
@@ -187,18 +414,44 @@ class MoELayer(nn.Module):
         for act in self.act if isinstance(self.act, nn.ModuleList) else [self.act]:
             if hasattr(act, "reset_parameters"):
                 act.reset_parameters()
+        for ffn in self.shared_experts or ():
+            ffn.reset_parameters()
+        if self.expert_bias_E is not None:
+            self.expert_bias_E.zero_()
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """One auxiliary-loss-free step from a whole optimizer step's routed rows per expert
+        (already summed over data-parallel ranks); a no-op without moe_bias_update_rate."""
+        if self.expert_bias_E is not None:
+            update_expert_bias_(self.expert_bias_E, tokens_per_expert_E, self.bias_update_rate)
 
     # ---- routing -----------------------------------------------------------------------------
 
     def route(self, x_TD: torch.Tensor) -> Routing:
-        """Router logits, probabilities and the top-k choice of every token."""
-        # Softmax and top-k in fp32: bf16 probabilities tie often and skew the choice.
+        """Router logits, probabilities, the top-k choice of every token and, with a capacity
+        factor in training, which of its rows are kept."""
+        # Scores and top-k in fp32: bf16 probabilities tie often and skew the choice.
         logits_TE = F.linear(x_TD, self.router.weight.to(x_TD.dtype)).float()
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        scores_TE, probs_TE = ROUTER_SCORES[self.router_score](logits_TE)
+        if self.expert_bias_E is None:
+            weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
+        else:
+            with torch.no_grad():
+                biased_TE = scores_TE + self.expert_bias_E.to(scores_TE.dtype)
+                experts_TK = biased_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(-1, experts_TK)
+        keep_TK = None
+        if self.capacity_factor is not None and self.training:
+            capacity = expert_capacity(
+                x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor
+            )
+            keep_TK = capacity_keep(experts_TK, weights_TK, self.num_experts, capacity)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, probs_TE, weights_TK, experts_TK)
+        if self.route_scale != 1.0:
+            weights_TK = weights_TK * self.route_scale
+        return Routing(logits_TE, probs_TE, weights_TK, experts_TK, keep_TK)
 
     def _impl(self, x_RD: torch.Tensor) -> str:
         """'grouped_mm' or 'loop' for rows ``x_RD`` (already in the compute dtype)."""
@@ -254,21 +507,57 @@ class MoELayer(nn.Module):
         counts = tokens_per_expert_E.tolist()
         return torch.cat([act(h_NH) for act, h_NH in zip(self.act, h_RH.split(counts), strict=True)])
 
+    def routed_kept(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed output when some rows are dropped: only the kept (token, k) rows go to the
+        dispatcher, each as a token of its own with one expert, so the dispatcher needs no notion
+        of drops. It combines them unweighted (an exact copy back into kept-row order); the
+        weighted sum into tokens runs here in fp32 and is cast once, as LocalDispatcher.combine
+        does."""
+        token_N, slot_N = routing.keep_TK.nonzero(as_tuple=True)
+        experts_N1 = routing.experts_TK[token_N, slot_N].unsqueeze(-1)
+        x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
+            x_TD[token_N], experts_N1, self.num_experts
+        )
+        y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
+        ones_N1 = torch.ones(experts_N1.shape, dtype=torch.float32, device=x_TD.device)
+        y_ND = self.dispatcher.combine(y_RD, ones_N1, dispatched)
+        weighted_ND = y_ND.float() * routing.weights_TK[token_N, slot_N].unsqueeze(-1)
+        y_TD = weighted_ND.new_zeros(x_TD.shape[0], x_TD.shape[-1])
+        return y_TD.index_add_(0, token_N, weighted_ND).to(y_ND.dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """``x`` (..., D) -> (y shaped like x, MoEAux): route, dispatch, experts, combine."""
+        """``x`` (..., D) -> (y shaped like x, MoEAux): route, dispatch, experts, combine, plus
+        the shared experts. A 3-d ``x`` is (B, S, D) for the per-sequence balance loss; anything
+        else counts as one sequence."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         routing = self.route(x_TD)
-        x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
-            x_TD.to(compute_dtype(x)), routing.experts_TK, self.num_experts
-        )
-        y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
-        y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
+        dropped_rows = None
+        if routing.keep_TK is None:
+            x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
+                x_TD.to(compute_dtype(x)), routing.experts_TK, self.num_experts
+            )
+            y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
+            y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
+        else:
+            y_TD = self.routed_kept(x_TD.to(compute_dtype(x)), routing)
+            tokens_per_expert_E = torch.bincount(
+                routing.experts_TK.reshape(-1), minlength=self.num_experts
+            )
+            dropped_rows = (~routing.keep_TK).sum()
+        for ffn in self.shared_experts or ():
+            y_TD = y_TD + ffn(x_TD)
+        group = None
+        if self.training and torch.is_grad_enabled() and dist.is_initialized():
+            group = self.lb_group or dist.group.WORLD
+        seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
         aux = MoEAux(
-            lb_loss=load_balancing_loss(
-                routing.probs_TE, tokens_per_expert_E, self.top_k, self.lb_weight
+            lb_loss=LB_GRANULARITIES[self.lb_granularity](
+                routing, tokens_per_expert_E, seq_len, self.top_k, self.lb_weight, group
             ),
             z_loss=router_z_loss(routing.logits_TE, self.top_k, self.z_weight),
             tokens_per_expert_E=tokens_per_expert_E.detach(),
+            router_entropy=router_entropy(routing.probs_TE),
+            dropped_rows=dropped_rows,
         )
         return y_TD.reshape(shape), aux

@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_model.activations import build_activation
 from moe_model.config import ModelConfig
 from moe_model.init import trunc_normal_
-from moe_model.moe import MoELayer
+from moe_model.moe import FeedForward, MoELayer
 
 __all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "apply_rope"]
 
@@ -32,7 +31,12 @@ class ModelOutput:
     z_loss: torch.Tensor
     """Weighted router z-loss averaged over MoE layers (0 for dense models)."""
     tokens_per_expert_LE: torch.Tensor
-    """Routed rows per expert per MoE layer (long, detached; shape (0, 0) for dense models)."""
+    """Routed rows per expert per MoE layer (long, detached; shape (0, 0) for dense models);
+    row l is block ``config.moe_layer_ids[l]``."""
+    router_entropy_L: torch.Tensor | None = None
+    """Mean router entropy per MoE layer (fp32, detached)."""
+    dropped_rows_L: torch.Tensor | None = None
+    """Rows dropped by the capacity limit per MoE layer (long); None when dropless."""
 
 
 def _trunc_normal_(w: torch.Tensor, config: ModelConfig) -> None:
@@ -108,34 +112,28 @@ class Attention(nn.Module):
         return self.o_proj(o_BNSDh.transpose(1, 2).reshape(b, s, d))
 
 
-class DenseFFN(nn.Module):
-    """One FFN ``act(x @ w_in) @ w_out`` with the activation registry (block_type='dense')."""
+class DenseFFN(FeedForward):
+    """One FFN ``act(x @ w_in) @ w_out`` with the activation registry: the FFN of every block
+    when block_type='dense', of the first moe_first_dense_layers blocks otherwise."""
 
-    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
-        super().__init__()
-        self.config = config
-        self.w_in = nn.Linear(config.d_model, config.mlp_in_size, bias=False, device=init_device)
-        self.act = build_activation(config.activation_type, **config.activation_kwargs())
-        self.act.to(init_device)
-        self.w_out = nn.Linear(
-            config.mlp_hidden_size, config.d_model, bias=False, device=init_device
-        )
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        _trunc_normal_(self.w_in.weight, self.config)
-        _trunc_normal_(self.w_out.weight, self.config)
-        if hasattr(self.act, "reset_parameters"):
-            self.act.reset_parameters()
+    def __init__(
+        self,
+        config: ModelConfig,
+        init_device: str | torch.device = "cpu",
+        hidden_size: int | None = None,
+    ):
+        super().__init__(config, hidden_size or config.mlp_hidden_size, init_device)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.w_out(self.act(self.w_in(x))), None
+        return super().forward(x), None
 
 
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); the unit FSDP wraps."""
 
-    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+    def __init__(
+        self, config: ModelConfig, init_device: str | torch.device = "cpu", layer: int = 0
+    ):
         super().__init__()
         eps = config.layer_norm_eps
         self.attn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
@@ -143,8 +141,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
         self.ffn = (
             MoELayer(config, init_device)
-            if config.block_type == "moe"
-            else DenseFFN(config, init_device)
+            if config.is_moe_block(layer)
+            else DenseFFN(config, init_device, config.dense_hidden_size(layer))
         )
 
     @torch.no_grad()
@@ -171,7 +169,7 @@ class MoETransformer(nn.Module):
         # then draws exactly the random numbers of a meta build materialised later (sharded or
         # not), instead of also those of each submodule's default init.
         self.embedding = nn.Embedding(config.embedding_size, d, device="meta")
-        self.blocks = nn.ModuleList(Block(config, "meta") for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, "meta", i) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device="meta")
         self.lm_head = nn.Linear(d, config.embedding_size, bias=False, device="meta")
         if torch.device(init_device).type != "meta":
@@ -193,27 +191,43 @@ class MoETransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in block order (through any checkpoint/FSDP wrappers)."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert_LE: torch.Tensor) -> None:
+        """Auxiliary-loss-free step of every MoE layer from a whole optimizer step's routed rows
+        (``ModelOutput.tokens_per_expert_LE`` summed over micro-batches and data-parallel
+        ranks); a no-op without moe_bias_update_rate."""
+        for layer, counts_E in zip(self.moe_layers(), tokens_per_expert_LE, strict=True):
+            layer.update_expert_bias(counts_E)
+
     def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
         x_BSD = self.embedding(input_ids_BS)
-        lb_losses, z_losses, loads_E = [], [], []
+        auxes = []
         for block in self.blocks:
             x_BSD, aux = block(x_BSD)
             if aux is not None:
-                lb_losses.append(aux.lb_loss)
-                z_losses.append(aux.z_loss)
-                loads_E.append(aux.tokens_per_expert_E)
+                auxes.append(aux)
         logits_BSV = self.lm_head(self.norm(x_BSD))
-        if lb_losses:
-            lb_loss = torch.stack(lb_losses).mean()
-            z_loss = torch.stack(z_losses).mean()
-            tokens_per_expert_LE = torch.stack(loads_E)
+        if auxes:
+            lb_loss = torch.stack([a.lb_loss for a in auxes]).mean()
+            z_loss = torch.stack([a.z_loss for a in auxes]).mean()
+            tokens_per_expert_LE = torch.stack([a.tokens_per_expert_E for a in auxes])
+            router_entropy_L = torch.stack([a.router_entropy for a in auxes])
+            dropped = [a.dropped_rows for a in auxes]
+            dropped_rows_L = None if dropped[0] is None else torch.stack(dropped)
         else:
             lb_loss = logits_BSV.new_zeros((), dtype=torch.float32)
             z_loss = logits_BSV.new_zeros((), dtype=torch.float32)
             tokens_per_expert_LE = torch.zeros(0, 0, dtype=torch.long, device=logits_BSV.device)
+            router_entropy_L = dropped_rows_L = None
         return ModelOutput(
             logits=logits_BSV,
             lb_loss=lb_loss,
             z_loss=z_loss,
             tokens_per_expert_LE=tokens_per_expert_LE,
+            router_entropy_L=router_entropy_L,
+            dropped_rows_L=dropped_rows_L,
         )

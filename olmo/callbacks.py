@@ -29,19 +29,26 @@ from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
 log = logging.getLogger(__name__)
 
 
-def expert_load_from_metrics(metrics: dict[str, float]) -> list[list[float]]:
-    """Pop ``expert_load/layer{l}/expert{e}`` counts from ``metrics``; return fractions [L][E]."""
+def pop_expert_counts(metrics: dict[str, float]) -> dict[int, list[float]]:
+    """Pop the ``expert_load/layer{l}/expert{e}`` counts from ``metrics``:
+    {block index: [count of expert 0, 1, ...]} in block order."""
     counts: dict[int, dict[int, float]] = {}
     for key in [k for k in metrics if k.startswith(names.EXPERT_LOAD_PREFIX)]:
         layer_part, expert_part = key[len(names.EXPERT_LOAD_PREFIX):].split("/")
         layer, expert = int(layer_part[len("layer"):]), int(expert_part[len("expert"):])
-        counts.setdefault(layer, {})[expert] = metrics.pop(key)
-    load = []
-    for layer in sorted(counts):
-        row = [counts[layer][e] for e in sorted(counts[layer])]
-        total = sum(row) or 1.0
-        load.append([c / total for c in row])
-    return load
+        counts.setdefault(layer, {})[expert] = float(metrics.pop(key))
+    return {layer: [counts[layer][e] for e in sorted(counts[layer])] for layer in sorted(counts)}
+
+
+def dropped_fractions_from_metrics(
+    metrics: dict[str, float], routed_rows: dict[int, float]
+) -> dict[int, float]:
+    """Pop the ``moe_dropped/layer{l}`` counts from ``metrics``; return dropped / routed rows."""
+    out = {}
+    for key in [k for k in metrics if k.startswith(names.DROPPED_PREFIX)]:
+        layer = int(key[len(names.DROPPED_PREFIX) + len("layer"):])
+        out[layer] = float(metrics.pop(key)) / max(routed_rows.get(layer, 0.0), 1.0)
+    return out
 
 
 @dataclass
@@ -49,14 +56,17 @@ class MetricsCallback(Callback):
     """Writes ``{save_folder}/metrics.jsonl`` on rank 0: one JSON object per step.
 
     Also turns the per-expert token counts into per-layer summaries for every logger:
-    ``moe/layer{l}/MaxLoad`` is the busiest expert's share times E (1.0 = perfect balance).
+    ``moe/layer{l}/MaxLoad`` is the busiest expert's share times E, i.e. max / mean load (1.0 =
+    perfect balance), and the dropped-row counts into ``moe/layer{l}/DroppedFraction``. ``l``
+    is the block index; ``expert_load`` lists the MoE blocks in order, and when they are not
+    blocks 0..L-1 (moe_first_dense_layers) ``expert_load_layers`` names them.
     """
 
     priority: ClassVar[int] = 10
     fname: str = METRICS_FNAME
     tokens_per_step: int = 0
     _path: Path | None = None
-    _expert_load: dict[int, list[list[float]]] = field(default_factory=dict)
+    _expert_load: dict[int, dict[int, list[float]]] = field(default_factory=dict)
 
     def pre_train(self):
         if get_rank() != 0:
@@ -74,9 +84,14 @@ class MetricsCallback(Callback):
             self._path.write_text("".join(line + "\n" for line in keep))
 
     def pre_log_metrics(self, step: int, metrics: dict[str, float]):
-        load = expert_load_from_metrics(metrics)
-        if load:
-            for layer, fractions in enumerate(load):
+        counts = pop_expert_counts(metrics)
+        routed_rows = {layer: sum(row) for layer, row in counts.items()}
+        for layer, fraction in dropped_fractions_from_metrics(metrics, routed_rows).items():
+            metrics[names.layer_dropped_fraction(layer)] = fraction
+        if counts:
+            load = {layer: [c / (routed_rows[layer] or 1.0) for c in row]
+                    for layer, row in counts.items()}
+            for layer, fractions in load.items():
                 metrics[names.layer_max_load(layer)] = max(fractions) * len(fractions)
                 metrics[names.layer_min_load(layer)] = min(fractions) * len(fractions)
             self._expert_load[step] = load
@@ -91,7 +106,9 @@ class MetricsCallback(Callback):
         record: dict[str, Any] = {"step": step, "tokens": step * self.tokens_per_step}
         record.update({k: _jsonable(v) for k, v in sorted(metrics.items())})
         if load is not None:
-            record["expert_load"] = [[round(f, 6) for f in row] for row in load]
+            record["expert_load"] = [[round(f, 6) for f in row] for row in load.values()]
+            if list(load) != list(range(len(load))):
+                record["expert_load_layers"] = list(load)
         with self._path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CE_LOSS",
+    "DROPPED_PREFIX",
     "EXPERT_LOAD_PREFIX",
     "GRAD_NORM",
     "LB_LOSS",
@@ -23,9 +24,13 @@ __all__ = [
     "eval_loss",
     "eval_loss_label",
     "eval_perplexity",
+    "dropped_count",
     "expert_count",
+    "layer_bias_range",
+    "layer_dropped_fraction",
     "layer_max_load",
     "layer_min_load",
+    "layer_router_entropy",
     "spike_count",
     "spike_flag",
 ]
@@ -62,6 +67,30 @@ def layer_max_load(layer: int) -> str:
 
 def layer_min_load(layer: int) -> str:
     return f"moe/layer{layer}/MinLoad"
+
+
+# Routing diagnostics, recorded at the console interval; ``layer`` is the block index.
+# Raw dropped-row counts; MetricsCallback turns them into ``layer_dropped_fraction``.
+DROPPED_PREFIX = "moe_dropped/"
+
+
+def dropped_count(layer: int) -> str:
+    return f"{DROPPED_PREFIX}layer{layer}"
+
+
+def layer_dropped_fraction(layer: int) -> str:
+    """Share of the layer's routed rows the capacity limit dropped (moe_capacity_factor)."""
+    return f"moe/layer{layer}/DroppedFraction"
+
+
+def layer_router_entropy(layer: int) -> str:
+    """Mean entropy of the router's distribution over experts, nats (log E = uniform)."""
+    return f"moe/layer{layer}/RouterEntropy"
+
+
+def layer_bias_range(layer: int) -> str:
+    """max - min of the auxiliary-loss-free expert bias (moe_bias_update_rate)."""
+    return f"moe/layer{layer}/BiasRange"
 
 
 def eval_loss(label: str) -> str:

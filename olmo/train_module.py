@@ -8,7 +8,9 @@ learning-rate schedule, micro-batching, and the objective
 
 with the two auxiliary losses (already weighted by the model) divided by the number of
 micro-batches in a step, as OLMoE trained (DESIGN.md). The paper's released trainer dropped
-them from the objective; here they always reach the gradients.
+them from the objective; here they always reach the gradients. With auxiliary-loss-free
+balancing (model.moe_bias_update_rate), every optimizer step is followed by the expert-bias
+update from the step's routed rows, summed over micro-batches and data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ from olmo.metric_names import (
     SKIPPED_STEPS,
     TOTAL_LOSS,
     Z_LOSS,
+    dropped_count,
     expert_count,
+    layer_bias_range,
+    layer_router_entropy,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +165,8 @@ class MoETrainModule(TrainModule):
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0
         self._step_loss_sum: torch.Tensor | None = None
+        self._step_load_LE: torch.Tensor | None = None
+        self.moe_layer_ids = self.model_config.moe_layer_ids
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
@@ -242,6 +249,8 @@ class MoETrainModule(TrainModule):
         lb_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
         load_LE: torch.Tensor | None = None
+        entropy_L: torch.Tensor | None = None
+        dropped_L: torch.Tensor | None = None
         for micro in micro_batches:
             out = self._forward(micro["input_ids"])
             logits = out.logits
@@ -260,6 +269,12 @@ class MoETrainModule(TrainModule):
             counts = out.tokens_per_expert_LE
             if counts is not None and counts.numel() > 0:
                 load_LE = counts if load_LE is None else load_LE + counts
+            if out.router_entropy_L is not None:
+                part = out.router_entropy_L / num_micro
+                entropy_L = part if entropy_L is None else entropy_L + part
+            if out.dropped_rows_L is not None:
+                dropped = out.dropped_rows_L
+                dropped_L = dropped if dropped_L is None else dropped_L + dropped
             del out, logits, ce, lb, z
 
         if dry_run:
@@ -271,13 +286,42 @@ class MoETrainModule(TrainModule):
         self.record_metric(LB_LOSS, lb_total, ReduceType.mean)
         self.record_metric(Z_LOSS, z_total, ReduceType.mean)
         self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
+        self._step_load_LE = load_LE
         if load_LE is not None:
             # Raw counts, summed over ranks; MetricsCallback turns them into fractions. One
             # device-to-host copy here instead of one per (layer, expert) metric at log time.
-            for layer, counts_E in enumerate(load_LE.float().cpu()):
+            for layer, counts_E in zip(self.moe_layer_ids, load_LE.float().cpu(), strict=True):
                 for expert, count in enumerate(counts_E):
                     self.record_metric(expert_count(layer, expert), count, ReduceType.sum)
+        if self._routing_metrics_due():
+            # Entropy (mean over ranks) and dropped rows (summed; MetricsCallback divides by
+            # the routed rows): one more host copy, at the console interval only.
+            if entropy_L is not None:
+                for layer, value in zip(self.moe_layer_ids, entropy_L.cpu(), strict=True):
+                    self.record_metric(layer_router_entropy(layer), value, ReduceType.mean)
+            if dropped_L is not None:
+                for layer, value in zip(self.moe_layer_ids, dropped_L.float().cpu(), strict=True):
+                    self.record_metric(dropped_count(layer), value, ReduceType.sum)
         del batch, input_ids
+
+    def _routing_metrics_due(self) -> bool:
+        """Whether this step records the routing diagnostics: at the console interval."""
+        step, max_steps = self.trainer.global_step, self.trainer.max_steps
+        return step % self.cfg.console_log_interval == 0 or step == max_steps
+
+    def _update_expert_bias(self) -> None:
+        """Auxiliary-loss-free balancing: the step's routed rows summed over data-parallel ranks
+        (so every rank applies the same update), then one bias step in every MoE layer."""
+        if self.model_config.moe_bias_update_rate is None or self._step_load_LE is None:
+            return
+        load_LE = self._step_load_LE.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load_LE)
+        self.model.update_expert_bias(load_LE)
+        if self._routing_metrics_due():
+            bias_LE = torch.stack([m.expert_bias_E for m in self.model.moe_layers()]).cpu()
+            for layer, bias_E in zip(self.moe_layer_ids, bias_LE, strict=True):
+                self.record_metric(layer_bias_range(layer), bias_E.max() - bias_E.min(), None)
 
     def _grad_norm(self) -> torch.Tensor:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -319,10 +363,12 @@ class MoETrainModule(TrainModule):
             for group in self.optim.param_groups:
                 group["lr"] = lr
             self.optim.step()
+            self._update_expert_bias()
             self.record_metric(LR, lr, ReduceType.mean)
         self.record_metric(GRAD_NORM, grad_norm.detach(), None)
         self.record_metric(SKIPPED_STEPS, float(self.skipped_steps), None)
         self._step_loss_sum = None
+        self._step_load_LE = None
 
     # ---- evaluation -------------------------------------------------------------------------
 

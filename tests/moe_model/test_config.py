@@ -145,3 +145,109 @@ def test_from_dict_and_types():
         "order": 3, "backend": "auto",
     }  # fmt: skip
     assert ModelConfig(activation_type="relu2").activation_kwargs() == {}
+
+
+# ---- routing and balancing variants -----------------------------------------------------------
+
+VARIANT_OPTIONS = [
+    {"moe_shared_experts": 1},
+    {"moe_shared_experts": 2, "moe_shared_hidden_size": 40},
+    {"moe_first_dense_layers": 1},
+    {"moe_first_dense_layers": 2, "moe_first_dense_hidden_size": 56},
+    {"moe_bias_update_rate": 1e-3},
+    {"moe_router_score": "sigmoid", "moe_zloss_weight": 0.0, "moe_route_scale": 2.5},
+    {"moe_capacity_factor": 1.25, "moe_lb_granularity": "sequence"},
+    {"moe_shared_experts": 1, "moe_first_dense_layers": 1, "moe_activation_per_expert": True},
+]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "polynorm", "gelu"])
+@pytest.mark.parametrize("extra", VARIANT_OPTIONS)
+def test_variant_counts_equal_numel(activation, extra):
+    config = ModelConfig(
+        vocab_size=100, embedding_size=128, d_model=32, n_layers=3, n_heads=4,
+        mlp_hidden_size=24, moe_num_experts=5, moe_top_k=2, activation_type=activation, **extra,
+    )  # fmt: skip
+    model = config.build("meta")
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+    # Active: everything but the E-K unchosen routed experts of every MoE layer.
+    expert = 32 * (48 if activation == "swiglu" else 24) + 24 * 32
+    unchosen = (5 - 2) * expert * len(config.moe_layer_ids)
+    if config.activation_sets_per_layer > 1:
+        unchosen += (5 - 2) * 4 * len(config.moe_layer_ids)
+    assert config.num_params() - config.num_active_params() == unchosen
+    non_embedding = config.num_active_params() - 128 * 32
+    assert config.num_flops_per_token(16) == 6 * non_embedding + 12 * 3 * 32 * 16
+
+
+def test_shared_and_dense_sizes_in_the_counts():
+    base = ModelConfig(d_model=64, n_heads=4, n_layers=4, mlp_hidden_size=32, moe_num_experts=8,
+                       moe_top_k=2, activation_type="swiglu")
+    swiglu_ffn = lambda h: 3 * 64 * h  # noqa: E731
+    shared = base.replace(moe_shared_experts=2, moe_shared_hidden_size=16)
+    assert shared.num_params() - base.num_params() == 4 * 2 * swiglu_ffn(16)
+    assert shared.num_active_params() - base.num_active_params() == 4 * 2 * swiglu_ffn(16)
+    dense = base.replace(moe_first_dense_layers=1)  # default width K * H = 64
+    moe_layer = 64 * 8 + 8 * swiglu_ffn(32)
+    assert base.num_params() - dense.num_params() == moe_layer - swiglu_ffn(64)
+    # The dense FFN's default width makes its active weights the routed experts' (router aside).
+    assert base.num_active_params() - dense.num_active_params() == 64 * 8
+    assert dense.moe_layer_ids == [1, 2, 3] and dense.num_moe_layers == 3
+
+
+def test_fine_grained_experts_at_equal_parameters():
+    """64 experts of H/4, top-8 against 16 of H, top-2: the same total and active counts; the
+    equal-parameter PolyNorm size of the fine-grained SwiGLU expert."""
+    coarse = ModelConfig(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=128,
+                         moe_num_experts=16, moe_top_k=2, activation_type="swiglu")
+    fine = coarse.replace(mlp_hidden_size=32, moe_num_experts=64, moe_top_k=8)
+    router = 2 * 64 * (64 - 16)
+    assert fine.num_params() - coarse.num_params() == router
+    assert fine.num_active_params() - coarse.num_active_params() == router
+    h = equal_param_hidden_size(32, "swiglu", "polynorm")
+    poly = fine.replace(activation_type="polynorm", mlp_hidden_size=h)
+    assert h == 48 and poly.num_params() - fine.num_params() == 2 * 4  # coefficients only
+    assert poly.num_params() == sum(p.numel() for p in poly.build("meta").parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"moe_router_score": "tanh"}, "model.moe_router_score='tanh' must be one of"),
+        ({"moe_lb_granularity": "batch"}, "model.moe_lb_granularity='batch' must be one of"),
+        ({"moe_shared_experts": 1, "moe_shared_hidden_size": 0}, "model.moe_shared_hidden_size=0"),
+        ({"moe_shared_hidden_size": 64}, "is unused: model.moe_shared_experts is 0"),
+        ({"moe_shared_experts": -1}, "model.moe_shared_experts=-1 must be >= 0"),
+        ({"moe_first_dense_layers": 16}, "model.moe_first_dense_layers=16 must be < model.n_layers=16"),
+        ({"moe_first_dense_hidden_size": 64}, "is unused: model.moe_first_dense_layers is 0"),
+        ({"moe_capacity_factor": 0.0}, "model.moe_capacity_factor=0.0 must be > 0"),
+        ({"moe_bias_update_rate": -1e-3}, "model.moe_bias_update_rate=-0.001 must be > 0"),
+        ({"moe_route_scale": 0}, "model.moe_route_scale=0.0 must be > 0"),
+        ({"moe_router_score": "sigmoid"}, "model.moe_zloss_weight=0.001 is the softmax router's"),
+        ({"moe_lb_granularity": "sequence", "moe_loss_weight": 0.0}, "has no effect"),
+        ({"block_type": "dense", "moe_shared_experts": 1}, "needs model.block_type='moe'"),
+        ({"block_type": "dense", "moe_capacity_factor": 1.0}, "model.moe_capacity_factor=1.0 needs"),
+        ({"moe_capacity_factor": "big"}, "model.moe_capacity_factor='big' must be a number"),
+        ({"moe_shared_experts": 1.5}, "model.moe_shared_experts=1.5 must be an int"),
+    ],
+)
+def test_variant_validation_errors(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**kwargs)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_variant_options_from_yaml_overrides():
+    from olmo.config import load_config
+
+    cfg = load_config(CONFIGS / "tiny.yaml", [
+        "--model.moe_router_score=sigmoid", "--model.moe_zloss_weight=0",
+        "--model.moe_bias_update_rate=1e-3", "--model.moe_capacity_factor=1.25",
+        "--model.moe_shared_experts=1", "--model.moe_first_dense_layers=1",
+    ])  # fmt: skip
+    m = cfg.model
+    assert (m.moe_bias_update_rate, m.moe_capacity_factor) == (1e-3, 1.25)
+    assert m.moe_layer_ids == [1, 2, 3]
+    with pytest.raises(ConfigError, match="model.moe_router_score"):
+        load_config(CONFIGS / "tiny.yaml", ["--model.moe_router_score=relu"])

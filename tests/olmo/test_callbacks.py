@@ -6,7 +6,7 @@ import re
 import pytest
 
 from olmo import metric_names as names
-from olmo.callbacks import format_duration, progress_line
+from olmo.callbacks import MetricsCallback, format_duration, progress_line
 
 from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overrides
 
@@ -32,6 +32,27 @@ def test_progress_line_fields_and_medians():
     # A step with only evaluation metrics: nothing invented.
     assert progress_line(3, None, {}, [], [], None) == "step 3/?"
     assert "skipped 2" in progress_line(5, 9, {names.SKIPPED_STEPS: 2.0}, [], [], None)
+
+
+def test_metrics_callback_load_summaries_by_block(tmp_path):
+    """Counts recorded for blocks 1 and 2 (block 0 dense): max/mean and min/mean load, the
+    dropped fraction of each layer's routed rows, and ``expert_load`` naming its blocks."""
+    callback = MetricsCallback()
+    metrics = {names.expert_count(1, e): c for e, c in enumerate([6.0, 2.0, 0.0, 0.0])}
+    metrics |= {names.expert_count(2, e): 2.0 for e in range(4)}
+    metrics |= {names.dropped_count(1): 2.0, names.dropped_count(2): 0.0, names.CE_LOSS: 1.0}
+    callback._path = tmp_path / "metrics.jsonl"
+    callback.pre_log_metrics(5, metrics)
+    assert metrics[names.layer_max_load(1)] == 3.0 and metrics[names.layer_min_load(1)] == 0.0
+    assert metrics[names.layer_max_load(2)] == 1.0
+    assert metrics[names.layer_dropped_fraction(1)] == 0.25
+    assert metrics[names.layer_dropped_fraction(2)] == 0.0
+    assert not any(k.startswith((names.EXPERT_LOAD_PREFIX, names.DROPPED_PREFIX)) for k in metrics)
+    assert names.layer_max_load(0) not in metrics
+    callback.log_metrics(5, metrics)
+    record = read_metrics(tmp_path)[0]
+    assert record["expert_load"] == [[0.75, 0.25, 0.0, 0.0], [0.25] * 4]
+    assert record["expert_load_layers"] == [1, 2]
 
 
 @pytest.mark.slow

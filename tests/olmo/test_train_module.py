@@ -60,22 +60,21 @@ def make_module(config: ModelConfig, seed: int = 0, **train) -> tuple[MoETrainMo
         for i, block in enumerate(model.blocks):
             block.ffn.act.weight.copy_(torch.tensor([0.5, -0.3, 0.9]) * (i + 1))
             block.ffn.act.bias.fill_(0.1 * (i + 1))
-    cfg = TrainConfig(
-        model=config, precision="fp32", global_train_batch_size=BATCH,
-        device_train_microbatch_size=MICRO, **train,
-    )  # fmt: skip
+    settings = dict(precision="fp32", global_train_batch_size=BATCH,
+                    device_train_microbatch_size=MICRO)
+    cfg = TrainConfig(model=config, **{**settings, **train})
     module = MoETrainModule(model, cfg, torch.device("cpu"))
     trainer = TrainerStandIn()
     module._attach_trainer(trainer)  # what olmo-core's Trainer does when it is built
     return module, trainer
 
 
-def make_batch(seed: int = 1) -> dict[str, torch.Tensor]:
-    """Two micro-batches with different numbers of predicted tokens (a label mask in the first),
+def make_batch(seed: int = 1, size: int = BATCH) -> dict[str, torch.Tensor]:
+    """Micro-batches with different numbers of predicted tokens (a label mask in the first),
     so dividing each micro-batch's CE by its own token count would show."""
     gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
-    label_mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    input_ids = torch.randint(0, VOCAB, (size, SEQ), generator=gen)
+    label_mask = torch.ones(size, SEQ, dtype=torch.bool)
     label_mask[0, :5] = False
     label_mask[1, 7:] = False
     return {"input_ids": input_ids, "label_mask": label_mask}
@@ -257,3 +256,71 @@ def test_model_only_checkpoint_starts_with_a_fresh_optimizer_at_warmup_step_one(
     assert trainer.metrics[LR] == pytest.approx(peak / warmup, rel=1e-12)
     steps = {float(s["step"]) for s in module.optim.state.values()}
     assert steps == {1.0}
+
+
+# ---- routing variants ----------------------------------------------------------------------------
+
+
+def test_bias_update_after_the_step_and_resume_from_state_dict():
+    """Auxiliary-loss-free balancing: after each optimizer step every layer's bias moves by
+    rate * sign(mean - load) of the step's routed rows (all micro-batches); the bias rides in
+    the state dict, not the optimizer, and a module loaded from it continues identically."""
+    from moe_model.moe import update_expert_bias_
+
+    config = model_config(moe_bias_update_rate=0.01, moe_first_dense_layers=1, n_layers=3)
+    module, trainer = make_module(config)
+    assert not any(b is p for b in module.model.buffers() for g in module.optim.param_groups
+                   for p in g["params"])
+    layers = module.model.moe_layers()
+    assert len(layers) == 2 and config.moe_layer_ids == [1, 2]
+    expected = [torch.zeros(4) for _ in layers]
+    for step in (1, 2):
+        trainer.global_step, trainer.metrics = step, {}
+        module.zero_grads()
+        module.train_batch(make_batch(seed=step))
+        counts = [[trainer.metrics[f"{EXPERT_LOAD_PREFIX}layer{block}/expert{e}"] for e in range(4)]
+                  for block in (1, 2)]
+        module.optim_step()
+        for want, load in zip(expected, counts):
+            update_expert_bias_(want, torch.tensor(load), 0.01)
+        for layer, want in zip(layers, expected):
+            torch.testing.assert_close(layer.expert_bias_E, want, rtol=0, atol=1e-7)
+    assert all(w.abs().max() > 0 for w in expected)
+    assert {"blocks.1.ffn.expert_bias_E", "blocks.2.ffn.expert_bias_E"} <= set(
+        module.state_dict()["model"])
+    # Routing diagnostics (console interval 1): entropy, bias range, by block index.
+    assert trainer.metrics["moe/layer2/BiasRange"] == pytest.approx(
+        (expected[1].max() - expected[1].min()).item())
+    assert 0 < trainer.metrics["moe/layer1/RouterEntropy"] < math.log(4)
+    assert not any(k.startswith(("moe/layer0/", f"{EXPERT_LOAD_PREFIX}layer0/"))
+                   for k in trainer.metrics)
+
+    state = copy.deepcopy(module.state_dict())
+    resumed, resumed_trainer = make_module(config, seed=9)
+    resumed.load_state_dict(state)
+    for t, m in ((trainer, module), (resumed_trainer, resumed)):
+        t.global_step, t.metrics = 3, {}
+        m.zero_grads()
+        m.train_batch(make_batch(seed=3))
+        m.optim_step()
+    assert resumed_trainer.metrics[CE_LOSS] == trainer.metrics[CE_LOSS]
+    for a, b in zip(module.model.moe_layers(), resumed.model.moe_layers()):
+        assert torch.equal(a.expert_bias_E, b.expert_bias_E)
+
+
+def test_capacity_drops_recorded_at_the_console_interval():
+    config = model_config(moe_capacity_factor=0.5)
+    module, trainer = make_module(config, console_log_interval=2)
+    for step in (1, 2):
+        trainer.global_step, trainer.metrics = step, {}
+        module.train_batch(make_batch(seed=step))
+        module.optim_step()
+        recorded = {k for k in trainer.metrics if k.startswith(("moe_dropped/", "moe/"))}
+        if step == 1:
+            assert recorded == set()
+        else:
+            assert recorded == {f"moe_dropped/layer{i}" for i in (0, 1)} | {
+                f"moe/layer{i}/RouterEntropy" for i in (0, 1)}
+    # Capacity 0.5 of the even share: at least half of the rows go.
+    routed = BATCH * SEQ * config.moe_top_k
+    assert all(trainer.metrics[f"moe_dropped/layer{i}"] >= routed / 2 for i in (0, 1))
