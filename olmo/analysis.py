@@ -8,8 +8,15 @@
   the embedding and after every block, cosine similarity per token averaged over tokens, for
   every pair of layers (identical layers give 1).
 * Per-layer expert load (share of the top-k assignments each expert receives) and routing
-  entropy (mean entropy of the router's softmax over experts, in nats; log E is uniform).
-* The activation coefficients per layer (PolyNorm / PolyReLU ``weight`` and ``bias``).
+  entropy (mean entropy of the router's distribution over experts, in nats; log E is uniform;
+  a sigmoid router's scores normalised over E). The MoE layers are listed by block index
+  (``moe_layers``: dense first blocks have none), with the auxiliary-loss-free expert bias of
+  each when the model has one (``expert_bias``).
+* The activation coefficients per layer (PolyNorm / PolyReLU ``weight`` and ``bias``; a
+  layer's shared experts each have their own set, under ``shared``).
+
+Shared experts' matrices get effective ranks of their own (``shared w1 (in)``... , one column
+per shared expert). The routing is the model's in evaluation: dropless, as at inference.
 
 Checkpoints are read with :func:`olmo.checkpoint_io.load_checkpoint` (any checkpoint form, one
 process, no process group).
@@ -44,14 +51,24 @@ def effective_rank(matrix: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def expert_matrices(ffn) -> dict[str, torch.Tensor]:
-    """name -> (E, rows, cols) stack of one MoE layer's expert matrices."""
-    w_in = ffn.w_in_EDH.detach().float().cpu()
-    w_out = ffn.w_out_EHD.detach().float().cpu()
-    if getattr(ffn.act, "gated", False):
+def _split(w_in: torch.Tensor, w_out: torch.Tensor, gated: bool, prefix: str = ""):
+    if gated:
         h = w_out.shape[1]
-        return {"w1 (gate)": w_in[..., :h], "w3 (up)": w_in[..., h:], "w2 (out)": w_out}
-    return {"w1 (in)": w_in, "w2 (out)": w_out}
+        return {f"{prefix}w1 (gate)": w_in[..., :h], f"{prefix}w3 (up)": w_in[..., h:],
+                f"{prefix}w2 (out)": w_out}
+    return {f"{prefix}w1 (in)": w_in, f"{prefix}w2 (out)": w_out}
+
+
+def expert_matrices(ffn) -> dict[str, torch.Tensor]:
+    """name -> (E, rows, cols) stack of one MoE layer's expert matrices (D x H in, H x D out),
+    and of its shared experts (names prefixed 'shared ') when it has them."""
+    gated = getattr(ffn.config, "gated", False)
+    out = _split(ffn.w_in_EDH.detach().float().cpu(), ffn.w_out_EHD.detach().float().cpu(), gated)
+    if ffn.shared_experts is not None:
+        w_in = torch.stack([s.w_in.weight.detach().float().cpu().T for s in ffn.shared_experts])
+        w_out = torch.stack([s.w_out.weight.detach().float().cpu().T for s in ffn.shared_experts])
+        out |= _split(w_in, w_out, gated, "shared ")
+    return out
 
 
 def moe_layers(model) -> list[tuple[int, Any]]:
@@ -118,6 +135,7 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, An
     layers = sorted(counts)
     return {
         "hidden": [torch.cat(h) for h in hidden],
+        "moe_layers": layers,
         "expert_load": [(counts[li] / counts[li].sum()).tolist() for li in layers],
         "routing_entropy": [entropy_sum[li] / tokens[li] for li in layers],
         "mean_router_prob": [(probs_sum[li] / tokens[li]).tolist() for li in layers],
@@ -140,11 +158,24 @@ def activation_coefficients(model) -> list[dict[str, list]]:
             out.append({"weight": weight_EO.mean(0).tolist(), "bias": [bias_E.mean().item()],
                         "weight_per_expert": weight_EO.tolist(), "bias_per_expert": bias_E.tolist()})
         elif act is not None and hasattr(act, "weight"):
-            out.append({"weight": act.weight.detach().float().cpu().tolist(),
-                        "bias": act.bias.detach().float().cpu().tolist()})
+            out.append(_coefficients(act))
         else:
             out.append({})
+        shared = getattr(block.ffn, "shared_experts", None)
+        if out[-1] and shared is not None:
+            out[-1]["shared"] = [_coefficients(s.act) for s in shared]
     return out
+
+
+def _coefficients(act) -> dict[str, list]:
+    return {"weight": act.weight.detach().float().cpu().tolist(),
+            "bias": act.bias.detach().float().cpu().tolist()}
+
+
+def expert_biases(model) -> list[list[float]]:
+    """The auxiliary-loss-free selection bias of every MoE layer ([] without the option)."""
+    return [layer.expert_bias_E.detach().float().cpu().tolist() for layer in model.moe_layers()
+            if layer.expert_bias_E is not None]
 
 
 def validation_tokens(paths: list[str], seq_len: int, num_sequences: int,
@@ -181,7 +212,9 @@ def analyze(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, An
         "max_rank": {name: min(stack.shape[1:]) for name, stack in
                      expert_matrices(moe_layers(model)[0][1]).items()} if moe_layers(model) else {},
         "layer_similarity": layer_similarity(stats["hidden"]).tolist(),
+        "moe_layers": stats["moe_layers"],
         "expert_load": stats["expert_load"],
+        "expert_bias": expert_biases(model),
         "routing_entropy": stats["routing_entropy"],
         "max_routing_entropy": math.log(stats["num_experts"]) if stats["num_experts"] else 0.0,
         "activation_coefficients": activation_coefficients(model),
@@ -228,17 +261,28 @@ def write_figures(result: dict[str, Any], out_dir: str | Path, title: str = "") 
     paths["layer_similarity"] = _save(fig, out_dir / "layer_similarity.png")
 
     load = np.array(result["expert_load"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bias = np.array(result.get("expert_bias") or [])
+    fig, axes = plt.subplots(1, 3 if bias.size else 2, figsize=(16 if bias.size else 11, 4))
     if load.size:
         n_exp = load.shape[1]
+        blocks = result.get("moe_layers") or list(range(len(load)))
         im = axes[0].imshow(load * n_exp, aspect="auto", cmap="magma")
         fig.colorbar(im, ax=axes[0], label="load x E (1 = balanced)")
+        axes[0].set_yticks(range(len(blocks)), [str(b) for b in blocks])
         axes[0].set_xlabel("expert")
         axes[0].set_ylabel("layer")
         axes[0].set_title(f"{prefix}expert load")
-        axes[1].plot(result["routing_entropy"], marker="o", label="routing entropy")
+        axes[1].plot(blocks, result["routing_entropy"], marker="o", label="routing entropy")
         axes[1].axhline(result["max_routing_entropy"], ls="--", c="gray", label="uniform (log E)")
         axes[1].set_xlabel("layer")
+        if bias.size:
+            lim = max(float(np.abs(bias).max()), 1e-12)
+            im = axes[2].imshow(bias, aspect="auto", cmap="coolwarm", vmin=-lim, vmax=lim)
+            fig.colorbar(im, ax=axes[2], label="bias")
+            axes[2].set_yticks(range(len(blocks)), [str(b) for b in blocks])
+            axes[2].set_xlabel("expert")
+            axes[2].set_ylabel("layer")
+            axes[2].set_title("auxiliary-loss-free expert bias")
         axes[1].set_ylabel("nats")
         axes[1].set_title("mean router entropy per token")
         axes[1].legend()

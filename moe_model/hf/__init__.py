@@ -86,7 +86,14 @@ _KEY_RENAMES = [
     (r"blocks\.(\d+)\.ffn\.(w_in|w_out)\.weight", "model.layers.{}.mlp.{}.weight"),  # dense
     (r"blocks\.(\d+)\.ffn\.act\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}"),
     (r"blocks\.(\d+)\.ffn\.act\.(\d+)\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}.{}"),  # per expert
+    (r"blocks\.(\d+)\.ffn\.expert_bias_E", "model.layers.{}.mlp.gate.e_score_correction_bias"),
+    (r"blocks\.(\d+)\.ffn\.shared_experts\.(\d+)\.(w_in|w_out)\.weight",
+     "model.layers.{}.mlp.shared_experts.{}.{}.weight"),
+    (r"blocks\.(\d+)\.ffn\.shared_experts\.(\d+)\.act\.(weight|bias)",
+     "model.layers.{}.mlp.shared_experts.{}.act_fn.{}"),
 ]
+# Kept in fp32 whatever export dtype is asked for: a bf16 bias would change top-k choices.
+_FP32_KEYS = re.compile(r".*\.e_score_correction_bias")
 
 
 def _template_to_regex(template: str, pattern: str) -> str:
@@ -227,7 +234,10 @@ def export_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_state = to_hf_state_dict(state_dict)
     if dtype is not None:
-        hf_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state.items()}
+        hf_state = {
+            k: v.to(dtype) if v.is_floating_point() and not _FP32_KEYS.fullmatch(k) else v
+            for k, v in hf_state.items()
+        }
     weight_dtype = hf_state["lm_head.weight"].dtype
 
     hf_config = PolyMoEConfig(

@@ -37,6 +37,15 @@ class PolyMoEConfig(PretrainedConfig):
         num_experts_per_tok: int = 8,
         norm_topk_prob: bool = False,
         moe_activation_per_expert: bool = False,
+        moe_router_score: str = "softmax",
+        moe_route_scale: float = 1.0,
+        moe_bias_update_rate: float | None = None,
+        moe_lb_granularity: str = "micro_batch",
+        moe_capacity_factor: float | None = None,
+        moe_shared_experts: int = 0,
+        moe_shared_hidden_size: int | None = None,
+        moe_first_dense_layers: int = 0,
+        moe_first_dense_hidden_size: int | None = None,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
         initializer_range: float = 0.02,
@@ -52,6 +61,8 @@ class PolyMoEConfig(PretrainedConfig):
             raise ValueError(f"hidden_act={hidden_act!r}; known activations: {list(ACTIVATION_TYPES)}")
         if block_type not in ("moe", "dense"):
             raise ValueError(f"block_type={block_type!r} must be 'moe' or 'dense'")
+        if moe_router_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score={moe_router_score!r} must be 'softmax' or 'sigmoid'")
         if tie_word_embeddings:
             raise ValueError("polymoe models have an untied LM head (tie_word_embeddings=False)")
         self.vocab_size = vocab_size
@@ -74,6 +85,19 @@ class PolyMoEConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.norm_topk_prob = norm_topk_prob
         self.moe_activation_per_expert = moe_activation_per_expert
+        # Routing (used here): gate, weight scale, whether a selection bias is stored, shared
+        # experts, dense first blocks. Training only (kept for the round trip): the bias update
+        # rate's value, the balance-loss granularity, the capacity factor (inference is
+        # dropless, as training's evaluation).
+        self.moe_router_score = moe_router_score
+        self.moe_route_scale = moe_route_scale
+        self.moe_bias_update_rate = moe_bias_update_rate
+        self.moe_lb_granularity = moe_lb_granularity
+        self.moe_capacity_factor = moe_capacity_factor
+        self.moe_shared_experts = moe_shared_experts
+        self.moe_shared_hidden_size = moe_shared_hidden_size
+        self.moe_first_dense_layers = moe_first_dense_layers
+        self.moe_first_dense_hidden_size = moe_first_dense_hidden_size
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.initializer_range = initializer_range

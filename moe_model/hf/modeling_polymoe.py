@@ -24,9 +24,19 @@ Weight layout (safetensors keys):
                                                                  set per layer shared by experts
     model.layers.{i}.mlp.act_fn.{e}.{weight,bias}     (r,), (1,)  instead, one set per expert e
                                                                  (moe_activation_per_expert)
+    model.layers.{i}.mlp.gate.e_score_correction_bias (E,) fp32   auxiliary-loss-free selection
+                                                                 bias (moe_bias_update_rate)
+    model.layers.{i}.mlp.shared_experts.{s}.{w_in,w_out}.weight, .act_fn.{weight,bias}
+                                                                 shared expert s (dense layout)
     model.norm.weight, lm_head.weight                 (D,), (V, D)
-Dense models (``block_type="dense"``) have ``mlp.w_in.weight`` (H or 2H, D) and
-``mlp.w_out.weight`` (D, H) instead of the router and experts.
+Dense models (``block_type="dense"``) and the first ``moe_first_dense_layers`` blocks have
+``mlp.w_in.weight`` (H or 2H, D) and ``mlp.w_out.weight`` (D, H) instead of the router and
+experts.
+
+Routing as in training (moe_model/moe.py): softmax or sigmoid scores in fp32, the top-k chosen
+on scores + bias (when stored), weighted by the unbiased scores, renormalised
+(``norm_topk_prob``), times ``moe_route_scale``; the shared experts' outputs added. Inference
+never drops tokens (a capacity factor acts in training only).
 """
 
 from __future__ import annotations
@@ -202,8 +212,19 @@ class PolyMoESparseMoeBlock(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.score = config.moe_router_score
+        self.route_scale = config.moe_route_scale
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.has_bias = config.moe_bias_update_rate is not None
+        if self.has_bias:
+            self.gate.register_buffer(
+                "e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32)
+            )
         self.experts = PolyMoEExperts(config)
+        self.shared_experts = nn.ModuleList(
+            PolyMoEDenseMLP(config, config.moe_shared_hidden_size or config.intermediate_size)
+            for _ in range(config.moe_shared_experts)
+        )
         # One activation (one set of coefficients) per layer shared by all experts, or one per
         # expert (moe_activation_per_expert, polyrelu/polynorm).
         if config.moe_activation_per_expert and config.hidden_act in ("polyrelu", "polynorm"):
@@ -215,10 +236,17 @@ class PolyMoESparseMoeBlock(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         logits_TE = F.linear(x_TD, self.gate.weight.to(x_TD.dtype)).float()
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        scores_TE = logits_TE.softmax(dim=-1) if self.score == "softmax" else logits_TE.sigmoid()
+        if self.has_bias:
+            bias_E = self.gate.e_score_correction_bias.float()
+            experts_TK = (scores_TE + bias_E).topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(-1, experts_TK)
+        else:
+            weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.route_scale != 1.0:
+            weights_TK = weights_TK * self.route_scale
         w_in, w_out = self.experts.w_in.to(x.dtype), self.experts.w_out.to(x.dtype)
         # Rows sorted by expert, token order inside an expert: the training layer's order.
         experts_R = experts_TK.reshape(-1)
@@ -234,15 +262,19 @@ class PolyMoESparseMoeBlock(nn.Module):
         y_RD = torch.cat([a_NH @ w_out[e] for e, a_NH in enumerate(a_RH.split(counts))])
         y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
         y_TD = y_RD.new_zeros(x_TD.shape[0], shape[-1]).index_add_(0, token_R, y_RD)
+        for shared in self.shared_experts:
+            y_TD = y_TD + shared(x_TD)[0]
         return y_TD.reshape(shape), logits_TE
 
 
 class PolyMoEDenseMLP(nn.Module):
-    def __init__(self, config: PolyMoEConfig):
+    def __init__(self, config: PolyMoEConfig, hidden_size: int | None = None):
         super().__init__()
-        self.w_in = nn.Linear(config.hidden_size, mlp_in_size(config), bias=False)
+        hidden_size = hidden_size or config.intermediate_size
+        in_size = 2 * hidden_size if config.hidden_act in GATED else hidden_size
+        self.w_in = nn.Linear(config.hidden_size, in_size, bias=False)
         self.act_fn = build_activation(config)
-        self.w_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w_out = nn.Linear(hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor):
         return self.w_out(self.act_fn(self.w_in(x))), None
@@ -255,9 +287,15 @@ class PolyMoEDecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
         self.self_attn = PolyMoEAttention(config, layer_idx)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
-        self.mlp = (
-            PolyMoESparseMoeBlock(config) if config.block_type == "moe" else PolyMoEDenseMLP(config)
-        )
+        if config.block_type == "dense":
+            self.mlp = PolyMoEDenseMLP(config)
+        elif layer_idx < config.moe_first_dense_layers:
+            width = config.moe_first_dense_hidden_size
+            self.mlp = PolyMoEDenseMLP(
+                config, width or config.num_experts_per_tok * config.intermediate_size
+            )
+        else:
+            self.mlp = PolyMoESparseMoeBlock(config)
 
     def forward(self, x, position_ids, mask, past_key_values):
         h = x + self.self_attn(self.input_layernorm(x), position_ids, mask, past_key_values)
@@ -295,6 +333,8 @@ class PolyMoEPreTrainedModel(PreTrainedModel):
             module.bias.data.zero_()
         elif isinstance(module, nn.RMSNorm):
             module.reset_parameters()
+        if isinstance(module, nn.Linear) and hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.zero_()
 
 
 def _attention_mask(attention_mask_BK, past_len: int, s: int, device) -> torch.Tensor | None:

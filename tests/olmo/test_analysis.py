@@ -202,3 +202,37 @@ def test_per_expert_coefficients_are_reported_and_plotted(tmp_path):
     paths = write_figures(result, tmp_path / "figs")
     assert_png_drawn(paths["coefficients"])
     assert json.loads(paths["json"].read_text())["activation_coefficients"] == coeffs
+
+
+def test_routing_variants_are_analysed_by_block(tmp_path):
+    """A dense first block, shared experts, a sigmoid router with a trained bias: the routing
+    statistics name their blocks and follow the biased choice; shared experts get ranks and
+    coefficients of their own; the figures draw."""
+    from tests.moe_model.test_transformer import tiny_config
+
+    torch.manual_seed(0)
+    model = tiny_config(
+        "polynorm", n_layers=3, moe_first_dense_layers=1, moe_shared_experts=2,
+        moe_router_score="sigmoid", moe_zloss_weight=0.0, moe_bias_update_rate=1e-3,
+    ).build()  # fmt: skip
+    with torch.no_grad():
+        model.blocks[2].ffn.expert_bias_E.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+        model.blocks[2].ffn.shared_experts[1].act.bias.fill_(0.7)
+    ids = torch.randint(0, 64, (2, 16))
+    result = analyze(model, ids, batch_size=2)
+    assert result["moe_layers"] == [1, 2]
+    assert result["expert_bias"] == [[0.0] * 4, [5.0, 5.0, 0.0, 0.0]]
+    # A bias of 5 against sigmoid scores in (0, 1): experts 0 and 1 take every token.
+    assert result["expert_load"][1] == [0.5, 0.5, 0.0, 0.0]
+    assert len(result["routing_entropy"]) == 2
+    ranks = result["effective_rank"]
+    assert {"w1 (in)", "w2 (out)", "shared w1 (in)", "shared w2 (out)"} == set(ranks)
+    assert [len(row) for row in ranks["shared w1 (in)"]] == [2, 2]
+    shared = model.blocks[1].ffn.shared_experts[0].w_out.weight.T
+    assert ranks["shared w2 (out)"][0][0] == pytest.approx(
+        entropy_rank(torch.linalg.svdvals(shared.double())), rel=1e-6)
+    coeffs = result["activation_coefficients"]
+    assert "shared" not in coeffs[0] and coeffs[2]["shared"][1]["bias"] == pytest.approx([0.7])
+    paths = write_figures(result, tmp_path / "figs")
+    for name in ("routing", "effective_rank", "coefficients"):
+        assert_png_drawn(paths[name])

@@ -186,3 +186,39 @@ def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     assert all(torch.isfinite(w).all() for w in sets)
     # Trained separately from the same init: no two experts end with the same coefficients.
     assert len({tuple(w.tolist()) for w in sets}) == 4
+
+
+# DeepSeek-V3's recipe, shrunk: a dense first block, a shared expert, sigmoid routing with
+# auxiliary-loss-free bias balancing and a global-batch balance loss; plus token dropping.
+ROUTING_VARIANTS = {
+    "model.n_layers": 3, "model.moe_first_dense_layers": 1, "model.moe_shared_experts": 1,
+    "model.moe_router_score": "sigmoid", "model.moe_renormalize": "true",
+    "model.moe_zloss_weight": 0, "model.moe_bias_update_rate": 0.01,
+    "model.moe_lb_granularity": "global_batch", "model.moe_capacity_factor": 1.0,
+}
+
+
+def test_routing_variants_resume_exactly_on_two_ranks(tmp_path):
+    """Trained on 2 FSDP ranks, stopped at step 4 and resumed: the per-step losses and the final
+    weights, expert biases included, are the uninterrupted run's; the routing diagnostics are in
+    metrics.jsonl, by block index."""
+    straight = _train(tmp_path, "straight", nproc=2, **ROUTING_VARIANTS)
+    _train(tmp_path, "split", nproc=2, stop_at=4, **ROUTING_VARIANTS)
+    split = _train(tmp_path, "split", nproc=2, **ROUTING_VARIANTS)
+    assert _losses(split) == _losses(straight)
+    resumed, uninterrupted = _final_weights(split, 8), _final_weights(straight, 8)
+    assert {"blocks.1.ffn.expert_bias_E", "blocks.2.ffn.expert_bias_E"} <= resumed.keys()
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    bias = uninterrupted["blocks.1.ffn.expert_bias_E"]
+    # 8 steps of +-0.01 (or 0): every entry a multiple of the rate, and some moved.
+    assert bias.abs().max() > 0
+    torch.testing.assert_close(bias / 0.01, (bias / 0.01).round(), rtol=0, atol=1e-4)
+    for record in (r for r in read_metrics(straight) if "train/CrossEntropyLoss" in r):
+        assert record["expert_load_layers"] == [1, 2]
+        for layer in (1, 2):
+            assert 0 < record[f"moe/layer{layer}/DroppedFraction"] < 1
+            assert 0 < record[f"moe/layer{layer}/RouterEntropy"] <= math.log(4)
+            assert record[f"moe/layer{layer}/BiasRange"] <= 2 * 0.01 * record["step"] + 1e-6
+        assert "moe/layer0/MaxLoad" not in record

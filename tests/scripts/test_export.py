@@ -113,6 +113,58 @@ def test_export_matches_training_model(tmp_path, activation, block_type):
     assert torch.equal(out, greedy(model, ids[:, :6], 12))
 
 
+ROUTING_VARIANTS = {
+    "sigmoid + bias, scaled": dict(
+        moe_router_score="sigmoid", moe_renormalize=True, moe_route_scale=2.5,
+        moe_bias_update_rate=1e-3, moe_zloss_weight=0.0, moe_lb_granularity="sequence",
+    ),  # fmt: skip
+    "softmax + bias, capacity": dict(moe_bias_update_rate=1e-3, moe_capacity_factor=1.0),
+    "shared experts": dict(moe_shared_experts=2, moe_shared_hidden_size=16),
+    "dense first block + shared": dict(
+        moe_first_dense_layers=1, moe_first_dense_hidden_size=40, moe_shared_experts=1,
+        moe_activation_per_expert=True,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("variant", list(ROUTING_VARIANTS))
+@pytest.mark.parametrize("activation", ["polynorm", "swiglu"])
+def test_routing_variants_export_and_import(tmp_path, variant, activation):
+    """The remote-code model computes what the training model computes (eval: dropless) for
+    every routing variant, with a trained (non-zero) expert bias; import restores it exactly."""
+    model = tiny_model(activation, seed=4, **ROUTING_VARIANTS[variant])
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            if layer.expert_bias_E is not None:
+                layer.expert_bias_E.copy_(torch.tensor([0.04, -0.03, 0.01, -0.02]))
+    export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_json=None,
+              dtype=torch.bfloat16)
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    biases = [k for k in exported if k.endswith("e_score_correction_bias")]
+    assert len(biases) == (2 if model.config.moe_bias_update_rate else 0)
+    assert all(exported[k].dtype == torch.float32 for k in biases)
+    export_hf(model.state_dict(), model.config, tmp_path / "hf32", tokenizer_json=None)
+    hf = load_hf(tmp_path / "hf32")
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    out = hf.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=8,
+                      do_sample=False, eos_token_id=None, pad_token_id=None)
+    assert torch.equal(out, greedy(model, ids[:, :6], 8))
+
+    if biases:  # the bias matters: without it the choice, and the logits, differ
+        with torch.no_grad():
+            for buffer in (b for n, b in hf.named_buffers() if "e_score_correction" in n):
+                buffer.zero_()
+            assert (hf(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+    state, config = read_hf_dir(tmp_path / "hf32")
+    assert config == model.config
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def test_left_padded_batch_generation_matches_unpadded(tmp_path):
     model = tiny_model("polynorm")
     export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_json=None)
