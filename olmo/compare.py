@@ -16,6 +16,13 @@ against tokens, mean over seeds with a min-max band), ``compare_activations.{md,
 validation loss/perplexity with the seed spread, tokens/s, token efficiency against SwiGLU)
 and ``summary.json``; optionally the same numbers to W&B as one summary run in the sweep group.
 
+Variants: ``variants={"name": [overrides]}`` crosses the activations with other settings (a
+routing recipe, a size): every cell (variant, activation, seed) is the base config plus the
+sweep's overrides plus the variant's, and each cell's equal-parameter hidden sizes come from its
+own variant's config -- ``mlp_hidden_size`` and, when set, ``moe_shared_hidden_size`` and
+``moe_first_dense_hidden_size`` (their defaults follow ``mlp_hidden_size`` by themselves).
+Token efficiency then compares each activation with SwiGLU under the same variant.
+
 Token efficiency of activation A: ``T_swiglu(L_A) / T_A``, where ``L_A`` is A's final
 validation loss (mean over seeds), ``T_A`` the tokens A trained on, and ``T_swiglu(L)`` the
 tokens SwiGLU's mean validation curve needs to first reach ``L`` (linear interpolation between
@@ -43,7 +50,7 @@ import numpy as np
 
 from moe_model.config import equal_param_hidden_size
 from olmo import metric_names
-from olmo.config import TrainConfig, load_config, parse_duration
+from olmo.config import ConfigError, TrainConfig, load_config, parse_duration
 from olmo.data import resolve_dtype
 from olmo.run_files import METRICS_FNAME
 
@@ -79,6 +86,8 @@ class RunSpec:
     overrides: list[str]
     final_step: int | None
     """Step at which the run is complete (None when it cannot be known before training)."""
+    variant: str = ""
+    """The variant (a named set of overrides) of this cell; '' when the sweep has none."""
 
 
 @dataclass
@@ -92,6 +101,9 @@ class SweepPlan:
 
     def activations(self) -> list[str]:
         return list(dict.fromkeys(r.activation for r in self.runs))
+
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(r.variant for r in self.runs))
 
 
 def expected_final_step(cfg: TrainConfig) -> int | None:
@@ -118,6 +130,26 @@ def expected_final_step(cfg: TrainConfig) -> int | None:
     return final
 
 
+# Hidden sizes that belong to the activation: an equal-parameter sweep converts each one that
+# is set (None follows mlp_hidden_size already).
+ACTIVATION_SIZED = ("mlp_hidden_size", "moe_shared_hidden_size", "moe_first_dense_hidden_size")
+
+
+def equal_param_overrides(model: Any, activation: str) -> list[str]:
+    """Overrides giving ``model`` (a ModelConfig) ``activation`` at equal parameters: every
+    activation-sized hidden size converted from the model's own activation."""
+    out = [f"--model.activation_type={activation}"]
+    for key in ACTIVATION_SIZED:
+        size = getattr(model, key)
+        if size is not None:
+            try:
+                converted = equal_param_hidden_size(size, model.activation_type, activation)
+            except ConfigError as err:
+                raise ConfigError(f"model.{key}={size} ({activation}): {err}") from None
+            out.append(f"--model.{key}={converted}")
+    return out
+
+
 def plan_sweep(
     config_path: str | None,
     *,
@@ -126,8 +158,10 @@ def plan_sweep(
     out_dir: str | Path,
     overrides: list[str] = (),
     name: str | None = None,
+    variants: dict[str, list[str]] | None = None,
 ) -> SweepPlan:
-    """One run per (activation, seed), each with the equal-parameter hidden size."""
+    """One run per (variant, activation, seed), each with the equal-parameter hidden sizes of
+    its variant's config."""
     base = load_config(config_path, list(overrides))
     out_dir = Path(out_dir)
     name = name or out_dir.name
@@ -138,25 +172,31 @@ def plan_sweep(
         base_activation=base.model.activation_type,
         base_hidden_size=base.model.mlp_hidden_size,
     )
-    for act in activations:
-        hidden = equal_param_hidden_size(base.model.mlp_hidden_size, base.model.activation_type, act)
-        for seed in seeds:
-            run_name = f"{name}-{act}-s{seed}"
-            save_folder = out_dir / "runs" / f"{act}-s{seed}"
-            run_overrides = [
-                *_normalise(overrides),
-                f"--model.activation_type={act}",
-                f"--model.mlp_hidden_size={hidden}",
-                f"--seed={seed}",
-                f"--run_name={run_name}",
-                f"--save_folder={save_folder}",
-                f"--wandb.group={name}",
-            ]
-            cfg = load_config(config_path, run_overrides)  # validates every run before any runs
-            plan.runs.append(
-                RunSpec(act, seed, hidden, run_name, save_folder, run_overrides,
-                        expected_final_step(cfg))
-            )
+    for variant, variant_overrides in (variants or {"": []}).items():
+        cell_overrides = [*_normalise(overrides), *_normalise(variant_overrides)]
+        cell = load_config(config_path, cell_overrides).model
+        for act in activations:
+            sized = equal_param_overrides(cell, act)
+            hidden = equal_param_hidden_size(cell.mlp_hidden_size, cell.activation_type, act)
+            for seed in seeds:
+                tag = f"{variant}-{act}-s{seed}" if variant else f"{act}-s{seed}"
+                run_name = f"{name}-{tag}"
+                save_folder = out_dir / "runs" / (Path(variant) if variant else Path()) / (
+                    f"{act}-s{seed}"
+                )
+                run_overrides = [
+                    *cell_overrides,
+                    *sized,
+                    f"--seed={seed}",
+                    f"--run_name={run_name}",
+                    f"--save_folder={save_folder}",
+                    f"--wandb.group={name}",
+                ]
+                cfg = load_config(config_path, run_overrides)  # validates every run first
+                plan.runs.append(
+                    RunSpec(act, seed, hidden, run_name, save_folder, run_overrides,
+                            expected_final_step(cfg), variant)
+                )
     return plan
 
 
@@ -331,6 +371,13 @@ class ActivationSummary:
     efficiency_bound: str = ""
     """'' exact, '>' lower bound (SwiGLU never reached the loss), '<' upper bound."""
     tokens_swiglu_needs: float | None = None
+    variant: str = ""
+    """The sweep variant; '' when the sweep has none."""
+
+    @property
+    def label(self) -> str:
+        """``variant/activation``, or the activation alone."""
+        return f"{self.variant}/{self.activation}" if self.variant else self.activation
 
     @staticmethod
     def _stats(values: list[float]) -> dict[str, float]:
@@ -346,6 +393,7 @@ class ActivationSummary:
         train = self._stats(self.final_train_loss)
         tps = self._stats(self.tps)
         return {
+            **({"variant": self.variant} if self.variant else {}),
             "activation": self.activation,
             "hidden_size": self.hidden_size,
             "seeds": len(self.seeds),
@@ -367,13 +415,14 @@ class SweepResult:
     val_label: str | None
     summaries: list[ActivationSummary]
     curves: dict[str, dict[str, np.ndarray]]
-    """Per activation: train/val token grids and loss matrices [seed, point]."""
+    """Per label (ActivationSummary.label): train/val token grids and loss matrices
+    [seed, point]."""
     missing: list[str]
 
 
 def aggregate(plan: SweepPlan, val_label: str | None = None) -> SweepResult:
     """Mean and spread over the seeds of every complete run; incomplete runs are listed."""
-    by_act: dict[str, list[tuple[RunSpec, dict]]] = {}
+    by_cell: dict[tuple[str, str], list[tuple[RunSpec, dict]]] = {}
     missing = []
     label = val_label
     for spec in plan.runs:
@@ -383,14 +432,14 @@ def aggregate(plan: SweepPlan, val_label: str | None = None) -> SweepResult:
         records = read_metrics(spec.save_folder)
         if label is None:
             label = validation_label(records)
-        by_act.setdefault(spec.activation, []).append((spec, run_curves(records, label)))
+        by_cell.setdefault((spec.variant, spec.activation), []).append(
+            (spec, run_curves(records, label)))
     summaries, curves = [], {}
-    for act, runs in by_act.items():
+    for (variant, act), runs in by_cell.items():
         train_grid, train = _stack_common([(c["train_tokens"], c["train_loss"]) for _, c in runs])
         val_grid, val = _stack_common([(c["val_tokens"], c["val_loss"]) for _, c in runs])
-        curves[act] = {"train_tokens": train_grid, "train_loss": train,
-                       "val_tokens": val_grid, "val_loss": val}
         summaries.append(ActivationSummary(
+            variant=variant,
             activation=act,
             hidden_size=runs[0][0].hidden_size,
             seeds=[s.seed for s, _ in runs],
@@ -401,14 +450,19 @@ def aggregate(plan: SweepPlan, val_label: str | None = None) -> SweepResult:
             tps=[c["tps"] for _, c in runs],
             val_label=label,
         ))
-    _token_efficiency(summaries, curves)
+        curves[summaries[-1].label] = {"train_tokens": train_grid, "train_loss": train,
+                                       "val_tokens": val_grid, "val_loss": val}
+    for variant in dict.fromkeys(s.variant for s in summaries):
+        _token_efficiency([s for s in summaries if s.variant == variant], curves)
     return SweepResult(plan.name, label, summaries, curves, missing)
 
 
 def _token_efficiency(summaries: list[ActivationSummary], curves: dict) -> None:
-    ref = curves.get(REFERENCE)
-    if ref is None:
+    """Against SwiGLU's curve among ``summaries`` (one variant's)."""
+    reference = next((s for s in summaries if s.activation == REFERENCE), None)
+    if reference is None:
         return
+    ref = curves[reference.label]
     use_val = len(ref["val_tokens"]) > 0
     ref_tokens = ref["val_tokens"] if use_val else ref["train_tokens"]
     ref_loss = (ref["val_loss"] if use_val else smooth(ref["train_loss"], 5)).mean(axis=0)
@@ -419,7 +473,7 @@ def _token_efficiency(summaries: list[ActivationSummary], curves: dict) -> None:
         if use_val:
             target = float(np.nanmean(s.final_val_loss))
         else:
-            target = float(smooth(curves[s.activation]["train_loss"], 5).mean(axis=0)[-1])
+            target = float(smooth(curves[s.label]["train_loss"], 5).mean(axis=0)[-1])
         needed = tokens_to_reach(ref_tokens, ref_loss, target)
         if needed is None:
             s.efficiency, s.efficiency_bound = ref_tokens[-1] / s.tokens, ">"
@@ -441,15 +495,19 @@ def plot(result: SweepResult, path_stem: Path, smooth_window: int = 1) -> list[P
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for act, c in result.curves.items():
-        color = COLORS.get(act)
+    variants = list(dict.fromkeys(s.variant for s in result.summaries))
+    styles = ["-", "--", ":", "-."]
+    for summary in result.summaries:
+        c = result.curves[summary.label]
+        color = COLORS.get(summary.activation)
+        style = styles[variants.index(summary.variant) % len(styles)]
         n = c["train_loss"].shape[0]
         for ax, key, window in ((axes[0], "train", smooth_window), (axes[1], "val", 1)):
             tokens, loss = c[f"{key}_tokens"], smooth(c[f"{key}_loss"], window)
             if len(tokens) == 0:
                 continue
             mean = loss.mean(axis=0)
-            ax.plot(tokens, mean, color=color, label=f"{act} (n={n})",
+            ax.plot(tokens, mean, color=color, linestyle=style, label=f"{summary.label} (n={n})",
                     marker="o" if key == "val" else None, markersize=3)
             if n > 1:
                 ax.fill_between(tokens, loss.min(axis=0), loss.max(axis=0), color=color, alpha=0.2,
@@ -482,14 +540,17 @@ def _fmt_eff(row: dict) -> str:
 
 def markdown_table(result: SweepResult) -> str:
     rows = [s.row() for s in result.summaries]
+    by_variant = any(s.variant for s in result.summaries)
     lines = [
-        "| activation | H | seeds | tokens | final val loss (mean ± std) [min, max] | val PPL (mean ± std) | tokens/s | tokens SwiGLU needs | token efficiency vs SwiGLU |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+        ("| variant " if by_variant else "")
+        + "| activation | H | seeds | tokens | final val loss (mean ± std) [min, max] | val PPL (mean ± std) | tokens/s | tokens SwiGLU needs | token efficiency vs SwiGLU |",
+        ("|---" if by_variant else "") + "|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         needs = r["swiglu_tokens_to_match"]
         lines.append(
-            f"| {r['activation']} | {r['hidden_size']} | {r['seeds']} | {r['tokens']:,d} | "
+            (f"| {r['variant']} " if by_variant else "")
+            + f"| {r['activation']} | {r['hidden_size']} | {r['seeds']} | {r['tokens']:,d} | "
             f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} [{r['val_loss_min']:.4f}, "
             f"{r['val_loss_max']:.4f}] | {r['val_ppl_mean']:.2f} ± {r['val_ppl_std']:.2f} | "
             f"{r['tokens_per_s']:,.0f} | {'-' if needs is None else f'{needs:,.0f}'} | {_fmt_eff(r)} |"
@@ -502,6 +563,8 @@ def markdown_table(result: SweepResult) -> str:
         "divided by the tokens the activation trained on; `>` marks a lower bound (SwiGLU never "
         "reached that loss within the budget). tokens/s is per device (median over steps after the first).",
     ]
+    if by_variant:
+        notes.append("Each variant's token efficiency is against SwiGLU under the same variant.")
     if result.missing:
         notes.append(f"\nIncomplete runs left out: {', '.join(result.missing)}.")
     return "\n".join(lines + notes) + "\n"
@@ -536,11 +599,11 @@ def log_wandb(result: SweepResult, *, mode: str, project: str, entity: str | Non
         columns = list(rows[0]) if rows else []
         run.log({"comparison": wandb.Table(columns=columns,
                                            data=[[r[c] for c in columns] for r in rows])})
-        for r in rows:
+        for summary, r in zip(result.summaries, rows, strict=True):
             for key in ("val_loss_mean", "val_loss_std", "val_ppl_mean", "tokens_per_s",
                         "token_efficiency_vs_swiglu"):
                 if r[key] is not None:
-                    run.summary[f"{r['activation']}/{key}"] = r[key]
+                    run.summary[f"{summary.label}/{key}"] = r[key]
         if figure is not None and figure.is_file():
             run.log({"loss_curves": wandb.Image(str(figure))})
     finally:

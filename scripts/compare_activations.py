@@ -9,6 +9,12 @@ Every ``--key=value`` that is not an option below is passed to each run (``--max
 ``model.mlp_hidden_size`` fix the parameter budget: each activation gets the hidden size with
 the same expert weight count (gated SwiGLU h <-> non-gated 1.5h).
 
+``--variant NAME KEY=VALUE ...`` (repeatable) crosses the activations with named settings, e.g.
+a routing recipe: ``--variant olmoe --variant deepseek model.moe_router_score=sigmoid
+model.moe_zloss_weight=0 model.moe_bias_update_rate=0.001``. Write the variant's overrides
+without leading dashes. Each cell gets the equal-parameter hidden sizes of its own variant's
+config (runs/<variant>/<act>-s<seed>/), and the table compares with SwiGLU per variant.
+
 Rerunning the same command resumes an interrupted sweep: finished runs are skipped, unfinished
 ones continue from their last checkpoint. ``--report-only`` just rebuilds the figure and table.
 
@@ -39,11 +45,27 @@ from olmo.compare import (  # noqa: E402
     run_sweep,
     write_report,
 )
-from olmo.config import load_config  # noqa: E402
+from olmo.config import ConfigError, load_config  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_variants(specs: list[list[str]]) -> dict[str, list[str]] | None:
+    """``--variant NAME KEY=VALUE ...`` occurrences -> {name: overrides}; None for none."""
+    variants: dict[str, list[str]] = {}
+    for name, *overrides in specs:
+        if name in variants or "=" in name or "/" in name:
+            raise ConfigError(
+                f"--variant {name!r}: each variant needs a new name (no '=' or '/') before its "
+                "KEY=VALUE overrides"
+            )
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--variant {name}: {item!r} must look like KEY=VALUE")
+        variants[name] = overrides
+    return variants or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,18 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default=None,
                         help="W&B mode of the summary (default: the config's wandb.mode)")
     parser.add_argument("--report-dir", default=None, help="also copy figure and table here (e.g. docs)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[],
+                        metavar=("NAME", "KEY=VALUE"),
+                        help="a named set of overrides crossed with the activations (repeatable)")
     args, overrides = parser.parse_known_args(argv)
     return run_cli(lambda: _compare(args, overrides))
 
 
 def _compare(args, overrides: list[str]) -> int:
+    variants = parse_variants(args.variant)
     plan = plan_sweep(args.config, activations=args.activations, seeds=args.seeds,
-                      out_dir=args.out, overrides=overrides, name=args.name)
+                      out_dir=args.out, overrides=overrides, name=args.name, variants=variants)
     base = load_config(args.config, overrides)
+    sizes = ", ".join(
+        f"{v + '/' if v else ''}{a} H={r.hidden_size}"
+        for (v, a), r in {(r.variant, r.activation): r for r in plan.runs}.items())
     print(f"sweep {plan.name}: {len(plan.runs)} runs, base {plan.base_activation} "
-          f"H={plan.base_hidden_size}; " + ", ".join(
-              f"{a} H={next(r.hidden_size for r in plan.runs if r.activation == a)}"
-              for a in plan.activations()), flush=True)
+          f"H={plan.base_hidden_size}; {sizes}", flush=True)
     status = {}
     if not args.report_only:
         status = run_sweep(plan, launcher=args.launcher)

@@ -16,13 +16,15 @@ import pytest
 from olmo.compare import (
     RunSpec,
     _stack_common,
+    aggregate,
     expected_final_step,
     plan_sweep,
     run_is_complete,
     smooth,
     tokens_to_reach,
+    write_report,
 )
-from olmo.config import load_config
+from olmo.config import ConfigError, load_config
 
 from .helpers import REPO, TEST_CONFIG, assert_png_drawn, make_data, read_metrics, tiny_overrides
 
@@ -159,3 +161,78 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert [r["step"] for r in records if "train/CrossEntropyLoss" in r] == [1, 2, 3, 4]
     rows = list(csv.DictReader((out / "compare_activations.csv").open()))
     assert [r["seeds"] for r in rows] == ["2", "2"]
+
+
+# ---- variants ------------------------------------------------------------------------------------
+
+DEEPSEEK = ["model.moe_router_score=sigmoid", "model.moe_zloss_weight=0",
+            "model.moe_bias_update_rate=1e-3", "model.moe_shared_experts=1",
+            "model.moe_shared_hidden_size=192", "model.moe_first_dense_layers=1",
+            "model.moe_first_dense_hidden_size=768"]
+
+
+def test_plan_variants_equal_parameters_per_cell(tmp_path):
+    """tiny.yaml is PolyNorm at 384; the 'deepseek' variant adds a shared expert and a dense
+    first block sized for PolyNorm too (192 and 768), and 'wide' changes the routed size. Each cell converts its own variant's sizes, and within a variant
+    SwiGLU and PolyNorm have equal parameters (up to PolyNorm's 4 coefficients per FFN)."""
+    plan = plan_sweep(TINY, activations=["swiglu", "polynorm"], seeds=[0], out_dir=tmp_path / "v",
+                      overrides=["--max_duration=30"],
+                      variants={"deepseek": DEEPSEEK, "wide": ["model.mlp_hidden_size=768"]})
+    cells = {(r.variant, r.activation): r for r in plan.runs}
+    assert len(plan.runs) == 4 and plan.variants() == ["deepseek", "wide"]
+    assert cells["deepseek", "swiglu"].hidden_size == 256 and cells["wide", "swiglu"].hidden_size == 512
+    swiglu = load_config(TINY, cells["deepseek", "swiglu"].overrides).model
+    assert (swiglu.moe_shared_hidden_size, swiglu.moe_first_dense_hidden_size) == (128, 512)
+    polynorm = load_config(TINY, cells["deepseek", "polynorm"].overrides).model
+    assert polynorm.moe_router_score == swiglu.moe_router_score == "sigmoid"
+    # FFNs with coefficients: 3 routed layers x 1 set, 3 shared experts, 1 dense block.
+    assert swiglu.num_params() == polynorm.num_params() - 4 * (3 + 3 + 1)
+    assert cells["wide", "polynorm"].save_folder == tmp_path / "v" / "runs" / "wide" / "polynorm-s0"
+    assert cells["wide", "polynorm"].run_name == "v-wide-polynorm-s0"
+
+
+def test_plan_variant_without_an_equal_parameter_size_fails():
+    with pytest.raises(ConfigError, match="model.moe_shared_hidden_size=100 .*no exact"):
+        plan_sweep(TINY, activations=["swiglu"], out_dir="unused",
+                   variants={"odd": ["model.moe_shared_experts=1",
+                                     "model.moe_shared_hidden_size=100"]})
+
+
+def _fake_run(folder, losses, tokens_per_step=100):
+    folder.mkdir(parents=True)
+    lines = [{"step": i + 1, "tokens": (i + 1) * tokens_per_step, "train/CrossEntropyLoss": loss,
+              "eval/val/CrossEntropyLoss": loss + 0.1} for i, loss in enumerate(losses)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_variants_aggregate_and_compare_within_each_variant(tmp_path):
+    plan = plan_sweep(TINY, activations=["swiglu", "polynorm"], seeds=[0, 1],
+                      out_dir=tmp_path / "v", overrides=["--max_duration=3"],
+                      variants={"a": [], "b": ["model.moe_shared_experts=1"]})
+    # Variant a: PolyNorm reaches SwiGLU's final loss; variant b: PolyNorm is worse.
+    curves = {("a", "swiglu"): [4.0, 3.0, 2.0], ("a", "polynorm"): [3.5, 2.5, 2.0],
+              ("b", "swiglu"): [4.0, 3.0, 1.0], ("b", "polynorm"): [4.0, 3.5, 3.0]}
+    for spec in plan.runs:
+        _fake_run(spec.save_folder, curves[spec.variant, spec.activation])
+    result = aggregate(plan)
+    rows = {(s.variant, s.activation): s.row() for s in result.summaries}
+    assert rows["a", "polynorm"]["val_loss_mean"] == pytest.approx(2.1)
+    assert rows["a", "polynorm"]["token_efficiency_vs_swiglu"] == pytest.approx(1.0)
+    # Validation losses are the training ones + 0.1: variant b's SwiGLU reaches PolyNorm's
+    # final 3.1 at its second evaluation, 200 of PolyNorm's 300 tokens.
+    assert rows["b", "polynorm"]["token_efficiency_vs_swiglu"] == pytest.approx(200 / 300)
+    paths = write_report(result, tmp_path / "report")
+    md = paths["md"].read_text()
+    assert "| variant | activation |" in md and "| b | polynorm |" in md
+    assert [r["variant"] for r in csv.DictReader(paths["csv"].open())] == ["a", "a", "b", "b"]
+    assert_png_drawn(paths["png"])
+
+
+def test_variant_cli_errors_are_one_line():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), TINY, "--out", "unused", "--variant", "a", "model.x"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --variant a: 'model.x' must look like KEY=VALUE")
