@@ -28,8 +28,8 @@ Variants, each a ModelConfig option (defaults reproduce OLMoE bit for bit):
 * ``moe_router_score`` (:data:`ROUTER_SCORES`): ``softmax`` p_te = softmax(logits_t)_e, or
   ``sigmoid`` s_te = sigmoid(logits_te) (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2, eq. 15). The
   top-k weights are the chosen scores g_tk; ``moe_renormalize`` divides them by their sum over
-  the k chosen (DeepSeek-V3 eq. 14 always does for sigmoid), then ``moe_route_scale`` multiplies
-  them (DeepSeek-V3's ``route_scale``, 2.5 in inference/configs/config_671B.json of
+  the k chosen (DeepSeek-V3 always does for sigmoid, eqs. 13-14), then ``moe_route_scale``
+  multiplies them (DeepSeek-V3's ``route_scale``, 2.5 in inference/configs/config_671B.json of
   deepseek-ai/DeepSeek-V3). The load-balancing loss averages the distribution p_te: softmax's
   own, or sigmoid's scores normalised over E, s_te / sum_j s_tj (DeepSeek-V3 eq. 19; olmo-core's
   router does the same).

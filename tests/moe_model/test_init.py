@@ -7,11 +7,16 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from moe_model.init import trunc_normal_
 from tests.moe_model.test_transformer import tiny_config
 from tests.olmo.helpers import REPO, free_port
+
+# Every option that adds tensors: dense first block, shared experts, the expert bias buffer.
+ROUTING_VARIANTS = dict(n_layers=3, moe_first_dense_layers=1, moe_shared_experts=2,
+                        moe_bias_update_rate=1e-3)
 
 
 def test_trunc_normal_distribution_and_cutoff():
@@ -34,15 +39,17 @@ def test_trunc_normal_values_do_not_depend_on_the_dtype_or_tensor():
     torch.testing.assert_close(b.float(), a, rtol=0, atol=0)
 
 
-def test_meta_build_then_init_equals_whole_build():
-    config = tiny_config("polynorm")
+@pytest.mark.parametrize("extra", [{}, ROUTING_VARIANTS])
+def test_meta_build_then_init_equals_whole_build(extra):
+    config = tiny_config("polynorm", **extra)
     torch.manual_seed(11)
     whole = config.build()
     model = config.build("meta")
     model.to_empty(device="cpu")
     torch.manual_seed(11)
     model.init_weights()
-    for (name, p), (_, p_ref) in zip(model.named_parameters(), whole.named_parameters(), strict=True):
+    for (name, p), (_, p_ref) in zip(model.state_dict().items(), whole.state_dict().items(),
+                                     strict=True):
         torch.testing.assert_close(p, p_ref, rtol=0, atol=0, msg=name)
 
 

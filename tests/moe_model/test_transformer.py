@@ -218,3 +218,37 @@ def test_tiny_moe_overfits_one_batch(activation):
         total.backward()
         opt.step()
     assert ce < first.item() / 2, (activation, first.item(), ce.item())
+
+
+def test_default_state_dict_keys_are_olmoes():
+    """The routing options off (the default): exactly the tensors models had before them, so
+    every existing checkpoint loads strictly."""
+    keys = list(tiny_config("polynorm").build("meta").state_dict())
+    per_block = ["attn_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight",
+                 "attn.v_proj.weight", "attn.o_proj.weight", "attn.q_norm.weight",
+                 "attn.k_norm.weight", "ffn_norm.weight", "ffn.w_in_EDH", "ffn.w_out_EHD",
+                 "ffn.router.weight", "ffn.act.weight", "ffn.act.bias"]
+    want = ["embedding.weight", *(f"blocks.{i}.{k}" for i in range(2) for k in per_block),
+            "norm.weight", "lm_head.weight"]
+    assert sorted(keys) == sorted(want)
+
+
+def test_dense_first_blocks_and_shared_experts():
+    from moe_model.moe import FeedForward, MoELayer
+    from moe_model.transformer import DenseFFN
+
+    config = tiny_config("swiglu", n_layers=3, moe_first_dense_layers=1, moe_shared_experts=1,
+                         moe_capacity_factor=1.0)
+    model = config.build()
+    assert isinstance(model.blocks[0].ffn, DenseFFN)
+    assert model.blocks[0].ffn.w_out.in_features == 2 * 16  # K * H
+    assert [isinstance(b.ffn, MoELayer) for b in model.blocks] == [False, True, True]
+    assert isinstance(model.blocks[1].ffn.shared_experts[0], FeedForward)
+    assert model.moe_layers() == [model.blocks[1].ffn, model.blocks[2].ffn]
+    ids = torch.randint(0, VOCAB, (2, 16))
+    out = model(ids)
+    assert out.tokens_per_expert_LE.shape == (2, 4)
+    assert out.router_entropy_L.shape == (2,) and out.dropped_rows_L.shape == (2,)
+    model.eval()
+    out = model(ids)
+    assert out.dropped_rows_L is None  # evaluation is dropless
