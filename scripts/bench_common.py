@@ -126,6 +126,28 @@ def time_phases(
     return times
 
 
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], *, warmup: int, iters: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """CPU wall time of several step functions, interleaved round-robin so that load from other
+    processes hits them alike. Returns each one's first call in s (timed alone: a compilation
+    shows there) and its ``iters`` timed calls in ms, after ``warmup`` calls in all."""
+    first: dict[str, float] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return first, times
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

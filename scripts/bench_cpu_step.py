@@ -14,14 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_common import environment, format_table, median, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    environment,
+    format_table,
+    median,
+    time_interleaved,
+    write_json,
+)
 
 from moe_model.config import equal_param_hidden_size  # noqa: E402
 from olmo.config import load_config  # noqa: E402
@@ -38,6 +43,7 @@ def make_step(model_cfg, batch_BS: torch.Tensor):
         (ce + out.lb_loss + out.z_loss).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+        model.update_expert_bias(out.tokens_per_expert_LE)  # a no-op unless the option is on
 
     return step, model_cfg.num_params()
 
@@ -73,20 +79,10 @@ def main() -> None:
     seq = base.max_sequence_length
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, base.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen)
-    steps, params, first = {}, {}, {}
+    steps, params = {}, {}
     for name, model_cfg in variants.items():
         steps[name], params[name] = make_step(model_cfg, batch)
-        start = time.perf_counter()
-        steps[name]()
-        first[name] = time.perf_counter() - start
-        for _ in range(args.warmup - 1):
-            steps[name]()
-    times = {name: [] for name in variants}
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    first, times = time_interleaved(steps, warmup=args.warmup, iters=args.iters)
 
     ref = median(times["swiglu"])
     rows = [

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_common import environment, format_table, median, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    environment,
+    format_table,
+    median,
+    time_interleaved,
+    write_json,
+)
+from bench_cpu_step import make_step  # noqa: E402
 
 from olmo.config import load_config  # noqa: E402
 
@@ -55,22 +60,6 @@ def variants(base) -> dict:
     }
 
 
-def make_step(model_cfg, batch_BS: torch.Tensor):
-    torch.manual_seed(0)
-    model = model_cfg.build(init_device="cpu").train()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-
-    def step():
-        out = model(batch_BS[:, :-1])
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch_BS[:, 1:].flatten())
-        (ce + out.lb_loss + out.z_loss).backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        model.update_expert_bias(out.tokens_per_expert_LE)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -86,20 +75,8 @@ def main() -> None:
     batch = torch.randint(
         0, cfg.model.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen
     )
-    steps, first = {}, {}
-    for name, model_cfg in models.items():
-        steps[name] = make_step(model_cfg, batch)
-        start = time.perf_counter()
-        steps[name]()
-        first[name] = time.perf_counter() - start
-        for _ in range(args.warmup - 1):
-            steps[name]()
-    times = {name: [] for name in models}
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    steps = {name: make_step(model_cfg, batch)[0] for name, model_cfg in models.items()}
+    first, times = time_interleaved(steps, warmup=args.warmup, iters=args.iters)
 
     ref = median(times[next(iter(models))])
     rows = [
