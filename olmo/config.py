@@ -152,7 +152,7 @@ class TrainConfig:
     nonfinite_policy: str = "stop"
     """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
     device_peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; None = a datasheet value on GPU, measured on CPU."""
+    """Peak FLOP/s of one device for MFU; None = olmo/flops.py's datasheet table on GPU, measured on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (moe_model.config.ModelConfig)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
