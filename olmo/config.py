@@ -152,7 +152,7 @@ class TrainConfig:
     nonfinite_policy: str = "stop"
     """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
     device_peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; None = olmo/flops.py's datasheet table on GPU, measured on CPU."""
+    """Peak FLOP/s of one device for MFU; None = olmo/flops.py: datasheet on GPU, measured on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (moe_model.config.ModelConfig)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -261,12 +261,15 @@ def _read_yaml(path: Path, overlay: Path | None) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file {str(path)!r}{named_by} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(
+            f"config file {str(path)!r}{named_by} is not valid YAML{where}: {problem}"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
+        kind = type(raw).__name__
         raise ConfigError(
-            f"config file {str(path)!r}{named_by} must hold a mapping of keys, not {type(raw).__name__}"
+            f"config file {str(path)!r}{named_by} must hold a mapping of keys, not {kind}"
         )
     return raw
 

@@ -54,7 +54,9 @@ def datasheet_peak_flops(device_name: str, dtype: torch.dtype) -> tuple[str, flo
     return None
 
 
-def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_peak_flops(
+    dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5
+) -> float:
     """Best-of-``repeats`` square matmul FLOP/s on this CPU in ``dtype``."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)

@@ -140,7 +140,9 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
         base = torch.cuda.memory_allocated(device)
         y = fn(x, w, b)
         torch.cuda.synchronize(device)
-        saved_mib = (torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()) / 2**20
+        saved_mib = (
+            torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()
+        ) / 2**20
         y.backward(g)
         del y
         torch.cuda.synchronize(device)
@@ -173,12 +175,21 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
 
 def add_arguments(p) -> None:
     p.add_argument("--rows", type=int, help="rows (default: 131072 on GPU, 8192 on CPU)")
-    p.add_argument("--cols", type=int, nargs="+", help="PolyNorm/PolyReLU row lengths (GPU: 1024 1536; CPU: 1536)")
-    p.add_argument("--swiglu-hidden", type=int, default=1024, help="SwiGLU output width H (input 2H)")
+    p.add_argument(
+        "--cols",
+        type=int,
+        nargs="+",
+        help="PolyNorm/PolyReLU row lengths (GPU: 1024 1536; CPU: 1536)",
+    )
+    p.add_argument(
+        "--swiglu-hidden", type=int, default=1024, help="SwiGLU output width H (input 2H)"
+    )
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--activations", nargs="+", default=["polynorm", "polyrelu", "swiglu"])
-    p.add_argument("--impls", nargs="+", default=["eager", "eager_ckpt", "compile", "fused", "triton", "liger"])
+    p.add_argument(
+        "--impls", nargs="+", default=["eager", "eager_ckpt", "compile", "fused", "triton", "liger"]
+    )
 
 
 def dtype_of(run: Run) -> torch.dtype:
@@ -197,11 +208,13 @@ def setup(run: Run) -> None:
         impls = args.impls
     if not gpu:
         impls = [i for i in impls if i not in ("triton", "liger")]
-    run.settings.update(rows=rows, cols=cols, swiglu_hidden=hid, dtype=str(dtype_of(run)), order=args.order,
-                        impls=impls, activations=args.activations)  # fmt: skip
+    run.settings.update(rows=rows, cols=cols, swiglu_hidden=hid, dtype=str(dtype_of(run)),
+                        order=args.order, impls=impls, activations=args.activations)  # fmt: skip
     run.extra["copy_gbs"] = None
     if not run.quick:
-        run.extra["copy_gbs"] = copy_bandwidth_gbs(run.device, n_bytes=(1 << 30) if gpu else (1 << 27))
+        run.extra["copy_gbs"] = copy_bandwidth_gbs(
+            run.device, n_bytes=(1 << 30) if gpu else (1 << 27)
+        )
         print(f"# measured copy bandwidth: {run.extra['copy_gbs']:.0f} GB/s (read + write)")
 
 
@@ -234,8 +247,10 @@ BENCHMARK = Benchmark(
     setup=setup,
     measure=measure,
     columns=columns,
-    progress=lambda r: (f"{r['activation']:9s} {r['impl']:10s} {r['shape']:>14s}  fwd {r['fwd_ms']:8.3f} ms  "
-                        f"bwd {r['bwd_ms']:8.3f} ms  first call {r['first_call_s']:.1f} s"),  # fmt: skip
+    progress=lambda r: (
+        f"{r['activation']:9s} {r['impl']:10s} {r['shape']:>14s}  fwd {r['fwd_ms']:8.3f} ms  "
+        f"bwd {r['bwd_ms']:8.3f} ms  first call {r['first_call_s']:.1f} s"
+    ),  # fmt: skip
     timing={"cuda": (5, 50), "cpu": (2, 10), "quick": (1, 3)},
 )
 

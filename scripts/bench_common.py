@@ -102,7 +102,8 @@ class Benchmark:
     """(warm-up, iterations) defaults for ``cuda``, ``cpu`` and ``quick`` runs; None when the
     benchmark has no iterations of its own (no ``--warmup`` / ``--iters`` flags then)."""
     devices: tuple[str, ...] = ("auto", "cuda", "cpu")
-    """``--device`` choices, the first the default."""
+    """Device types ``--device`` may name (``auto`` among them: it may pick), the first the
+    default; an index is allowed (``cuda:1``)."""
     result_name: str | None = None
     """A fixed JSON name instead of ``<name>_<gpu|cpu>`` (``_quick`` is still appended)."""
     config_overrides: bool = False
@@ -226,7 +227,9 @@ def copy_bandwidth_gbs(device: torch.device, n_bytes: int = 1 << 30, iters: int 
     return 2 * n * 2 / (median(ms) * 1e-3) / 1e9
 
 
-def ratio_to_reference(rows: list[dict], key: str, out_key: str, is_reference: Callable[[dict], bool]) -> None:
+def ratio_to_reference(
+    rows: list[dict], key: str, out_key: str, is_reference: Callable[[dict], bool]
+) -> None:
     """``row[out_key] = row[key] / reference[key]``, the reference the first row it accepts
     (None everywhere when no row is one)."""
     ref = next((r[key] for r in rows if is_reference(r)), None)
@@ -243,21 +246,34 @@ def format_table(rows: list[dict], columns: list[Column]) -> str:
         cells = []
         for key, _, fmt in columns:
             v = r.get(key)
-            cells.append("-" if v is None else (format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)))
+            cells.append(
+                "-"
+                if v is None
+                else (format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v))
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _parser(bench: Benchmark) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=bench.devices, default=bench.devices[0],
-                   help="auto: cuda when available, else cpu")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", default=bench.devices[0], help=f"{', '.join(bench.devices)}; auto: cuda if any"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations: a smoke test")
     if bench.timing is not None:
         p.add_argument("--warmup", type=int, default=None, help="untimed iterations before timing")
-        p.add_argument("--iters", type=int, default=None, help="timed iterations (medians over these)")
-    p.add_argument("--name", default=None, help="JSON file name without .json (default from the device)")
-    p.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR.relative_to(REPO)})")
+        p.add_argument(
+            "--iters", type=int, default=None, help="timed iterations (medians over these)"
+        )
+    p.add_argument(
+        "--name", default=None, help="JSON file name without .json (default from the device)"
+    )
+    p.add_argument(
+        "--out", default=None, help=f"results folder (default {RESULTS_DIR.relative_to(REPO)})"
+    )
     if bench.add_arguments is not None:
         bench.add_arguments(p)
     return p
@@ -270,10 +286,17 @@ def parse(bench: Benchmark, argv: list[str] | None = None) -> Run:
         args, overrides = parser.parse_known_args(argv)
         bad = [a for a in overrides if not (a.startswith("--") and "=" in a)]
         if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --key=value)")
+            parser.error(
+                f"unrecognized arguments: {' '.join(bad)} (config overrides look like --key=value)"
+            )
     else:
         args, overrides = parser.parse_args(argv), []
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or not ({args.device, device.type} & set(bench.devices)):
+        parser.error(f"--device={args.device} is not one of {', '.join(bench.devices)}")
     warmup = iters = None
     if bench.timing is not None:
         kind = "quick" if args.quick else device.type
@@ -308,9 +331,16 @@ def run_benchmark(bench: Benchmark, argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, columns))
     name = run.args.name or (
-        (bench.result_name or f"{bench.name}_{'gpu' if run.gpu else 'cpu'}") + ("_quick" if run.quick else "")
+        (bench.result_name or f"{bench.name}_{'gpu' if run.gpu else 'cpu'}")
+        + ("_quick" if run.quick else "")
     )
-    payload = {"benchmark": bench.name, "env": env, "settings": run.settings, **run.extra, "results": rows}
+    payload = {
+        "benchmark": bench.name,
+        "env": env,
+        "settings": run.settings,
+        **run.extra,
+        "results": rows,
+    }
     path = write_json(name, payload, run.args.out)
     print(f"\nwrote {path}")
     if run.error:

@@ -60,12 +60,19 @@ def variants(base) -> dict:
         "polynorm (eager)": polynorm(activation_backend="eager"),
         "polynorm (fused)": polynorm(activation_backend="fused"),
         "polynorm (compile)": polynorm(activation_backend="compile"),
-        "polynorm (compile, per expert)": polynorm(activation_backend="compile", moe_activation_per_expert=True),
+        "polynorm (compile, per expert)": polynorm(
+            activation_backend="compile", moe_activation_per_expert=True
+        ),
     }
 
 
-QUICK_OVERRIDES = ["--model.n_layers=1", "--model.max_sequence_length=32", "--model.vocab_size=512",
-                   "--model.embedding_size=512", "--device_train_microbatch_size=2"]
+QUICK_OVERRIDES = [
+    "--model.n_layers=1",
+    "--model.max_sequence_length=32",
+    "--model.vocab_size=512",
+    "--model.embedding_size=512",
+    "--device_train_microbatch_size=2",
+]
 
 
 def add_arguments(p) -> None:
@@ -75,7 +82,11 @@ def add_arguments(p) -> None:
 def setup(run: Run) -> None:
     if run.quick:
         run.overrides = QUICK_OVERRIDES + run.overrides
-    run.settings.update(config=repo_relative(run.args.config), overrides=run.overrides, threads=torch.get_num_threads())
+    run.settings.update(
+        config=repo_relative(run.args.config),
+        overrides=run.overrides,
+        threads=torch.get_num_threads(),
+    )
 
 
 def measure(run: Run):
@@ -85,9 +96,13 @@ def measure(run: Run):
         models = {name: m for name, m in models.items() if "compile" not in name}
     seq = cfg.model.max_sequence_length
     gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, cfg.model.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen)
+    batch = torch.randint(
+        0, cfg.model.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen
+    )
     run.settings["micro_batch"] = list(batch[:, :-1].shape)
-    print(f"# micro-batch {tuple(batch[:, :-1].shape)}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"# micro-batch {tuple(batch[:, :-1].shape)}, {torch.get_num_threads()} threads", flush=True
+    )
     steps, params, first = {}, {}, {}
     for name, model_cfg in models.items():
         steps[name], params[name] = make_step(model_cfg, batch)
@@ -119,9 +134,16 @@ BENCHMARK = Benchmark(
     add_arguments=add_arguments,
     setup=setup,
     measure=measure,
-    finish=lambda run, rows: ratio_to_reference(rows, "median_ms", "ratio", lambda r: r["variant"] == "swiglu"),
-    columns=[("variant", "variant", ""), ("params", "params", ",d"), ("first_s", "first step s", ".1f"),
-             ("median_ms", "median ms", ".1f"), ("ratio", "vs swiglu", ".2f")],  # fmt: skip
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "median_ms", "ratio", lambda r: r["variant"] == "swiglu"
+    ),
+    columns=[
+        ("variant", "variant", ""),
+        ("params", "params", ",d"),
+        ("first_s", "first step s", ".1f"),
+        ("median_ms", "median ms", ".1f"),
+        ("ratio", "vs swiglu", ".2f"),
+    ],  # fmt: skip
     devices=("cpu",),
     # The first warm-up step is timed on its own (first_s): for compile it is the compilation.
     timing={"cpu": (3, 20), "quick": (1, 2)},

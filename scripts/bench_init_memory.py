@@ -114,7 +114,9 @@ def add_arguments(p) -> None:
 def setup(run: Run) -> None:
     default = "tiny.yaml" if run.quick else "olmoe-1b-7b-polynorm.yaml"
     run.args.config = run.args.config or str(REPO / "configs" / default)
-    run.settings.update(config=repo_relative(run.args.config), overrides=run.overrides, nproc=run.args.nproc)
+    run.settings.update(
+        config=repo_relative(run.args.config), overrides=run.overrides, nproc=run.args.nproc
+    )
 
 
 def measure(run: Run):
@@ -157,8 +159,11 @@ BENCHMARK = Benchmark(
     measure=measure,
     finish=finish,
     columns=[
-        ("mode", "mode", ""), ("ranks", "ranks", "d"), ("params", "params", ",d"),
-        ("model_fp32_gib", "fp32 model GiB", ".2f"), ("local_param_gib", "shard GiB / rank", ".2f"),
+        ("mode", "mode", ""),
+        ("ranks", "ranks", "d"),
+        ("params", "params", ",d"),
+        ("model_fp32_gib", "fp32 model GiB", ".2f"),
+        ("local_param_gib", "shard GiB / rank", ".2f"),
         ("peak_rss_gib", "peak RSS over start GiB / rank (max)", ".2f"),
         ("seconds", "materialise s (max rank)", ".1f"),
     ],  # fmt: skip

@@ -51,7 +51,9 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
     )  # fmt: skip
     layer = MoELayer(cfg, init_device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, generator=gen).requires_grad_()
+    x = torch.randn(
+        args.tokens, args.d_model, device=device, dtype=dtype, generator=gen
+    ).requires_grad_()
     g = torch.randn_like(x)
     state = {}
 
@@ -74,11 +76,15 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     fwd_ms, bwd_ms = time_phases(phases, device=device, warmup=warmup, iters=iters)
-    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    peak_mib = (
+        (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    )
 
     # The activation alone, on the routed rows it sees inside the layer.
     rows = args.tokens * args.top_k
-    a_in = torch.randn(rows, cfg.mlp_in_size, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a_in = torch.randn(
+        rows, cfg.mlp_in_size, device=device, dtype=dtype, generator=gen
+    ).requires_grad_()
     a_g = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
     act_state = {}
 
@@ -130,7 +136,9 @@ def add_arguments(p) -> None:
     p.add_argument("--poly-backends", nargs="+", default=["auto", "eager"],
                    help="activation_backend values to run for polynorm/polyrelu")  # fmt: skip
     p.add_argument("--expert-impl", default="auto", help="moe_expert_impl: auto, grouped_mm, loop")
-    p.add_argument("--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU"
+    )
 
 
 def setup(run: Run) -> None:
@@ -142,14 +150,19 @@ def setup(run: Run) -> None:
     shape = ("d_model", "n_heads", "experts", "top_k", "tokens", "swiglu_hidden", "activations",
              "poly_backends", "expert_impl")  # fmt: skip
     run.settings.update({k: getattr(args, k) for k in shape}, dtype=str(DTYPES[args.dtype]))
-    print(f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, {args.tokens} tokens, {args.dtype}")
+    print(
+        f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, "
+        f"{args.tokens} tokens, {args.dtype}"
+    )
 
 
 def measure(run: Run):
     args = run.args
     for act, hidden in parse_acts(args.activations, args.swiglu_hidden):
         for backend in args.poly_backends if act in ("polynorm", "polyrelu") else ["auto"]:
-            yield bench_layer(args, act, hidden, run.device, DTYPES[args.dtype], backend, run.warmup, run.iters)
+            yield bench_layer(
+                args, act, hidden, run.device, DTYPES[args.dtype], backend, run.warmup, run.iters
+            )
             if run.gpu:
                 torch.cuda.empty_cache()
 
@@ -171,9 +184,13 @@ BENCHMARK = Benchmark(
     add_arguments=add_arguments,
     setup=setup,
     measure=measure,
-    finish=lambda run, rows: ratio_to_reference(rows, "total_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"),
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "total_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"
+    ),
     columns=columns,
-    progress=lambda r: f"{r['activation']:9s} {r['backend']:6s} h={r['hidden']:5d}  fwd+bwd {r['total_ms']:9.3f} ms",
+    progress=lambda r: (
+        f"{r['activation']:9s} {r['backend']:6s} h={r['hidden']:5d}  fwd+bwd {r['total_ms']:9.3f} ms"
+    ),
     timing={"cuda": (5, 20), "cpu": (1, 3), "quick": (1, 3)},
 )
 

@@ -40,7 +40,11 @@ from olmo.flops import device_peak_flops
 
 
 def make_config(args, act: str, n_layers: int) -> ModelConfig:
-    hidden = args.swiglu_hidden if act == "swiglu" else equal_param_hidden_size(args.swiglu_hidden, "swiglu", act)
+    hidden = (
+        args.swiglu_hidden
+        if act == "swiglu"
+        else equal_param_hidden_size(args.swiglu_hidden, "swiglu", act)
+    )
     return ModelConfig(
         d_model=args.d_model, n_layers=n_layers, n_heads=args.n_heads, activation_type=act,
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
@@ -49,7 +53,9 @@ def make_config(args, act: str, n_layers: int) -> ModelConfig:
     )  # fmt: skip
 
 
-def run_steps(args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None) -> dict:
+def run_steps(
+    args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None
+) -> dict:
     model = cfg.build(init_device=str(device))
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -104,7 +110,9 @@ def run_steps(args, cfg: ModelConfig, device: torch.device, warmup: int, iters: 
         "tokens_per_s": tps,
         "tflops": tps * flops_tok / 1e12,
         "mfu_pct": 100 * tps * flops_tok / peak if peak else None,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
         "step_ms_all": step_ms,
     }
     return row
@@ -130,7 +138,9 @@ def fits(args, device, n_layers: int) -> bool:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--layers", default="auto", help="a number, or 'auto': the most of 16,12,8,6,4,2,1 that fit")
+    p.add_argument(
+        "--layers", default="auto", help="a number, or 'auto': the most of 16,12,8,6,4,2,1 that fit"
+    )
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--n-heads", type=int, default=16)
     p.add_argument("--experts", type=int, default=64)
@@ -143,7 +153,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", help="activation_backend for polynorm/polyrelu")
     p.add_argument("--expert-impl", default="auto")
     p.add_argument("--precision", choices=["bf16", "autocast"], default="bf16")
-    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (MFU)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="override the device's peak (MFU)"
+    )
 
 
 def setup(run: Run) -> None:
@@ -168,7 +180,10 @@ def setup(run: Run) -> None:
     run.settings.update({k: getattr(args, k) for k in keys}, n_layers=args.layers,
                         peak_tflops=peak / 1e12 if peak else None)  # fmt: skip
     peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown (no MFU)"
-    print(f"# {args.layers} layers, batch {args.batch} x {args.seq}, precision {args.precision}, peak {peak_text}")
+    print(
+        f"# {args.layers} layers, batch {args.batch} x {args.seq}, precision {args.precision}, "
+        f"peak {peak_text}"
+    )
 
 
 def measure(run: Run):
@@ -197,9 +212,13 @@ BENCHMARK = Benchmark(
     add_arguments=add_arguments,
     setup=setup,
     measure=measure,
-    finish=lambda run, rows: ratio_to_reference(rows, "step_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"),
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "step_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"
+    ),
     columns=columns,
-    progress=lambda r: f"{r['activation']:9s} step {r['step_ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tok/s",
+    progress=lambda r: (
+        f"{r['activation']:9s} step {r['step_ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tok/s"
+    ),
     timing={"cuda": (3, 10), "cpu": (1, 2), "quick": (1, 2)},
 )
 

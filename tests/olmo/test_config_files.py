@@ -79,7 +79,9 @@ OLD_SMALL_GPU_SWIGLU = {
 def old_full_file(name: str) -> dict:
     """The full YAML that configs/<name>.yaml was before it became an overlay."""
     family, _, activation = name.rpartition("-")
-    old = copy.deepcopy({"olmoe-1b-7b": OLD_OLMOE_SWIGLU, "small-gpu": OLD_SMALL_GPU_SWIGLU}[family])
+    old = copy.deepcopy(
+        {"olmoe-1b-7b": OLD_OLMOE_SWIGLU, "small-gpu": OLD_SMALL_GPU_SWIGLU}[family]
+    )
     old["run_name"] = name
     old["model"]["activation_type"] = activation
     if activation != "swiglu":

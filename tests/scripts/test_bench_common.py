@@ -14,7 +14,13 @@ from tests.olmo.helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_common  # noqa: E402
-from bench_common import Benchmark, Run, ratio_to_reference, run_benchmark, time_phases  # noqa: E402
+from bench_common import (  # noqa: E402
+    Benchmark,
+    Run,
+    ratio_to_reference,
+    run_benchmark,
+    time_phases,
+)
 
 ENV_KEYS = {"device", "torch", "cuda", "triton", "python", "git_rev", "command", "date_utc"}
 
@@ -32,11 +38,14 @@ def toy(**kw) -> Benchmark:
     def measure(run: Run):
         for n in (run.args.size, 2 * run.args.size):
             x = torch.ones(n)
-            [ms] = time_phases(lambda x=x: [x.sum], device=run.device, warmup=run.warmup, iters=run.iters)
+            [ms] = time_phases(
+                lambda x=x: [x.sum], device=run.device, warmup=run.warmup, iters=run.iters
+            )
             yield {"n": n, "ms": bench_common.median(ms), "ms_all": ms}
 
     fields = dict(name="toy", doc="toy benchmark", add_arguments=add_arguments, setup=setup,
-                  measure=measure, columns=[("n", "n", "d"), ("ms", "ms", ".4f"), ("x", "x first", ".2f")],
+                  measure=measure,
+                  columns=[("n", "n", "d"), ("ms", "ms", ".4f"), ("x", "x first", ".2f")],
                   finish=lambda run, rows: ratio_to_reference(rows, "ms", "x", lambda r: r["n"] == 64),
                   timing={"cuda": (5, 20), "cpu": (2, 4), "quick": (1, 3)})  # fmt: skip
     return Benchmark(**{**fields, **kw})
@@ -82,6 +91,8 @@ def test_failure_still_writes_and_exits_1(tmp_path):
         ({}, ["--model.d_model=8"]),  # overrides only where the benchmark takes them
         ({"timing": None}, ["--iters=3"]),  # no iterations of its own: no such flag
         ({"devices": ("cpu",)}, ["--device", "cuda"]),
+        ({}, ["--device", "tpu"]),
+        ({}, ["--device", "nonsense"]),
         ({"config_overrides": True}, ["stray"]),
     ],
 )
@@ -92,8 +103,14 @@ def test_bad_command_lines_are_rejected(bench_kw, argv, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_device_may_carry_an_index():
+    assert bench_common.parse(toy(), ["--device=cuda:1"]).device == torch.device("cuda:1")
+
+
 def test_config_overrides_reach_the_run():
-    run = bench_common.parse(toy(config_overrides=True), ["--device=cpu", "--model.d_model=8", "--seed=1"])
+    run = bench_common.parse(
+        toy(config_overrides=True), ["--device=cpu", "--model.d_model=8", "--seed=1"]
+    )
     assert run.overrides == ["--model.d_model=8", "--seed=1"] and run.device == torch.device("cpu")
 
 
@@ -119,7 +136,8 @@ SCRIPTS = {
 def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
     benchmark, name, measured = SCRIPTS[script]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "scripts" / script), "--device", "cpu", "--quick",
+         "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )  # fmt: skip
