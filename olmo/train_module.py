@@ -7,7 +7,7 @@ learning-rate schedule, micro-batching, and the objective
     loss = cross_entropy + load_balancing + router_z_loss
 
 with the two auxiliary losses (already weighted by the model) divided by the number of
-micro-batches in a step, as OLMoE trained (DESIGN.md). The paper's released trainer dropped
+micro-batches in a step, as OLMoE trained (megablocks' formulas). The paper's released trainer dropped
 them from the objective; here they always reach the gradients.
 """
 

@@ -138,7 +138,7 @@ def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
 
 
 def test_compiled_blocks_match_eager(tmp_path, straight_runs):
-    # torch.compile of each block (inductor on CPU; about a minute) computes the same step.
+    # torch.compile of each block (inductor on CPU) computes the same step.
     save = _train(tmp_path, "compiled", compile="true")
     compiled, plain = _losses(save), _losses(straight_runs[1])
     assert [s for s, _ in compiled] == [s for s, _ in plain]
