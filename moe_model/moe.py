@@ -32,7 +32,7 @@ from moe_model.init import trunc_normal_
 if TYPE_CHECKING:
     from moe_model.config import ModelConfig
 
-__all__ = ["MoEAux", "MoELayer", "grouped_mm", "load_balancing_loss", "router_z_loss"]
+__all__ = ["MoEAux", "MoELayer", "combine", "grouped_mm", "load_balancing_loss", "router_z_loss"]
 
 # torch >= 2.10 has the public name; older torches only the private op.
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -81,6 +81,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, inverse_R: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k weights_TK[t, k] * (row of token t's k-th choice), in y_RD's dtype.
+
+    ``inverse_R[t*K + k]`` is the position in y_RD (rows sorted by expert) of token t's k-th
+    choice. The combine weights are applied after w_out (megablocks). Products and the sum over
+    k run in fp32 (the weights are fp32, so the product promotes) and the total is rounded to
+    y_RD's dtype once: a bf16 ``index_add_`` rounds every partial sum, in whatever order CUDA's
+    atomics land. Autograd keeps the rows in y_RD's dtype and the weights; the fp32 products
+    are a temporary.
+    """
+    num_tokens, top_k = weights_TK.shape
+    y_TKD = y_RD.index_select(0, inverse_R).view(num_tokens, top_k, y_RD.shape[-1])
+    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
 
 
 class MoELayer(nn.Module):
@@ -190,7 +205,6 @@ class MoELayer(nn.Module):
         """``x`` (..., D) -> (y shaped like x, MoEAux)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        num_tokens = x_TD.shape[0]
         logits_TE, probs_TE, weights_TK, experts_TK = self.route(x_TD)
 
         # Sort the T*K (token, expert) rows by expert; stable so equal experts keep token order.
@@ -201,9 +215,7 @@ class MoELayer(nn.Module):
 
         x_RD = x_TD[token_R].to(compute_dtype(x))
         y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
-        # Combine weights applied after w_out (megablocks); fp32 weights cast to compute dtype.
-        y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
-        y_TD = y_RD.new_zeros(num_tokens, shape[-1]).index_add_(0, token_R, y_RD)
+        y_TD = combine(y_RD, weights_TK, inverse_R=order_R.argsort())
 
         aux = MoEAux(
             lb_loss=load_balancing_loss(probs_TE, tokens_per_expert_E, self.top_k, self.lb_weight),

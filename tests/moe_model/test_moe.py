@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
-from moe_model.moe import MoELayer, load_balancing_loss, router_z_loss
+from moe_model.moe import MoELayer, combine, load_balancing_loss, router_z_loss
 
 D, H, E, K = 16, 8, 6, 2
 
@@ -125,6 +125,48 @@ def test_single_token_and_bf16(impl):
     y, aux = layer(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert aux.lb_loss.dtype == torch.float32
+
+
+def exact_combine_inputs(num_tokens=64, top_k=4, d=32, seed=0):
+    """bf16 expert rows (sorted by a random permutation) and fp32 weights whose fp32 products and
+    sums are exact: rows are multiples of 1/8 below 16, weights multiples of 1/64, so every sum
+    fits in 16 bits and its only rounding is the cast to bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    y_TKD = torch.randint(-127, 128, (num_tokens, top_k, d), generator=gen) / 8
+    weights_TK = torch.randint(1, 64, (num_tokens, top_k), generator=gen) / 64
+    order_R = torch.randperm(num_tokens * top_k, generator=gen)
+    y_RD = y_TKD.reshape(-1, d)[order_R].to(torch.bfloat16)
+    exact_TD = (y_TKD.double() * weights_TK.double().unsqueeze(-1)).sum(1)
+    return y_RD, weights_TK.float(), order_R, exact_TD
+
+
+def test_combine_rounds_once_in_bf16():
+    y_RD, weights_TK, order_R, exact_TD = exact_combine_inputs()
+    y_TD = combine(y_RD, weights_TK, order_R.argsort())
+    assert y_TD.dtype == torch.bfloat16
+    assert torch.equal(y_TD, exact_TD.to(torch.bfloat16))
+    # The bf16 index_add_ this replaced rounds each product and partial sum: it misses the
+    # once-rounded sum on these inputs.
+    top_k = weights_TK.shape[1]
+    old_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(torch.bfloat16)
+    old_TD = torch.zeros_like(y_TD).index_add_(0, order_R // top_k, old_RD)
+    assert not torch.equal(old_TD, exact_TD.to(torch.bfloat16))
+
+
+def test_combine_gradients():
+    y_RD, weights_TK, order_R, _ = exact_combine_inputs(num_tokens=8, top_k=3, d=16)
+    y_RD.requires_grad_(True)
+    weights_TK.requires_grad_(True)
+    g_TD = torch.randn(8, 16).to(torch.bfloat16)
+    combine(y_RD, weights_TK, order_R.argsort()).backward(g_TD)
+    token_R, k_R = order_R // 3, order_R % 3
+    w_R = weights_TK.detach()[token_R, k_R].double()
+    want_y = (g_TD.double()[token_R] * w_R.unsqueeze(-1)).to(torch.bfloat16)
+    assert y_RD.grad.dtype == torch.bfloat16 and torch.equal(y_RD.grad, want_y)
+    want_w = torch.zeros(8, 3, dtype=torch.float64)
+    want_w[token_R, k_R] = (g_TD.double()[token_R] * y_RD.detach().double()).sum(-1)
+    assert weights_TK.grad.dtype == torch.float32
+    torch.testing.assert_close(weights_TK.grad.double(), want_w, rtol=1e-6, atol=1e-6)
 
 
 def test_auto_impl_falls_back_to_loop_when_unaligned():
