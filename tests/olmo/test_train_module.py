@@ -150,10 +150,12 @@ def test_fsdp_grad_sync_and_fp32_coefficients(tmp_path):
     the exact fp32 coefficients (shared and per-expert sets) and they train."""
     script = tmp_path / "fsdp_train_module.py"
     script.write_text(_SCRIPT)
+    # The repo first, then whatever the caller's path holds (carried wheels on a GPU machine).
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", str(script), TEST_CONFIG],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
