@@ -135,6 +135,9 @@ class TrainConfig:
     """Recompute each block in backward to save memory."""
     compile: bool = False
     """torch.compile each transformer block."""
+    reduce_grads_every_microbatch: bool = False
+    """FSDP: reduce-scatter gradients after every micro-batch (they stay sharded) instead of once
+    per step (each rank then holds unsharded fp32 gradients until the step's last micro-batch)."""
     eval_interval: int = 1000
     """Evaluate on data.validation every this many steps (and at the end)."""
     eval_batch_size: int | None = None
