@@ -9,30 +9,21 @@ one routed slot; fine-grained experts split each expert in four). Variants are i
 round-robin so that load from other processes hits them alike; medians and the ratio to the
 default are printed and written to benchmarks/results/moe_variants_cpu.json. One process: the
 global-batch balance loss would add one small all-reduce per MoE layer and micro-batch, which
-is not measured here.
+is not measured here. ``--quick`` shrinks the model (``QUICK_OVERRIDES``).
 
-    python scripts/bench_moe_variants.py [--config configs/tiny.yaml] [--iters 10]
+    python scripts/bench_moe_variants.py [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import Benchmark, ratio_to_reference, run_benchmark
+from bench_cpu_step import add_arguments, make_setup, measure_steps
 
-import torch  # noqa: E402
-from bench_common import (  # noqa: E402
-    environment,
-    format_table,
-    median,
-    time_interleaved,
-    write_json,
-)
-from bench_cpu_step import make_step  # noqa: E402
+from olmo.config import load_config
 
-from olmo.config import load_config  # noqa: E402
+DEFAULT = "default (OLMoE: softmax, dropless)"
 
 
 def variants(base) -> dict:
@@ -40,7 +31,7 @@ def variants(base) -> dict:
     e, k, h = base.moe_num_experts, base.moe_top_k, base.mlp_hidden_size
     sigmoid = dict(moe_router_score="sigmoid", moe_renormalize=True, moe_zloss_weight=0.0)
     return {
-        "default (OLMoE: softmax, dropless)": base,
+        DEFAULT: base,
         "sigmoid router, renormalised": base.replace(**sigmoid),
         "aux-free bias (softmax)": base.replace(moe_bias_update_rate=1e-3),
         "sequence-wise balance loss": base.replace(moe_lb_granularity="sequence"),
@@ -60,47 +51,44 @@ def variants(base) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args()
+QUICK_OVERRIDES = [
+    "--model.n_layers=2",
+    "--model.max_sequence_length=32",
+    "--model.vocab_size=512",
+    "--model.embedding_size=512",
+    "--model.activation_backend=fused",
+    "--device_train_microbatch_size=2",
+]
 
-    cfg = load_config(args.config)
-    models = variants(cfg.model)
-    seq = cfg.model.max_sequence_length
-    gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(
-        0, cfg.model.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen
-    )
-    steps = {name: make_step(model_cfg, batch)[0] for name, model_cfg in models.items()}
-    first, times = time_interleaved(steps, warmup=args.warmup, iters=args.iters)
 
-    ref = median(times[next(iter(models))])
-    rows = [
-        {
-            "variant": name,
-            "params": m.num_params(),
-            "active_params": m.num_active_params(),
-            "first_s": first[name],
-            "median_ms": median(times[name]),
-            "ratio": median(times[name]) / ref,
-        }
-        for name, m in models.items()
-    ]
-    print(f"{args.config}: micro-batch {tuple(batch[:, :-1].shape)}, "
-          f"{cfg.model.activation_type} ({cfg.model.activation_backend}), "
-          f"{torch.get_num_threads()} threads, medians of {args.iters}")
-    print(format_table(rows, [("variant", "variant", ""), ("params", "params", ",d"),
-                              ("active_params", "active", ",d"), ("first_s", "first step s", ".1f"),
-                              ("median_ms", "median ms", ".1f"), ("ratio", "vs default", ".2f")]))
-    path = write_json("moe_variants_cpu", {"env": environment(torch.device("cpu")),
-                                           "config": args.config, "rows": rows,
-                                           "times_ms": times}, args.out)
-    print(f"wrote {path}")
+def measure(run):
+    cfg = load_config(run.args.config, run.overrides)
+    run.settings["activation"] = f"{cfg.model.activation_type} ({cfg.model.activation_backend})"
+    yield from measure_steps(run, cfg, variants(cfg.model))
 
+
+BENCHMARK = Benchmark(
+    name="moe_variants",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=make_setup(QUICK_OVERRIDES),
+    measure=measure,
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "median_ms", "ratio", lambda r: r["variant"] == DEFAULT
+    ),
+    columns=[
+        ("variant", "variant", ""),
+        ("params", "params", ",d"),
+        ("active_params", "active", ",d"),
+        ("first_s", "first step s", ".1f"),
+        ("median_ms", "median ms", ".1f"),
+        ("ratio", "vs default", ".2f"),
+    ],  # fmt: skip
+    devices=("cpu",),
+    # The first warm-up step is timed on its own (first_s): for compile it is the compilation.
+    timing={"cpu": (3, 20), "quick": (1, 2)},
+    config_overrides=True,
+)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_benchmark(BENCHMARK))
