@@ -10,7 +10,6 @@ PolyNorm and PolyReLU coefficients survive export and import -- the paper's HF p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -27,15 +26,20 @@ from moe_model.hf import FORMATS, export_hf, read_hf_dir  # noqa: E402
 from moe_model.hf.layouts import PolyMoELayout  # noqa: E402
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, default_tokenizer_path  # noqa: E402
 from olmo import checkpoint_io  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
 from olmo.config import TrainConfig  # noqa: E402
 from tests.olmo.helpers import (  # noqa: E402
-    REPO,
     TEST_CONFIG,
     make_data,
     read_metrics,
     run_train,
     tiny_overrides,
+)
+from tests.scripts.helpers import (  # noqa: E402
+    assert_fails,
+    load_script,
+    no_leftovers,
+    randomize_,
+    run_script,
 )
 
 ACTS = ["relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm"]
@@ -52,18 +56,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name: str, args: list[str]) -> int:
-    """A script's main through the CLI wrapper, as `python scripts/<name>.py` runs it."""
-    return run_cli(lambda: load_script(name).main(args))
-
-
 def tiny_config(activation: str, **changes) -> ModelConfig:
     return ModelConfig(
         vocab_size=VOCAB, embedding_size=VOCAB, d_model=32, n_layers=2, n_heads=2,
@@ -73,21 +65,8 @@ def tiny_config(activation: str, **changes) -> ModelConfig:
 
 
 def tiny_model(activation: str, seed: int = 0, **changes):
-    """A tiny model with every parameter drawn at O(1) scale: norm gains, router, experts and
-    PolyNorm/PolyReLU coefficients included, none at its init value."""
-    torch.manual_seed(seed)
-    model = tiny_config(activation, **changes).build().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".act." in name:
-                p.copy_(torch.randn_like(p) * 0.5 + 0.3)
-            elif name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if p.ndim > 1 else 1.0)
-                if "w_in" in name or "w_out" in name or "router" in name:
-                    p.mul_(2.0)  # O(1) pre-activations and routing margins
-    return model
+    """A tiny model with every parameter drawn at O(1) scale (tests/scripts/helpers.py)."""
+    return randomize_(tiny_config(activation, **changes).build().eval(), seed)
 
 
 def load_hf(path: Path, remote_code: bool):
@@ -339,19 +318,6 @@ def test_registry_covers_every_activation():
 
 
 # ---- bad input: one line naming the cause, nothing written ----------------------------------
-
-
-def assert_fails(capsys, script: str, args: list[str], *needles: str) -> None:
-    capsys.readouterr()
-    assert run_script(script, args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
-def no_leftovers(parent: Path, name: str) -> bool:
-    return not any(p.name == name or p.name.startswith(f".{name}.partial") for p in parent.iterdir())
 
 
 def test_polynorm_model_refuses_native_export(tmp_path, capsys):
