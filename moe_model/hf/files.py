@@ -134,7 +134,7 @@ class SafetensorsSource:
 class CachedSource:
     """Keeps the last ``size`` tensors read: a stacked expert tensor feeds E outputs in a row."""
 
-    def __init__(self, source: TensorSource, size: int = 2):
+    def __init__(self, source: TensorSource, size: int = 1):
         self.source = source
         self.size = size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -274,7 +274,7 @@ def write_safetensors(
         for p in plan:
             tensor = p.build()
             # Raw little-endian bytes; bf16 has no numpy dtype, so view everything as bytes.
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
             del tensor
 
 

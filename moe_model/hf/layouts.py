@@ -385,27 +385,31 @@ class OlmoeLayout(Layout):
         plan: list[PlannedTensor] = []
         e_count, d, h = config.moe_num_experts, config.d_model, config.mlp_hidden_size
         for key, meta in config.build("meta").state_dict().items():
+            # Expert tensors are filled in place, expert by expert, in the output dtype: the
+            # only full-size buffer is the output itself.
             if m := _EXPERTS_IN.fullmatch(key):
                 prefix = f"model.layers.{m.group(1)}.mlp.experts"
-                first = source.meta(f"{prefix}.0.gate_proj.weight")
+                out_dtype = _cast(source.meta(f"{prefix}.0.gate_proj.weight"), dtype)
 
-                def make(prefix=prefix):
-                    return torch.stack([
-                        torch.cat([source.get(f"{prefix}.{e}.gate_proj.weight").T,
-                                   source.get(f"{prefix}.{e}.up_proj.weight").T], dim=1)
-                        for e in range(e_count)
-                    ])  # fmt: skip
+                def make(prefix=prefix, out_dtype=out_dtype):
+                    w_in_EDH = torch.empty(e_count, d, 2 * h, dtype=out_dtype)
+                    for e in range(e_count):
+                        w_in_EDH[e, :, :h] = source.get(f"{prefix}.{e}.gate_proj.weight").T
+                        w_in_EDH[e, :, h:] = source.get(f"{prefix}.{e}.up_proj.weight").T
+                    return w_in_EDH
 
-                plan.append(PlannedTensor(key, (e_count, d, 2 * h), _cast(first, dtype), make))
+                plan.append(PlannedTensor(key, (e_count, d, 2 * h), out_dtype, make))
             elif m := _EXPERTS_OUT.fullmatch(key):
                 prefix = f"model.layers.{m.group(1)}.mlp.experts"
-                first = source.meta(f"{prefix}.0.down_proj.weight")
+                out_dtype = _cast(source.meta(f"{prefix}.0.down_proj.weight"), dtype)
 
-                def make(prefix=prefix):
-                    return torch.stack([source.get(f"{prefix}.{e}.down_proj.weight").T
-                                        for e in range(e_count)])
+                def make(prefix=prefix, out_dtype=out_dtype):
+                    w_out_EHD = torch.empty(e_count, h, d, dtype=out_dtype)
+                    for e in range(e_count):
+                        w_out_EHD[e] = source.get(f"{prefix}.{e}.down_proj.weight").T
+                    return w_out_EHD
 
-                plan.append(PlannedTensor(key, (e_count, h, d), _cast(first, dtype), make))
+                plan.append(PlannedTensor(key, (e_count, h, d), out_dtype, make))
             else:
                 hf_key = self.renamer.to_hf(key)
                 plan.append(PlannedTensor(key, tuple(meta.shape), _cast(source.meta(hf_key), dtype),
