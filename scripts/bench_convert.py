@@ -40,14 +40,6 @@ CONFIG = REPO / "configs" / "olmoe-1b-7b-swiglu.yaml"
 GB = 1e9
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def _load_script(name: str):
     import importlib.util
 
@@ -87,7 +79,8 @@ def _check(ckpt: Path, imported: Path, layers: int) -> dict:
 
 def phase(name: str, args: list[str]) -> None:
     """Run one phase in this process and print its measurements as one JSON line."""
-    base = _rss_bytes()
+    # Peak so far: Python, torch and the project imported, nothing converted yet.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if name == "make":
         extra = _make_checkpoint(Path(args[0]), int(args[1]))

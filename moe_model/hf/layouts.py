@@ -143,6 +143,16 @@ def _training_fields(hf_config: dict) -> dict:
     return values
 
 
+# What both formats state about the tokenizer's special ids and the head (untied).
+_TOKEN_AND_HEAD_FIELDS = {
+    "pad_token_id": PAD_TOKEN_ID,
+    "bos_token_id": None,
+    "eos_token_id": EOS_TOKEN_ID,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+}
+
+
 def _model_keys(config: ModelConfig) -> list[str]:
     """The training model's tensor names in its state-dict order (plans follow it, so outputs
     do not depend on the order a source lists its tensors in)."""
@@ -205,11 +215,7 @@ class PolyMoELayout(Layout):
             **_hf_fields(config),
             # Plain multi-head attention; stated for tools that read it (memory estimators).
             "num_key_value_heads": config.n_heads,
-            "pad_token_id": PAD_TOKEN_ID,
-            "bos_token_id": None,
-            "eos_token_id": EOS_TOKEN_ID,
-            "tie_word_embeddings": False,
-            "use_cache": True,
+            **_TOKEN_AND_HEAD_FIELDS,
         }
 
     def model_config(self, hf_config: dict, hf_dir: Path) -> ModelConfig:
@@ -302,11 +308,7 @@ class OlmoeLayout(Layout):
             "rope_theta": config.rope_theta,
             "rope_scaling": None,
             "output_router_logits": False,
-            "pad_token_id": PAD_TOKEN_ID,
-            "bos_token_id": None,
-            "eos_token_id": EOS_TOKEN_ID,
-            "tie_word_embeddings": False,
-            "use_cache": True,
+            **_TOKEN_AND_HEAD_FIELDS,
         }
 
     def model_config(self, hf_config: dict, hf_dir: Path) -> ModelConfig:
