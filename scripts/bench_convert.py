@@ -11,8 +11,10 @@ grows):
 * ``import``: ``scripts/convert_from_hf.py HF IMP`` (fp32 model-only DCP, what training loads),
 * ``check``: two tensors of IMP equal CKPT's bit for bit (the biggest expert tensor, the embedding).
 
-Peak RSS is the process's maximum resident set (``ru_maxrss``) minus nothing: it includes
-Python + torch (reported separately as ``base``). A full OLMoE-1B-7B (16 layers, 13.8 GB in bf16,
+Peak RSS is the process's maximum resident set (``ru_maxrss``): it includes Python + torch
+(reported separately as ``base``) and the file pages mapped while reading safetensors, which grow
+with the file and which the kernel can drop; ``peak anon`` (RssAnon, sampled every 10 ms) is the
+memory the conversion itself holds. A full OLMoE-1B-7B (16 layers, 13.8 GB in bf16,
 27.7 GB in fp32) does not fit a 24 GiB machine shared with other jobs, so run fewer layers and
 extrapolate: time is linear in L, peak memory of a streaming conversion is not.
 
@@ -28,6 +30,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,24 +80,60 @@ def _check(ckpt: Path, imported: Path, layers: int) -> dict:
     return {"bitwise_equal": all(torch.equal(a.get(k), b.get(k)) for k in keys)}
 
 
+class AnonPeak:
+    """Largest anonymous resident memory (RssAnon) seen by a 10 ms sampler thread.
+
+    ``ru_maxrss`` also counts file pages mapped while reading safetensors (page cache the
+    kernel can drop), which grow with the file; RssAnon is the memory the conversion holds.
+    """
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _anon() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._anon())
+
+    def __enter__(self):
+        self.peak = self._anon()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._anon())
+
+
 def phase(name: str, args: list[str]) -> None:
     """Run one phase in this process and print its measurements as one JSON line."""
     # Peak so far: Python, torch and the project imported, nothing converted yet.
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    if name == "make":
-        extra = _make_checkpoint(Path(args[0]), int(args[1]))
-    elif name == "check":
-        extra = _check(Path(args[0]), Path(args[1]), int(args[2]))
-    else:
-        script = {"export": "convert_to_hf", "import": "convert_from_hf"}[name]
-        rc = _load_script(script).main(args)
-        assert rc == 0, rc
-        extra = {}
-    seconds = time.perf_counter() - start
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        if name == "make":
+            extra = _make_checkpoint(Path(args[0]), int(args[1]))
+        elif name == "check":
+            extra = _check(Path(args[0]), Path(args[1]), int(args[2]))
+        else:
+            script = {"export": "convert_to_hf", "import": "convert_from_hf"}[name]
+            rc = _load_script(script).main(args)
+            assert rc == 0, rc
+            extra = {}
+        seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"phase": name, "seconds": seconds, "base_rss": base, "peak_rss": peak,
-                      **extra}))
+                      "peak_anon": anon.peak, **extra}))
 
 
 def run_phase(name: str, *args: str) -> dict:
@@ -139,6 +178,7 @@ def main() -> int:
                 "seconds": step["seconds"], "base_gb": step["base_rss"] / GB,
                 "peak_gb": step["peak_rss"] / GB,
                 "peak_minus_base_gb": (step["peak_rss"] - step["base_rss"]) / GB,
+                "peak_anon_gb": step["peak_anon"] / GB,
                 "fp32_model_gb": made["fp32_bytes"] / GB, "bf16_hf_gb": hf_bytes / GB,
                 "largest_tensor_gb": made["largest_tensor_bytes"] / GB,
                 "round_trip_bitwise": check["bitwise_equal"],
@@ -146,6 +186,7 @@ def main() -> int:
     columns = [("layers", "L", ""), ("phase", "phase", ""), ("params", "params", ",d"),
                ("seconds", "time s", ".1f"), ("base_gb", "base RSS GB", ".2f"),
                ("peak_gb", "peak RSS GB", ".2f"), ("peak_minus_base_gb", "peak - base GB", ".2f"),
+               ("peak_anon_gb", "peak anon GB", ".2f"),
                ("fp32_model_gb", "fp32 model GB", ".2f"), ("bf16_hf_gb", "HF dir GB", ".2f"),
                ("largest_tensor_gb", "largest fp32 tensor GB", ".2f"),
                ("round_trip_bitwise", "bitwise", "")]

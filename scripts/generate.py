@@ -118,7 +118,8 @@ def _run_hf(args, prompt_ids: list[int] | None) -> list[int]:
     if prompt_ids is None:
         prompt_ids = tokenizer(args.prompt).input_ids
     torch.manual_seed(args.seed)
-    real_vocab = getattr(model.config, "tokenizer_vocab_size", model.config.vocab_size)
+    # Our exports record the tokenizer's size; AI2's OLMoE config has only the embedding rows.
+    real_vocab = getattr(model.config, "tokenizer_vocab_size", None) or len(tokenizer)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,

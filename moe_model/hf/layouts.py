@@ -238,7 +238,7 @@ class PolyMoELayout(Layout):
 
 
 # OLMoE config.json fields this model cannot represent unless they hold the value given here
-# (None: absent or null). A field outside this table, the renames and _OLMOE_IGNORED is refused.
+# (or are absent: transformers' OlmoeConfig defaults to these values). A field outside this table, the renames and _OLMOE_IGNORED is refused.
 _OLMOE_REQUIRED = {
     "hidden_act": ("silu", "the experts are SwiGLU: silu(gate) * up"),
     "attention_bias": (False, "the projections have no bias"),
@@ -314,8 +314,9 @@ class OlmoeLayout(Layout):
     def model_config(self, hf_config: dict, hf_dir: Path) -> ModelConfig:
         where = f"{hf_dir}/config.json"
         for field, (want, why) in _OLMOE_REQUIRED.items():
-            value = hf_config.get(field)
-            if value != want and not (want is False and value is None):
+            # An absent field takes OlmoeConfig's default, which is the value wanted.
+            if field in hf_config and hf_config[field] != want:
+                value = hf_config[field]
                 raise ConversionError(f"{where}: {field}={value!r} cannot be represented ({why})")
         heads = hf_config.get("num_attention_heads")
         kv_heads = hf_config.get("num_key_value_heads")
