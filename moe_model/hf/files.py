@@ -82,7 +82,8 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def _read_header(path: Path) -> dict:
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of ``path`` (without ``__metadata__``) and where its data starts."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -92,29 +93,40 @@ def _read_header(path: Path) -> dict:
             header = json.loads(f.read(size))
         except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
             raise ConversionError(f"{str(path)!r} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{str(path)!r} is not a safetensors file (bad header)")
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 class SafetensorsSource:
-    """Tensors of one or more safetensors files, read one at a time (``safe_open``)."""
+    """Tensors of one or more safetensors files, each read on demand with plain file reads.
+
+    Not memory-mapped (as ``safe_open`` is): mapped file pages would count in the process's
+    resident memory and pile up to the size of the files over a conversion.
+    """
 
     def __init__(self, files: list[Path]):
         self.files = [Path(f) for f in files]
-        self._where: dict[str, Path] = {}
+        # name -> (file, byte offset, byte length); shapes and dtypes as meta tensors.
+        self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, torch.Tensor] = {}
         for path in self.files:
             if not path.is_file():
                 raise ConversionError(f"weights file {str(path)!r} is missing")
-            for key, info in _read_header(path).items():
+            header, data_start = _read_header(path)
+            for key, info in header.items():
                 if key in self._where:
-                    raise ConversionError(f"tensor {key!r} is in both {self._where[key]} and {path}")
+                    raise ConversionError(f"tensor {key!r} is in both {self._where[key][0]} and {path}")
                 dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise ConversionError(f"tensor {key!r} in {path} has unsupported dtype {info['dtype']}")
-                self._where[key] = path
-                self._meta[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
-        self._handles: dict[Path, object] = {}
+                meta = torch.empty(info["shape"], dtype=dtype, device="meta")
+                begin, end = info["data_offsets"]
+                if end - begin != meta.numel() * meta.element_size():
+                    raise ConversionError(f"tensor {key!r} in {path}: byte range does not fit its shape")
+                self._where[key] = (path, data_start + begin, end - begin)
+                self._meta[key] = meta
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -123,12 +135,14 @@ class SafetensorsSource:
         return self._meta[key]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._where[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path].get_tensor(key)
+        path, offset, length = self._where[key]
+        meta = self._meta[key]
+        buf = torch.empty(length, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf.numpy()) != length:
+                raise ConversionError(f"{path} ends inside tensor {key!r} (truncated file)")
+        return buf.view(meta.dtype).reshape(meta.shape)
 
 
 class CachedSource:

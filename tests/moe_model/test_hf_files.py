@@ -84,6 +84,11 @@ def test_planned_shape_and_size_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
     with pytest.raises(ConversionError, match="not a safetensors file"):
         SafetensorsSource([tmp_path / "junk.safetensors"])
+    save_file({"w": torch.ones(100)}, tmp_path / "cut.safetensors")
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ConversionError, match="ends inside tensor 'w'"):
+        SafetensorsSource([tmp_path / "cut.safetensors"]).get("w")
 
 
 def test_atomic_output_dir(tmp_path):
