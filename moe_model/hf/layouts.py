@@ -238,7 +238,8 @@ class PolyMoELayout(Layout):
 
 
 # OLMoE config.json fields this model cannot represent unless they hold the value given here
-# (or are absent: transformers' OlmoeConfig defaults to these values). A field outside this table, the renames and _OLMOE_IGNORED is refused.
+# (or are absent: transformers' OlmoeConfig defaults to these values). A field outside this
+# table, the renames and _OLMOE_IGNORED is refused.
 _OLMOE_REQUIRED = {
     "hidden_act": ("silu", "the experts are SwiGLU: silu(gate) * up"),
     "attention_bias": (False, "the projections have no bias"),
