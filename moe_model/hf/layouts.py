@@ -28,6 +28,7 @@ import dataclasses
 import json
 import re
 import shutil
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -163,7 +164,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Layout:
+class Layout(ABC):
     """How one HF format names, shapes and configures this model's tensors."""
 
     name: str
@@ -174,21 +175,25 @@ class Layout:
         """Why ``config`` cannot be written in this layout (None: it can)."""
         return None
 
+    @abstractmethod
     def config_json(self, config: ModelConfig, dtype: torch.dtype) -> dict:
-        raise NotImplementedError
+        """config.json of ``config`` with weights in ``dtype``."""
 
+    @abstractmethod
     def model_config(self, hf_config: dict, hf_dir: Path) -> ModelConfig:
-        raise NotImplementedError
+        """The ModelConfig of a config.json; ConversionError naming what cannot be held."""
 
+    @abstractmethod
     def export_plan(self, config: ModelConfig, source: TensorSource,
                     dtype: torch.dtype | None) -> list[PlannedTensor]:
-        raise NotImplementedError
+        """Training tensors (``source``) -> this layout's tensors, made one at a time."""
 
+    @abstractmethod
     def import_plan(self, config: ModelConfig, source: TensorSource,
                     dtype: torch.dtype | None) -> list[PlannedTensor]:
-        raise NotImplementedError
+        """This layout's tensors (``source``, names and shapes checked) -> training tensors."""
 
-    def write_code(self, out_dir: Path) -> None:
+    def write_code(self, out_dir: Path) -> None:  # noqa: B027 (a default, not an abstract)
         """Copy whatever code the directory needs to load (nothing for native formats)."""
 
 
