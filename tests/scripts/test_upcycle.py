@@ -89,7 +89,7 @@ def test_upcycled_model_at_step_zero(tmp_path, activation, renormalize):
             y_moe, _ = moe.blocks[i].ffn(x_TD)
             y_dense, _ = dense.blocks[i].ffn(x_TD)
             # The combine weights the layer used (its router runs in fp32 by design).
-            weights_TK = moe.blocks[i].ffn.route(x_TD)[2]
+            weights_TK = moe.blocks[i].ffn.route(x_TD).weights_TK
         scale_T = weights_TK.double().sum(dim=-1)
         torch.testing.assert_close(y_moe, scale_T[:, None] * y_dense, rtol=tol, atol=tol)
         # ... and that scale is 1 (renormalised) or the top-k probability mass, to fp32 rounding.
@@ -103,7 +103,7 @@ def test_upcycled_model_at_step_zero(tmp_path, activation, renormalize):
     def scaled(i):
         def hook(module, args, out):
             x_TD = args[0].reshape(-1, cfg.d_model)
-            scale_T = moe.blocks[i].ffn.route(x_TD)[2].double().sum(dim=-1)
+            scale_T = moe.blocks[i].ffn.route(x_TD).weights_TK.double().sum(dim=-1)
             return out[0] * scale_T.reshape(out[0].shape[:-1] + (1,)), out[1]
         return hook
 
