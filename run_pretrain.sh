@@ -26,8 +26,9 @@ else
 fi
 
 if [ "$CONFIG" = configs/tiny.yaml ]; then
-  # Idempotent: a second run only checks that the token files are there.
-  PATH="$(dirname "$(command -v "$PYTHON")"):$PATH" bash scripts/prepare_sample_data.sh
+  # Idempotent: a second run only checks that the token files are there. dolma runs from its
+  # own environment (.venv-dolma, made on first use); PYTHON finds the tokenizer file.
+  PYTHON="$PYTHON" bash scripts/prepare_sample_data.sh
 fi
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then

@@ -29,6 +29,15 @@ import torch
 
 from moe_model.config import ModelConfig
 from moe_model.errors import CheckpointError, OutputExistsError
+from moe_model.hf.files import (
+    DictSource,
+    PlannedTensor,
+    SafetensorsSource,
+    TensorSource,
+    atomic_output_dir,
+    plan_rename,
+    write_safetensors,
+)
 from moe_model.transformer import MoETransformer
 from olmo.run_files import CONFIG_FNAME, DCP_DIR, step_dirs
 
@@ -38,12 +47,14 @@ if TYPE_CHECKING:
 __all__ = [
     "WEIGHTS_FNAME",
     "CheckpointError",
+    "DCPSource",
     "find_config",
     "load_checkpoint",
     "load_model",
     "load_model_config",
     "load_state_dict",
     "load_train_config",
+    "open_checkpoint",
     "resolve_checkpoint",
     "save_model_dcp",
     "save_unsharded",
@@ -101,32 +112,65 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return load_train_config(path).model
 
 
-def _read_dcp_model(dcp_dir: Path) -> dict[str, torch.Tensor]:
-    """Every ``model.*`` tensor of a DCP checkpoint, unsharded, as plain CPU tensors."""
-    import torch.distributed.checkpoint as dcp
+def _dcp_model_metas(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """Shape and dtype (as meta tensors) of every ``model.*`` tensor of a DCP checkpoint."""
     from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemReader
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     # olmo-core's reader: the trainer writes with olmo-core's RemoteFileSystemWriter, whose
     # storage records torch's own FileSystemReader cannot read (torch 2.13).
-    reader = RemoteFileSystemReader(str(dcp_dir))
-    metadata = reader.read_metadata()
-    state = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
-            # DCP records the global shape of every (FSDP/DTensor-sharded) parameter: reading
-            # into a full tensor gathers all shards.
-            state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    if not state:
+    metadata = RemoteFileSystemReader(str(dcp_dir)).read_metadata()
+    metas = {
+        # DCP records the global shape of every (FSDP/DTensor-sharded) parameter: reading into
+        # a full tensor gathers all shards.
+        key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not metas:
         raise CheckpointError(f"DCP checkpoint {str(dcp_dir)!r} has no '{MODEL_PREFIX}*' tensors")
-    # allow_partial_load: the optimizer and trainer entries are left out on purpose.
+    return metas
+
+
+def _read_dcp(dcp_dir: Path, metas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model tensors named in ``metas``, unsharded, as plain CPU tensors."""
+    import torch.distributed.checkpoint as dcp
+    from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    state = {MODEL_PREFIX + k: torch.empty(m.shape, dtype=m.dtype) for k, m in metas.items()}
+    # allow_partial_load: the optimizer and trainer entries (and other tensors) are left out.
     with warnings.catch_warnings():
         # "torch.distributed is ... uninitialized, assuming ... a single process": intended.
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, storage_reader=reader,
+        dcp.load(state, storage_reader=RemoteFileSystemReader(str(dcp_dir)),
                  planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
+
+
+class DCPSource:
+    """The model tensors of a DCP checkpoint, read one at a time (a :class:`TensorSource`)."""
+
+    def __init__(self, dcp_dir: str | Path):
+        self.dcp_dir = Path(dcp_dir)
+        self._metas = _dcp_model_metas(self.dcp_dir)
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self._metas[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        return _read_dcp(self.dcp_dir, {key: self._metas[key]})[key]
+
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """The model tensors of any checkpoint form, unread: a DCP or an unsharded directory."""
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / WEIGHTS_FNAME).is_file() and not _is_dcp(ckpt):
+        return SafetensorsSource([ckpt / WEIGHTS_FNAME])
+    return DCPSource(ckpt)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -136,7 +180,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(ckpt / WEIGHTS_FNAME)
-    return _read_dcp_model(ckpt)
+    return _read_dcp(ckpt, _dcp_model_metas(ckpt))
 
 
 def load_model(
@@ -169,53 +213,82 @@ def load_checkpoint(
     return model.to(device=device, dtype=dtype).eval(), cfg
 
 
-def save_unsharded(
-    state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path
-) -> Path:
-    """Write ``model.safetensors`` + ``config.yaml`` (a TrainConfig YAML) into ``out_dir``."""
-    from safetensors.torch import save_file
+def _as_plan(tensors: dict[str, torch.Tensor] | list[PlannedTensor]) -> list[PlannedTensor]:
+    if isinstance(tensors, dict):
+        return plan_rename(DictSource(tensors), lambda k: k)
+    return tensors
 
+
+def save_unsharded(
+    tensors: dict[str, torch.Tensor] | list[PlannedTensor], config_yaml: str, out_dir: str | Path
+) -> Path:
+    """Write ``model.safetensors`` + ``config.yaml`` (a TrainConfig YAML) into ``out_dir``.
+
+    ``tensors``: a state dict, or a plan whose tensors are made and written one at a time.
+    """
     from olmo.config import load_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     (out_dir / CONFIG_FNAME).write_text(config_yaml)
     model_config = load_config(out_dir / CONFIG_FNAME).model
     # The model config rides along in the file's metadata, so the weights file alone is usable.
     metadata = {"format": "pt", "model_config": json.dumps(dataclasses.asdict(model_config))}
-    save_file(tensors, out_dir / WEIGHTS_FNAME, metadata=metadata)
+    write_safetensors(out_dir / WEIGHTS_FNAME, _as_plan(tensors), metadata)
     return out_dir
 
 
 def unshard(path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """A sharded training checkpoint -> one ``model.safetensors`` + ``config.yaml``."""
-    state = load_state_dict(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    return save_unsharded(state, find_config(path).read_text(), out_dir)
+    """A sharded training checkpoint -> one ``model.safetensors`` + ``config.yaml``, streamed
+    tensor by tensor; ``out_dir`` appears only when complete."""
+    plan = plan_rename(open_checkpoint(path), lambda k: k, dtype)
+    config_yaml = find_config(path).read_text()
+    with atomic_output_dir(out_dir) as tmp:
+        save_unsharded(plan, config_yaml, tmp)
+    return Path(out_dir)
 
 
-def save_model_dcp(state_dict: dict[str, torch.Tensor], config_yaml: str, out_dir: str | Path) -> Path:
+def _lazy_save_planner(plan: dict[str, PlannedTensor]):
+    """torch.distributed.checkpoint's default planner, except that each planned tensor is made
+    only when the writer asks for it (the state dict handed to DCP holds meta tensors)."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class LazySavePlanner(DefaultSavePlanner):
+        def lookup_object(self, index):
+            planned = plan.get(index.fqn)
+            return planned.build() if planned is not None else super().lookup_object(index)
+
+    return LazySavePlanner()
+
+
+def save_model_dcp(
+    tensors: dict[str, torch.Tensor] | list[PlannedTensor], config_yaml: str, out_dir: str | Path
+) -> Path:
     """Write a model-only checkpoint ``{out_dir}/model/`` + ``{out_dir}/config.yaml``.
 
     The DCP holds ``model.*`` and ``train_module.skipped_steps`` (what olmo.train_module saves
     besides the optimizer); no optimizer and no trainer state, so ``--load_path={out_dir}/model``
     starts at step 0 with a fresh optimizer and the configured warm-up. Written with olmo-core's
-    writer, which the trainer's loader reads. Returns the ``model`` directory.
+    writer, which the trainer's loader reads, one tensor at a time (one writer thread): a plan's
+    tensors are made as they are written. Returns the ``model`` directory.
     """
-    from olmo_core.distributed.checkpoint import save_state_dict
+    import torch.distributed.checkpoint as dcp
+    from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemWriter
 
     out_dir = Path(out_dir)
     target = out_dir / MODEL_ONLY_DIR
     if target.exists():
         raise OutputExistsError(f"{str(target)!r} exists; pick a new output directory")
+    target.mkdir(parents=True)
+    plan = _as_plan(tensors)
     state = {
-        "model": {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
+        "model": {p.name: torch.empty(p.shape, dtype=p.dtype, device="meta") for p in plan},
         "train_module": {"skipped_steps": 0},
     }
+    planner = _lazy_save_planner({MODEL_PREFIX + p.name: p for p in plan})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        save_state_dict(str(target), state)
+        dcp.save(state, storage_writer=RemoteFileSystemWriter(str(target), thread_count=1),
+                 planner=planner, no_dist=True)
     (out_dir / CONFIG_FNAME).write_text(config_yaml)
     return target

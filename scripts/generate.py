@@ -14,6 +14,7 @@ the tokenizer's vocabulary (the embedding's padding rows) are never sampled.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from moe_model.tokenizer import EOS_TOKEN_ID  # noqa: E402
+from olmo.cli import run_cli  # noqa: E402
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
@@ -106,14 +108,18 @@ def _run_checkpoint(args, prompt_ids: list[int] | None) -> list[int]:
 def _run_hf(args, prompt_ids: list[int] | None) -> list[int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+    # Native OLMoE exports need no code of theirs; polymoe ones ship it (config.json auto_map).
+    remote_code = "auto_map" in json.loads((Path(args.path) / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(
-        args.path, trust_remote_code=True, torch_dtype=args.dtype or torch.float32
+        args.path, trust_remote_code=remote_code, dtype=args.dtype or torch.float32
     ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.path,
+                                              trust_remote_code=remote_code)
     if prompt_ids is None:
         prompt_ids = tokenizer(args.prompt).input_ids
     torch.manual_seed(args.seed)
-    real_vocab = getattr(model.config, "tokenizer_vocab_size", model.config.vocab_size)
+    # Our exports record the tokenizer's size; AI2's OLMoE config has only the embedding rows.
+    real_vocab = getattr(model.config, "tokenizer_vocab_size", None) or len(tokenizer)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
@@ -150,19 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top_p must be in (0, 1]")
     args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
-    from olmo.cli import run_cli
-
-    def run() -> int:
-        is_hf = (Path(args.path) / "config.json").is_file()
-        new_ids = (_run_hf if is_hf else _run_checkpoint)(args, prompt_ids)
-        if not args.quiet:
-            print()
-        if args.print_ids:
-            print("ids:", " ".join(map(str, new_ids)))
-        return 0
-
-    return run_cli(run)
+    is_hf = (Path(args.path) / "config.json").is_file()
+    new_ids = (_run_hf if is_hf else _run_checkpoint)(args, prompt_ids)
+    if not args.quiet:
+        print()
+    if args.print_ids:
+        print("ids:", " ".join(map(str, new_ids)))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -7,7 +7,8 @@
 #
 # With DOCS set, only that one set is tokenized (into OUT, default data/tokens). A second run
 # reuses the output (see scripts/tokenize.sh, which does the work; TOKENIZER, PROCESSES, DTYPE
-# and FORCE=1 pass through to it).
+# and FORCE=1 pass through to it). The first run also creates dolma's own environment
+# (.venv-dolma, see scripts/setup_dolma_env.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

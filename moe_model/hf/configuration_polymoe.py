@@ -8,12 +8,12 @@ Field names follow transformers' OLMoE config where one exists (``hidden_size``,
 (50304 for OLMoE, as in its HF config); ``tokenizer_vocab_size`` is the tokenizer's (50280).
 """
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
 ACTIVATION_TYPES = ("relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm")
 
 
-class PolyMoEConfig(PretrainedConfig):
+class PolyMoEConfig(PreTrainedConfig):
     model_type = "polymoe"
     keys_to_ignore_at_inference = ["past_key_values"]
 

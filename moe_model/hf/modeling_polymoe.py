@@ -6,8 +6,10 @@ so it imports nothing from this repository. The math is a copy of ``moe_model/``
 moe.py, transformer.py) with the same op order and fp32 upcasts, so in fp32 its logits match the
 training model's to rounding; ``tests/scripts/test_export.py`` checks that for every activation.
 
-Reused from transformers: PretrainedConfig, PreTrainedModel, GenerationMixin (``generate``),
-DynamicCache (KV cache), CausalLMOutputWithPast and ACT2FN (relu, gelu, relu2, silu). Norms use
+Written for transformers 5 (setup.py pins the version tested). Reused from it: PreTrainedConfig,
+PreTrainedModel (``save_pretrained``/``from_pretrained``), GenerationMixin (``generate`` with its
+default input preparation: the prompt once, then only new tokens against the DynamicCache),
+CausalLMOutputWithPast and ACT2FN (relu, gelu, relu2, silu). Norms use
 ``torch.nn.RMSNorm`` like the training model (transformers' LlamaRMSNorm casts to the input dtype
 before the gain, which differs in bf16).
 
@@ -310,10 +312,9 @@ class PolyMoEDecoderLayer(nn.Module):
 
 
 class PolyMoEPreTrainedModel(PreTrainedModel):
-    config_class = PolyMoEConfig
+    config_class = PolyMoEConfig  # not an annotation: this file has postponed annotations
     base_model_prefix = "model"
     _no_split_modules = ["PolyMoEDecoderLayer"]
-    _supports_cache_class = True
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -376,7 +377,7 @@ class PolyMoEModel(PolyMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | tuple | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool = False,
@@ -386,9 +387,7 @@ class PolyMoEModel(PolyMoEPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        elif isinstance(past_key_values, tuple):
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
+            past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             if attention_mask is not None:
@@ -431,7 +430,7 @@ class PolyMoEForCausalLM(PolyMoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | tuple | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -456,20 +455,3 @@ class PolyMoEForCausalLM(PolyMoEPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
-
-    def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs
-    ):
-        if past_key_values is not None:
-            if isinstance(past_key_values, Cache):
-                past_len = past_key_values.get_seq_length()
-            else:
-                past_len = past_key_values[0][0].shape[2]
-            if past_len > 0:
-                input_ids = input_ids[:, past_len:]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "use_cache": use_cache,
-        }

@@ -1,0 +1,107 @@
+"""moe_model/hf/files.py: the streaming safetensors writer against the safetensors library,
+sharding, sources and atomic output directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moe_model.errors import ConversionError, OutputExistsError
+from moe_model.hf.files import (
+    DictSource,
+    PlannedTensor,
+    SafetensorsSource,
+    atomic_output_dir,
+    parse_size,
+    plan_rename,
+    write_safetensors,
+    write_safetensors_shards,
+)
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.f32": torch.randn(3, 5, generator=gen),
+        "b.bf16": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "c.i64": torch.arange(6).reshape(2, 3),
+        "d.bool": torch.tensor([True, False, True]),
+        "e.scalar": torch.tensor(2.5),
+        "f.f16": torch.randn(2, 2, 2, generator=gen).half(),
+        "g.transposed": torch.randn(4, 6, generator=gen).T,  # not contiguous
+    }
+
+
+def test_streaming_writer_matches_safetensors_library(tmp_path):
+    state = tensors()
+    made = []
+    plan = [PlannedTensor(k, tuple(v.shape), v.dtype, lambda k=k, v=v: made.append(k) or v)
+            for k, v in state.items()]
+    write_safetensors(tmp_path / "ours.safetensors", plan, {"format": "pt", "note": "x"})
+    assert made == list(state)  # each tensor made exactly once, in plan order
+    ours = load_file(tmp_path / "ours.safetensors")
+    assert ours.keys() == state.keys()
+    for key, value in state.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    # The library's own file holds the same tensors, and our reader reads both alike.
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "lib.safetensors")
+    for path in ("ours.safetensors", "lib.safetensors"):
+        source = SafetensorsSource([tmp_path / path])
+        assert sorted(source.keys()) == sorted(state)
+        for key, value in state.items():
+            assert source.meta(key).shape == value.shape and torch.equal(source.get(key), value)
+
+
+def test_shards_split_at_the_size_limit(tmp_path):
+    state = {f"t{i}": torch.full((250,), float(i)) for i in range(5)}  # 1000 bytes each
+    names = write_safetensors_shards(tmp_path, plan_rename(DictSource(state), str), "2500B")
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5000
+    assert index["weight_map"] == {"t0": names[0], "t1": names[0], "t2": names[1], "t3": names[1],
+                                   "t4": names[2]}
+    merged = {k: v for n in names for k, v in load_file(tmp_path / n).items()}
+    assert all(torch.equal(merged[k], v) for k, v in state.items())
+    (tmp_path / "one").mkdir()
+    one = plan_rename(DictSource(state), str)
+    assert write_safetensors_shards(tmp_path / "one", one, "1GB") == ["model.safetensors"]
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+
+
+def test_planned_shape_and_size_errors(tmp_path):
+    bad = PlannedTensor("w", (2, 3), torch.float32, lambda: torch.zeros(3, 2))
+    with pytest.raises(ConversionError, match=r"'w' came out with shape \(3, 2\); planned \(2, 3\)"):
+        write_safetensors(tmp_path / "x.safetensors", [bad])
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("20KiB") == 20 * 1024
+    with pytest.raises(ConversionError, match="max_shard_size='five'"):
+        parse_size("five")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    with pytest.raises(ConversionError, match="not a safetensors file"):
+        SafetensorsSource([tmp_path / "junk.safetensors"])
+    save_file({"w": torch.ones(100)}, tmp_path / "cut.safetensors")
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ConversionError, match="ends inside tensor 'w'"):
+        SafetensorsSource([tmp_path / "cut.safetensors"]).get("w")
+
+
+def test_atomic_output_dir(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    with atomic_output_dir(tmp_path / "empty") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (tmp_path / "empty" / "done.txt").read_text() == "ok"
+    with pytest.raises(OutputExistsError, match="already exists and is not empty"):
+        with atomic_output_dir(tmp_path / "empty"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
