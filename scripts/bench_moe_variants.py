@@ -16,10 +16,12 @@ is not measured here. ``--quick`` shrinks the model (``QUICK_OVERRIDES``).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-from bench_common import Benchmark, ratio_to_reference, run_benchmark
-from bench_cpu_step import add_arguments, make_setup, measure_steps
+import bench_cpu_step as cpu_step
+from bench_common import ratio_to_reference, run_benchmark
+from bench_cpu_step import make_setup, measure_steps
 
 from olmo.config import load_config
 
@@ -67,10 +69,13 @@ def measure(run):
     yield from measure_steps(run, cfg, variants(cfg.model))
 
 
-BENCHMARK = Benchmark(
+# bench_cpu_step's benchmark (CPU only, its timing defaults, config overrides) measuring these
+# variants against the default.
+BENCHMARK = dataclasses.replace(
+    cpu_step.BENCHMARK,
     name="moe_variants",
+    result_name=None,
     doc=__doc__,
-    add_arguments=add_arguments,
     setup=make_setup(QUICK_OVERRIDES),
     measure=measure,
     finish=lambda run, rows: ratio_to_reference(
@@ -84,10 +89,6 @@ BENCHMARK = Benchmark(
         ("median_ms", "median ms", ".1f"),
         ("ratio", "vs default", ".2f"),
     ],  # fmt: skip
-    devices=("cpu",),
-    # The first warm-up step is timed on its own (first_s): for compile it is the compilation.
-    timing={"cpu": (3, 20), "quick": (1, 2)},
-    config_overrides=True,
 )
 
 if __name__ == "__main__":
