@@ -113,8 +113,9 @@ class FlexDocumentMask:
         return _compiled_flex_attention()(q_BNSDh, k_BNSDh, v_BNSDh, block_mask=block_mask)
 
 
-DOCUMENT_MASK_BACKENDS: dict[str, type] = {"sdpa": SdpaDocumentMask, "flex": FlexDocumentMask}
-"""Attention backends for document masking, by name (``auto`` picks one per device)."""
+DOCUMENT_MASK_BACKENDS: dict[str, Any] = {"sdpa": SdpaDocumentMask(), "flex": FlexDocumentMask()}
+"""Attention backends for document masking, by name (``auto`` picks one per device). Stateless
+instances, shared by every forward, so compiled blocks see the same object each step."""
 
 
 def resolve_document_mask_backend(name: str, device: torch.device) -> str:
@@ -145,5 +146,5 @@ class DocumentMask:
 
 def build_document_mask(doc_BS: torch.Tensor, backend: str = "auto") -> DocumentMask:
     """The mask and positions for document ids ``doc_BS``, built once per forward."""
-    impl = DOCUMENT_MASK_BACKENDS[resolve_document_mask_backend(backend, doc_BS.device)]()
+    impl = DOCUMENT_MASK_BACKENDS[resolve_document_mask_backend(backend, doc_BS.device)]
     return DocumentMask(positions_BS=document_positions(doc_BS), mask=impl.build(doc_BS), backend=impl)

@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """Training-step cost of document masking (model.document_masking) on this CPU.
 
-One step = document ids from EOS + forward + CE and auxiliary losses + backward + AdamW, the
-trainer's work per micro-batch. For each sequence length the same token batch is run without
-masking (OLMoE: attention across documents) and with it (sdpa backend: a dense
-same-document causal mask), with EOS placed so documents average the given length. Variants
-are interleaved round-robin so load from other processes hits them alike; medians and the
-ratio to the unmasked step are printed and written to benchmarks/results/doc_masking_cpu.json.
+Two measurements, each without masking (OLMoE: attention across documents) and with it (sdpa
+backend: a dense same-document causal mask), on the same tokens with EOS placed so documents
+average the given length:
+
+- step: document ids from EOS + forward + CE and auxiliary losses + backward + AdamW of the
+  config's model, the trainer's work per micro-batch;
+- attention: the attention kernel alone (forward + backward, the config's heads), where the
+  mask's cost is not diluted by the MoE layers.
+
+Variants are interleaved round-robin so load from other processes hits them alike; medians and
+the ratio to the unmasked run are printed and written to benchmarks/results/doc_masking_cpu.json.
 
     python scripts/bench_doc_masking.py [--config configs/tiny.yaml] [--iters 20]
 """
@@ -25,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_common import environment, format_table, median, write_json  # noqa: E402
 
-from moe_model.attention import document_ids  # noqa: E402
+from moe_model.attention import build_document_mask, document_ids  # noqa: E402
 from olmo.config import load_config  # noqa: E402
 
 
@@ -43,6 +48,26 @@ def make_step(model_cfg, batch_BS: torch.Tensor, eos: int | None):
         (ce + out.lb_loss + out.z_loss).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_attention(model_cfg, batch_BS: torch.Tensor, eos: int | None):
+    """Attention alone, forward + backward, on q, k, v of the config's heads."""
+    b, s = batch_BS.shape[0], batch_BS.shape[1] - 1
+    gen = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(b, model_cfg.n_heads, s, model_cfg.head_dim, generator=gen,
+                           requires_grad=True) for _ in range(3))  # fmt: skip
+    inputs = batch_BS[:, :-1]
+
+    def step():
+        if eos is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = build_document_mask(document_ids(inputs, eos), "sdpa").attend(q, k, v)
+        out.sum().backward()
+        for t in (q, k, v):
+            t.grad = None
 
     return step
 
@@ -77,8 +102,9 @@ def main() -> None:
         masked = dataclasses.replace(plain, document_masking=True, document_masking_backend="sdpa")
         for doc_len in [d for d in args.doc_len if d < seq]:
             ids = token_batch(batch, seq, base.vocab_size, eos, doc_len)
-            variants[(seq, batch, doc_len, "off")] = make_step(plain, ids, None)
-            variants[(seq, batch, doc_len, "on (sdpa)")] = make_step(masked, ids, eos)
+            for what, make in (("step", make_step), ("attention", make_attention)):
+                variants[(what, seq, batch, doc_len, "off")] = make(plain, ids, None)
+                variants[(what, seq, batch, doc_len, "on (sdpa)")] = make(masked, ids, eos)
     first = {}
     for key, step in variants.items():
         start = time.perf_counter()
@@ -94,13 +120,13 @@ def main() -> None:
             times[key].append((time.perf_counter() - start) * 1e3)
 
     rows = []
-    for (seq, batch, doc_len, masking), ms in times.items():
-        ref = median(times[(seq, batch, doc_len, "off")])
-        rows.append({"seq": seq, "batch": batch, "doc_len": doc_len, "masking": masking,
-                     "first_s": first[(seq, batch, doc_len, masking)], "median_ms": median(ms),
-                     "ratio": median(ms) / ref})  # fmt: skip
-    print(f"{args.config} step, document masking off vs on, {torch.get_num_threads()} threads")
-    print(format_table(rows, [("seq", "seq", "d"), ("batch", "batch", "d"),
+    for (what, seq, batch, doc_len, masking), ms in sorted(times.items()):
+        ref = median(times[(what, seq, batch, doc_len, "off")])
+        rows.append({"what": what, "seq": seq, "batch": batch, "doc_len": doc_len,
+                     "masking": masking, "first_s": first[(what, seq, batch, doc_len, masking)],
+                     "median_ms": median(ms), "ratio": median(ms) / ref})  # fmt: skip
+    print(f"{args.config}, document masking off vs on, {torch.get_num_threads()} threads")
+    print(format_table(rows, [("what", "timed", ""), ("seq", "seq", "d"), ("batch", "batch", "d"),
                               ("doc_len", "mean doc", "d"), ("masking", "masking", ""),
                               ("median_ms", "median ms", ".1f"), ("ratio", "vs off", ".3f")]))
     path = write_json("doc_masking_cpu", {
