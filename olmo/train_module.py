@@ -7,7 +7,7 @@ learning-rate schedule, micro-batching, and the objective
     loss = cross_entropy + load_balancing + router_z_loss
 
 with the two auxiliary losses (already weighted by the model) divided by the number of
-micro-batches in a step, as OLMoE trained (DESIGN.md). The paper's released trainer dropped
+micro-batches in a step, as OLMoE trained (megablocks' formulas). The paper's released trainer dropped
 them from the objective; here they always reach the gradients.
 """
 
@@ -94,10 +94,36 @@ def parallelize_model(
     # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
     # precision across many ranks.
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # PolyNorm/PolyReLU coefficients join no block's group: under a bf16 param_dtype they would
+    # reach the fp32 math already rounded (1/3 -> 0.333984). Each block's coefficient sets form
+    # one small group of their own that stays fp32 and leaves the activation's input in the
+    # compute dtype (cast_forward_inputs=False); kept unsharded until backward (a few floats),
+    # so backward needs no second all-gather for them.
+    coefficient_policy = MixedPrecisionPolicy(
+        param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
     for block in model.blocks:
+        coefficient_sets = activation_modules_with_params(block)
+        if coefficient_sets:
+            fully_shard(
+                coefficient_sets,
+                mesh=mesh,
+                mp_policy=coefficient_policy,
+                reshard_after_forward=False,
+            )
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model, True
+
+
+def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
+    """The activation modules under ``module`` that own parameters (PolyNorm/PolyReLU sets)."""
+    act_types = tuple(ACTIVATIONS.values())
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, act_types) and next(m.parameters(recurse=False), None) is not None
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -283,7 +309,11 @@ class MoETrainModule(TrainModule):
         lb_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
         load_LE: torch.Tensor | None = None
-        for micro in micro_batches:
+        for index, micro in enumerate(micro_batches):
+            if self.sharded and not self.cfg.reduce_grads_every_microbatch:
+                # Accumulate unsharded gradients locally and reduce-scatter once, after the last
+                # micro-batch's backward: one collective per step instead of one per micro-batch.
+                self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro["input_ids"])
             logits = out.logits
             ce = self._micro_ce(logits, micro, num_loss_tokens)

@@ -1,49 +1,57 @@
 #!/usr/bin/env python
-"""Training-step cost of document masking (model.document_masking) on this CPU.
+"""Cost of document masking (model.document_masking) on this CPU: training step and attention.
 
 Two measurements, each without masking (OLMoE: attention across documents) and with it (sdpa
 backend: a dense same-document causal mask), on the same tokens with EOS placed so documents
 average the given length:
 
 - step: document ids from EOS + forward + CE and auxiliary losses + backward + AdamW of the
-  config's model, the trainer's work per micro-batch;
+  config's model, the trainer's work per micro-batch (the config's tokens per micro-batch at
+  each sequence length);
 - attention: the attention kernel alone (forward + backward, the config's heads), where the
   mask's cost is not diluted by the MoE layers.
 
-Variants are interleaved round-robin so load from other processes hits them alike; medians and
-the ratio to the unmasked run are printed and written to benchmarks/results/doc_masking_cpu.json.
+Variants are interleaved round-robin so that load from other processes hits them alike;
+medians and the ratio to the unmasked run are printed and written to
+benchmarks/results/doc_masking_cpu.json. ``--quick`` shrinks the model (``QUICK_OVERRIDES``,
+before the command line's) and the sequences.
 
-    python scripts/bench_doc_masking.py [--config configs/tiny.yaml] [--iters 20]
+    python scripts/bench_doc_masking.py [--config configs/tiny.yaml] [--seq 128 1024]
+        [--doc-len 32 256] [--iters 20] [--key=value ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from bench_common import (
+    REPO,
+    Benchmark,
+    Run,
+    median,
+    repo_relative,
+    run_benchmark,
+    time_interleaved,
+)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_common import environment, format_table, median, write_json  # noqa: E402
+from moe_model.attention import build_document_mask, document_ids
+from olmo.config import load_config
 
-from moe_model.attention import build_document_mask, document_ids  # noqa: E402
-from olmo.config import load_config  # noqa: E402
+MASKING = ("off", "on (sdpa)")
 
 
 def make_step(model_cfg, batch_BS: torch.Tensor, eos: int | None):
-    """A step closure; eos=None runs without document masking."""
+    """One training step of the model on the batch; eos=None runs without document masking."""
     torch.manual_seed(0)
     model = model_cfg.build(init_device="cpu")
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     inputs, targets = batch_BS[:, :-1], batch_BS[:, 1:]
 
     def step():
-        doc = None if eos is None else document_ids(inputs, eos)
-        out = model(inputs) if doc is None else model(inputs, doc)
+        out = model(inputs) if eos is None else model(inputs, document_ids(inputs, eos))
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
         (ce + out.lb_loss + out.z_loss).backward()
         optim.step()
@@ -53,7 +61,7 @@ def make_step(model_cfg, batch_BS: torch.Tensor, eos: int | None):
 
 
 def make_attention(model_cfg, batch_BS: torch.Tensor, eos: int | None):
-    """Attention alone, forward + backward, on q, k, v of the config's heads."""
+    """Attention alone, forward + backward, on random q, k, v of the config's heads."""
     b, s = batch_BS.shape[0], batch_BS.shape[1] - 1
     gen = torch.Generator().manual_seed(s)
     q, k, v = (torch.randn(b, model_cfg.n_heads, s, model_cfg.head_dim, generator=gen,
@@ -72,69 +80,93 @@ def make_attention(model_cfg, batch_BS: torch.Tensor, eos: int | None):
     return step
 
 
-def token_batch(batch: int, seq: int, vocab: int, eos: int, doc_len: int) -> torch.Tensor:
-    """Random tokens with an EOS every doc_len tokens on average (geometric gaps)."""
+def token_batch(batch: int, seq: int, eos: int, doc_len: int) -> torch.Tensor:
+    """Random tokens below EOS with an EOS every doc_len tokens on average (geometric gaps)."""
     gen = torch.Generator().manual_seed(seq)
     ids = torch.randint(0, eos, (batch, seq + 1), generator=gen)
     ids[torch.rand(batch, seq + 1, generator=gen) < 1 / doc_len] = eos
     return ids
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--seq", type=int, nargs="+", default=[128, 1024],
-                        help="sequence lengths; the micro-batch keeps seq x batch tokens of the config")
-    parser.add_argument("--doc-len", type=int, nargs="+", default=[32, 256],
-                        help="mean document lengths (shorter than the sequence)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args()
+QUICK_OVERRIDES = [
+    "--model.n_layers=1",
+    "--model.activation_backend=eager",
+    "--model.vocab_size=512",
+    "--model.embedding_size=512",
+    "--data.eos_token_id=511",
+    "--device_train_microbatch_size=2",
+]
 
-    cfg = load_config(args.config)
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    p.add_argument("--seq", type=int, nargs="+", default=None,
+                   help="sequence lengths (default 128 1024; --quick: 32)")
+    p.add_argument("--doc-len", type=int, nargs="+", default=None,
+                   help="mean document lengths, each below the sequence length (default 32 256; "
+                        "--quick: 8)")  # fmt: skip
+
+
+def setup(run: Run) -> None:
+    if run.quick:
+        run.overrides = QUICK_OVERRIDES + run.overrides
+    seq = run.args.seq or ([32] if run.quick else [128, 1024])
+    doc_len = run.args.doc_len or ([8] if run.quick else [32, 256])
+    run.settings.update(config=repo_relative(run.args.config), overrides=run.overrides,
+                        seq=seq, doc_len=doc_len, threads=torch.get_num_threads())  # fmt: skip
+
+
+def measure(run: Run):
+    cfg = load_config(run.args.config, run.overrides)
     base, eos = cfg.model, cfg.data.eos_token_id
     tokens = cfg.device_train_microbatch_size * base.max_sequence_length
-    variants = {}
-    for seq in args.seq:
+    steps = {}
+    for seq in run.settings["seq"]:
         batch = max(1, tokens // seq)
         plain = dataclasses.replace(base, max_sequence_length=seq)
         masked = dataclasses.replace(plain, document_masking=True, document_masking_backend="sdpa")
-        for doc_len in [d for d in args.doc_len if d < seq]:
-            ids = token_batch(batch, seq, base.vocab_size, eos, doc_len)
-            for what, make in (("step", make_step), ("attention", make_attention)):
-                variants[(what, seq, batch, doc_len, "off")] = make(plain, ids, None)
-                variants[(what, seq, batch, doc_len, "on (sdpa)")] = make(masked, ids, eos)
-    first = {}
-    for key, step in variants.items():
-        start = time.perf_counter()
-        step()
-        first[key] = time.perf_counter() - start
-        for _ in range(args.warmup - 1):
-            step()
-    times = {key: [] for key in variants}
-    for _ in range(args.iters):
-        for key, step in variants.items():
-            start = time.perf_counter()
-            step()
-            times[key].append((time.perf_counter() - start) * 1e3)
+        for doc_len in [d for d in run.settings["doc_len"] if d < seq]:
+            ids = token_batch(batch, seq, eos, doc_len)
+            for what, make in (("attention", make_attention), ("step", make_step)):
+                steps[(what, seq, batch, doc_len, MASKING[0])] = make(plain, ids, None)
+                steps[(what, seq, batch, doc_len, MASKING[1])] = make(masked, ids, eos)
+    first, times = time_interleaved(steps, warmup=run.warmup, iters=run.iters)
+    for key in sorted(steps):
+        what, seq, batch, doc_len, masking = key
+        yield {"what": what, "seq": seq, "batch": batch, "doc_len": doc_len, "masking": masking,
+               "first_s": first[key], "median_ms": median(times[key]), "ms_all": times[key]}  # fmt: skip
 
-    rows = []
-    for (what, seq, batch, doc_len, masking), ms in sorted(times.items()):
-        ref = median(times[(what, seq, batch, doc_len, "off")])
-        rows.append({"what": what, "seq": seq, "batch": batch, "doc_len": doc_len,
-                     "masking": masking, "first_s": first[(what, seq, batch, doc_len, masking)],
-                     "median_ms": median(ms), "ratio": median(ms) / ref})  # fmt: skip
-    print(f"{args.config}, document masking off vs on, {torch.get_num_threads()} threads")
-    print(format_table(rows, [("what", "timed", ""), ("seq", "seq", "d"), ("batch", "batch", "d"),
-                              ("doc_len", "mean doc", "d"), ("masking", "masking", ""),
-                              ("median_ms", "median ms", ".1f"), ("ratio", "vs off", ".3f")]))
-    path = write_json("doc_masking_cpu", {
-        "env": environment(torch.device("cpu")), "rows": rows,
-        "times_ms": {"/".join(map(str, k)): v for k, v in times.items()},
-    }, args.out)  # fmt: skip
-    print(f"wrote {path}")
 
+def ratios_to_unmasked(run: Run, rows: list[dict]) -> None:
+    def case(r):
+        return r["what"], r["seq"], r["doc_len"]
+
+    off = {case(r): r["median_ms"] for r in rows if r["masking"] == MASKING[0]}
+    for r in rows:
+        r["ratio"] = r["median_ms"] / off[case(r)]
+
+
+BENCHMARK = Benchmark(
+    name="doc_masking",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    finish=ratios_to_unmasked,
+    columns=[
+        ("what", "timed", ""),
+        ("seq", "seq", "d"),
+        ("batch", "batch", "d"),
+        ("doc_len", "mean doc", "d"),
+        ("masking", "masking", ""),
+        ("median_ms", "median ms", ".1f"),
+        ("ratio", "vs off", ".3f"),
+    ],  # fmt: skip
+    devices=("cpu",),
+    # The first warm-up call is timed on its own (first_s): for compile it is the compilation.
+    timing={"cpu": (3, 20), "quick": (1, 2)},
+    config_overrides=True,
+)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_benchmark(BENCHMARK))
