@@ -14,7 +14,7 @@ import textwrap
 
 from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig, WandbConfig
-from olmo.data import DataConfig
+from olmo.data import DataConfig, SourceConfig
 
 SECTIONS = [
     ("", TrainConfig),
@@ -22,6 +22,7 @@ SECTIONS = [
     ("optimizer.", OptimizerConfig),
     ("scheduler.", SchedulerConfig),
     ("data.", DataConfig),
+    ("data.sources.<name>.", SourceConfig),
     ("wandb.", WandbConfig),
 ]
 

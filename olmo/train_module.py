@@ -31,6 +31,7 @@ from olmo_core.utils import move_to_device
 from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
+from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
@@ -40,9 +41,11 @@ from olmo.metric_names import (
     LB_LOSS,
     LR,
     SKIPPED_STEPS,
+    SOURCE_SUM_KINDS,
     TOTAL_LOSS,
     Z_LOSS,
     expert_count,
+    source_sum,
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,9 @@ class MoETrainModule(TrainModule):
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0
         self._step_loss_sum: torch.Tensor | None = None
+        # Mixture batches carry each row's source index into these names (config order).
+        self.source_names = list(cfg.data.sources)
+        self._source_sums: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
@@ -250,7 +256,42 @@ class MoETrainModule(TrainModule):
     def _forward(self, input_ids: torch.Tensor):
         ctx = self._autocast if self._autocast is not None else nullcontext()
         with ctx:
+            if self.model_config.document_masking:
+                # Documents end at the data's EOS; the model keeps attention inside them.
+                doc_ids = document_ids(input_ids, self.cfg.data.eos_token_id)
+                return self.model(input_ids, doc_ids)
             return self.model(input_ids)
+
+    def _micro_ce(
+        self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The micro-batch's summed cross-entropy over the rank batch's loss tokens; with a
+        "source" per row, also adds (CE, loss tokens, tokens) per source to _source_sums."""
+        logits_TV, labels_T = logits.reshape(-1, logits.shape[-1]).float(), micro["labels"].reshape(-1)
+        if "source" not in micro or not self.source_names:
+            return F.cross_entropy(
+                logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="sum"
+            ) / num_loss_tokens
+        ce_T = F.cross_entropy(logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="none")
+        n = len(self.source_names)
+        seq_len = micro["labels"].shape[1]
+        source_T = micro["source"].to(logits.device).repeat_interleave(seq_len)
+        valid_T = (labels_T != LABEL_IGNORE_INDEX).float()
+        sums = torch.stack([
+            torch.zeros(n, device=logits.device).index_add_(0, source_T, ce_T.detach()),
+            torch.zeros(n, device=logits.device).index_add_(0, source_T, valid_T),
+            torch.bincount(source_T, minlength=n).float(),
+        ], dim=1)  # fmt: skip
+        self._source_sums = sums if self._source_sums is None else self._source_sums + sums
+        return ce_T.sum() / num_loss_tokens
+
+    def _record_source_metrics(self) -> None:
+        if self._source_sums is None:
+            return
+        for name, row in zip(self.source_names, self._source_sums.cpu()):
+            for kind, value in zip(SOURCE_SUM_KINDS, row):
+                self.record_metric(source_sum(name, kind), value, ReduceType.sum)
+        self._source_sums = None
 
     def train_batch(self, batch: dict[str, Any], dry_run: bool = False) -> None:
         self.model.train()
@@ -275,12 +316,7 @@ class MoETrainModule(TrainModule):
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro["input_ids"])
             logits = out.logits
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                micro["labels"].reshape(-1),
-                ignore_index=LABEL_IGNORE_INDEX,
-                reduction="sum",
-            ) / num_loss_tokens
+            ce = self._micro_ce(logits, micro, num_loss_tokens)
             lb = out.lb_loss.float() / num_micro
             z = out.z_loss.float() / num_micro
             (ce + lb + z).backward()
@@ -294,6 +330,7 @@ class MoETrainModule(TrainModule):
 
         if dry_run:
             self.zero_grads()
+            self._source_sums = None
             return
 
         self._step_loss_sum = (ce_total + lb_total + z_total).detach()
@@ -301,6 +338,7 @@ class MoETrainModule(TrainModule):
         self.record_metric(LB_LOSS, lb_total, ReduceType.mean)
         self.record_metric(Z_LOSS, z_total, ReduceType.mean)
         self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
+        self._record_source_metrics()
         if load_LE is not None:
             # Raw counts, summed over ranks; MetricsCallback turns them into fractions. One
             # device-to-host copy here instead of one per (layer, expert) metric at log time.

@@ -214,6 +214,31 @@ def time_phases(
     return times
 
 
+def time_interleaved(
+    steps: dict[Any, Callable[[], object]], *, warmup: int, iters: int
+) -> tuple[dict[Any, float], dict[Any, list[float]]]:
+    """Time CPU variants round-robin, so that load from other processes hits them alike.
+
+    Each variant's first call is timed on its own (seconds; for compile it is the compilation),
+    then it gets ``warmup - 1`` more untimed calls; then ``iters`` rounds time every variant
+    once each (ms). Returns (first call seconds, per-iteration ms), keyed like ``steps``.
+    """
+    first = {}
+    for key, step in steps.items():
+        start = time.perf_counter()
+        step()
+        first[key] = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            step()
+    times: dict[Any, list[float]] = {key: [] for key in steps}
+    for _ in range(iters):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return first, times
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from bench_common import (
     ratio_to_reference,
     repo_relative,
     run_benchmark,
+    time_interleaved,
 )
 
 from moe_model.config import equal_param_hidden_size
@@ -103,20 +103,10 @@ def measure(run: Run):
     print(
         f"# micro-batch {tuple(batch[:, :-1].shape)}, {torch.get_num_threads()} threads", flush=True
     )
-    steps, params, first = {}, {}, {}
+    steps, params = {}, {}
     for name, model_cfg in models.items():
         steps[name], params[name] = make_step(model_cfg, batch)
-        start = time.perf_counter()
-        steps[name]()
-        first[name] = time.perf_counter() - start
-        for _ in range(run.warmup - 1):
-            steps[name]()
-    times = {name: [] for name in models}
-    for _ in range(run.iters):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    first, times = time_interleaved(steps, warmup=run.warmup, iters=run.iters)
     for name in models:
         yield {
             "variant": name,

@@ -165,6 +165,24 @@ def test_dry_run_prints_config_and_counts():
     assert counts["flops_per_token"] == cfg.model.num_flops_per_token(cfg.model.max_sequence_length)
 
 
+def test_dry_run_prints_the_data_mixture(tmp_path, capsys):
+    import numpy as np
+
+    from olmo.launch import main
+
+    for name, tokens in (("web.npy", 2_000), ("code.npy", 640)):
+        np.memmap(tmp_path / name, dtype=np.uint16, mode="w+", shape=(tokens,)).flush()
+    overrides = ["--data.paths=[]", f"--data.sources.web.paths=[{tmp_path}/web.npy]",
+                 "--data.sources.web.fraction=0.8", f"--data.sources.code.paths=[{tmp_path}/code.npy]",
+                 "--data.sources.code.fraction=0.2"]  # fmt: skip
+    assert main([str(REPO / "configs/tiny.yaml"), "--dry-run", *overrides]) == 0
+    table = capsys.readouterr().out.split('"flops_per_token"')[1].splitlines()[1:]
+    # 2,000 // 128 = 15 web sequences bind at 80%: 18 per pass -> one batch of 16.
+    assert table[0] == "data mixture: 2 sources, 16 sequences x 128 = 2,048 tokens per pass"
+    assert table[2].split() == ["web", "80.000%", "81.250%", "1,664", "1,920", "0.87x", "1"]
+    assert table[3].split() == ["code", "20.000%", "18.750%", "384", "640", "0.60x", "1"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

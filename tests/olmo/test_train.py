@@ -220,3 +220,73 @@ def test_fsdp_bf16_steps_on_gpu(tmp_path):
     """FSDP2 with bf16 params, fp32 reduction and fp32 PolyNorm coefficients on one GPU; 4
     micro-batches per step, gradients reduce-scattered after the last."""
     fsdp_bf16_steps_match_cpu_fp32(tmp_path, "cuda:0")
+
+
+# --- a data mixture with document masking --------------------------------------------------------
+
+
+def _mix_overrides(data) -> dict:
+    """Two sources (web 75%, code 25% upsampled from a small file) with a validation set of
+    code's own, and attention kept inside documents (EOS 511 every 13th token of both)."""
+    import numpy as np
+
+    from .helpers import write_token_file
+
+    for name, tokens, seed in (("web-0.npy", 20_000, 0), ("code-0.npy", 3_000, 2)):
+        path = write_token_file(data / name, tokens, seed=seed)
+        mm = np.memmap(path, dtype=np.uint16, mode="r+")
+        mm[::13] = 511
+        mm.flush()
+        del mm
+    return {
+        "data.paths": "[]",
+        "data.sources.web.paths": f"[{data}/web-*.npy]",
+        "data.sources.web.fraction": 0.75,
+        "data.sources.code.paths": f"[{data}/code-*.npy]",
+        "data.sources.code.fraction": 0.25,
+        "data.sources.code.max_repetition": 2,
+        "data.sources.code.validation": f"[{data}/val-*.npy]",
+        "model.document_masking": "true",
+    }
+
+
+def _source_series(save) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("source/")}
+            for r in read_metrics(save) if "train/CrossEntropyLoss" in r}
+
+
+def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
+    data = make_data(tmp_path)
+    extra = _mix_overrides(data)
+    runs = {n: _train(tmp_path / f"p{n}", "mix", nproc=n, **extra) for n in (1, 2)}
+    series = _source_series(runs[1])
+    assert sorted(series) == list(range(1, 9))
+    seen = {"web": 0, "code": 0}
+    for _, metrics in sorted(series.items()):
+        # 8 sequences of 32 tokens per step, every one from exactly one source.
+        assert metrics["source/web/Tokens"] + metrics["source/code/Tokens"] == 8 * 32
+        for name in seen:
+            seen[name] += metrics[f"source/{name}/Tokens"]
+            assert metrics[f"source/{name}/TokensSeen"] == seen[name]
+            if metrics[f"source/{name}/Tokens"]:
+                assert math.isfinite(metrics[f"source/{name}/CrossEntropyLoss"])
+    # The same global batches on 2 ranks: per-source counts are sums over the ranks.
+    two = _source_series(runs[2])
+    for step in series:
+        for name in seen:
+            assert two[step][f"source/{name}/Tokens"] == series[step][f"source/{name}/Tokens"]
+    evals = [r for r in read_metrics(runs[1]) if "eval/code/CrossEntropyLoss" in r]
+    assert {r["step"] for r in evals} == {4, 8}
+
+    # The realised mix is in the checkpoint: code binds, its 3,000 // 32 = 93 sequences twice
+    # over at 25% -> 744 sequences per pass (a multiple of the 8-sequence batch).
+    state = torch.load(runs[1] / "step8" / "train" / "rank0.pt", weights_only=False)
+    mixture = state["data_loader"]["mixture"]
+    assert {n: m["sequences"] for n, m in mixture.items()} == {"web": 558, "code": 186}
+    assert mixture["code"]["repetition"] == 2.0
+
+    # Stopped at step 4 and resumed: the same batches, so the same losses and token counts.
+    save = _train(tmp_path / "split", "mix", stop_at=4, **extra)
+    save = _train(tmp_path / "split", "mix", **extra)
+    assert _losses(save) == _losses(runs[1])
+    assert _source_series(save) == series
