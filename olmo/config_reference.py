@@ -13,7 +13,13 @@ import inspect
 import textwrap
 
 from moe_model.config import ModelConfig
-from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig, WandbConfig
+from olmo.config import (
+    OptimizerConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    TrainConfig,
+    WandbConfig,
+)
 from olmo.data import DataConfig
 
 SECTIONS = [
@@ -23,6 +29,7 @@ SECTIONS = [
     ("scheduler.", SchedulerConfig),
     ("data.", DataConfig),
     ("wandb.", WandbConfig),
+    ("parallel.", ParallelConfig),
 ]
 
 

@@ -1,8 +1,8 @@
 """The train module: our MoE model on olmo-core's Trainer.
 
 olmo-core's Trainer owns the loop, checkpoint files, cancellation and metric reduction; this
-module owns what is specific to our model: parallelism (FSDP2 per block), the optimizer and
-learning-rate schedule, micro-batching, and the objective
+module owns what is specific to our model: parallelism (FSDP2 per block, expert parallelism),
+the optimizer and learning-rate schedule, micro-batching, and the objective
 
     loss = cross_entropy + load_balancing + router_z_loss
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
@@ -28,10 +29,14 @@ from olmo_core.data.utils import get_labels, split_batch
 from olmo_core.train.common import ReduceType
 from olmo_core.train.train_module import EvalBatchSizeUnit, EvalBatchSpec, TrainModule
 from olmo_core.utils import move_to_device
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
 from moe_model.errors import NonFiniteError
+from moe_model.expert_parallel import shard_experts
+from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import (
@@ -63,8 +68,10 @@ def parallelize_model(
     param_dtype: torch.dtype,
     activation_checkpointing: bool,
     compile_blocks: bool,
+    expert_parallel_degree: int = 1,
 ) -> tuple[nn.Module, bool]:
-    """Apply activation checkpointing, torch.compile and FSDP2 to each block, in that order.
+    """Apply activation checkpointing, torch.compile, expert parallelism and FSDP2 to each block,
+    in that order.
 
     Returns the model and whether it is sharded. FSDP is used whenever more than one process
     runs, and on a single GPU too (it then only handles bf16 params with fp32 reduction).
@@ -84,17 +91,72 @@ def parallelize_model(
     if not distributed or (dist.get_world_size() == 1 and device.type != "cuda"):
         return model, False
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
     # precision across many ranks.
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if expert_parallel_degree > 1:
+        apply_expert_parallel(
+            model, mesh=mesh, degree=expert_parallel_degree, mp_policy=mp_policy
+        )
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model, True
+
+
+def apply_expert_parallel(
+    model: nn.Module, *, mesh: DeviceMesh, degree: int, mp_policy: MixedPrecisionPolicy
+) -> None:
+    """Shard each MoE layer's experts over EP groups of ``degree`` ranks, and FSDP them.
+
+    The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
+    consecutive ranks, and each rank's E/degree experts are FSDP-sharded again over its column.
+    The router and the activation coefficients, like every other non-expert parameter, stay
+    FSDP-sharded over all ranks (``mesh``); they become FSDP units of their own because the
+    layer's unit is on the column mesh.
+
+    Gradients: the rows an expert computes came from every rank of its EP group, so its
+    gradient summed over the column already sums all ranks' tokens; dividing by the world size
+    (not the column size) gives the same average as plain FSDP.
+    """
+    # These units return views (a reshape); nothing modifies them in place (the block adds the
+    # layer's output out of place), so FSDP's warning about in-place ops on views is noise.
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDP(MoELayer|Poly)", category=UserWarning
+    )
+    world = mesh.size()
+    expert_mesh = init_device_mesh(
+        mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
+    )
+    shard_experts(model, expert_mesh["ep"])
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        fully_shard(layer.router, mesh=mesh, mp_policy=mp_policy)
+        coefficient_sets = activation_modules_with_params(layer)
+        if coefficient_sets:
+            # A few floats: kept gathered from forward to backward (no second all-gather).
+            fully_shard(
+                coefficient_sets, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False
+            )
+        fully_shard(layer, mesh=expert_mesh["efsdp"], mp_policy=mp_policy)
+        layer.set_gradient_divide_factor(float(world))
+        if mesh.device_type == "cpu" and expert_mesh["efsdp"].size() > 1:
+            # A divide factor other than the group size becomes NCCL's PREMUL_SUM, which gloo
+            # lacks: sum, then divide. (Not on a one-rank column: FSDP divides there without a
+            # collective, and forcing the sum would divide twice.)
+            layer.set_force_sum_reduction_for_comms(True)
+
+
+def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
+    """The activation modules under ``module`` that own parameters (PolyNorm/PolyReLU sets)."""
+    act_types = tuple(ACTIVATIONS.values())
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, act_types) and next(m.parameters(recurse=False), None) is not None
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -116,6 +178,29 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(
         groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
     )
+
+
+def clip_grad_norm_over_meshes_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for gradients sharded over different device meshes (expert and
+    non-expert parameters under expert parallelism), which one foreach norm cannot mix.
+
+    Each mesh's norm is reduced over its ranks, the global norm combines them, and every
+    gradient is scaled by the same factor. Returns the global norm (before clipping).
+    """
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+    norms = []
+    for grads in by_mesh.values():
+        norm = nn.utils.get_total_norm(grads, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grads in by_mesh.values():
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
+    return total
 
 
 def lr_at(cfg: SchedulerConfig, peak_lr: float, step: int, max_steps: int) -> float:
@@ -149,6 +234,7 @@ class MoETrainModule(TrainModule):
             param_dtype=self.param_dtype,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
+            expert_parallel_degree=cfg.parallel.expert_parallel_degree,
         )
         if on_meta:
             # After sharding: each rank allocates and fills only its own shards (moe_model/init.py
@@ -281,6 +367,8 @@ class MoETrainModule(TrainModule):
 
     def _grad_norm(self) -> torch.Tensor:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        if self.cfg.parallel.expert_parallel_degree > 1:
+            return clip_grad_norm_over_meshes_(list(self.model.parameters()), max_norm)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,8 @@ from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
 from olmo.train_module import MoETrainModule, lr_at
+
+from .helpers import REPO, free_port
 
 VOCAB, SEQ, BATCH, MICRO = 64, 12, 4, 2
 # max |grad - reference| / max |reference| per parameter: the two sides run the same fp32 ops
@@ -257,3 +262,26 @@ def test_model_only_checkpoint_starts_with_a_fresh_optimizer_at_warmup_step_one(
     assert trainer.metrics[LR] == pytest.approx(peak / warmup, rel=1e-12)
     steps = {float(s["step"]) for s in module.optim.state.values()}
     assert steps == {1.0}
+
+
+def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={free_port()}", "-m", "tests.olmo.ep_train_worker", *args],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "nproc, args",
+    [(2, ("2",)), pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow)],
+    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets"],
+)
+def test_expert_parallel_gradients_equal_plain_fsdp(nproc, args):
+    """parallelize_model with expert parallelism against plain FSDP on the same tokens: initial
+    weights, loss, expert load, every gradient (the sharded expert weights' included) and the
+    clipped gradients with their global norm."""
+    proc = run_ep_worker(nproc, *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok") == nproc
