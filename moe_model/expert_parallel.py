@@ -28,7 +28,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from moe_model.moe import Dispatched, MoELayer, sort_by_expert, weighted_sum
+from moe_model.moe import MoELayer, combine, sort_by_expert
 
 __all__ = ["AllToAllDispatcher", "EPDispatched", "expert_parameters", "shard_experts"]
 
@@ -40,8 +40,8 @@ EXPERT_WEIGHTS = ("w_in_EDH", "w_out_EHD")
 class EPDispatched:
     """What :meth:`AllToAllDispatcher.combine` needs to undo its dispatch."""
 
-    sorted_: Dispatched
-    """This rank's (token, k) rows in expert order, as sent."""
+    inverse_R: torch.Tensor
+    """Row (in the expert order this rank sent them) of each flattened (token, k) choice."""
     send_splits: list[int]
     """Rows sent to each rank of the EP group."""
     recv_splits: list[int]
@@ -73,7 +73,7 @@ class AllToAllDispatcher:
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, EPDispatched]:
         p, x = self.ep_size, self.num_local
-        sorted_ = sort_by_expert(experts_TK)
+        token_R, inverse_R = sort_by_expert(experts_TK)
         sent_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
         # received_PX[j, e]: rows rank j of the group sends to this rank's local expert e.
         received_PX = torch.empty_like(sent_E)
@@ -83,14 +83,14 @@ class AllToAllDispatcher:
         send_splits, recv_splits = torch.stack(
             [sent_E.view(p, x).sum(dim=1), received_PX.sum(dim=1)]
         ).tolist()
-        x_sent_RD = x_TD[sorted_.token_R]
+        x_sent_RD = x_TD[token_R]
         x_recv_RD = all_to_all_single_autograd(x_sent_RD, recv_splits, send_splits, self.group)
         regroup_R = _sender_major_to_expert_major(received_PX, sum(recv_splits))
         rows_per_expert_X = received_PX.sum(dim=0)
         return (
             x_recv_RD[regroup_R],
             rows_per_expert_X,
-            EPDispatched(sorted_, send_splits, recv_splits, regroup_R),
+            EPDispatched(inverse_R, send_splits, recv_splits, regroup_R),
         )
 
     def combine(
@@ -101,7 +101,7 @@ class AllToAllDispatcher:
         y_sent_RD = all_to_all_single_autograd(
             y_recv_RD, dispatched.send_splits, dispatched.recv_splits, self.group
         )
-        return weighted_sum(y_sent_RD, weights_TK, dispatched.sorted_)
+        return combine(y_sent_RD, weights_TK, dispatched.inverse_R)
 
 
 def _sender_major_to_expert_major(counts_PX: torch.Tensor, total: int) -> torch.Tensor:

@@ -147,6 +147,9 @@ class TrainConfig:
     """Recompute each block in backward to save memory."""
     compile: bool = False
     """torch.compile each transformer block."""
+    reduce_grads_every_microbatch: bool = False
+    """FSDP: reduce-scatter gradients after every micro-batch (they stay sharded) instead of once
+    per step (each rank then holds unsharded fp32 gradients until the step's last micro-batch)."""
     eval_interval: int = 1000
     """Evaluate on data.validation every this many steps (and at the end)."""
     eval_batch_size: int | None = None
@@ -164,7 +167,7 @@ class TrainConfig:
     nonfinite_policy: str = "stop"
     """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
     device_peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; None = a datasheet value on GPU, measured on CPU."""
+    """Peak FLOP/s of one device for MFU; None = olmo/flops.py: datasheet on GPU, measured on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (moe_model.config.ModelConfig)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -280,30 +283,73 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     return first
 
 
+BASE_KEY = "base"
+"""Top-level YAML key naming a config file (relative to this one) to load first and overlay."""
+
+
+def _read_yaml(path: Path, overlay: Path | None) -> dict:
+    """One YAML file as a mapping; ``overlay`` is the file that named it as its base, if any."""
+    named_by = f" (the base of {str(overlay)!r})" if overlay is not None else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r}{named_by} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            f"config file {str(path)!r}{named_by} is not valid YAML{where}: {problem}"
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise ConfigError(
+            f"config file {str(path)!r}{named_by} must hold a mapping of keys, not {kind}"
+        )
+    return raw
+
+
+def _yaml_layers(path: Path) -> list[dict]:
+    """The file at ``path`` and the chain of ``base`` files under it, the deepest base first.
+
+    Each file's ``base`` key is removed: it names where a file's defaults come from, it is not a
+    setting, so the resolved config (and a run's saved config.yaml) holds only merged values.
+    """
+    layers: list[dict] = []
+    chain: list[Path] = []
+    overlay: Path | None = None
+    while True:
+        if path.resolve() in (p.resolve() for p in chain):
+            cycle = " -> ".join(str(p) for p in [*chain, path])
+            raise ConfigError(f"config file {str(overlay)!r}: base files form a cycle: {cycle}")
+        chain.append(path)
+        raw = _read_yaml(path, overlay)
+        base = raw.pop(BASE_KEY, None)
+        layers.append(raw)
+        if base is None:
+            return layers[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(
+                f"config file {str(path)!r}: {BASE_KEY}={base!r} must be a YAML file name, "
+                "relative to this file"
+            )
+        overlay, path = path, path.parent / base
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Load a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
 
+    A file may name another as its ``base``: the base is loaded first and the file's keys are
+    merged over it (mappings key by key, anything else replaced), and a base may have a base.
     Overrides accept ``--key=value``, ``key=value`` and ``--key value`` was already joined by the
     CLI. Raises :class:`ConfigError` with one line naming the key or file.
     """
     schema = OmegaConf.structured(TrainConfig)
     layers: list[DictConfig] = [schema]
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(err, "problem", None) or "invalid YAML"
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not {type(raw).__name__}")
-        layers.append(OmegaConf.create(raw))
+        layers.extend(OmegaConf.create(raw) for raw in _yaml_layers(Path(path)))
     dotlist = []
     for item in overrides:
         item = item[2:] if item.startswith("--") else item

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from moe_model.errors import LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
 from olmo.data import build_eval_loaders, build_train_loader, validate_data
+from olmo.flops import device_peak_flops
 from olmo.run_files import (
     CONFIG_FNAME,
     DATA_WORK_DIR,
@@ -125,32 +125,6 @@ def preflight(cfg: TrainConfig) -> None:
     check_save_folder(cfg)
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """fp32 matmul FLOP/s on this CPU: the denominator of CPU MFU (no datasheet number exists)."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def device_peak_flops(cfg: TrainConfig, device: torch.device, param_dtype: torch.dtype) -> float:
-    if cfg.device_peak_flops is not None:
-        return cfg.device_peak_flops
-    if device.type == "cuda":
-        from olmo_core.train.callbacks.speed_monitor import get_device_peak_flops_per_second
-
-        half = param_dtype in (torch.bfloat16, torch.float16)
-        peak = get_device_peak_flops_per_second(torch.cuda.get_device_name(device), using_half_precision=half)
-        if peak is not None:
-            return float(peak)
-    return measure_cpu_peak_flops()
-
-
 @dataclass(frozen=True)
 class RunEnv:
     """Where this process runs: its data-parallel rank, the world size and its device."""
@@ -253,8 +227,8 @@ def build_callbacks(
         "console_logger": ConsoleCallback(log_interval=cfg.console_log_interval),
         "speed_monitor": SpeedMonitorCallback(
             num_flops_per_token=cfg.model.num_flops_per_token(seq_len),
-            device_peak_flops_per_second=int(
-                device_peak_flops(cfg, env.device, train_module.param_dtype)
+            device_peak_flops_per_second=device_peak_flops(
+                env.device, train_module.param_dtype, cfg.device_peak_flops
             ),
         ),
         "garbage_collector": GarbageCollectorCallback(),

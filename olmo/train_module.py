@@ -7,7 +7,7 @@ the optimizer and learning-rate schedule, micro-batching, and the objective
     loss = cross_entropy + load_balancing + router_z_loss
 
 with the two auxiliary losses (already weighted by the model) divided by the number of
-micro-batches in a step, as OLMoE trained (DESIGN.md). The paper's released trainer dropped
+micro-batches in a step, as OLMoE trained (megablocks' formulas). The paper's released trainer dropped
 them from the objective; here they always reach the gradients.
 """
 
@@ -95,53 +95,74 @@ def parallelize_model(
     # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
     # precision across many ranks.
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # PolyNorm/PolyReLU coefficients join no block's group: under a bf16 param_dtype they would
+    # reach the fp32 math already rounded (1/3 -> 0.333984). Each block's coefficient sets form
+    # one small group of their own that stays fp32 and leaves the activation's input in the
+    # compute dtype (cast_forward_inputs=False); kept unsharded until backward (a few floats),
+    # so backward needs no second all-gather for them.
+    coefficient_policy = MixedPrecisionPolicy(
+        param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    # The activation and MoE-layer units return views (a reshape); nothing modifies them in
+    # place (the block adds the layer's output out of place), so FSDP's warning is noise.
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDP(MoELayer|Poly)", category=UserWarning
+    )
+    expert_mesh = None
     if expert_parallel_degree > 1:
-        apply_expert_parallel(
-            model, mesh=mesh, degree=expert_parallel_degree, mp_policy=mp_policy
-        )
+        expert_mesh = expert_parallel_mesh(model, mesh, expert_parallel_degree)
     for block in model.blocks:
+        coefficient_sets = activation_modules_with_params(block)
+        if coefficient_sets:
+            fully_shard(
+                coefficient_sets,
+                mesh=mesh,
+                mp_policy=coefficient_policy,
+                reshard_after_forward=False,
+            )
+        if expert_mesh is not None:
+            fully_shard_expert_parallel(block, mesh=mesh, expert_mesh=expert_mesh,
+                                        mp_policy=mp_policy)  # fmt: skip
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model, True
 
 
-def apply_expert_parallel(
-    model: nn.Module, *, mesh: DeviceMesh, degree: int, mp_policy: MixedPrecisionPolicy
-) -> None:
-    """Shard each MoE layer's experts over EP groups of ``degree`` ranks, and FSDP them.
+def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> DeviceMesh:
+    """Shard each MoE layer's experts over EP groups of ``degree`` ranks; returns their mesh.
 
     The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
-    consecutive ranks, and each rank's E/degree experts are FSDP-sharded again over its column.
-    The router and the activation coefficients, like every other non-expert parameter, stay
-    FSDP-sharded over all ranks (``mesh``); they become FSDP units of their own because the
-    layer's unit is on the column mesh.
-
-    Gradients: the rows an expert computes came from every rank of its EP group, so its
-    gradient summed over the column already sums all ranks' tokens; dividing by the world size
-    (not the column size) gives the same average as plain FSDP.
+    consecutive ranks, each holding E/degree experts of every layer, which
+    :func:`fully_shard_expert_parallel` shards again over its column ("efsdp": the ranks holding
+    the same experts).
     """
-    # These units return views (a reshape); nothing modifies them in place (the block adds the
-    # layer's output out of place), so FSDP's warning about in-place ops on views is noise.
-    warnings.filterwarnings(
-        "ignore", message=r"FSDP2-wrapped module \(FSDP(MoELayer|Poly)", category=UserWarning
-    )
     world = mesh.size()
     expert_mesh = init_device_mesh(
         mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
     )
     shard_experts(model, expert_mesh["ep"])
-    for layer in model.modules():
+    return expert_mesh
+
+
+def fully_shard_expert_parallel(
+    block: nn.Module, *, mesh: DeviceMesh, expert_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy
+) -> None:
+    """FSDP units for the MoE layers of ``block`` under expert parallelism.
+
+    The layer's unit holds only its expert weights, on the column mesh. The router, like every
+    other non-expert parameter, stays sharded over all ranks (``mesh``): it becomes a unit of
+    its own, since the layer's unit is on another mesh (the coefficient sets already are).
+
+    Gradients: the rows an expert computes came from every rank of its EP group, so its
+    gradient summed over the column already sums all ranks' tokens; dividing by the world size
+    (not the column size) gives the same average as plain FSDP.
+    """
+    for layer in block.modules():
         if not isinstance(layer, MoELayer):
             continue
         fully_shard(layer.router, mesh=mesh, mp_policy=mp_policy)
-        coefficient_sets = activation_modules_with_params(layer)
-        if coefficient_sets:
-            # A few floats: kept gathered from forward to backward (no second all-gather).
-            fully_shard(
-                coefficient_sets, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False
-            )
         fully_shard(layer, mesh=expert_mesh["efsdp"], mp_policy=mp_policy)
-        layer.set_gradient_divide_factor(float(world))
+        layer.set_gradient_divide_factor(float(mesh.size()))
         if mesh.device_type == "cpu" and expert_mesh["efsdp"].size() > 1:
             # A divide factor other than the group size becomes NCCL's PREMUL_SUM, which gloo
             # lacks: sum, then divide. (Not on a one-rank column: FSDP divides there without a
@@ -328,7 +349,11 @@ class MoETrainModule(TrainModule):
         lb_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
         load_LE: torch.Tensor | None = None
-        for micro in micro_batches:
+        for index, micro in enumerate(micro_batches):
+            if self.sharded and not self.cfg.reduce_grads_every_microbatch:
+                # Accumulate unsharded gradients locally and reduce-scatter once, after the last
+                # micro-batch's backward: one collective per step instead of one per micro-batch.
+                self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro["input_ids"])
             logits = out.logits
             ce = F.cross_entropy(

@@ -13,7 +13,7 @@ Implementations: ``eager`` (the reference math), ``eager_ckpt`` (eager under
 parameters: PolyNorm h=1536 against SwiGLU h=1024.
 
 CPU: the same table at 8192 rows x 1536 (SwiGLU 8192 x 2*1024 -> 1024), eager/fused/compile.
-``--quick`` runs tiny shapes in seconds (a smoke test of the script).
+``--quick`` runs tiny shapes (a smoke test of the script).
 
     python scripts/bench_activations.py                      # GPU, full
     python scripts/bench_activations.py --device cpu         # CPU, 8192 x 1536
@@ -22,21 +22,20 @@ CPU: the same table at 8192 rows x 1536 (SwiGLU 8192 x 2*1024 -> 1024), eager/fu
 
 from __future__ import annotations
 
-import argparse
 import functools
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from bench_common import (
+    Benchmark,
+    Run,
     copy_bandwidth_gbs,
-    environment,
-    format_table,
     median,
-    pick_device,
+    run_benchmark,
     sync,
     time_phases,
-    write_json,
 )
 
 from moe_model.kernels import dispatch as kernels
@@ -125,7 +124,7 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
 
         return [fwd, bwd]
 
-    # First call separately: for compile it is the compilation (tens of seconds on CPU).
+    # First call separately: for compile it is the compilation, which a median would hide.
     t = time.perf_counter()
     for f in phases():
         f()
@@ -141,7 +140,9 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
         base = torch.cuda.memory_allocated(device)
         y = fn(x, w, b)
         torch.cuda.synchronize(device)
-        saved_mib = (torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()) / 2**20
+        saved_mib = (
+            torch.cuda.memory_allocated(device) - base - y.numel() * y.element_size()
+        ) / 2**20
         y.backward(g)
         del y
         torch.cuda.synchronize(device)
@@ -172,82 +173,86 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+def add_arguments(p) -> None:
     p.add_argument("--rows", type=int, help="rows (default: 131072 on GPU, 8192 on CPU)")
-    p.add_argument("--cols", type=int, nargs="+", help="PolyNorm/PolyReLU row lengths (GPU: 1024 1536; CPU: 1536)")
-    p.add_argument("--swiglu-hidden", type=int, default=1024, help="SwiGLU output width H (input 2H)")
+    p.add_argument(
+        "--cols",
+        type=int,
+        nargs="+",
+        help="PolyNorm/PolyReLU row lengths (GPU: 1024 1536; CPU: 1536)",
+    )
+    p.add_argument(
+        "--swiglu-hidden", type=int, default=1024, help="SwiGLU output width H (input 2H)"
+    )
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--activations", nargs="+", default=["polynorm", "polyrelu", "swiglu"])
-    p.add_argument("--impls", nargs="+", default=["eager", "eager_ckpt", "compile", "fused", "triton", "liger"])
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations, no compile")
-    p.add_argument("--name", default=None, help="JSON name under benchmarks/results (default from device)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--impls", nargs="+", default=["eager", "eager_ckpt", "compile", "fused", "triton", "liger"]
+    )
 
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    if args.quick:
-        rows, cols_list, hid = args.rows or 256, args.cols or [192], 128
-        warmup, iters = args.warmup or 1, args.iters or 3
+
+def dtype_of(run: Run) -> torch.dtype:
+    return DTYPES[run.args.dtype or ("bf16" if run.gpu else "fp32")]
+
+
+def setup(run: Run) -> None:
+    args, gpu = run.args, run.gpu
+    if run.quick:
+        rows, cols, hid = args.rows or 256, args.cols or [192], 128
         impls = [i for i in args.impls if i != "compile"]
     else:
         rows = args.rows or (131072 if gpu else 8192)
-        cols_list = args.cols or ([1024, 1536] if gpu else [1536])
+        cols = args.cols or ([1024, 1536] if gpu else [1536])
         hid = args.swiglu_hidden
-        warmup, iters = args.warmup or (5 if gpu else 2), args.iters or (50 if gpu else 10)
         impls = args.impls
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     if not gpu:
         impls = [i for i in impls if i not in ("triton", "liger")]
+    run.settings.update(rows=rows, cols=cols, swiglu_hidden=hid, dtype=str(dtype_of(run)),
+                        order=args.order, impls=impls, activations=args.activations)  # fmt: skip
+    run.extra["copy_gbs"] = None
+    if not run.quick:
+        run.extra["copy_gbs"] = copy_bandwidth_gbs(
+            run.device, n_bytes=(1 << 30) if gpu else (1 << 27)
+        )
+        print(f"# measured copy bandwidth: {run.extra['copy_gbs']:.0f} GB/s (read + write)")
 
-    env = environment(device)
-    copy_gbs = copy_bandwidth_gbs(device, n_bytes=(1 << 30) if gpu else (1 << 27)) if not args.quick else None
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_rev']}")
-    if copy_gbs:
-        print(f"# measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
 
-    results = []
-    for act in args.activations:
-        shapes = [hid] if act == "swiglu" else cols_list
-        for cols in shapes:
-            for name, fn in implementations(act, device, impls).items():
-                row = bench_one(act, name, fn, rows, cols, dtype, device, args.order, warmup, iters, copy_gbs)
-                results.append(row)
-                print(
-                    f"  {act:9s} {name:10s} {row['shape']:>14s}  fwd {row['fwd_ms']:8.3f} ms  "
-                    f"bwd {row['bwd_ms']:8.3f} ms  first call {row['first_call_s']:.1f} s",
-                    flush=True,
-                )
+def measure(run: Run):
+    s, dtype = run.settings, dtype_of(run)
+    for act in s["activations"]:
+        for cols in [s["swiglu_hidden"]] if act == "swiglu" else s["cols"]:
+            for name, fn in implementations(act, run.device, s["impls"]).items():
+                yield bench_one(act, name, fn, s["rows"], cols, dtype, run.device, s["order"],
+                                run.warmup, run.iters, run.extra["copy_gbs"])  # fmt: skip
 
+
+def columns(run: Run) -> list:
     cols = [
         ("activation", "activation", ""), ("impl", "impl", ""), ("shape", "shape", ""),
         ("fwd_ms", "fwd ms", ".3f"), ("bwd_ms", "bwd ms", ".3f"), ("total_ms", "fwd+bwd ms", ".3f"),
         ("fwd_gbs", "fwd GB/s", ".1f"), ("bwd_gbs", "bwd GB/s", ".1f"),
     ]  # fmt: skip
-    if copy_gbs and gpu:
+    if run.extra["copy_gbs"] and run.gpu:
         cols += [("fwd_pct_copy", "fwd % copy", ".0f"), ("bwd_pct_copy", "bwd % copy", ".0f")]
-    if gpu:
+    if run.gpu:
         cols += [("peak_mib", "peak MiB", ".0f"), ("saved_mib", "saved MiB", ".0f")]
-    cols += [("first_call_s", "1st call s", ".1f")]
-    print()
-    print(format_table(results, cols))
-    name = args.name or ("activations_" + ("gpu" if gpu else "cpu") + ("_quick" if args.quick else ""))
-    payload = {
-        "benchmark": "activations",
-        "env": env,
-        "settings": {"rows": rows, "cols": cols_list, "swiglu_hidden": hid, "dtype": str(dtype),
-                     "order": args.order, "warmup": warmup, "iters": iters, "impls": impls},
-        "copy_gbs": copy_gbs,
-        "results": results,
-    }  # fmt: skip
-    path = write_json(name, payload)
-    print(f"\nwrote {path}")
-    return payload
+    return cols + [("first_call_s", "1st call s", ".1f")]
 
+
+BENCHMARK = Benchmark(
+    name="activations",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    columns=columns,
+    progress=lambda r: (
+        f"{r['activation']:9s} {r['impl']:10s} {r['shape']:>14s}  fwd {r['fwd_ms']:8.3f} ms  "
+        f"bwd {r['bwd_ms']:8.3f} ms  first call {r['first_call_s']:.1f} s"
+    ),  # fmt: skip
+    timing={"cuda": (5, 50), "cpu": (2, 10), "quick": (1, 3)},
+)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_benchmark(BENCHMARK))

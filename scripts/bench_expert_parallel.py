@@ -13,9 +13,9 @@ The layer runs stage by stage, forward then backward, each stage timed alone: ``
 (sort; with EP the count exchange, one host sync and the row all-to-all), ``experts`` (grouped
 matmuls and the activation), ``combine`` (with EP the all-to-all back, then the weighted sum).
 The router is timed forward only (it does not depend on the dispatcher). Times are medians over
-iterations of the slowest rank. Bytes moved: the rows each rank sends to other ranks in the
-four all-to-alls of forward + backward (rows x d_model x element size), summed over ranks, plus
-the count exchange.
+iterations of the slowest rank in each. Bytes moved: the rows each rank sends to other ranks
+in the four all-to-alls of forward + backward (rows x d_model x element size), summed over
+ranks, plus the count exchange.
 
 ``--estimate`` prints instead the arithmetic estimate of OLMoE-1B-7B's communication per step
 on 8 nodes x 8 GPUs (see ``paper_estimate``): no measurement.
@@ -23,7 +23,7 @@ on 8 nodes x 8 GPUs (see ``paper_estimate``): no measurement.
     python scripts/bench_expert_parallel.py                    # CPU: 2 and 4 processes
     python scripts/bench_expert_parallel.py --device cuda --nproc 2 4 8
     python scripts/bench_expert_parallel.py --quick            # smoke test
-    python scripts/bench_expert_parallel.py --estimate
+    python scripts/bench_expert_parallel.py --estimate         # -> expert_parallel_estimate.json
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from bench_common import (  # noqa: E402
     REPO,
-    environment,
-    format_table,
+    Benchmark,
+    Run,
     median,
     pick_device,
+    run_benchmark,
     time_phases,
-    write_json,
 )
 
 STAGES = ("dispatch", "experts", "combine")
@@ -113,7 +113,7 @@ def _off_rank_rows(dispatched, rank: int) -> int:
     return 2 * (sent + received)
 
 
-def worker(args, result: str) -> None:
+def worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -127,7 +127,7 @@ def worker(args, result: str) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype]
     cfg = ModelConfig(
         d_model=args.d_model, n_layers=1, n_heads=1, activation_type=args.activation,
         mlp_hidden_size=args.hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
@@ -146,13 +146,16 @@ def worker(args, result: str) -> None:
         traffic: dict = {}
         times = time_phases(_staged_phases(layer, x_TD, g_TD, traffic), device=device,
                             warmup=args.warmup, iters=args.iters)  # fmt: skip
-        medians = torch.tensor([median(t) for t in times], dtype=torch.float64)
-        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+        # Per phase and iteration, the slowest rank's time (the others wait for it).
+        slowest = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         off_rank = torch.tensor(
             [_off_rank_rows(traffic["dispatched"], rank) if mode == "ep" else 0]
         )
         dist.all_reduce(off_rank)
-        row = {"ranks": world, "mode": mode, **dict(zip(PHASES, medians.tolist()))}
+        row = {"ranks": world, "mode": mode}
+        for phase, per_iter in zip(PHASES, slowest.tolist()):
+            row[phase], row[f"{phase}_all"] = median(per_iter), per_iter
         for stage in STAGES:
             row[stage] = row[f"{stage}_fwd"] + row[f"{stage}_bwd"]
         row["total"] = row["route"] + sum(row[stage] for stage in STAGES)
@@ -162,7 +165,7 @@ def worker(args, result: str) -> None:
         row["moved_mb"] = (int(off_rank) * args.d_model * element + counts_bytes) / 1e6
         rows.append(row)
     if rank == 0:
-        Path(result).write_text(json.dumps({"rows": rows, "dtype": str(dtype)}))
+        Path(args.result).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -266,11 +269,11 @@ COLUMNS = [
     ("dispatch_share_pct", "dispatch+combine %", ".0f"),
     ("off_rank_rows", "rows sent off-rank", ",d"), ("moved_mb", "MB moved (all ranks)", ".2f"),
 ]  # fmt: skip
+SHAPE = ("d_model", "hidden", "experts", "top_k", "tokens", "activation")
+QUICK_SHAPE = {"d_model": 32, "hidden": 48, "experts": 4, "top_k": 2, "tokens": 64}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="processes per case")
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--hidden", type=int, default=768, help="expert hidden size H")
@@ -279,61 +282,80 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     p.add_argument("--activation", default="polynorm")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 iterations: a smoke test")
-    p.add_argument("--estimate", action="store_true", help="print the OLMoE-1B-7B arithmetic estimate")
-    p.add_argument("--name", default=None, help="results file name (no .json)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.d_model, args.hidden, args.experts, args.top_k, args.tokens = 32, 48, 4, 2, 64
-        args.warmup, args.iters = 1, 2
-    if args.worker:
-        worker(args, args.result)
-        return 0
-    if args.estimate:
-        rows = paper_estimate()
-        print("OLMoE-1B-7B on 8 x 8 GPUs, bytes received per GPU per step: ARITHMETIC ESTIMATE, "
-              "not measured (assumptions: scripts/bench_expert_parallel.py paper_estimate)")
-        print(format_table(rows, ESTIMATE_COLUMNS))
-        print(f"{rows[0]['tokens_per_gpu']:,d} tokens per GPU per step in "
-              f"{rows[0]['micro_batches']} micro-batches; compute at 100% of bf16 peak: "
-              f"{rows[0]['compute_s_at_peak']:.2f} s per step")
-        path = write_json(args.name or "expert_parallel_estimate",
-                          {"kind": "arithmetic estimate, not a measurement",
-                           "assumptions": paper_estimate.__doc__, "rows": rows})
-        print(f"wrote {path}")
-        return 0
+    p.add_argument("--estimate", action="store_true",
+                   help="print the OLMoE-1B-7B arithmetic estimate instead of measuring")  # fmt: skip
 
-    device = pick_device(args.device)
+
+def setup(run: Run) -> None:
+    if run.quick:
+        for key, value in QUICK_SHAPE.items():
+            setattr(run.args, key, value)
+    if run.args.estimate:
+        run.args.name = run.args.name or "expert_parallel_estimate"
+        run.settings.clear()
+        run.extra.update(kind="arithmetic estimate, not a measurement",
+                         assumptions=paper_estimate.__doc__)  # fmt: skip
+        return
+    run.args.dtype = run.args.dtype or ("bf16" if run.gpu else "fp32")
+    run.settings.update({k: getattr(run.args, k) for k in (*SHAPE, "dtype", "nproc")})
+
+
+def measure(run: Run):
+    if run.args.estimate:
+        yield from paper_estimate()
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    settings = {k: getattr(args, k) for k in ("d_model", "hidden", "experts", "top_k", "tokens",
-                                              "activation", "warmup", "iters")}  # fmt: skip
-    worker_args = [f"--device={args.device}"]
-    worker_args += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    if args.dtype:
-        worker_args.append(f"--dtype={args.dtype}")
-    rows = []
+    worker_args = [f"--device={run.args.device}", f"--dtype={run.args.dtype}",
+                   f"--warmup={run.warmup}", f"--iters={run.iters}"]  # fmt: skip
+    worker_args += [f"--{k.replace('_', '-')}={getattr(run.args, k)}" for k in SHAPE]
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc in args.nproc:
+        for nproc in run.args.nproc:
             result = Path(tmp) / f"{nproc}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", __file__, "--worker", "--result", str(result),
                    *worker_args]  # fmt: skip
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
-            data = json.loads(result.read_text())
-            rows.extend(data["rows"])
-            dtype = data["dtype"]
-    print(format_table(rows, COLUMNS))
-    settings["quick"] = args.quick
-    name = args.name or f"expert_parallel_{device.type}" + ("_quick" if args.quick else "")
-    path = write_json(name, {"environment": environment(device), "settings": settings,
-                             "dtype": dtype, "rows": rows})  # fmt: skip
-    print(f"wrote {path}")
+            yield from json.loads(result.read_text())
+
+
+def columns(run: Run):
+    return ESTIMATE_COLUMNS if run.args.estimate else COLUMNS
+
+
+def finish(run: Run, rows: list[dict]) -> None:
+    if run.args.estimate:
+        print("OLMoE-1B-7B on 8 x 8 GPUs, bytes received per GPU per step: ARITHMETIC "
+              "ESTIMATE, not measured (assumptions: paper_estimate in this script)")
+        print(f"{rows[0]['tokens_per_gpu']:,d} tokens per GPU per step in "
+              f"{rows[0]['micro_batches']} micro-batches; compute at 100% of bf16 peak: "
+              f"{rows[0]['compute_s_at_peak']:.2f} s per step")  # fmt: skip
+
+
+def worker_main(argv: list[str]) -> int:
+    """One torchrun rank (started by ``measure``), not a command for people."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--iters", type=int, required=True)
+    add_arguments(p)
+    worker(p.parse_args(argv))
     return 0
 
 
+BENCHMARK = Benchmark(
+    name="expert_parallel",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    columns=columns,
+    finish=finish,
+    devices=("cpu", "cuda"),
+    timing={"cuda": (5, 20), "cpu": (2, 10), "quick": (1, 2)},
+)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    argv = sys.argv[1:]
+    sys.exit(worker_main(argv) if "--worker" in argv else run_benchmark(BENCHMARK, argv))

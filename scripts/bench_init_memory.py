@@ -5,10 +5,11 @@
 (what olmo/launch.py did before). ``sharded``: build on the meta device, ``fully_shard``,
 ``to_empty``, ``init_weights`` (what it does now; moe_model/init.py holds one full parameter at a
 time). Each mode runs as its own torchrun job of gloo ranks on this CPU, since a process's peak
-RSS only grows. Prints a table and writes benchmarks/results/<--name>.json.
+RSS only grows. Prints a table and writes benchmarks/results/init_memory_cpu.json (``--name``).
 
     python scripts/bench_init_memory.py [--config configs/olmoe-1b-7b-polynorm.yaml] \\
         [--nproc 2] [--key=value ...]          # e.g. --model.n_layers=2 to fit a small machine
+    python scripts/bench_init_memory.py --quick  # smoke test: configs/tiny.yaml
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from bench_common import REPO, environment, format_table, write_json  # noqa: E402
+import torch
+from bench_common import REPO, Benchmark, Run, repo_relative, run_benchmark
 
 MODES = ("whole", "sharded")
 GIB = 2**30
@@ -95,55 +94,84 @@ def worker(mode: str, config: str, overrides: list[str], result: str) -> None:
     dist.destroy_process_group()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "olmoe-1b-7b-polynorm.yaml"))
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--name", default="init_memory_cpu", help="results file name (no .json)")
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args()
-    if args.worker:
-        worker(args.worker, args.config, overrides, args.result)
-        return 0
+def worker_main(argv: list[str]) -> int:
+    """One torchrun rank (started by ``measure``), not a command for people."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=MODES, required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    worker(args.worker, args.config, overrides, args.result)
+    return 0
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default=None,
+                   help="default configs/olmoe-1b-7b-polynorm.yaml (--quick: configs/tiny.yaml)")  # fmt: skip
+    p.add_argument("--nproc", type=int, default=2)
+
+
+def setup(run: Run) -> None:
+    default = "tiny.yaml" if run.quick else "olmoe-1b-7b-polynorm.yaml"
+    run.args.config = run.args.config or str(REPO / "configs" / default)
+    run.settings.update(
+        config=repo_relative(run.args.config), overrides=run.overrides, nproc=run.args.nproc
+    )
+
+
+def measure(run: Run):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
             result = Path(tmp) / f"{mode}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run.args.nproc}",
                    f"--master_port={_free_port()}", __file__, "--worker", mode, "--result", str(result),
-                   "--config", args.config, *overrides]
+                   "--config", run.args.config, *run.overrides]  # fmt: skip
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
             data = json.loads(result.read_text())
             ranks = data["ranks"]
-            rows.append({
+            yield {
                 "mode": mode,
-                "ranks": args.nproc,
+                "ranks": run.args.nproc,
                 "params": data["params"],
                 "model_fp32_gib": data["params"] * 4 / GIB,
                 "local_param_gib": max(r["local_param_gib"] for r in ranks),
                 "peak_rss_gib": max(r["peak_rss_over_start_gib"] for r in ranks),
                 "seconds": max(r["seconds"] for r in ranks),
                 "checksum": ranks[0]["checksum"],
-            })
-    columns = [
-        ("mode", "mode", ""), ("ranks", "ranks", "d"), ("params", "params", ",d"),
-        ("model_fp32_gib", "fp32 model GiB", ".2f"), ("local_param_gib", "shard GiB / rank", ".2f"),
+            }
+
+
+def finish(run: Run, rows: list[dict]) -> None:
+    same = len({r["checksum"] for r in rows}) == 1
+    run.extra["same_weights"] = same
+    print(f"same weights in both modes (checksum): {same}")
+    if not same:
+        run.fail("the whole and the sharded build made different weights")
+
+
+BENCHMARK = Benchmark(
+    name="init_memory",
+    result_name="init_memory_cpu",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    finish=finish,
+    columns=[
+        ("mode", "mode", ""),
+        ("ranks", "ranks", "d"),
+        ("params", "params", ",d"),
+        ("model_fp32_gib", "fp32 model GiB", ".2f"),
+        ("local_param_gib", "shard GiB / rank", ".2f"),
         ("peak_rss_gib", "peak RSS over start GiB / rank (max)", ".2f"),
         ("seconds", "materialise s (max rank)", ".1f"),
-    ]
-    print(format_table(rows, columns))
-    same = rows[0]["checksum"] == rows[1]["checksum"]
-    print(f"same weights in both modes (checksum): {same}")
-    path = write_json(args.name, {
-        "environment": environment(torch.device("cpu")),
-        "config": args.config, "overrides": overrides, "rows": rows, "same_weights": same,
-    })
-    print(f"wrote {path}")
-    return 0 if same else 1
-
+    ],  # fmt: skip
+    devices=("cpu",),
+    timing=None,  # one materialisation per mode and process: peak RSS only grows
+    config_overrides=True,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    argv = sys.argv[1:]
+    sys.exit(worker_main(argv) if "--worker" in argv else run_benchmark(BENCHMARK, argv))

@@ -15,17 +15,17 @@ backward time on the routed (R x in) tensor and its share of the layer's time, p
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 from bench_common import (
-    environment,
-    format_table,
+    Benchmark,
+    Run,
     median,
-    pick_device,
+    ratio_to_reference,
+    run_benchmark,
     sync,
     time_phases,
-    write_json,
 )
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
@@ -43,7 +43,7 @@ def parse_acts(specs: list[str], swiglu_hidden: int) -> list[tuple[str, int]]:
     return out
 
 
-def bench_layer(args, act, hidden, device, dtype, backend):
+def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
     cfg = ModelConfig(
         d_model=args.d_model, n_layers=1, n_heads=args.n_heads, activation_type=act,
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
@@ -51,7 +51,9 @@ def bench_layer(args, act, hidden, device, dtype, backend):
     )  # fmt: skip
     layer = MoELayer(cfg, init_device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, generator=gen).requires_grad_()
+    x = torch.randn(
+        args.tokens, args.d_model, device=device, dtype=dtype, generator=gen
+    ).requires_grad_()
     g = torch.randn_like(x)
     state = {}
 
@@ -73,12 +75,16 @@ def bench_layer(args, act, hidden, device, dtype, backend):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    fwd_ms, bwd_ms = time_phases(phases, device=device, warmup=args.warmup, iters=args.iters)
-    peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    fwd_ms, bwd_ms = time_phases(phases, device=device, warmup=warmup, iters=iters)
+    peak_mib = (
+        (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    )
 
     # The activation alone, on the routed rows it sees inside the layer.
     rows = args.tokens * args.top_k
-    a_in = torch.randn(rows, cfg.mlp_in_size, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a_in = torch.randn(
+        rows, cfg.mlp_in_size, device=device, dtype=dtype, generator=gen
+    ).requires_grad_()
     a_g = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
     act_state = {}
 
@@ -94,7 +100,7 @@ def bench_layer(args, act, hidden, device, dtype, backend):
 
         return [fwd, bwd]
 
-    a_fwd, a_bwd = time_phases(act_phases, device=device, warmup=args.warmup, iters=args.iters)
+    a_fwd, a_bwd = time_phases(act_phases, device=device, warmup=warmup, iters=iters)
     sync(device)
 
     fwd, bwd = median(fwd_ms), median(bwd_ms)
@@ -118,9 +124,7 @@ def bench_layer(args, act, hidden, device, dtype, backend):
     }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
+def add_arguments(p) -> None:
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--n-heads", type=int, default=16)
     p.add_argument("--experts", type=int, default=64)
@@ -132,38 +136,38 @@ def main(argv=None):
     p.add_argument("--poly-backends", nargs="+", default=["auto", "eager"],
                    help="activation_backend values to run for polynorm/polyrelu")  # fmt: skip
     p.add_argument("--expert-impl", default="auto", help="moe_expert_impl: auto, grouped_mm, loop")
-    p.add_argument("--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny shapes (d 64, 8 experts, top-2, 256 tokens)")
-    p.add_argument("--name", default=None)
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU"
+    )
 
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    if args.quick:
+
+def setup(run: Run) -> None:
+    args = run.args
+    if run.quick:  # tiny shapes: d 64, 8 experts, top-2, 256 tokens
         args.d_model, args.n_heads, args.experts, args.top_k, args.tokens = 64, 4, 8, 2, 256
         args.swiglu_hidden = 32
-    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.iters = args.iters or (20 if gpu else 3)
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    args.dtype = args.dtype or ("bf16" if run.gpu else "fp32")
+    shape = ("d_model", "n_heads", "experts", "top_k", "tokens", "swiglu_hidden", "activations",
+             "poly_backends", "expert_impl")  # fmt: skip
+    run.settings.update({k: getattr(args, k) for k in shape}, dtype=str(DTYPES[args.dtype]))
+    print(
+        f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, "
+        f"{args.tokens} tokens, {args.dtype}"
+    )
 
-    env = environment(device)
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_rev']}")
-    print(f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, {args.tokens} tokens, {dtype}")
-    results = []
+
+def measure(run: Run):
+    args = run.args
     for act, hidden in parse_acts(args.activations, args.swiglu_hidden):
-        backends = args.poly_backends if act in ("polynorm", "polyrelu") else ["auto"]
-        for backend in backends:
-            row = bench_layer(args, act, hidden, device, dtype, backend)
-            results.append(row)
-            print(f"  {act:9s} {row['backend']:6s} h={hidden:5d}  fwd+bwd {row['total_ms']:9.3f} ms", flush=True)
-            if gpu:
+        for backend in args.poly_backends if act in ("polynorm", "polyrelu") else ["auto"]:
+            yield bench_layer(
+                args, act, hidden, run.device, DTYPES[args.dtype], backend, run.warmup, run.iters
+            )
+            if run.gpu:
                 torch.cuda.empty_cache()
 
-    base = next((r["total_ms"] for r in results if r["activation"] == "swiglu"), None)
-    for r in results:
-        r["vs_swiglu"] = r["total_ms"] / base if base else None
+
+def columns(run: Run) -> list:
     cols = [
         ("activation", "activation", ""), ("backend", "backend", ""), ("hidden", "h", "d"),
         ("expert_params_M", "expert params M", ".1f"), ("fwd_ms", "fwd ms", ".3f"),
@@ -171,16 +175,24 @@ def main(argv=None):
         ("vs_swiglu", "x SwiGLU", ".3f"), ("gemm_tflops", "expert GEMM TFLOP/s", ".1f"),
         ("act_ms", "act fwd+bwd ms", ".3f"), ("act_share_pct", "act % of layer", ".1f"),
     ]  # fmt: skip
-    if gpu:
-        cols.append(("peak_mib", "peak MiB", ".0f"))
-    print()
-    print(format_table(results, cols))
-    name = args.name or ("moe_layer_" + ("gpu" if gpu else "cpu") + ("_quick" if args.quick else ""))
-    settings = {k: v for k, v in vars(args).items() if k != "name"}
-    settings["dtype"] = str(dtype)
-    path = write_json(name, {"benchmark": "moe_layer", "env": env, "settings": settings, "results": results})
-    print(f"\nwrote {path}")
+    return cols + [("peak_mib", "peak MiB", ".0f")] if run.gpu else cols
 
+
+BENCHMARK = Benchmark(
+    name="moe_layer",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "total_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"
+    ),
+    columns=columns,
+    progress=lambda r: (
+        f"{r['activation']:9s} {r['backend']:6s} h={r['hidden']:5d}  fwd+bwd {r['total_ms']:9.3f} ms"
+    ),
+    timing={"cuda": (5, 20), "cpu": (1, 3), "quick": (1, 3)},
+)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_benchmark(BENCHMARK))

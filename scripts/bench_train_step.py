@@ -5,8 +5,10 @@ micro-batch 4) with as many layers as fit (``--layers auto`` tries 16, 12, 8, 6,
 keeps the first that runs a step), at equal expert parameters (SwiGLU h=1024, PolyNorm
 h=1536). One step = forward, cross-entropy + load-balancing + z-loss, backward, AdamW step.
 
-MFU = tokens/s * ModelConfig.num_flops_per_token(seq) / peak dense bf16 FLOP/s
-(active-parameter FLOPs, 6N + attention; H100/H200 SXM peak 989 TFLOP/s). Precision:
+MFU = tokens/s * ModelConfig.num_flops_per_token(seq) / the device's peak FLOP/s in bf16
+(active-parameter FLOPs, 6N + attention; the peak from olmo/flops.py, as the trainer's MFU:
+the dense datasheet figure on GPU, a measured matmul rate on CPU; ``--peak-tflops`` overrides
+it). Precision:
 ``--precision bf16`` keeps parameters in bf16 (as OLMoE's FSDP did; optimizer state in bf16
 too, a speed measurement, not a recipe), ``autocast`` keeps fp32 parameters and runs bf16
 autocast.
@@ -17,38 +19,32 @@ autocast.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
+import sys
 
 import torch
 import torch.nn.functional as F
 from bench_common import (
-    environment,
-    format_table,
+    Benchmark,
+    Run,
     median,
-    pick_device,
+    ratio_to_reference,
+    run_benchmark,
     sync,
     time_phases,
-    write_json,
 )
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+from olmo.flops import device_peak_flops
 
 
 def make_config(args, act: str, n_layers: int) -> ModelConfig:
-    hidden = args.swiglu_hidden if act == "swiglu" else equal_param_hidden_size(args.swiglu_hidden, "swiglu", act)
+    hidden = (
+        args.swiglu_hidden
+        if act == "swiglu"
+        else equal_param_hidden_size(args.swiglu_hidden, "swiglu", act)
+    )
     return ModelConfig(
         d_model=args.d_model, n_layers=n_layers, n_heads=args.n_heads, activation_type=act,
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
@@ -57,7 +53,9 @@ def make_config(args, act: str, n_layers: int) -> ModelConfig:
     )  # fmt: skip
 
 
-def run(args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int) -> dict:
+def run_steps(
+    args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None
+) -> dict:
     model = cfg.build(init_device=str(device))
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -99,7 +97,6 @@ def run(args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int) -
     tokens = args.batch * args.seq
     tps = tokens / (median(step_ms) * 1e-3)
     flops_tok = cfg.num_flops_per_token(args.seq)
-    peak = peak_tflops(device, args.peak_tflops)
     row = {
         "activation": cfg.activation_type,
         "hidden": cfg.mlp_hidden_size,
@@ -112,15 +109,17 @@ def run(args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int) -
         "step_ms": median(step_ms),
         "tokens_per_s": tps,
         "tflops": tps * flops_tok / 1e12,
-        "mfu_pct": 100 * tps * flops_tok / (peak * 1e12) if peak else None,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "mfu_pct": 100 * tps * flops_tok / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
         "step_ms_all": step_ms,
     }
     return row
 
 
 def free(device: torch.device) -> None:
-    """Release the last model's memory (call after run() returned, when its frame is gone)."""
+    """Release the last model's memory (call after run_steps() returned, when its frame is gone)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -130,7 +129,7 @@ def fits(args, device, n_layers: int) -> bool:
     """Whether the larger (by activation memory) of the compared models runs 1 step."""
     try:
         for act in args.activations:
-            run(args, make_config(args, act, n_layers), device, warmup=1, iters=1)
+            run_steps(args, make_config(args, act, n_layers), device, warmup=1, iters=1, peak=None)
             free(device)
         return True
     except torch.OutOfMemoryError:
@@ -138,10 +137,10 @@ def fits(args, device, n_layers: int) -> bool:
         return False
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--layers", default="auto", help="a number, or 'auto': the most of 16,12,8,6,4,2,1 that fit")
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--layers", default="auto", help="a number, or 'auto': the most of 16,12,8,6,4,2,1 that fit"
+    )
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--n-heads", type=int, default=16)
     p.add_argument("--experts", type=int, default=64)
@@ -154,45 +153,49 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", help="activation_backend for polynorm/polyrelu")
     p.add_argument("--expert-impl", default="auto")
     p.add_argument("--precision", choices=["bf16", "autocast"], default="bf16")
-    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (MFU)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="tiny model (d 64, 2 layers, 8 experts)")
-    p.add_argument("--name", default=None)
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="override the device's peak (MFU)"
+    )
 
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    if args.quick:
+
+def setup(run: Run) -> None:
+    args, device = run.args, run.device
+    if run.quick:  # tiny model: d 64, 2 layers, 8 experts
         args.d_model, args.n_heads, args.experts, args.top_k = 64, 4, 8, 2
         args.swiglu_hidden, args.vocab, args.seq, args.batch = 32, 512, 64, 2
         args.layers = args.layers if args.layers != "auto" else "2"
-    if not gpu and args.precision == "bf16" and not args.quick:
+    if not run.gpu and args.precision == "bf16" and not run.quick:
         print("# note: bf16 parameters on CPU are slow; --precision autocast may be fairer there")
-    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    iters = args.iters or (10 if gpu else 2)
-
-    env = environment(device)
-    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_rev']}")
     if args.layers == "auto":
         candidates = [16, 12, 8, 6, 4, 2, 1]
-        n_layers = next((n for n in candidates if fits(args, device, n)), None)
-        if n_layers is None:
+        args.layers = next((n for n in candidates if fits(args, device, n)), None)
+        if args.layers is None:
             raise SystemExit("not even one layer fits; lower --batch or --seq")
-    else:
-        n_layers = int(args.layers)
-    print(f"# {n_layers} layers, batch {args.batch} x {args.seq}, precision {args.precision}")
+    args.layers = int(args.layers)
+    # Both precisions run the matmuls in bf16.
+    override = args.peak_tflops * 1e12 if args.peak_tflops is not None else None
+    peak = device_peak_flops(device, torch.bfloat16, override)
+    keys = ("d_model", "n_heads", "experts", "top_k", "swiglu_hidden", "vocab", "seq", "batch",
+            "activations", "backend", "expert_impl", "precision")  # fmt: skip
+    run.settings.update({k: getattr(args, k) for k in keys}, n_layers=args.layers,
+                        peak_tflops=peak / 1e12 if peak else None)  # fmt: skip
+    peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown (no MFU)"
+    print(
+        f"# {args.layers} layers, batch {args.batch} x {args.seq}, precision {args.precision}, "
+        f"peak {peak_text}"
+    )
 
-    results = []
+
+def measure(run: Run):
+    args, peak = run.args, run.settings["peak_tflops"]
     for act in args.activations:
-        row = run(args, make_config(args, act, n_layers), device, warmup, iters)
-        free(device)
-        results.append(row)
-        print(f"  {act:9s} step {row['step_ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s", flush=True)
+        row = run_steps(args, make_config(args, act, args.layers), run.device, run.warmup, run.iters,
+                        peak * 1e12 if peak else None)  # fmt: skip
+        free(run.device)
+        yield row
 
-    base = next((r["step_ms"] for r in results if r["activation"] == "swiglu"), None)
-    for r in results:
-        r["vs_swiglu"] = r["step_ms"] / base if base else None
+
+def columns(run: Run) -> list:
     cols = [
         ("activation", "activation", ""), ("hidden", "h", "d"), ("layers", "layers", "d"),
         ("params_B", "params B", ".2f"), ("active_params_B", "active B", ".2f"),
@@ -200,17 +203,24 @@ def main(argv=None):
         ("step_ms", "step ms", ".1f"), ("vs_swiglu", "x SwiGLU", ".3f"),
         ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".1f"), ("mfu_pct", "MFU %", ".1f"),
     ]  # fmt: skip
-    if gpu:
-        cols.append(("peak_gib", "peak GiB", ".1f"))
-    print()
-    print(format_table(results, cols))
-    name = args.name or ("train_step_" + ("gpu" if gpu else "cpu") + ("_quick" if args.quick else ""))
-    settings = {k: v for k, v in vars(args).items() if k != "name"}
-    settings.update(n_layers=n_layers, warmup=warmup, iters=iters,
-                    peak_tflops=peak_tflops(device, args.peak_tflops))  # fmt: skip
-    path = write_json(name, {"benchmark": "train_step", "env": env, "settings": settings, "results": results})
-    print(f"\nwrote {path}")
+    return cols + [("peak_gib", "peak GiB", ".1f")] if run.gpu else cols
 
+
+BENCHMARK = Benchmark(
+    name="train_step",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    setup=setup,
+    measure=measure,
+    finish=lambda run, rows: ratio_to_reference(
+        rows, "step_ms", "vs_swiglu", lambda r: r["activation"] == "swiglu"
+    ),
+    columns=columns,
+    progress=lambda r: (
+        f"{r['activation']:9s} step {r['step_ms']:9.1f} ms  {r['tokens_per_s']:10.0f} tok/s"
+    ),
+    timing={"cuda": (3, 10), "cpu": (1, 2), "quick": (1, 2)},
+)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_benchmark(BENCHMARK))

@@ -7,7 +7,7 @@
 #
 # With DOCS set, only that one set is tokenized (into OUT, default data/tokens). A second run
 # reuses the output (see scripts/tokenize.sh, which does the work; TOKENIZER, PROCESSES, DTYPE
-# and FORCE=1 pass through to it). Takes about 10 s on 2 cores.
+# and FORCE=1 pass through to it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

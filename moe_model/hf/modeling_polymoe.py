@@ -232,8 +232,9 @@ class PolyMoESparseMoeBlock(nn.Module):
         else:
             a_RH = self.act_fn(h_RH)
         y_RD = torch.cat([a_NH @ w_out[e] for e, a_NH in enumerate(a_RH.split(counts))])
-        y_RD = y_RD * weights_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
-        y_TD = y_RD.new_zeros(x_TD.shape[0], shape[-1]).index_add_(0, token_R, y_RD)
+        # Each token's K rows weighted and summed in fp32, rounded once (moe.py's combine).
+        y_TKD = y_RD[order_R.argsort()].view(-1, self.top_k, shape[-1])
+        y_TD = (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
         return y_TD.reshape(shape), logits_TE
 
 

@@ -1,6 +1,6 @@
 """Triton PolyNorm and PolyReLU, forward and backward, for any order 1..4.
 
-PolyNorm is bandwidth-bound (see ``shared/DESIGN.md``): the floor is one read of x and one
+PolyNorm is bandwidth-bound (few FLOPs per byte): the floor is one read of x and one
 write of y forward, one read of x and dy and one write of dx backward. So:
 
 * forward: one program per row holds the whole row in registers (``BLOCK`` = next power of two

@@ -60,10 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
-    """Run scripts/train.py (through torchrun when nproc > 1); returns CompletedProcess."""
+def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
+              torchrun: bool | None = None):
+    """Run scripts/train.py, through torchrun when nproc > 1 (or torchrun=True: one process that
+    is distributed, hence FSDP on a GPU); returns CompletedProcess."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    if nproc > 1:
+    if nproc > 1 or torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", str(TRAIN_SCRIPT), *args]
     else:

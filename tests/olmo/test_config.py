@@ -77,6 +77,68 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_config(listy)
 
 
+def test_base_file_is_loaded_first_and_overlaid(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(
+        "run_name: root\nseed: 1\nsave_folder: runs/${run_name}\n"
+        "optimizer: {learning_rate: 1.0e-3, betas: [0.8, 0.9]}\n"
+        "model: {d_model: 64, n_heads: 4}\n"
+    )
+    # A chain: the middle file's base is relative to the middle file, not to the working dir.
+    (tmp_path / "sub" / "middle.yaml").write_text(
+        "base: ../root.yaml\nseed: 2\nmodel: {n_layers: 3}\n"
+    )
+    (tmp_path / "top.yaml").write_text(
+        "base: sub/middle.yaml\nrun_name: top\n"
+        "optimizer: {betas: [0.9, 0.99]}\nmodel: {d_model: 32}\n"
+    )
+    cfg = load_config(tmp_path / "top.yaml", ["--seed=3"])
+    assert (cfg.run_name, cfg.seed, cfg.save_folder) == ("top", 3, "runs/top")
+    assert cfg.optimizer.learning_rate == 1.0e-3 and cfg.optimizer.betas == [0.9, 0.99]
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers) == (32, 4, 3)
+    assert "base" not in cfg.to_dict() and "base:" not in cfg.to_yaml()
+    # Every key the files did not set keeps the dataclass default.
+    assert cfg.to_dict() == load_config(None, [
+        "--run_name=top", "--seed=3", "--save_folder=runs/top",
+        "--optimizer.learning_rate=1.0e-3", "--optimizer.betas=[0.9,0.99]",
+        "--model.d_model=32", "--model.n_heads=4", "--model.n_layers=3",
+    ]).to_dict()  # fmt: skip
+
+
+BAD_BASES = {
+    "missing": ({"a.yaml": "base: missing.yaml\n"},
+                "'{d}/missing.yaml' (the base of '{d}/a.yaml') does not exist"),
+    "not-mapping": ({"a.yaml": "base: b.yaml\n", "b.yaml": "- 1\n"},
+                    "'{d}/b.yaml' (the base of '{d}/a.yaml') must hold a mapping"),
+    "bad-yaml": ({"a.yaml": "base: b.yaml\n", "b.yaml": "x: [1\n"},
+                 "'{d}/b.yaml' (the base of '{d}/a.yaml') is not valid YAML"),
+    "self-cycle": ({"a.yaml": "base: a.yaml\n"},
+                   "'{d}/a.yaml': base files form a cycle: {d}/a.yaml -> {d}/a.yaml"),
+    "cycle": ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+              "'{d}/b.yaml': base files form a cycle: {d}/a.yaml -> {d}/b.yaml -> {d}/a.yaml"),
+    "not-a-name": ({"a.yaml": "base: [b.yaml]\n"},
+                   "'{d}/a.yaml': base=['b.yaml'] must be a YAML file name"),
+    "unknown-key-in-base": ({"a.yaml": "base: b.yaml\n", "b.yaml": "modle: {d_model: 8}\n"},
+                            "unknown config key 'modle'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_BASES)
+def test_bad_base_is_one_line_naming_the_file(tmp_path, case):
+    files, message = BAD_BASES[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml")
+    assert message.format(d=tmp_path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_base_is_not_a_command_line_key():
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(REPO / "configs/tiny.yaml", ["--base=other.yaml"])
+
+
 def test_parse_duration():
     assert parse_duration("1000") == ("steps", 1000)
     assert parse_duration("2ep") == ("epochs", 2)

@@ -4,7 +4,7 @@ Faults are injected with ``MOE_FAULT`` (olmo/faults.py) into real CPU runs of
 tests/olmo/tiny_test.yaml (8 steps, checkpoints every 4), 1 process or 2 gloo processes.
 Runs shared by several tests (an uninterrupted 1- and 2-process run) are module fixtures;
 preflight-only failures call ``olmo.launch.main`` in-process (the same code path as the
-script, ~0.1 s instead of ~3 s a subprocess), with one subprocess case proving the script's
+script, without a subprocess's start-up), with one subprocess case proving the script's
 exit code and stderr end to end.
 """
 

@@ -138,7 +138,7 @@ def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
 
 
 def test_compiled_blocks_match_eager(tmp_path, straight_runs):
-    # torch.compile of each block (inductor on CPU; about a minute) computes the same step.
+    # torch.compile of each block (inductor on CPU) computes the same step.
     save = _train(tmp_path, "compiled", compile="true")
     compiled, plain = _losses(save), _losses(straight_runs[1])
     assert [s for s, _ in compiled] == [s for s, _ in plain]
@@ -186,6 +186,40 @@ def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     assert all(torch.isfinite(w).all() for w in sets)
     # Trained separately from the same init: no two experts end with the same coefficients.
     assert len({tuple(w.tolist()) for w in sets}) == 4
+
+
+def fsdp_bf16_steps_match_cpu_fp32(tmp_path, device: str):
+    """Steps of the tiny run in bf16 through torchrun on ``device`` (one process: FSDP2 on a GPU,
+    bf16 autocast on CPU) against the fp32 CPU run of the same init and data."""
+    data = make_data(tmp_path)
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    proc = run_train([TEST_CONFIG, *tiny_overrides(bf16, data, precision="bf16", max_duration=4)],
+                     torchrun=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"1 process(es) on {device}, precision torch.bfloat16" in proc.stdout + proc.stderr
+    cpu = run_train([TEST_CONFIG, *tiny_overrides(fp32, data, max_duration=1)],
+                    env={"CUDA_VISIBLE_DEVICES": ""})
+    assert cpu.returncode == 0, cpu.stdout[-3000:] + cpu.stderr[-3000:]
+    losses = _losses(bf16)
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) for _, loss in losses)
+    # Step 1 runs the initial weights, which are drawn on the CPU whatever the device: the bf16
+    # forward sees what the fp32 one does, to bf16 rounding.
+    assert losses[0][1] == pytest.approx(_losses(fp32)[0][1], rel=1e-2)
+    assert losses[-1][1] < losses[0][1]
+    weights = _final_weights(bf16, 4)
+    for layer in range(2):
+        coefficients = weights[f"blocks.{layer}.ffn.act.weight"]
+        assert coefficients.dtype == torch.float32
+        assert not torch.equal(coefficients, torch.full((3,), 1 / 3)), "coefficients did not train"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_bf16_steps_on_gpu(tmp_path):
+    """FSDP2 with bf16 params, fp32 reduction and fp32 PolyNorm coefficients on one GPU; 4
+    micro-batches per step, gradients reduce-scattered after the last."""
+    fsdp_bf16_steps_match_cpu_fp32(tmp_path, "cuda:0")
 
 
 EP = "parallel.expert_parallel_degree"

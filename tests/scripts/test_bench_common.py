@@ -1,0 +1,150 @@
+"""The benchmark harness (scripts/bench_common.py) and every bench script's --quick run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.olmo.helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import bench_common  # noqa: E402
+from bench_common import (  # noqa: E402
+    Benchmark,
+    Run,
+    ratio_to_reference,
+    run_benchmark,
+    time_phases,
+)
+
+ENV_KEYS = {"device", "torch", "cuda", "triton", "python", "git_rev", "command", "date_utc"}
+
+
+def toy(**kw) -> Benchmark:
+    """A benchmark timing two sizes of a sum, plus a ratio column."""
+
+    def add_arguments(p):
+        p.add_argument("--size", type=int, default=64)
+
+    def setup(run: Run):
+        run.settings["size"] = run.args.size
+        run.extra["note"] = "toy"
+
+    def measure(run: Run):
+        for n in (run.args.size, 2 * run.args.size):
+            x = torch.ones(n)
+            [ms] = time_phases(
+                lambda x=x: [x.sum], device=run.device, warmup=run.warmup, iters=run.iters
+            )
+            yield {"n": n, "ms": bench_common.median(ms), "ms_all": ms}
+
+    fields = dict(name="toy", doc="toy benchmark", add_arguments=add_arguments, setup=setup,
+                  measure=measure,
+                  columns=[("n", "n", "d"), ("ms", "ms", ".4f"), ("x", "x first", ".2f")],
+                  finish=lambda run, rows: ratio_to_reference(rows, "ms", "x", lambda r: r["n"] == 64),
+                  timing={"cuda": (5, 20), "cpu": (2, 4), "quick": (1, 3)})  # fmt: skip
+    return Benchmark(**{**fields, **kw})
+
+
+def test_harness_writes_table_and_json_with_the_environment(tmp_path, capsys):
+    assert run_benchmark(toy(), ["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# CPU") and "| n | ms | x first |" in out
+    payload = json.loads((tmp_path / "toy_cpu_quick.json").read_text())
+    assert payload["benchmark"] == "toy" and payload["note"] == "toy"
+    assert set(payload["env"]) == ENV_KEYS
+    assert payload["env"]["torch"] == torch.__version__
+    assert payload["settings"] == {"quick": True, "warmup": 1, "iters": 3, "size": 64}
+    rows = payload["results"]
+    assert [r["n"] for r in rows] == [64, 128] and all(len(r["ms_all"]) == 3 for r in rows)
+    assert rows[0]["x"] == 1.0 and rows[1]["x"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
+
+
+def test_device_defaults_flags_and_name(tmp_path):
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--size", "8"]
+    assert run_benchmark(toy(), argv) == 0
+    payload = json.loads((tmp_path / "toy_cpu.json").read_text())
+    assert (payload["settings"]["warmup"], payload["settings"]["iters"]) == (2, 4)
+    assert [r["n"] for r in payload["results"]] == [8, 16]
+    assert run_benchmark(toy(result_name="fixed"), [*argv, "--warmup=0", "--iters=5"]) == 0
+    payload = json.loads((tmp_path / "fixed.json").read_text())
+    assert (payload["settings"]["warmup"], payload["settings"]["iters"]) == (0, 5)
+    assert run_benchmark(toy(), [*argv, "--name", "mine"]) == 0
+    assert (tmp_path / "mine.json").is_file()
+
+
+def test_failure_still_writes_and_exits_1(tmp_path):
+    bench = toy(finish=lambda run, rows: run.fail("rows disagree"))
+    assert run_benchmark(bench, ["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
+    assert (tmp_path / "toy_cpu_quick.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "bench_kw, argv",
+    [
+        ({}, ["--iters=0"]),
+        ({}, ["--model.d_model=8"]),  # overrides only where the benchmark takes them
+        ({"timing": None}, ["--iters=3"]),  # no iterations of its own: no such flag
+        ({"devices": ("cpu",)}, ["--device", "cuda"]),
+        ({}, ["--device", "tpu"]),
+        ({}, ["--device", "nonsense"]),
+        ({"config_overrides": True}, ["stray"]),
+    ],
+)
+def test_bad_command_lines_are_rejected(bench_kw, argv, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run_benchmark(toy(**bench_kw), ["--out", str(tmp_path), *argv])
+    assert info.value.code == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_device_may_carry_an_index():
+    assert bench_common.parse(toy(), ["--device=cuda:1"]).device == torch.device("cuda:1")
+
+
+def test_config_overrides_reach_the_run():
+    run = bench_common.parse(
+        toy(config_overrides=True), ["--device=cpu", "--model.d_model=8", "--seed=1"]
+    )
+    assert run.overrides == ["--model.d_model=8", "--seed=1"] and run.device == torch.device("cpu")
+
+
+def test_time_phases_times_each_phase_per_iteration():
+    calls = []
+    times = time_phases(lambda: [lambda: calls.append("a"), lambda: calls.append("b")],
+                        device=torch.device("cpu"), warmup=2, iters=3)  # fmt: skip
+    assert calls == ["a", "b"] * 5
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
+SCRIPTS = {
+    "bench_activations.py": ("activations", "activations_cpu_quick", "total_ms"),
+    "bench_moe_layer.py": ("moe_layer", "moe_layer_cpu_quick", "total_ms"),
+    "bench_train_step.py": ("train_step", "train_step_cpu_quick", "step_ms"),
+    "bench_cpu_step.py": ("cpu_step", "cpu_step_quick", "median_ms"),
+    "bench_init_memory.py": ("init_memory", "init_memory_cpu_quick", "peak_rss_gib"),
+    "bench_expert_parallel.py": ("expert_parallel", "expert_parallel_cpu_quick", "total"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
+    benchmark, name, measured = SCRIPTS[script]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--device", "cpu", "--quick",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    assert payload["benchmark"] == benchmark and set(payload["env"]) == ENV_KEYS
+    assert payload["settings"]["quick"] is True
+    assert payload["results"] and all(r[measured] > 0 for r in payload["results"])
+    assert "| " in proc.stdout and f"wrote {tmp_path / name}.json" in proc.stdout
