@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
 from moe_model.errors import NonFiniteError
-from moe_model.expert_parallel import shard_experts
+from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
 from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
@@ -149,9 +149,10 @@ def fully_shard_expert_parallel(
 ) -> None:
     """FSDP units for the MoE layers of ``block`` under expert parallelism.
 
-    The layer's unit holds only its expert weights, on the column mesh. The router, like every
-    other non-expert parameter, stays sharded over all ranks (``mesh``): it becomes a unit of
-    its own, since the layer's unit is on another mesh (the coefficient sets already are).
+    The layer's unit holds only its expert weights, on the column mesh. The router (and any
+    other submodule with parameters, such as shared experts), like every non-expert parameter,
+    stays sharded over all ranks (``mesh``): each becomes a unit of its own, since the layer's
+    unit is on another mesh (the coefficient sets already are units).
 
     Gradients: the rows an expert computes came from every rank of its EP group, so its
     gradient summed over the column already sums all ranks' tokens; dividing by the world size
@@ -160,7 +161,15 @@ def fully_shard_expert_parallel(
     for layer in block.modules():
         if not isinstance(layer, MoELayer):
             continue
-        fully_shard(layer.router, mesh=mesh, mp_policy=mp_policy)
+        others = [n for n, _ in layer.named_parameters(recurse=False) if n not in EXPERT_WEIGHTS]
+        if others:
+            # They would land in the expert unit, sharded and averaged over the column only.
+            raise ValueError(
+                f"MoELayer parameters {others} are neither expert weights {EXPERT_WEIGHTS} nor "
+                "in a submodule; expert parallelism cannot place them"
+            )
+        for module in unsharded_submodules(layer):
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
         fully_shard(layer, mesh=expert_mesh["efsdp"], mp_policy=mp_policy)
         layer.set_gradient_divide_factor(float(mesh.size()))
         if mesh.device_type == "cpu" and expert_mesh["efsdp"].size() > 1:
@@ -168,6 +177,18 @@ def fully_shard_expert_parallel(
             # lacks: sum, then divide. (Not on a one-rank column: FSDP divides there without a
             # collective, and forcing the sum would divide twice.)
             layer.set_force_sum_reduction_for_comms(True)
+
+
+def unsharded_submodules(module: nn.Module) -> list[nn.Module]:
+    """The children of ``module`` (looking inside ModuleLists and ModuleDicts, which are never
+    called and so cannot be FSDP units) that hold parameters no FSDP unit manages yet."""
+    found = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList | nn.ModuleDict):
+            found += unsharded_submodules(child)
+        elif any(not isinstance(p, DTensor) for p in child.parameters()):
+            found.append(child)
+    return found
 
 
 def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:

@@ -1,7 +1,10 @@
 """Run under torchrun (gloo) by test_train_module.py: a model parallelised with expert parallelism
 (FSDP units on a (world/ep, ep) mesh) against plain FSDP, on the same tokens.
 
-    python -m torch.distributed.run --nproc_per_node=N -m tests.olmo.ep_train_worker EP [per_expert]
+    python -m torch.distributed.run --nproc_per_node=N -m tests.olmo.ep_train_worker EP [OPTION...]
+
+OPTIONs: ``per_expert`` (a PolyNorm set per expert), ``shared`` (one shared expert, which stays
+FSDP over all ranks), ``capacity`` (capacity factor 1: rows dropped before dispatch).
 
 Checks, per rank: initial weights equal (whole tensors), the loss and the per-expert load of a
 forward, every gradient after backward (the expert weights' included) and the clipped global
@@ -41,9 +44,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     ep = int(sys.argv[1])
-    config = tiny_config(
-        "polynorm", moe_num_experts=4, moe_activation_per_expert="per_expert" in sys.argv
-    )
+    options = {"per_expert": {"moe_activation_per_expert": True},
+               "shared": {"moe_shared_experts": 1}, "capacity": {"moe_capacity_factor": 1.0}}
+    changes = {k: v for arg in sys.argv[2:] for k, v in options[arg].items()}
+    config = tiny_config("polynorm", moe_num_experts=4, **changes)
     plain, expert_parallel = build(config, 1), build(config, ep)
     reference = dict(plain.named_parameters())
 
