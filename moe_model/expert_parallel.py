@@ -14,7 +14,10 @@ any other.
 
 Per forward of one MoE layer: one all-to-all of the X*P counts, one host sync for the split
 sizes, one all-to-all of the rows out and one back; backward runs the two row exchanges
-reversed (``all_to_all_single_autograd``).
+reversed. The row exchanges are torch's functional collective with autograd
+(``all_to_all_single_autograd``), not ``torch.distributed.nn.functional.all_to_all_single``:
+the latter warns that it is deprecated on every call (torch 2.13) and raises under
+torch.compile, which ``--compile=true`` applies to every block.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from moe_model.moe import MoELayer, combine, sort_by_expert
 
-__all__ = ["AllToAllDispatcher", "EPDispatched", "expert_parameters", "shard_experts"]
+__all__ = ["EXPERT_WEIGHTS", "AllToAllDispatcher", "EPDispatched", "shard_experts"]
 
 EXPERT_WEIGHTS = ("w_in_EDH", "w_out_EHD")
 """The MoELayer parameters sharded on their expert dim (0) over the EP group."""
@@ -122,23 +125,14 @@ def _sender_major_to_expert_major(counts_PX: torch.Tensor, total: int) -> torch.
     return start_XP[block_R] + offset_R
 
 
-def expert_parameters(module: nn.Module) -> set[nn.Parameter]:
-    """The expert weights (sharded over the EP group) of every MoE layer in ``module``."""
-    return {
-        getattr(layer, name)
-        for layer in module.modules()
-        if isinstance(layer, MoELayer)
-        for name in EXPERT_WEIGHTS
-    }
-
-
 def shard_experts(module: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Give each rank of ``ep_mesh`` (1-D) its E/ep experts of every MoE layer in ``module``.
 
     The expert weights become DTensors ``Shard(0)`` over the EP group (on the meta device too:
     nothing is communicated, each rank keeps its slice) and each layer dispatches by all-to-all.
-    Activation coefficient sets stay whole on every rank (a few floats per expert; each rank
-    uses its experts' sets).
+    Per-expert activation coefficient sets are not split by expert: like the other non-expert
+    parameters they stay FSDP-sharded over all ranks (a few floats per expert); each rank runs
+    its experts' sets and gives the others a zero gradient (``MoELayer.activate``).
     """
     for layer in module.modules():
         if not isinstance(layer, MoELayer):
