@@ -13,7 +13,13 @@ import inspect
 import textwrap
 
 from moe_model.config import ModelConfig
-from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig, WandbConfig
+from olmo.config import (
+    OptimizerConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    TrainConfig,
+    WandbConfig,
+)
 from olmo.data import DataConfig, SourceConfig
 
 SECTIONS = [
@@ -24,6 +30,7 @@ SECTIONS = [
     ("data.", DataConfig),
     ("data.sources.<name>.", SourceConfig),
     ("wandb.", WandbConfig),
+    ("parallel.", ParallelConfig),
 ]
 
 

@@ -117,6 +117,7 @@ def check_load_path(cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """All cheap checks on user input; raise ConfigError/DataError/LaunchError."""
     cfg.validate_batch_sizes(world_size_from_env())
+    cfg.validate_parallel(world_size_from_env())
     validate_data(
         cfg.data,
         vocab_size=cfg.model.vocab_size,

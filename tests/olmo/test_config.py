@@ -50,6 +50,11 @@ def test_overrides_apply_and_interpolate():
         (["--optimizer.learning_rate=-1"], "optimizer.learning_rate"),
         (["--wandb.mode=sometimes"], "wandb.mode"),
         (["d_model"], "override 'd_model' must look like --key=value"),
+        (["--parallel.expert_parallel_degree=0"], "parallel.expert_parallel_degree=0 must be > 0"),
+        (["--parallel.expert_parallel_degree=3"],
+         "parallel.expert_parallel_degree=3 must divide model.moe_num_experts=8"),
+        (["--parallel.expert_parallel_degree=2", "--model.block_type=dense"],
+         "parallel.expert_parallel_degree=2 needs MoE blocks; model.block_type='dense'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -199,3 +204,20 @@ def test_cli_errors_exit_nonzero_with_one_line(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not save.exists(), "nothing may be written before the inputs are checked"
+
+
+def test_expert_parallel_degree_must_divide_the_processes(tmp_path, monkeypatch, capsys):
+    """Checked in preflight from WORLD_SIZE, before any process group exists; nothing written."""
+    from olmo.launch import main
+
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    save = tmp_path / "run"
+    code = main([str(REPO / "configs/tiny.yaml"), f"--save_folder={save}",
+                 "--global_train_batch_size=48", "--parallel.expert_parallel_degree=4"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: parallel.expert_parallel_degree=4 must divide the number of "
+                     "processes (6)"], err
+    assert not save.exists()
+    assert not torch.distributed.is_initialized()

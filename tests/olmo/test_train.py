@@ -290,3 +290,49 @@ def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
     save = _train(tmp_path / "split", "mix", **extra)
     assert _losses(save) == _losses(runs[1])
     assert _source_series(save) == series
+
+
+EP = "parallel.expert_parallel_degree"
+
+
+def _assert_losses_match(got, want, first_tol=1e-5):
+    """Per-step losses equal to fp32 rounding at first, then within test_two_processes_match_one's
+    tolerance (later steps drift through near-zero Adam updates and near-tied top-k choices)."""
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, a), (_, b) in zip(got[:2], want[:2]):
+        assert a == pytest.approx(b, rel=first_tol), f"step {step}: {a} vs {b}"
+    for (step, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=2e-3), f"step {step}: {a} vs {b}"
+
+
+def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, straight_runs):
+    """2 processes: steps 1-4 with expert parallelism (2 experts per rank), then a resume from
+    its step-4 checkpoint without (DCP gathers the experts back), against plain FSDP on the same
+    data throughout."""
+    save = _train(tmp_path, "ep", nproc=2, stop_at=4, **{EP: 2})
+    # The checkpoint holds whole-model tensors whatever the degree that wrote it.
+    ours, plain = _final_weights(save, 4), _final_weights(straight_runs[2], 4)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in plain.items()}
+    for key in plain:
+        torch.testing.assert_close(ours[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+    save = _train(tmp_path, "ep", nproc=2, **{EP: 1})
+    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
+
+
+def test_plain_fsdp_checkpoint_resumes_with_expert_parallelism(tmp_path, straight_runs):
+    """2 processes: plain FSDP's step-4 checkpoint loaded with expert parallelism (DCP gives each
+    rank its experts); steps 5-8 continue plain FSDP's losses."""
+    save = _train(tmp_path, "ep", nproc=2, load_path=straight_runs[2] / "step4", **{EP: 2})
+    resumed = _losses(save)
+    assert [s for s, _ in resumed] == [5, 6, 7, 8]
+    _assert_losses_match(resumed, _losses(straight_runs[2])[4:])
+
+
+def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, straight_runs):
+    """4 processes, two EP groups of 2 (each rank holds 1 of the 4 experts of a layer): the
+    losses of plain FSDP, and the same expert load."""
+    save = _train(tmp_path, "ep4", nproc=4, **{EP: 2})
+    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
+    loads = [{r["step"]: r["expert_load"] for r in read_metrics(s) if "expert_load" in r}
+             for s in (save, straight_runs[2])]  # fmt: skip
+    assert loads[0][1] == loads[1][1]  # step 1: same weights, same tokens, same routing

@@ -16,6 +16,7 @@ micro-batch) and PolyNorm coefficients stay fp32 under a bf16 param dtype.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -451,3 +452,35 @@ def test_fsdp_grad_sync_and_fp32_coefficients(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 2
+
+
+def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={free_port()}", "-m", "tests.olmo.ep_train_worker", *args],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+_ROUTING_OPTIONS = {"moe_shared_experts", "moe_capacity_factor"}
+
+
+@pytest.mark.parametrize(
+    "nproc, args",
+    [
+        (2, ("2",)),
+        pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow),
+        pytest.param(2, ("2", "shared", "capacity"), marks=pytest.mark.skipif(
+            not _ROUTING_OPTIONS <= {f.name for f in dataclasses.fields(ModelConfig)},
+            reason="ModelConfig has no shared experts or capacity factor")),
+    ],
+    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops"],
+)  # fmt: skip
+def test_expert_parallel_gradients_equal_plain_fsdp(nproc, args):
+    """parallelize_model with expert parallelism against plain FSDP on the same tokens: initial
+    weights, loss, expert load, every gradient (the sharded expert weights' included) and the
+    clipped gradients with their global norm."""
+    proc = run_ep_worker(nproc, *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok") == nproc

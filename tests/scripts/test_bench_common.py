@@ -129,6 +129,7 @@ SCRIPTS = {
     "bench_cpu_step.py": ("cpu_step", "cpu_step_quick", "median_ms"),
     "bench_doc_masking.py": ("doc_masking", "doc_masking_cpu_quick", "median_ms"),
     "bench_init_memory.py": ("init_memory", "init_memory_cpu_quick", "peak_rss_gib"),
+    "bench_expert_parallel.py": ("expert_parallel", "expert_parallel_cpu_quick", "total"),
 }
 
 
