@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from moe_model.activations import ACTIVATIONS
+from moe_model.attention import DOCUMENT_MASK_BACKENDS
 from moe_model.errors import ConfigError
 from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
 from moe_model.moe import GROUPED_MM_ALIGN, LB_GRANULARITIES, ROUTER_SCORES
@@ -72,6 +73,12 @@ class ModelConfig:
     """RoPE base."""
     qk_norm: bool = True
     """RMSNorm over the full q and k projections (D wide) before splitting heads (OLMoE)."""
+    document_masking: bool = False
+    """Attend only within each document of a packed sequence (split after data.eos_token_id) and
+    restart RoPE positions at each document; OLMoE (false) attends across documents."""
+    document_masking_backend: str = "auto"
+    """'sdpa' (dense mask, any device), 'flex' (FlexAttention, skips masked tiles; trains on
+    CUDA only) or 'auto' (flex on CUDA, sdpa elsewhere); see moe_model/attention.py."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every RMSNorm (block norms, QK-norm, final norm)."""
     block_type: str = "moe"
@@ -215,6 +222,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.moe_top_k={self.moe_top_k} must be <= "
                 f"model.moe_num_experts={self.moe_num_experts}"
+            )
+        if self.document_masking_backend not in ("auto", *DOCUMENT_MASK_BACKENDS):
+            raise ConfigError(
+                f"model.document_masking_backend={self.document_masking_backend!r} must be one of "
+                f"{['auto', *DOCUMENT_MASK_BACKENDS]}"
             )
         if self.moe_expert_impl not in EXPERT_IMPLS:
             raise ConfigError(

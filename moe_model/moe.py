@@ -4,7 +4,9 @@ Shape suffixes on tensor names:
     B batch, S sequence, T tokens (B*S), D d_model, H expert hidden size, E experts, K top-k,
     L layers, R routed rows (T*K, or the kept ones), N kept (token, k) pairs.
     ``w_in_EDH`` is D x H, or D x 2H for a gated activation (its fused w1|w3 output: gate half
-    first, up half second).
+    first, up half second). Inside ``experts`` and ``activate``, E and R count this rank's
+    experts and the rows they compute: all of them, or under expert parallelism
+    (``moe_model/expert_parallel.py``) E/ep experts and the rows the EP group sent them.
 
 Routing follows OLMoE by default: router logits = x @ W_r (no bias), softmax over all E experts
 in fp32, top-k of the probabilities used as combine weights, not renormalised (unless
@@ -15,7 +17,9 @@ per-expert loop.
 The forward runs four stages: ``route`` (router -> :class:`Routing`), ``dispatcher.dispatch``
 (rows grouped by expert), ``experts`` (the FFNs), ``dispatcher.combine`` (weighted sum back into
 token order). The dispatcher is the seam where expert parallelism moves rows between ranks;
-:class:`LocalDispatcher` keeps them on this rank.
+:class:`LocalDispatcher` keeps them on this rank, ``expert_parallel.AllToAllDispatcher`` sends
+them to the ranks that hold their experts. The auxiliary losses and load counts come from the
+routing of this rank's tokens, whichever dispatcher runs.
 
 Auxiliary losses (megablocks' formulas, which OLMoE trained with), already weighted:
     lb_loss = w_lb * E / (T*K) * sum_e count_e * mean_prob_e   (= w_lb at perfect balance)
@@ -71,6 +75,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from moe_model.activations import build_activation
 from moe_model.init import trunc_normal_
@@ -83,6 +88,7 @@ __all__ = [
     "ROUTER_SCORES",
     "Dispatched",
     "FeedForward",
+    "local_weight",
     "LocalDispatcher",
     "MoEAux",
     "MoELayer",
@@ -96,6 +102,7 @@ __all__ = [
     "router_entropy",
     "router_z_loss",
     "sequence_load_balancing_loss",
+    "sort_by_expert",
     "update_expert_bias_",
 ]
 
@@ -146,6 +153,14 @@ class Dispatched:
     """Row of y_RD (sorted by expert) holding each flattened (token, k) choice."""
 
 
+def sort_by_expert(experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_R, inverse_R)`` of the T*K (token, expert) rows sorted by expert, a stable sort
+    (equal experts keep token order): the token of each sorted row, and the sorted row of each
+    flattened (token, k) choice (what :func:`combine` reads)."""
+    order_R = experts_TK.reshape(-1).argsort(stable=True)
+    return order_R // experts_TK.shape[-1], order_R.argsort()
+
+
 class LocalDispatcher:
     """Sends each (token, expert) row to its expert on this rank: a stable sort by expert.
 
@@ -154,15 +169,16 @@ class LocalDispatcher:
     outputs, weighted, back into token order (:func:`combine`: fp32, rounded once, no atomics).
     """
 
+    def local_experts(self, num_experts: int) -> range:
+        """The experts whose weights this rank computes with: all of them."""
+        return range(num_experts)
+
     def dispatch(
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        top_k = experts_TK.shape[-1]
-        experts_R = experts_TK.reshape(-1)
-        order_R = experts_R.argsort(stable=True)
-        token_R = order_R // top_k
-        tokens_per_expert_E = torch.bincount(experts_R, minlength=num_experts)
-        return x_TD[token_R], tokens_per_expert_E, Dispatched(inverse_R=order_R.argsort())
+        token_R, inverse_R = sort_by_expert(experts_TK)
+        tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+        return x_TD[token_R], tokens_per_expert_E, Dispatched(inverse_R=inverse_R)
 
     def combine(
         self, y_RD: torch.Tensor, weights_TK: torch.Tensor, dispatched: Dispatched
@@ -179,7 +195,8 @@ class MoEAux:
     z_loss: torch.Tensor
     """Weighted router z-loss (scalar, fp32, differentiable w.r.t. the router)."""
     tokens_per_expert_E: torch.Tensor
-    """Rows routed to each expert (long, detached): the router's choice, before any drop."""
+    """Rows this rank's tokens routed to each of the E experts (long, detached): the router's
+    choice, before any drop."""
     router_entropy: torch.Tensor | None = None
     """Mean entropy of the router's distribution over experts (fp32 scalar, detached)."""
     dropped_rows: torch.Tensor | None = None
@@ -328,6 +345,14 @@ def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs_TE.detach().float()).sum(dim=-1).mean()
 
 
+def local_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Expert weights ``w`` in ``dtype``: this rank's experts when expert parallelism made ``w``
+    a DTensor sharded over the EP group (its local tensor), else all of them."""
+    if isinstance(w, DTensor):
+        w = w.to_local()
+    return w.to(dtype)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's when active, else the input's.
 
@@ -440,8 +465,10 @@ class MoELayer(nn.Module):
     def route(self, x_TD: torch.Tensor) -> Routing:
         """Router logits, probabilities, the top-k choice of every token and, with a capacity
         factor in training, which of its rows are kept."""
-        # Scores and top-k in fp32: bf16 probabilities tie often and skew the choice.
-        logits_TE = F.linear(x_TD, self.router.weight.to(x_TD.dtype)).float()
+        # Scores and top-k in fp32: bf16 probabilities tie often and skew the choice. The router
+        # runs as a module: under expert parallelism it is an FSDP unit of its own, gathered by
+        # its forward hook.
+        logits_TE = self.router(x_TD).float()
         scores_TE, probs_TE = ROUTER_SCORES[self.router_score](logits_TE)
         if self.expert_bias_E is None:
             weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
@@ -464,6 +491,10 @@ class MoELayer(nn.Module):
 
     def _impl(self, x_RD: torch.Tensor) -> str:
         """'grouped_mm' or 'loop' for rows ``x_RD`` (already in the compute dtype)."""
+        if x_RD.shape[0] == 0:
+            # An expert-parallel rank can receive no rows; grouped_mm's CPU backward rejects an
+            # empty input, and the loop still gives its weights a (zero) gradient for FSDP.
+            return "loop"
         if self.expert_impl != "auto":
             return self.expert_impl
         # grouped_mm needs 16-byte aligned strides. Its CUDA kernels (CUTLASS, H100) and its
@@ -486,10 +517,11 @@ class MoELayer(nn.Module):
     def experts(
         self, x_RD: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str
     ) -> torch.Tensor:
-        """Expert FFNs over rows sorted by expert (``tokens_per_expert_E`` rows each)."""
+        """Expert FFNs over rows sorted by expert (``tokens_per_expert_E`` rows each, for the
+        experts this rank holds)."""
         dtype = x_RD.dtype
-        w_in_EDH = self.w_in_EDH.to(dtype)
-        w_out_EHD = self.w_out_EHD.to(dtype)
+        w_in_EDH = local_weight(self.w_in_EDH, dtype)
+        w_out_EHD = local_weight(self.w_out_EHD, dtype)
         if impl == "grouped_mm":
             # offs[e] = end row of expert e; empty experts repeat the previous offset.
             offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
@@ -507,14 +539,18 @@ class MoELayer(nn.Module):
         """The activation over rows sorted by expert.
 
         A shared activation runs once over all rows (it is row-wise). Per-expert coefficient sets
-        run expert by expert (one host sync for the split sizes), empty experts included: their
-        coefficients then get a zero gradient rather than none, so every FSDP rank reduces the
-        same set of gradients.
+        run expert by expert (one host sync for the split sizes), empty experts included, and
+        under expert parallelism the other ranks' experts too, on no rows: their coefficients
+        then get a zero gradient rather than none, so every FSDP rank reduces the same set of
+        gradients.
         """
         if not isinstance(self.act, nn.ModuleList):
             return self.act(h_RH)
-        counts = tokens_per_expert_E.tolist()
-        return torch.cat([act(h_NH) for act, h_NH in zip(self.act, h_RH.split(counts), strict=True)])
+        local = self.dispatcher.local_experts(self.num_experts)
+        h_by_expert = dict(zip(local, h_RH.split(tokens_per_expert_E.tolist()), strict=True))
+        return torch.cat(
+            [act(h_by_expert.get(e, h_RH[:0])) for e, act in enumerate(self.act)]
+        )
 
     def routed_kept(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The routed output when some rows are dropped: only the kept (token, k) rows go to the
@@ -523,10 +559,10 @@ class MoELayer(nn.Module):
         :func:`combine` weights and sums each token's K rows, a dropped row reading a zero row."""
         token_N, slot_N = routing.keep_TK.nonzero(as_tuple=True)
         experts_N1 = routing.experts_TK[token_N, slot_N].unsqueeze(-1)
-        x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
+        x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
             x_TD[token_N], experts_N1, self.num_experts
         )
-        y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
+        y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD))
         ones_N1 = torch.ones(experts_N1.shape, dtype=torch.float32, device=x_TD.device)
         y_ND = self.dispatcher.combine(y_RD, ones_N1, dispatched)
         keep_R = routing.keep_TK.reshape(-1)
@@ -541,18 +577,21 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         routing = self.route(x_TD)
+        # The auxiliary loss and the load metrics count this rank's tokens per expert (all E),
+        # as the router chose them (before any capacity drop); the experts count the rows they
+        # compute, which under expert parallelism are other ranks' tokens for this rank's experts.
+        tokens_per_expert_E = torch.bincount(
+            routing.experts_TK.reshape(-1), minlength=self.num_experts
+        )
         dropped_rows = None
         if routing.keep_TK is None:
-            x_RD, tokens_per_expert_E, dispatched = self.dispatcher.dispatch(
+            x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
                 x_TD.to(compute_dtype(x)), routing.experts_TK, self.num_experts
             )
-            y_RD = self.experts(x_RD, tokens_per_expert_E, self._impl(x_RD))
+            y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD))
             y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
         else:
             y_TD = self.routed_kept(x_TD.to(compute_dtype(x)), routing)
-            tokens_per_expert_E = torch.bincount(
-                routing.experts_TK.reshape(-1), minlength=self.num_experts
-            )
             dropped_rows = (~routing.keep_TK).sum()
         for ffn in self.shared_experts or ():
             y_TD = y_TD + ffn(x_TD)

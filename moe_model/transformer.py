@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_model.attention import DocumentMask, build_document_mask
 from moe_model.config import ModelConfig
 from moe_model.init import trunc_normal_
 from moe_model.moe import FeedForward, MoELayer
@@ -52,12 +53,20 @@ def rope_cos_sin(
     buffer made on the meta device would hold garbage after ``to_empty`` until someone
     remembered to rebuild it.
     """
+    return rope_cos_sin_at(torch.arange(seq_len, device=device), head_dim, theta)
+
+
+def rope_cos_sin_at(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (*positions.shape, Dh) in fp32 at the given token positions."""
+    device = positions.device
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     )
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs_SDh = torch.outer(pos, inv_freq).repeat(1, 2)
-    return freqs_SDh.cos(), freqs_SDh.sin()
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x_BNSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
@@ -95,7 +104,7 @@ class Attention(nn.Module):
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, doc_mask: DocumentMask | None = None) -> torch.Tensor:
         b, s, d = x_BSD.shape
         q_BSD, k_BSD, v_BSD = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.q_norm is not None:
@@ -104,11 +113,20 @@ class Attention(nn.Module):
         def heads(t_BSD: torch.Tensor) -> torch.Tensor:
             return t_BSD.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
 
-        cos_SDh, sin_SDh = rope_cos_sin(s, self.head_dim, self.config.rope_theta, x_BSD.device)
-        q_BNSDh = apply_rope(heads(q_BSD), cos_SDh, sin_SDh)
-        k_BNSDh = apply_rope(heads(k_BSD), cos_SDh, sin_SDh)
+        if doc_mask is None:
+            cos, sin = rope_cos_sin(s, self.head_dim, self.config.rope_theta, x_BSD.device)
+        else:
+            cos_BSDh, sin_BSDh = rope_cos_sin_at(
+                doc_mask.positions_BS, self.head_dim, self.config.rope_theta
+            )
+            cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)  # broadcast over heads
+        q_BNSDh = apply_rope(heads(q_BSD), cos, sin)
+        k_BNSDh = apply_rope(heads(k_BSD), cos, sin)
         v_BNSDh = heads(v_BSD).to(q_BNSDh.dtype)
-        o_BNSDh = F.scaled_dot_product_attention(q_BNSDh, k_BNSDh, v_BNSDh, is_causal=True)
+        if doc_mask is None:
+            o_BNSDh = F.scaled_dot_product_attention(q_BNSDh, k_BNSDh, v_BNSDh, is_causal=True)
+        else:
+            o_BNSDh = doc_mask.attend(q_BNSDh, k_BNSDh, v_BNSDh)
         return self.o_proj(o_BNSDh.transpose(1, 2).reshape(b, s, d))
 
 
@@ -152,8 +170,8 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
         self.ffn.reset_parameters()
 
-    def forward(self, x_BSD: torch.Tensor):
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+    def forward(self, x_BSD: torch.Tensor, doc_mask: DocumentMask | None = None):
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), doc_mask)
         y_BSD, aux = self.ffn(self.ffn_norm(h_BSD))
         return h_BSD + y_BSD, aux
 
@@ -203,11 +221,25 @@ class MoETransformer(nn.Module):
         for layer, counts_E in zip(self.moe_layers(), tokens_per_expert_LE, strict=True):
             layer.update_expert_bias(counts_E)
 
-    def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
+    def forward(
+        self, input_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """Logits and auxiliary losses. ``doc_ids_BS`` (with ``config.document_masking``): the
+        document of each token (:func:`moe_model.attention.document_ids`); attention then stays
+        inside documents and RoPE positions restart at each one. Without it a row is one
+        document."""
+        doc_mask = None
+        if doc_ids_BS is not None:
+            if not self.config.document_masking:
+                raise ValueError(
+                    "doc_ids_BS was given but model.document_masking is off; the model would "
+                    "attend across documents"
+                )
+            doc_mask = build_document_mask(doc_ids_BS, self.config.document_masking_backend)
         x_BSD = self.embedding(input_ids_BS)
         auxes = []
         for block in self.blocks:
-            x_BSD, aux = block(x_BSD)
+            x_BSD, aux = block(x_BSD, doc_mask)
             if aux is not None:
                 auxes.append(aux)
         logits_BSV = self.lm_head(self.norm(x_BSD))

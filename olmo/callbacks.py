@@ -59,7 +59,9 @@ class MetricsCallback(Callback):
     ``moe/layer{l}/MaxLoad`` is the busiest expert's share times E, i.e. max / mean load (1.0 =
     perfect balance), and the dropped-row counts into ``moe/layer{l}/DroppedFraction``. ``l``
     is the block index; ``expert_load`` lists the MoE blocks in order, and when they are not
-    blocks 0..L-1 (moe_first_dense_layers) ``expert_load_layers`` names them.
+    blocks 0..L-1 (moe_first_dense_layers) ``expert_load_layers`` names them. For a data
+    mixture, the per-source sums become ``source/{name}/CrossEntropyLoss``, ``.../Tokens`` and
+    the running ``.../TokensSeen`` (kept in the checkpoint).
     """
 
     priority: ClassVar[int] = 10
@@ -67,6 +69,7 @@ class MetricsCallback(Callback):
     tokens_per_step: int = 0
     _path: Path | None = None
     _expert_load: dict[int, dict[int, list[float]]] = field(default_factory=dict)
+    _source_tokens_seen: dict[str, int] = field(default_factory=dict)
 
     def pre_train(self):
         if get_rank() != 0:
@@ -98,6 +101,20 @@ class MetricsCallback(Callback):
         ce = metrics.get(names.CE_LOSS)
         if ce is not None and math.isfinite(ce) and ce < 30:
             metrics[names.PERPLEXITY] = math.exp(ce)
+        for name, sums in names.source_sums_from_metrics(metrics).items():
+            if sums[names.SOURCE_LOSS_TOKENS] > 0:
+                metrics[names.source_loss(name)] = sums[names.SOURCE_CE] / sums[names.SOURCE_LOSS_TOKENS]
+            tokens = int(sums[names.SOURCE_TOKENS])
+            seen = self._source_tokens_seen.get(name, 0) + tokens
+            self._source_tokens_seen[name] = seen
+            metrics[names.source_tokens(name)] = tokens
+            metrics[names.source_tokens_seen(name)] = seen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source_tokens_seen": dict(self._source_tokens_seen)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]):
+        self._source_tokens_seen = dict(state_dict.get("source_tokens_seen", {}))
 
     def log_metrics(self, step: int, metrics: dict[str, float]):
         load = self._expert_load.pop(step, None)

@@ -24,6 +24,7 @@ from olmo.data import DataConfig
 __all__ = [
     "ConfigError",
     "OptimizerConfig",
+    "ParallelConfig",
     "SchedulerConfig",
     "WandbConfig",
     "TrainConfig",
@@ -102,6 +103,17 @@ class WandbConfig:
 
 
 @dataclass
+class ParallelConfig:
+    expert_parallel_degree: int = 1
+    """Ranks that share one MoE layer's experts (E/degree each, tokens sent by all-to-all); 1 =
+    every rank computes all experts (plain FSDP). Must divide moe_num_experts and the number of
+    processes; groups are consecutive ranks, so keep it within a node."""
+
+    def __post_init__(self):
+        _positive("parallel.expert_parallel_degree", self.expert_parallel_degree)
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "tiny-polynorm"
     """Name of the run (W&B name unless wandb.name is set)."""
@@ -166,6 +178,8 @@ class TrainConfig:
     """Token files (dolma output) and validation sets."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the model is split over processes beyond FSDP (expert parallelism)."""
 
     def __post_init__(self):
         for key in ("global_train_batch_size", "device_train_microbatch_size", "save_interval",
@@ -190,6 +204,26 @@ class TrainConfig:
             )
         if self.device_peak_flops is not None:
             _positive("device_peak_flops", self.device_peak_flops)
+        ep = self.parallel.expert_parallel_degree
+        if ep > 1 and self.model.block_type != "moe":
+            raise ConfigError(
+                f"parallel.expert_parallel_degree={ep} needs MoE blocks; "
+                f"model.block_type={self.model.block_type!r} has no experts"
+            )
+        if self.model.moe_num_experts % ep:
+            raise ConfigError(
+                f"parallel.expert_parallel_degree={ep} must divide "
+                f"model.moe_num_experts={self.model.moe_num_experts}"
+            )
+
+    def validate_parallel(self, world_size: int) -> None:
+        """Check that the expert-parallel degree splits the processes into whole EP groups."""
+        ep = self.parallel.expert_parallel_degree
+        if world_size % ep:
+            raise ConfigError(
+                f"parallel.expert_parallel_degree={ep} must divide the number of processes "
+                f"({world_size})"
+            )
 
     def validate_batch_sizes(self, dp_world_size: int) -> None:
         """Check that the global batch splits evenly into ranks and micro-batches."""

@@ -13,8 +13,14 @@ import inspect
 import textwrap
 
 from moe_model.config import ModelConfig
-from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig, WandbConfig
-from olmo.data import DataConfig
+from olmo.config import (
+    OptimizerConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    TrainConfig,
+    WandbConfig,
+)
+from olmo.data import DataConfig, SourceConfig
 
 SECTIONS = [
     ("", TrainConfig),
@@ -22,7 +28,9 @@ SECTIONS = [
     ("optimizer.", OptimizerConfig),
     ("scheduler.", SchedulerConfig),
     ("data.", DataConfig),
+    ("data.sources.<name>.", SourceConfig),
     ("wandb.", WandbConfig),
+    ("parallel.", ParallelConfig),
 ]
 
 

@@ -15,11 +15,20 @@ validation sequence is evaluated exactly once; `olmo_core.data.utils.get_labels`
 
 Outside olmo-core's Trainer, follow its loader contract: `loader.reshuffle(epoch=e)` before
 iterating an epoch, `loader.reset()` after it.
+
+Mixtures (`data.sources`, instead of `data.paths`): named sources, each with its files, a target
+fraction of the training tokens and a repetition limit. `plan_mixture` decides how many whole
+sequences each source contributes to one pass over the mixture (an epoch); `MixtureDataset`
+serves them and tags each with its source's index, so mixture batches also carry "source"
+(LongTensor [B], index into `data.sources` in config order) for per-source training loss.
 """
 
 import glob
+import hashlib
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,12 +38,17 @@ import torch
 from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.data.data_loader import DataLoaderBase
 
-from moe_model.errors import DataError
+from moe_model.errors import ConfigError, DataError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
 
 __all__ = [
     "DataError",
     "DataConfig",
+    "Mixture",
+    "MixtureDataset",
+    "SourceConfig",
+    "plan_mixture",
+    "mixture_for",
     "resolve_paths",
     "resolve_dtype",
     "validate_data",
@@ -51,12 +65,36 @@ _SAMPLE_CHUNK_TOKENS = 4096
 _SAMPLE_RANDOM_CHUNKS = 4
 
 
+# Fractions as published are rounded (OLMoE-mix's shares to a few digits); within this of 1
+# they are accepted and normalised, further off they are a typo.
+FRACTION_SUM_TOLERANCE = 1e-3
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class SourceConfig:
+    """One named source of a training mixture (`data.sources.<name>`)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Token files or globs of this source (`dolma tokens` output)."""
+    fraction: Optional[float] = None  # noqa: UP045 (omegaconf reads typing.Optional)
+    """Required: share of the mixture's training tokens; all sources' fractions sum to 1."""
+    max_repetition: float = 1.0
+    """How often each of its tokens may appear in one pass over the mixture (> 1 upsamples)."""
+    validation: list[str] = field(default_factory=list)
+    """Held-out token files of this source, evaluated as validation set `<name>` ([] = none)."""
+
+
 @dataclass
 class DataConfig:
     """Where the token files are and how to read them (the `data:` section of a config)."""
 
     paths: list[str] = field(default_factory=list)
     """Training token files or globs: `dolma tokens` output, e.g. ['data/sample/tokens/train/*.npy']."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Training mixture instead of `paths`: name -> {paths, fraction, max_repetition, validation}."""
+    mix_tokens: Optional[int] = None  # noqa: UP045 (omegaconf reads typing.Optional)
+    """Tokens in one pass over the mixture (rounded up to whole global batches); null = as many as every source allows within its max_repetition."""
     dtype: Optional[str] = None  # noqa: UP045 (omegaconf reads typing.Optional)
     """Token dtype the files were written with: 'uint16', 'uint32', or null = smallest that holds vocab_size."""
     validation: dict[str, list[str]] = field(default_factory=dict)
@@ -69,6 +107,61 @@ class DataConfig:
     """End-of-document token the files were written with (gpt-neox-olmo-dolma-v1_5: 50279)."""
     pad_token_id: int = PAD_TOKEN_ID
     """Padding token id (gpt-neox-olmo-dolma-v1_5: 1); used only for eval padding rows."""
+
+    def __post_init__(self) -> None:
+        self.sources = {
+            name: SourceConfig(**src) if isinstance(src, dict) else src
+            for name, src in self.sources.items()
+        }
+        if self.mix_tokens is not None and not self.sources:
+            raise ConfigError("data.mix_tokens is set but data.sources is empty; it sizes a mixture")
+        if not self.sources:
+            return
+        if self.paths:
+            raise ConfigError(
+                "data.paths and data.sources are both set; expected one of them (a plain file "
+                "list, or a mixture of named sources)"
+            )
+        if self.mix_tokens is not None and self.mix_tokens < 1:
+            raise ConfigError(f"data.mix_tokens is {self.mix_tokens}; expected a positive number of tokens or null")
+        for name, src in self.sources.items():
+            key = f"data.sources.{name}"
+            if not _SOURCE_NAME.match(name):
+                raise ConfigError(
+                    f"{key}: source names may hold letters, digits, '_', '.' and '-' (they name "
+                    f"metrics and validation sets)"
+                )
+            if not src.paths:
+                raise ConfigError(f"{key}.paths is empty; expected the source's token files or globs")
+            if src.fraction is None:
+                raise ConfigError(f"{key}.fraction is missing; expected its share of training tokens in (0, 1]")
+            if not 0 < src.fraction <= 1:
+                raise ConfigError(f"{key}.fraction is {src.fraction}; expected a share in (0, 1]")
+            if not src.max_repetition >= 1:
+                raise ConfigError(
+                    f"{key}.max_repetition is {src.max_repetition}; expected >= 1 (1 = each token "
+                    f"at most once per pass over the mixture)"
+                )
+            if name in self.validation and src.validation:
+                raise ConfigError(
+                    f"{key}.validation and data.validation.{name} both name validation set "
+                    f"'{name}'; expected one"
+                )
+        total = sum(src.fraction for src in self.sources.values())
+        if abs(total - 1) > FRACTION_SUM_TOLERANCE:
+            shares = " + ".join(f"{n} {s.fraction:g}" for n, s in self.sources.items())
+            raise ConfigError(
+                f"data.sources: fractions sum to {total:.4g} ({shares}); expected 1 (within "
+                f"{FRACTION_SUM_TOLERANCE:g}, then normalised)"
+            )
+
+    def validation_sets(self) -> dict[str, tuple[list[str], str]]:
+        """label -> (files or globs, config key): `validation` plus each source's own set."""
+        sets = {label: (list(p), f"data.validation.{label}") for label, p in self.validation.items()}
+        for name, src in self.sources.items():
+            if src.validation:
+                sets[name] = (list(src.validation), f"data.sources.{name}.validation")
+        return sets
 
 
 def resolve_paths(patterns: "list[str] | str", key: str = "data.paths") -> list[str]:
@@ -172,6 +265,217 @@ def _check_positive(**values: int) -> None:
             raise DataError(f"{name} is {value!r}; expected a positive integer")
 
 
+# --- mixtures --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One source as planned: its files and how many of their sequences one pass uses."""
+
+    name: str
+    fraction: float
+    """Target share of the mixture's sequences (normalised over the sources)."""
+    max_repetition: float
+    paths: tuple[str, ...]
+    file_bytes: tuple[int, ...]
+    file_sequences: tuple[int, ...]
+    """Whole sequences per file (a file's tail shorter than a sequence is not used)."""
+    selected: int
+    """Sequences of this source in one pass over the mixture."""
+
+    @property
+    def available(self) -> int:
+        return sum(self.file_sequences)
+
+    @property
+    def repetition(self) -> float:
+        """How often each of the source's sequences appears per pass, on average."""
+        return self.selected / self.available
+
+    def pool_index(self, j: int) -> int:
+        """The source sequence (0 .. available-1) behind its j-th selected sequence.
+
+        Whole copies of the source first; the remainder is spread evenly over the source
+        (every file contributes in proportion to its size). Closed form, so a terabyte source
+        needs no stored index.
+        """
+        copies, rest = divmod(self.selected, self.available)
+        if j < copies * self.available:
+            return j % self.available
+        k = j - copies * self.available
+        return (2 * k + 1) * self.available // (2 * rest)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The realised mixture: per source, which sequences one pass over it holds."""
+
+    sources: tuple[MixtureSource, ...]
+    sequence_length: int
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(s.selected for s in self.sources)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per source: target and realised share, tokens per pass, tokens available, repetition."""
+        total = self.num_sequences
+        return {
+            s.name: {
+                "fraction": s.fraction,
+                "realised_fraction": s.selected / total,
+                "sequences": s.selected,
+                "tokens": s.selected * self.sequence_length,
+                "available_tokens": s.available * self.sequence_length,
+                "repetition": s.repetition,
+                "files": len(s.paths),
+            }
+            for s in self.sources
+        }
+
+    def table(self) -> str:
+        """The summary as text, for --dry-run and the training log."""
+        seq = self.sequence_length
+        lines = [
+            f"data mixture: {len(self.sources)} sources, {self.num_sequences:,d} sequences x {seq:,d}"
+            f" = {self.num_sequences * seq:,d} tokens per pass",
+            f"  {'source':<16} {'target':>8} {'realised':>9} {'tokens/pass':>16} "
+            f"{'available':>16} {'repeat':>7} {'files':>6}",
+        ]
+        for name, row in self.summary().items():
+            lines.append(
+                f"  {name:<16} {row['fraction']:>8.3%} {row['realised_fraction']:>9.3%} "
+                f"{row['tokens']:>16,d} {row['available_tokens']:>16,d} "
+                f"{row['repetition']:>6.2f}x {row['files']:>6d}"
+            )
+        return "\n".join(lines)
+
+
+def _apportion(total: int, shares: list[float]) -> list[int]:
+    """Split `total` into integers proportional to `shares` (largest remainders; sum exact)."""
+    quotas = [total * share for share in shares]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _source_files(
+    cfg: DataConfig, np_dtype: type, vocab_size: int, *, check_tokens: bool
+) -> dict[str, tuple[list[str], list[int]]]:
+    """name -> (resolved files, bytes per file); with check_tokens each file's ids are sampled."""
+    out: dict[str, tuple[list[str], list[int]]] = {}
+    owner: dict[str, str] = {}
+    for name, src in cfg.sources.items():
+        key = f"data.sources.{name}.paths"
+        paths = resolve_paths(src.paths, key)
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in owner:
+                raise DataError(
+                    f"{key}: '{path}' is also in data.sources.{owner[real]}; expected each file "
+                    f"in one source (raise max_repetition to use a source more)"
+                )
+            owner[real] = name
+        if check_tokens:
+            sizes = [_check_token_file(p, np_dtype, vocab_size, key) * np.dtype(np_dtype).itemsize for p in paths]
+        else:
+            sizes = [os.path.getsize(p) for p in paths]
+        out[name] = (paths, sizes)
+    return out
+
+
+def plan_mixture(
+    cfg: DataConfig,
+    files: dict[str, tuple[list[str], list[int]]],
+    *,
+    sequence_length: int,
+    itemsize: int,
+    global_batch_size: int,
+) -> Mixture:
+    """How many sequences of each source one pass over the mixture holds; DataError if impossible.
+
+    The pass holds a whole number of global batches: `data.mix_tokens` rounded up, or (null) the
+    most that every source allows within `fraction` and `max_repetition`. The sources' counts
+    are the largest-remainder split of that total by the normalised fractions, so each share is
+    met to within one sequence.
+    """
+    names = list(cfg.sources)
+    norm = sum(src.fraction for src in cfg.sources.values())
+    shares = [cfg.sources[n].fraction / norm for n in names]
+    per_file = {
+        n: [b // itemsize // sequence_length for b in files[n][1]] for n in names
+    }
+    available = [sum(per_file[n]) for n in names]
+    for name, count in zip(names, available):
+        if count == 0:
+            paths, sizes = files[name]
+            raise DataError(
+                f"data.sources.{name}: {len(paths)} file(s) hold {sum(sizes) // itemsize:,d} "
+                f"tokens, expected at least one whole sequence of {sequence_length:,d} tokens in one file"
+            )
+    caps = [math.floor(a * cfg.sources[n].max_repetition) for n, a in zip(names, available)]
+
+    if cfg.mix_tokens is not None:
+        batches = -(-cfg.mix_tokens // (sequence_length * global_batch_size))
+        total = batches * global_batch_size
+        counts = _apportion(total, shares)
+        for name, count, cap, have in zip(names, counts, caps, available):
+            if count > cap:
+                src = cfg.sources[name]
+                raise DataError(
+                    f"data.sources.{name}: its share of {total * sequence_length:,d} mix tokens is "
+                    f"{count * sequence_length:,d} tokens, {count / have:.2f} passes over its "
+                    f"{have * sequence_length:,d}, more than max_repetition {src.max_repetition:g}; "
+                    f"expected a larger max_repetition, a smaller fraction or data.mix_tokens"
+                )
+    else:
+        limits = [cap / share for cap, share in zip(caps, shares)]
+        binding = min(range(len(names)), key=lambda i: limits[i])
+        total = math.floor(limits[binding]) // global_batch_size * global_batch_size
+        while True:
+            # Rounding can give a source one sequence above its cap; shrink by a batch then.
+            counts = _apportion(total, shares)
+            if total == 0 or all(c <= cap for c, cap in zip(counts, caps)):
+                break
+            total -= global_batch_size
+        if total == 0:
+            name = names[binding]
+            raise DataError(
+                f"data.sources: the mixture cannot fill one global batch of {global_batch_size:,d} "
+                f"sequences: source '{name}' has {available[binding]:,d} sequences of "
+                f"{sequence_length:,d} tokens, at most {caps[binding]:,d} with max_repetition "
+                f"{cfg.sources[name].max_repetition:g}, for {shares[binding]:.3%} of the mix; "
+                f"expected more data for '{name}', a larger max_repetition or data.mix_tokens"
+            )
+    sources = tuple(
+        MixtureSource(
+            name=name,
+            fraction=share,
+            max_repetition=cfg.sources[name].max_repetition,
+            paths=tuple(files[name][0]),
+            file_bytes=tuple(files[name][1]),
+            file_sequences=tuple(per_file[name]),
+            selected=count,
+        )
+        for name, share, count in zip(names, shares, counts)
+    )
+    return Mixture(sources=sources, sequence_length=sequence_length)
+
+
+def mixture_for(
+    cfg: DataConfig, *, sequence_length: int, vocab_size: int, global_batch_size: int
+) -> Mixture:
+    """The mixture `cfg.sources` gives (files resolved and sized, not read)."""
+    np_dtype = resolve_dtype(cfg.dtype, vocab_size)
+    files = _source_files(cfg, np_dtype, vocab_size, check_tokens=False)
+    return plan_mixture(
+        cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
+        global_batch_size=global_batch_size,
+    )  # fmt: skip
+
+
 def validate_data(
     cfg: DataConfig, *, vocab_size: int, sequence_length: int, global_batch_size: int
 ) -> None:
@@ -190,17 +494,23 @@ def validate_data(
                 f"data.{name} is {value}; expected 0 <= id < vocab_size {vocab_size:,d}"
             )
 
-    paths, n_tokens, n_sequences = _check_file_set(
-        cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
-    )
-    if n_sequences < global_batch_size:
-        raise DataError(
-            f"data.paths: {len(paths)} file(s) hold {n_tokens:,d} tokens = {n_sequences:,d} "
-            f"sequences of {sequence_length:,d}, expected at least one global batch of "
-            f"{global_batch_size:,d} sequences (add data, or lower the batch size or sequence length)"
+    if cfg.sources:
+        files = _source_files(cfg, np_dtype, vocab_size, check_tokens=True)
+        plan_mixture(
+            cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
+            global_batch_size=global_batch_size,
+        )  # fmt: skip
+    else:
+        paths, n_tokens, n_sequences = _check_file_set(
+            cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
         )
-    for label, patterns in cfg.validation.items():
-        key = f"data.validation.{label}"
+        if n_sequences < global_batch_size:
+            raise DataError(
+                f"data.paths: {len(paths)} file(s) hold {n_tokens:,d} tokens = {n_sequences:,d} "
+                f"sequences of {sequence_length:,d}, expected at least one global batch of "
+                f"{global_batch_size:,d} sequences (add data, or lower the batch size or sequence length)"
+            )
+    for patterns, key in cfg.validation_sets().values():
         v_paths, v_tokens, v_sequences = _check_file_set(
             patterns, key, np_dtype, vocab_size, sequence_length
         )
@@ -211,14 +521,110 @@ def validate_data(
             )
 
 
+class MixtureDataset(NumpyFSLDataset):
+    """Fixed-length sequences of a planned :class:`Mixture`, each tagged with its source index.
+
+    Indices run source by source (config order); within a source, over its selected sequences
+    (:meth:`MixtureSource.pool_index`). The loader shuffles them globally like any FSL dataset.
+    olmo-core's `NumpyFSLDatasetMixture` is not used: in 3.0.0 its `prepare()` reads every file
+    end to end to write per-file document indices that its reads never consult, and its
+    items carry no source.
+    """
+
+    def __init__(self, mixture: Mixture, *, pad_token_id: int, eos_token_id: int, vocab_size: int, dtype: type):
+        super().__init__(
+            *(p for src in mixture.sources for p in src.paths),
+            sequence_length=mixture.sequence_length,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            vocab_size=vocab_size,
+            dtype=dtype,
+            include_instance_metadata=False,
+        )
+        self.mixture = mixture
+        self._source_starts = np.cumsum([0] + [src.selected for src in mixture.sources])
+        self._file_starts = [np.cumsum([0, *src.file_sequences]) for src in mixture.sources]
+
+    @property
+    def file_sizes(self) -> tuple[int, ...]:
+        return tuple(b for src in self.mixture.sources for b in src.file_bytes)
+
+    @property
+    def offsets(self) -> tuple[tuple[int, int], ...]:
+        raise NotImplementedError("a mixture's sequences are not contiguous ranges of its files")
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when any source's name, share of the pass, file names or sizes change."""
+        sha = hashlib.sha256(f"class={type(self).__name__}".encode())
+        for name in self.fingerprint_fields:
+            sha.update(f"{name}={getattr(self, name)},".encode())
+        for src in self.mixture.sources:
+            sha.update(f"source={src.name},selected={src.selected},".encode())
+            for path, size in zip(src.paths, src.file_bytes):
+                sha.update(f"path={os.path.basename(path)},size={size},".encode())
+        return sha.hexdigest()
+
+    def __len__(self) -> int:
+        return self.mixture.num_sequences
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{index} is out of bounds for a mixture of {len(self)} sequences")
+        s = int(np.searchsorted(self._source_starts, index, side="right")) - 1
+        src = self.mixture.sources[s]
+        pool = src.pool_index(index - int(self._source_starts[s]))
+        f = int(np.searchsorted(self._file_starts[s], pool, side="right")) - 1
+        input_ids = self._read_chunk_from_array(src.paths[f], pool - int(self._file_starts[s][f]))
+        return {"input_ids": input_ids, "source": s}
+
+
+@dataclass
+class MixtureCollator(DataCollator):
+    """olmo-core's collator plus the rows' source indices ("source", LongTensor [B])."""
+
+    def __call__(self, items):
+        batch = super().__call__(items)
+        batch["source"] = torch.tensor([item["source"] for item in items], dtype=torch.long)
+        return batch
+
+
 def _file_list(dataset: NumpyFSLDataset) -> list[list[Any]]:
-    """[basename, bytes] per file, as olmo-core's fingerprint sees them; kept to explain a mismatch."""
+    """[basename, bytes] per file, as olmo-core's fingerprint sees them; kept to explain a mismatch.
+
+    A mixture's files are named `source/basename`.
+    """
+    if isinstance(dataset, MixtureDataset):
+        return [
+            [f"{src.name}/{os.path.basename(p)}", int(b)]
+            for src in dataset.mixture.sources
+            for p, b in zip(src.paths, src.file_bytes)
+        ]
     return [[os.path.basename(str(p)), int(s)] for p, s in zip(dataset.paths, dataset.file_sizes)]
 
 
-def _describe_change(saved: list[list[Any]], now: list[list[Any]]) -> str:
-    saved_d, now_d = dict(map(tuple, saved)), dict(map(tuple, now))
+def _describe_mixture_change(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     parts = []
+    if gone := [n for n in saved if n not in now]:
+        parts.append(f"source(s) {gone} gone")
+    if new := [n for n in now if n not in saved]:
+        parts.append(f"source(s) {new} new")
+    for name in (n for n in now if n in saved):
+        before, after = saved[name]["sequences"], now[name]["sequences"]
+        if before != after:
+            parts.append(f"source '{name}': {before:,d} -> {after:,d} sequences per pass")
+    return parts
+
+
+def _describe_change(
+    saved: list[list[Any]],
+    now: list[list[Any]],
+    saved_mixture: dict[str, Any] | None = None,
+    now_mixture: dict[str, Any] | None = None,
+) -> str:
+    saved_d, now_d = dict(map(tuple, saved)), dict(map(tuple, now))
+    parts = _describe_mixture_change(saved_mixture or {}, now_mixture or {})
     if removed := [n for n in saved_d if n not in now_d]:
         parts.append(f"{len(removed)} file(s) gone (e.g. {removed[0]})")
     if added := [n for n in now_d if n not in saved_d]:
@@ -236,9 +642,17 @@ def _describe_change(saved: list[list[Any]], now: list[list[Any]]) -> str:
 class TrainDataLoader(NumpyFSLDataLoader):
     """olmo-core's FSL loader whose resume check explains what changed and raises DataError."""
 
+    def _mixture_summary(self) -> dict[str, Any] | None:
+        if isinstance(self.dataset, MixtureDataset):
+            return self.dataset.mixture.summary()
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["data_files"] = _file_list(self.dataset)  # type: ignore[arg-type]
+        if (mixture := self._mixture_summary()) is not None:
+            # The realised per-source counts, kept with the checkpoint as a record of the run.
+            state["mixture"] = mixture
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -246,10 +660,16 @@ class TrainDataLoader(NumpyFSLDataLoader):
         # raises a RuntimeError without saying what differs; check first, naming the change.
         saved = state_dict.get("dataset_fingerprint")
         if saved is not None and saved != self.dataset.fingerprint:
-            what = _describe_change(state_dict.get("data_files", []), _file_list(self.dataset))  # type: ignore[arg-type]
+            what = _describe_change(
+                state_dict.get("data_files", []),
+                _file_list(self.dataset),  # type: ignore[arg-type]
+                state_dict.get("mixture"),
+                self._mixture_summary(),
+            )
+            key = "data.sources" if isinstance(self.dataset, MixtureDataset) else "data.paths"
             if not self.ignore_fingerprint_mismatch:
                 raise DataError(
-                    f"data.paths: the training data differs from the checkpoint's ({what}); "
+                    f"{key}: the training data differs from the checkpoint's ({what}); "
                     f"expected the same files to resume the data order exactly, or set "
                     f"data.ignore_fingerprint_mismatch=true to continue on the new data"
                 )
@@ -345,18 +765,34 @@ def build_train_loader(
     _check_split(global_batch_size, dp_world_size, "global_batch_size")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    paths = resolve_paths(cfg.paths, "data.paths")
-    dataset = _build_dataset(
-        cfg, paths, sequence_length=sequence_length, vocab_size=vocab_size, work_dir=work_dir
-    )
-    if len(dataset) < global_batch_size:
-        raise DataError(
-            f"data.paths: {len(paths)} file(s) hold {len(dataset):,d} sequences of "
-            f"{sequence_length:,d} tokens, expected at least one global batch of {global_batch_size:,d}"
+    dataset: NumpyFSLDataset
+    if cfg.sources:
+        mixture = mixture_for(
+            cfg, sequence_length=sequence_length, vocab_size=vocab_size,
+            global_batch_size=global_batch_size,
+        )  # fmt: skip
+        if dp_rank == 0:
+            log.info(mixture.table())
+        dataset = MixtureDataset(
+            mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+            vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size),
+        )  # fmt: skip
+        dataset.work_dir = work_dir
+        collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
+    else:
+        paths = resolve_paths(cfg.paths, "data.paths")
+        dataset = _build_dataset(
+            cfg, paths, sequence_length=sequence_length, vocab_size=vocab_size, work_dir=work_dir
         )
+        if len(dataset) < global_batch_size:
+            raise DataError(
+                f"data.paths: {len(paths)} file(s) hold {len(dataset):,d} sequences of "
+                f"{sequence_length:,d} tokens, expected at least one global batch of {global_batch_size:,d}"
+            )
+        collator = DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     return TrainDataLoader(
         dataset,
-        collator=DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size),
+        collator=collator,
         # olmo-core counts batches in tokens; our configs count sequences.
         global_batch_size=global_batch_size * sequence_length,
         work_dir=work_dir,
@@ -390,8 +826,7 @@ def build_eval_loaders(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     loaders: dict[str, DataLoaderBase] = {}
-    for label, patterns in cfg.validation.items():
-        key = f"data.validation.{label}"
+    for label, (patterns, key) in cfg.validation_sets().items():
         paths = resolve_paths(patterns, key)
         dataset = _build_dataset(
             cfg, paths, sequence_length=sequence_length, vocab_size=vocab_size, work_dir=work_dir

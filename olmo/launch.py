@@ -17,7 +17,7 @@ import torch
 
 from moe_model.errors import LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
-from olmo.data import build_eval_loaders, build_train_loader, validate_data
+from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
 from olmo.flops import device_peak_flops
 from olmo.run_files import (
     CONFIG_FNAME,
@@ -33,7 +33,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-RUN_IDENTITY_KEYS = ("model", "global_train_batch_size", "data.paths", "data.dtype")
+RUN_IDENTITY_KEYS = (
+    "model", "global_train_batch_size", "data.paths", "data.sources", "data.mix_tokens",
+    "data.dtype",
+)  # fmt: skip
 
 
 def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
@@ -114,6 +117,7 @@ def check_load_path(cfg: TrainConfig) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """All cheap checks on user input; raise ConfigError/DataError/LaunchError."""
     cfg.validate_batch_sizes(world_size_from_env())
+    cfg.validate_parallel(world_size_from_env())
     validate_data(
         cfg.data,
         vocab_size=cfg.model.vocab_size,
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train an OLMoE-style MoE. Overrides: --model.d_model=256 --save_folder=runs/x",
     )
     parser.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts, then exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter counts and the data mixture (data.sources), then exit")
     args, overrides = parser.parse_known_args(argv)
 
     def run() -> int:
@@ -325,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                 "active_params": cfg.model.num_active_params(),
                 "flops_per_token": cfg.model.num_flops_per_token(cfg.model.max_sequence_length),
             }))
+            if cfg.data.sources:
+                print(mixture_for(
+                    cfg.data, sequence_length=cfg.model.max_sequence_length,
+                    vocab_size=cfg.model.vocab_size, global_batch_size=cfg.global_train_batch_size,
+                ).table())  # fmt: skip
             return 0
         preflight(cfg)
         # Data files changed in place or a diverged run surface only once training runs; they

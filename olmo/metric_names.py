@@ -31,6 +31,11 @@ __all__ = [
     "layer_max_load",
     "layer_min_load",
     "layer_router_entropy",
+    "source_loss",
+    "source_sum",
+    "source_sums_from_metrics",
+    "source_tokens",
+    "source_tokens_seen",
     "spike_count",
     "spike_flag",
 ]
@@ -91,6 +96,41 @@ def layer_router_entropy(layer: int) -> str:
 def layer_bias_range(layer: int) -> str:
     """max - min of the auxiliary-loss-free expert bias (moe_bias_update_rate)."""
     return f"moe/layer{layer}/BiasRange"
+
+
+# Raw per-source sums of a step (cross-entropy, predicted tokens, input tokens), summed over
+# ranks; MetricsCallback turns them into the per-source metrics below and drops them.
+SOURCE_SUM_PREFIX = "source_sums/"
+SOURCE_CE, SOURCE_LOSS_TOKENS, SOURCE_TOKENS = "ce", "loss_tokens", "tokens"
+SOURCE_SUM_KINDS = (SOURCE_CE, SOURCE_LOSS_TOKENS, SOURCE_TOKENS)
+
+
+def source_sum(name: str, kind: str) -> str:
+    return f"{SOURCE_SUM_PREFIX}{name}/{kind}"
+
+
+def source_sums_from_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Pop the :func:`source_sum` entries from ``metrics``: {source: {kind: value}}."""
+    sums: dict[str, dict[str, float]] = {}
+    for key in [k for k in metrics if k.startswith(SOURCE_SUM_PREFIX)]:
+        name, kind = key[len(SOURCE_SUM_PREFIX):].rsplit("/", 1)
+        sums.setdefault(name, {})[kind] = float(metrics.pop(key))
+    return sums
+
+
+def source_loss(name: str) -> str:
+    """Training cross-entropy of one mixture source's tokens in the step."""
+    return f"source/{name}/CrossEntropyLoss"
+
+
+def source_tokens(name: str) -> str:
+    """Tokens of one mixture source in the step (all ranks)."""
+    return f"source/{name}/Tokens"
+
+
+def source_tokens_seen(name: str) -> str:
+    """Tokens of one mixture source trained on so far."""
+    return f"source/{name}/TokensSeen"
 
 
 def eval_loss(label: str) -> str:

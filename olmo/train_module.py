@@ -1,8 +1,8 @@
 """The train module: our MoE model on olmo-core's Trainer.
 
 olmo-core's Trainer owns the loop, checkpoint files, cancellation and metric reduction; this
-module owns what is specific to our model: parallelism (FSDP2 per block), the optimizer and
-learning-rate schedule, micro-batching, and the objective
+module owns what is specific to our model: parallelism (FSDP2 per block, expert parallelism),
+the optimizer and learning-rate schedule, micro-batching, and the objective
 
     loss = cross_entropy + load_balancing + router_z_loss
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from functools import lru_cache
 from typing import Any
@@ -30,10 +31,15 @@ from olmo_core.data.utils import get_labels, split_batch
 from olmo_core.train.common import ReduceType
 from olmo_core.train.train_module import EvalBatchSizeUnit, EvalBatchSpec, TrainModule
 from olmo_core.utils import move_to_device
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
+from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
+from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
+from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import (
@@ -42,12 +48,14 @@ from olmo.metric_names import (
     LB_LOSS,
     LR,
     SKIPPED_STEPS,
+    SOURCE_SUM_KINDS,
     TOTAL_LOSS,
     Z_LOSS,
     dropped_count,
     expert_count,
     layer_bias_range,
     layer_router_entropy,
+    source_sum,
 )
 
 log = logging.getLogger(__name__)
@@ -68,8 +76,10 @@ def parallelize_model(
     param_dtype: torch.dtype,
     activation_checkpointing: bool,
     compile_blocks: bool,
+    expert_parallel_degree: int = 1,
 ) -> tuple[nn.Module, bool]:
-    """Apply activation checkpointing, torch.compile and FSDP2 to each block, in that order.
+    """Apply activation checkpointing, torch.compile, expert parallelism and FSDP2 to each block,
+    in that order.
 
     Returns the model and whether it is sharded. FSDP is used whenever more than one process
     runs, and on a single GPU too (it then only handles bf16 params with fp32 reduction).
@@ -89,9 +99,6 @@ def parallelize_model(
     if not distributed or (dist.get_world_size() == 1 and device.type != "cuda"):
         return model, False
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
     # precision across many ranks.
@@ -104,6 +111,14 @@ def parallelize_model(
     coefficient_policy = MixedPrecisionPolicy(
         param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
+    # The activation and MoE-layer units return views (a reshape); nothing modifies them in
+    # place (the block adds the layer's output out of place), so FSDP's warning is noise.
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDP(MoELayer|Poly)", category=UserWarning
+    )
+    expert_mesh = None
+    if expert_parallel_degree > 1:
+        expert_mesh = expert_parallel_mesh(model, mesh, expert_parallel_degree)
     for block in model.blocks:
         coefficient_sets = activation_modules_with_params(block)
         if coefficient_sets:
@@ -113,9 +128,75 @@ def parallelize_model(
                 mp_policy=coefficient_policy,
                 reshard_after_forward=False,
             )
+        if expert_mesh is not None:
+            fully_shard_expert_parallel(block, mesh=mesh, expert_mesh=expert_mesh,
+                                        mp_policy=mp_policy)  # fmt: skip
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model, True
+
+
+def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> DeviceMesh:
+    """Shard each MoE layer's experts over EP groups of ``degree`` ranks; returns their mesh.
+
+    The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
+    consecutive ranks, each holding E/degree experts of every layer, which
+    :func:`fully_shard_expert_parallel` shards again over its column ("efsdp": the ranks holding
+    the same experts).
+    """
+    world = mesh.size()
+    expert_mesh = init_device_mesh(
+        mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
+    )
+    shard_experts(model, expert_mesh["ep"])
+    return expert_mesh
+
+
+def fully_shard_expert_parallel(
+    block: nn.Module, *, mesh: DeviceMesh, expert_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy
+) -> None:
+    """FSDP units for the MoE layers of ``block`` under expert parallelism.
+
+    The layer's unit holds only its expert weights, on the column mesh. The router (and any
+    other submodule with parameters, such as shared experts), like every non-expert parameter,
+    stays sharded over all ranks (``mesh``): each becomes a unit of its own, since the layer's
+    unit is on another mesh (the coefficient sets already are units).
+
+    Gradients: the rows an expert computes came from every rank of its EP group, so its
+    gradient summed over the column already sums all ranks' tokens; dividing by the world size
+    (not the column size) gives the same average as plain FSDP.
+    """
+    for layer in block.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        others = [n for n, _ in layer.named_parameters(recurse=False) if n not in EXPERT_WEIGHTS]
+        if others:
+            # They would land in the expert unit, sharded and averaged over the column only.
+            raise ValueError(
+                f"MoELayer parameters {others} are neither expert weights {EXPERT_WEIGHTS} nor "
+                "in a submodule; expert parallelism cannot place them"
+            )
+        for module in unsharded_submodules(layer):
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(layer, mesh=expert_mesh["efsdp"], mp_policy=mp_policy)
+        layer.set_gradient_divide_factor(float(mesh.size()))
+        if mesh.device_type == "cpu" and expert_mesh["efsdp"].size() > 1:
+            # A divide factor other than the group size becomes NCCL's PREMUL_SUM, which gloo
+            # lacks: sum, then divide. (Not on a one-rank column: FSDP divides there without a
+            # collective, and forcing the sum would divide twice.)
+            layer.set_force_sum_reduction_for_comms(True)
+
+
+def unsharded_submodules(module: nn.Module) -> list[nn.Module]:
+    """The children of ``module`` (looking inside ModuleLists and ModuleDicts, which are never
+    called and so cannot be FSDP units) that hold parameters no FSDP unit manages yet."""
+    found = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList | nn.ModuleDict):
+            found += unsharded_submodules(child)
+        elif any(not isinstance(p, DTensor) for p in child.parameters()):
+            found.append(child)
+    return found
 
 
 def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
@@ -149,6 +230,29 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     )
 
 
+def clip_grad_norm_over_meshes_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for gradients sharded over different device meshes (expert and
+    non-expert parameters under expert parallelism), which one foreach norm cannot mix.
+
+    Each mesh's norm is reduced over its ranks, the global norm combines them, and every
+    gradient is scaled by the same factor. Returns the global norm (before clipping).
+    """
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+    norms = []
+    for grads in by_mesh.values():
+        norm = nn.utils.get_total_norm(grads, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grads in by_mesh.values():
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
+    return total
+
+
 def lr_at(cfg: SchedulerConfig, peak_lr: float, step: int, max_steps: int) -> float:
     """Learning rate for a 1-based step: linear warmup from 0, then the named decay."""
     if step < cfg.t_warmup:
@@ -180,6 +284,7 @@ class MoETrainModule(TrainModule):
             param_dtype=self.param_dtype,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
+            expert_parallel_degree=cfg.parallel.expert_parallel_degree,
         )
         if on_meta:
             # After sharding: each rank allocates and fills only its own shards (moe_model/init.py
@@ -193,6 +298,9 @@ class MoETrainModule(TrainModule):
         self._step_loss_sum: torch.Tensor | None = None
         self._step_load_LE: torch.Tensor | None = None
         self.moe_layer_ids = self.model_config.moe_layer_ids
+        # Mixture batches carry each row's source index into these names (config order).
+        self.source_names = list(cfg.data.sources)
+        self._source_sums: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
@@ -257,7 +365,42 @@ class MoETrainModule(TrainModule):
     def _forward(self, input_ids: torch.Tensor):
         ctx = self._autocast if self._autocast is not None else nullcontext()
         with ctx:
+            if self.model_config.document_masking:
+                # Documents end at the data's EOS; the model keeps attention inside them.
+                doc_ids = document_ids(input_ids, self.cfg.data.eos_token_id)
+                return self.model(input_ids, doc_ids)
             return self.model(input_ids)
+
+    def _micro_ce(
+        self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The micro-batch's summed cross-entropy over the rank batch's loss tokens; with a
+        "source" per row, also adds (CE, loss tokens, tokens) per source to _source_sums."""
+        logits_TV, labels_T = logits.reshape(-1, logits.shape[-1]).float(), micro["labels"].reshape(-1)
+        if "source" not in micro or not self.source_names:
+            return F.cross_entropy(
+                logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="sum"
+            ) / num_loss_tokens
+        ce_T = F.cross_entropy(logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="none")
+        n = len(self.source_names)
+        seq_len = micro["labels"].shape[1]
+        source_T = micro["source"].to(logits.device).repeat_interleave(seq_len)
+        valid_T = (labels_T != LABEL_IGNORE_INDEX).float()
+        sums = torch.stack([
+            torch.zeros(n, device=logits.device).index_add_(0, source_T, ce_T.detach()),
+            torch.zeros(n, device=logits.device).index_add_(0, source_T, valid_T),
+            torch.bincount(source_T, minlength=n).float(),
+        ], dim=1)  # fmt: skip
+        self._source_sums = sums if self._source_sums is None else self._source_sums + sums
+        return ce_T.sum() / num_loss_tokens
+
+    def _record_source_metrics(self) -> None:
+        if self._source_sums is None:
+            return
+        for name, row in zip(self.source_names, self._source_sums.cpu()):
+            for kind, value in zip(SOURCE_SUM_KINDS, row):
+                self.record_metric(source_sum(name, kind), value, ReduceType.sum)
+        self._source_sums = None
 
     def train_batch(self, batch: dict[str, Any], dry_run: bool = False) -> None:
         self.model.train()
@@ -284,12 +427,7 @@ class MoETrainModule(TrainModule):
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro["input_ids"])
             logits = out.logits
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                micro["labels"].reshape(-1),
-                ignore_index=LABEL_IGNORE_INDEX,
-                reduction="sum",
-            ) / num_loss_tokens
+            ce = self._micro_ce(logits, micro, num_loss_tokens)
             lb = out.lb_loss.float() / num_micro
             z = out.z_loss.float() / num_micro
             (ce + lb + z).backward()
@@ -309,6 +447,7 @@ class MoETrainModule(TrainModule):
 
         if dry_run:
             self.zero_grads()
+            self._source_sums = None
             return
 
         self._step_loss_sum = (ce_total + lb_total + z_total).detach()
@@ -317,6 +456,7 @@ class MoETrainModule(TrainModule):
         self.record_metric(Z_LOSS, z_total, ReduceType.mean)
         self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
         self._step_load_LE = load_LE
+        self._record_source_metrics()
         if load_LE is not None:
             # Raw counts, summed over ranks; MetricsCallback turns them into fractions. One
             # device-to-host copy here instead of one per (layer, expert) metric at log time.
@@ -355,6 +495,8 @@ class MoETrainModule(TrainModule):
 
     def _grad_norm(self) -> torch.Tensor:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        if self.cfg.parallel.expert_parallel_degree > 1:
+            return clip_grad_norm_over_meshes_(list(self.model.parameters()), max_norm)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()

@@ -215,24 +215,27 @@ def time_phases(
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], *, warmup: int, iters: int
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """CPU wall time of several step functions, interleaved round-robin so that load from other
-    processes hits them alike. Returns each one's first call in s (timed alone: a compilation
-    shows there) and its ``iters`` timed calls in ms, after ``warmup`` calls in all."""
-    first: dict[str, float] = {}
-    for name, step in steps.items():
+    steps: dict[Any, Callable[[], object]], *, warmup: int, iters: int
+) -> tuple[dict[Any, float], dict[Any, list[float]]]:
+    """Time CPU variants round-robin, so that load from other processes hits them alike.
+
+    Each variant's first call is timed on its own (seconds; for compile it is the compilation),
+    then it gets ``warmup - 1`` more untimed calls; then ``iters`` rounds time every variant
+    once each (ms). Returns (first call seconds, per-iteration ms), keyed like ``steps``.
+    """
+    first = {}
+    for key, step in steps.items():
         start = time.perf_counter()
         step()
-        first[name] = time.perf_counter() - start
+        first[key] = time.perf_counter() - start
         for _ in range(warmup - 1):
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[Any, list[float]] = {key: [] for key in steps}
     for _ in range(iters):
-        for name, step in steps.items():
+        for key, step in steps.items():
             start = time.perf_counter()
             step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[key].append((time.perf_counter() - start) * 1e3)
     return first, times
 
 

@@ -252,3 +252,49 @@ def test_dense_first_blocks_and_shared_experts():
     model.eval()
     out = model(ids)
     assert out.dropped_rows_L is None  # evaluation is dropless
+
+
+def test_packed_documents_give_the_logits_of_each_document_alone():
+    """With document masking a packed row is several independent documents: attention stays
+    inside each and RoPE positions restart, so each document's logits equal those of a forward
+    over that document alone (dropless routing is per token)."""
+    from moe_model.attention import document_ids
+
+    eos = VOCAB - 1
+    config = tiny_config(document_masking=True, max_sequence_length=40)
+    torch.manual_seed(0)
+    model = config.build()
+    set_poly_coefficients(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+
+    def doc(n: int, ends: bool = True) -> torch.Tensor:
+        body = torch.randint(0, eos, (n - 1 if ends else n,), generator=gen)
+        return torch.cat([body, torch.tensor([eos])]) if ends else body
+
+    rows = [[doc(5), doc(11), doc(1), doc(7), doc(6, ends=False)],  # a one-token document too
+            [doc(3), doc(27)]]
+    packed = torch.stack([torch.cat(r) for r in rows])
+    with torch.no_grad():
+        logits = model(packed, document_ids(packed, eos)).logits
+        for r, docs in enumerate(rows):
+            start = 0
+            for d in docs:
+                alone = model(d[None]).logits[0]
+                torch.testing.assert_close(logits[r, start:start + len(d)], alone, rtol=1e-5, atol=1e-5)
+                start += len(d)
+    # Without masking the later documents see the earlier ones: the property is not vacuous.
+    plain = tiny_config(max_sequence_length=40).build()
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        crossing = plain(packed).logits
+        second = model(rows[0][1][None]).logits[0]
+    assert (crossing[0, 5:16] - second).abs().max() > 1e-3
+
+
+def test_document_ids_need_document_masking_on():
+    model = tiny_config().build()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with pytest.raises(ValueError, match="document_masking is off"):
+        model(ids, torch.zeros_like(ids))

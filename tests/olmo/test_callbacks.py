@@ -1,5 +1,5 @@
 """The console a person watches: one line per interval with the objective's terms, and a summary
-of the run's outputs at the end."""
+of the run's outputs at the end; the per-source metrics of a data mixture."""
 
 import re
 
@@ -53,6 +53,33 @@ def test_metrics_callback_load_summaries_by_block(tmp_path):
     record = read_metrics(tmp_path)[0]
     assert record["expert_load"] == [[0.75, 0.25, 0.0, 0.0], [0.25] * 4]
     assert record["expert_load_layers"] == [1, 2]
+
+
+def test_per_source_sums_become_loss_tokens_and_a_running_total():
+    def step_metrics(web, code):
+        m = {names.CE_LOSS: 5.0}
+        for name, (ce, loss_tokens, tokens) in (("web", web), ("code", code)):
+            m[names.source_sum(name, names.SOURCE_CE)] = ce
+            m[names.source_sum(name, names.SOURCE_LOSS_TOKENS)] = loss_tokens
+            m[names.source_sum(name, names.SOURCE_TOKENS)] = tokens
+        return m
+
+    callback = MetricsCallback()
+    first = step_metrics(web=(30.0, 12.0, 16.0), code=(0.0, 0.0, 0.0))
+    callback.pre_log_metrics(1, first)
+    assert not any(k.startswith(names.SOURCE_SUM_PREFIX) for k in first)
+    assert first[names.source_loss("web")] == 2.5
+    assert names.source_loss("code") not in first  # no code tokens in this step: no loss
+    assert first[names.source_tokens("code")] == 0
+
+    resumed = MetricsCallback()
+    resumed.load_state_dict(callback.state_dict())
+    second = step_metrics(web=(10.0, 4.0, 8.0), code=(9.0, 3.0, 8.0))
+    resumed.pre_log_metrics(2, second)
+    assert second[names.source_loss("code")] == 3.0
+    assert second[names.source_tokens("web")] == 8
+    assert second[names.source_tokens_seen("web")] == 24
+    assert second[names.source_tokens_seen("code")] == 8
 
 
 @pytest.mark.slow

@@ -50,6 +50,11 @@ def test_overrides_apply_and_interpolate():
         (["--optimizer.learning_rate=-1"], "optimizer.learning_rate"),
         (["--wandb.mode=sometimes"], "wandb.mode"),
         (["d_model"], "override 'd_model' must look like --key=value"),
+        (["--parallel.expert_parallel_degree=0"], "parallel.expert_parallel_degree=0 must be > 0"),
+        (["--parallel.expert_parallel_degree=3"],
+         "parallel.expert_parallel_degree=3 must divide model.moe_num_experts=8"),
+        (["--parallel.expert_parallel_degree=2", "--model.block_type=dense"],
+         "parallel.expert_parallel_degree=2 needs MoE blocks; model.block_type='dense'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -165,6 +170,24 @@ def test_dry_run_prints_config_and_counts():
     assert counts["flops_per_token"] == cfg.model.num_flops_per_token(cfg.model.max_sequence_length)
 
 
+def test_dry_run_prints_the_data_mixture(tmp_path, capsys):
+    import numpy as np
+
+    from olmo.launch import main
+
+    for name, tokens in (("web.npy", 2_000), ("code.npy", 640)):
+        np.memmap(tmp_path / name, dtype=np.uint16, mode="w+", shape=(tokens,)).flush()
+    overrides = ["--data.paths=[]", f"--data.sources.web.paths=[{tmp_path}/web.npy]",
+                 "--data.sources.web.fraction=0.8", f"--data.sources.code.paths=[{tmp_path}/code.npy]",
+                 "--data.sources.code.fraction=0.2"]  # fmt: skip
+    assert main([str(REPO / "configs/tiny.yaml"), "--dry-run", *overrides]) == 0
+    table = capsys.readouterr().out.split('"flops_per_token"')[1].splitlines()[1:]
+    # 2,000 // 128 = 15 web sequences bind at 80%: 18 per pass -> one batch of 16.
+    assert table[0] == "data mixture: 2 sources, 16 sequences x 128 = 2,048 tokens per pass"
+    assert table[2].split() == ["web", "80.000%", "81.250%", "1,664", "1,920", "0.87x", "1"]
+    assert table[3].split() == ["code", "20.000%", "18.750%", "384", "640", "0.60x", "1"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -197,3 +220,20 @@ def test_routing_options_from_overrides():
     assert load_config(REPO / "configs" / "tiny.yaml").model.moe_capacity_factor is None
     with pytest.raises(ConfigError, match="model.moe_router_score='relu' must be one of"):
         load_config(REPO / "configs" / "tiny.yaml", ["--model.moe_router_score=relu"])
+
+
+def test_expert_parallel_degree_must_divide_the_processes(tmp_path, monkeypatch, capsys):
+    """Checked in preflight from WORLD_SIZE, before any process group exists; nothing written."""
+    from olmo.launch import main
+
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    save = tmp_path / "run"
+    code = main([str(REPO / "configs/tiny.yaml"), f"--save_folder={save}",
+                 "--global_train_batch_size=48", "--parallel.expert_parallel_degree=4"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: parallel.expert_parallel_degree=4 must divide the number of "
+                     "processes (6)"], err
+    assert not save.exists()
+    assert not torch.distributed.is_initialized()

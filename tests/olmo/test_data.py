@@ -1,8 +1,9 @@
-"""Tests for olmo/data.py: dolma round trip, rank split, resume, and each DataError."""
+"""Tests for olmo/data.py: dolma round trip, rank split, resume, mixtures, and each DataError."""
 
 import csv
 import gzip
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,12 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from moe_model.errors import ConfigError
 from moe_model.tokenizer import default_tokenizer_path
 from olmo.data import (
     DataConfig,
     DataError,
+    SourceConfig,
     build_eval_loaders,
     build_train_loader,
+    mixture_for,
     resolve_paths,
     validate_data,
 )
@@ -349,3 +353,262 @@ def test_tokenize_script_rejects_missing_documents(tmp_path: Path):
         text=True,
     )
     assert r.returncode == 1 and "no documents match" in r.stderr
+
+
+# --- data.paths stays as it was --------------------------------------------------------------
+
+
+def test_paths_fingerprint_and_order_unchanged(tmp_path: Path, corpus: DataConfig):
+    """The fingerprint and shuffled order of a `data.paths` corpus, as computed by the code before
+    mixtures existed (main at 9ea8781): checkpoints of existing runs still resume."""
+    loader = train_loader(corpus, tmp_path / "work")
+    assert loader.dataset.fingerprint == (
+        "3cc25987cc7a6555bf39ad61a9cb2dbcb2d8027c6096080dbb6a1a81427dc2b9"
+    )
+    order = torch.cat([b["index"] for b in all_rows(loader)]).tolist()
+    assert order == [0, 16, 20, 9, 11, 7, 8, 13, 17, 10, 5, 22, 15, 1, 18, 19, 2, 6, 23, 4, 3,
+                     12, 21, 14]  # fmt: skip
+    assert "source" not in all_rows(loader)[0]
+
+
+# --- mixtures (data.sources) --------------------------------------------------------------------
+
+# Each source's tokens lie in their own range (token // 10_000 is the source), and every token
+# is its file offset plus its position, so a row says which source, file and sequence it is.
+SOURCE_FILES = {  # source -> [(file, sequences, extra tail tokens, first token)]
+    "web": [("web-0.npy", 40, 0, 0), ("web-1.npy", 25, 3, 1_000)],
+    "code": [("code.npy", 6, 5, 10_000)],
+    "paper": [("paper.npy", 9, 0, 20_000)],
+}
+
+
+@pytest.fixture
+def mix(tmp_path: Path) -> DataConfig:
+    for files in SOURCE_FILES.values():
+        for name, seqs, tail, first in files:
+            write_tokens(tmp_path / "mix" / name, 16 * seqs + tail, offset=first)
+    return DataConfig(sources={
+        "web": SourceConfig(paths=[str(tmp_path / "mix" / "web-*.npy")], fraction=0.6),
+        "code": SourceConfig(paths=[str(tmp_path / "mix" / "code.npy")], fraction=0.25,
+                             max_repetition=3),
+        "paper": SourceConfig(paths=[str(tmp_path / "mix" / "paper.npy")], fraction=0.15),
+    })  # fmt: skip
+
+
+def source_sequence(row: torch.Tensor) -> tuple[str, str, int]:
+    """(source, file, sequence index in the file) of a row, from its tokens."""
+    first = int(row[0])
+    for source, files in SOURCE_FILES.items():
+        for name, seqs, _, start in files:
+            if start <= first < start + 16 * seqs:
+                assert (first - start) % 16 == 0, f"row starts mid-sequence: {first}"
+                assert row.tolist() == list(range(first, first + 16)), "row spans files"
+                return source, name, (first - start) // 16
+    raise AssertionError(f"row {row.tolist()} is from no file")
+
+
+def test_mixture_meets_the_fractions_and_repetition_limits(tmp_path: Path, mix: DataConfig):
+    # Sequences per pass, largest the sources allow: paper binds (9 sequences, 15%) -> 60, a
+    # multiple of the 4-sequence batch; largest remainders of 60 x (0.6, 0.25, 0.15).
+    plan = mixture_for(mix, sequence_length=16, vocab_size=VOCAB, global_batch_size=4)
+    assert {s.name: s.selected for s in plan.sources} == {"web": 36, "code": 15, "paper": 9}
+
+    loader = train_loader(mix, tmp_path / "work")
+    batches = all_rows(loader)
+    assert len(batches) == 15
+    seen: dict[str, list[tuple[str, int]]] = {"web": [], "code": [], "paper": []}
+    names = list(mix.sources)
+    for batch in batches:
+        for row, source in zip(batch["input_ids"], batch["source"].tolist()):
+            name, file, seq = source_sequence(row)
+            assert names[source] == name, "the row's source tag names another source"
+            seen[name].append((file, seq))
+    # web: 36 distinct of its 65 sequences, spread over both files.
+    assert len(set(seen["web"])) == 36 and {f for f, _ in seen["web"]} == {"web-0.npy", "web-1.npy"}
+    # code, upsampled 2.5x: every sequence 2 or 3 times, 15 in all.
+    counts = [seen["code"].count(("code.npy", i)) for i in range(6)]
+    assert sum(counts) == 15 and set(counts) == {2, 3}
+    # paper, at its limit: each of its 9 sequences exactly once.
+    assert sorted(seen["paper"]) == [("paper.npy", i) for i in range(9)]
+    assert loader.state_dict()["mixture"]["code"] == {
+        "fraction": 0.25, "realised_fraction": 0.25, "sequences": 15, "tokens": 240,
+        "available_tokens": 96, "repetition": 2.5, "files": 1,
+    }  # fmt: skip
+
+
+def test_mix_tokens_sizes_the_pass_and_rejects_too_much_repetition(tmp_path: Path, mix: DataConfig):
+    # 1,275 tokens round up to 20 batches of 4 x 16 tokens: 80 sequences, of which code's 25% is
+    # 20 of its 6 (3.33 passes, limit 3) and paper's 15% is 12 of its 9 (1.33 passes, limit 1).
+    mix.mix_tokens = 1_275
+    with pytest.raises(
+        DataError,
+        match=r"^data\.sources\.code: its share of 1,280 mix tokens is 320 tokens, 3\.33 passes over "
+        r"its 96, more than max_repetition 3; expected a larger max_repetition",
+    ):
+        check(mix, global_batch_size=4)
+    mix.sources["code"].max_repetition = 4
+    with pytest.raises(DataError, match=r"^data\.sources\.paper: .* 1\.33 passes over its 144, more "
+                                        r"than max_repetition 1;"):
+        check(mix, global_batch_size=4)
+    mix.sources["paper"].max_repetition = 1.5
+    check(mix, global_batch_size=4)
+    loader = train_loader(mix, tmp_path / "work")
+    assert len(loader.dataset) == 80
+    assert torch.bincount(torch.cat([b["source"] for b in all_rows(loader)])).tolist() == [48, 20, 12]
+
+
+def test_mixture_resumes_exactly(tmp_path: Path, mix: DataConfig):
+    def loader(work, seed=3):
+        return train_loader(mix, tmp_path / work, dp_rank=1, dp_world_size=2, seed=seed)
+
+    expected = all_rows(loader("work"))
+    resumed = loader("work")
+    resumed.reshuffle(epoch=1)
+    it = iter(resumed)
+    for _ in range(5):
+        next(it)
+    state = resumed.state_dict()
+    fresh = loader("work2", seed=99)
+    fresh.load_state_dict(state)
+    fresh.reshuffle(epoch=state["epoch"])
+    rest = list(fresh)
+    assert len(rest) == len(expected) - 5
+    for got, want in zip(rest, expected[5:]):
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["source"], want["source"])
+
+
+def test_mixture_fingerprint_covers_every_source(tmp_path: Path, mix: DataConfig):
+    loader = train_loader(mix, tmp_path / "work")
+    loader.reshuffle(epoch=1)
+    next(iter(loader))
+    state = loader.state_dict()
+
+    write_tokens(tmp_path / "mix" / "code.npy", 16 * 7, offset=10_000)  # code grew
+    with pytest.raises(
+        DataError,
+        match=r"data\.sources: the training data differs from the checkpoint's \(1 file\(s\) "
+        r"resized \(e\.g\. code/code\.npy: 202 -> 224 bytes\)\)",
+    ):
+        train_loader(mix, tmp_path / "work").load_state_dict(state)
+    write_tokens(tmp_path / "mix" / "code.npy", 16 * 6 + 5, offset=10_000)  # back as it was
+    train_loader(mix, tmp_path / "work").load_state_dict(state)
+
+    mix.sources["web"].fraction, mix.sources["code"].fraction = 0.5, 0.35
+    # Now code binds (18 / 0.35 -> 48 sequences): every source's count changes.
+    with pytest.raises(DataError, match=r"\(source 'web': 36 -> 24 sequences per pass; source "
+                                        r"'code': 15 -> 17 sequences per pass; source 'paper': 9 -> 7"):
+        train_loader(mix, tmp_path / "work").load_state_dict(state)
+
+
+def test_source_validation_sets_are_evaluated_under_the_source_name(tmp_path: Path, mix: DataConfig):
+    write_tokens(tmp_path / "held" / "code.npy", 16 * 3, offset=10_000)
+    mix.sources["code"].validation = [str(tmp_path / "held" / "code.npy")]
+    mix.validation = {"all": [str(tmp_path / "mix" / "paper.npy")]}
+    check(mix, global_batch_size=4)
+    loaders = build_eval_loaders(mix, sequence_length=16, vocab_size=VOCAB, batch_size=2,
+                                 work_dir=tmp_path / "w")  # fmt: skip
+    assert list(loaders) == ["all", "code"]
+    rows = torch.cat([b["input_ids"][b["instance_mask"]] for b in all_rows(loaders["code"])])
+    assert rows[:, 0].tolist() == [10_000, 10_016, 10_032]
+
+    mix.sources["code"].validation = [str(tmp_path / "held" / "*.nope")]
+    with pytest.raises(DataError, match=r"data\.sources\.code\.validation: .* matches no files"):
+        check(mix, global_batch_size=4)
+
+
+def test_mixture_errors_before_training(tmp_path: Path, mix: DataConfig):
+    with pytest.raises(
+        DataError,
+        match=r"data\.sources: the mixture cannot fill one global batch of 64 sequences: source "
+        r"'paper' has 9 sequences of 16 tokens, at most 9 with max_repetition 1, for 15\.000% of the mix",
+    ):
+        check(mix, global_batch_size=64)
+    with pytest.raises(DataError, match="cannot fill one global batch"):
+        train_loader(mix, tmp_path / "w", global_batch_size=64)
+
+    mix.sources["code"].paths = [str(tmp_path / "mix" / "nothing-*.npy")]
+    with pytest.raises(DataError, match=r"data\.sources\.code\.paths: '.*nothing-\*\.npy' matches no files"):
+        check(mix)
+    mix.sources["code"].paths = [str(tmp_path / "mix" / "paper.npy")]
+    with pytest.raises(DataError, match=r"data\.sources\.paper\.paths: '.*paper\.npy' is also in "
+                                        r"data\.sources\.code; expected each file in one source"):
+        check(mix)
+    write_tokens(tmp_path / "mix" / "tiny.npy", 10)
+    mix.sources["code"].paths = [str(tmp_path / "mix" / "tiny.npy")]
+    with pytest.raises(DataError, match=r"data\.sources\.code: 1 file\(s\) hold 10 tokens, expected "
+                                        r"at least one whole sequence of 16 tokens"):
+        check(mix)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(fractions=(0.6, 0.3, 0.15)), r"data\.sources: fractions sum to 1\.05 \(web 0\.6 \+ code 0\.3 "
+                                       r"\+ paper 0\.15\); expected 1 \(within 0\.001, then normalised\)"),
+    (dict(paths=[]), r"data\.sources\.code\.paths is empty"),
+    (dict(fraction=None), r"data\.sources\.code\.fraction is missing"),
+    (dict(fraction=1.5), r"data\.sources\.code\.fraction is 1\.5; expected a share in \(0, 1\]"),
+    (dict(max_repetition=0.5), r"data\.sources\.code\.max_repetition is 0\.5; expected >= 1"),
+    (dict(also_paths=True), r"data\.paths and data\.sources are both set"),
+])  # fmt: skip
+def test_mixture_config_errors(tmp_path: Path, change: dict, message: str):
+    fractions = change.get("fractions", (0.6, 0.25, 0.15))
+    sources = {name: dict(paths=["x.npy"], fraction=f)
+               for name, f in zip(("web", "code", "paper"), fractions)}  # fmt: skip
+    for key in ("paths", "fraction", "max_repetition"):
+        if key in change:
+            sources["code"][key] = change[key]
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(sources=sources, paths=["y.npy"] if change.get("also_paths") else [])
+
+
+def test_mixture_config_errors_through_load_config():
+    from olmo.config import load_config
+
+    base = ["--data.paths=[]", "--data.sources.web.paths=[a.npy]", "--data.sources.web.fraction=1"]
+    assert list(load_config(REPO / "configs/tiny.yaml", base).data.sources) == ["web"]
+    with pytest.raises(ConfigError, match=r"^unknown config key 'data\.sources\.web\.fractoin'$"):
+        load_config(REPO / "configs/tiny.yaml", [*base, "--data.sources.web.fractoin=1"])
+    with pytest.raises(ConfigError, match=r"data\.mix_tokens is set but data\.sources is empty"):
+        load_config(REPO / "configs/tiny.yaml", ["--data.mix_tokens=1000"])
+
+
+# OLMoE-mix's token counts (allenai/OLMoE-mix-0924 dataset card, "Statistics"), in billions.
+OLMOE_MIX_TOKENS_B = {
+    "dclm": 3860, "starcoder": 101, "pes2o": 57.2, "arxiv": 21.1, "open-web-math": 12.7,
+    "algebraic-stack": 12.6, "wiki": 3.69,
+}  # fmt: skip
+
+
+def test_olmoe_mix_recipe_builds_on_stand_in_files(tmp_path: Path):
+    """configs/olmoe-mix.yaml: its fractions are the published token shares, and its data
+    pipeline builds on small stand-in files (one directory per source, as the README says)."""
+    from olmo.config import load_config
+
+    total = sum(OLMOE_MIX_TOKENS_B.values())
+    overrides = ["--model.max_sequence_length=16", "--global_train_batch_size=64"]
+    for i, (name, tokens_b) in enumerate(OLMOE_MIX_TOKENS_B.items()):
+        # wiki gets exactly one sequence, enough for 1,102 sequences at its 0.0907%.
+        seqs = 1 if name == "wiki" else math.ceil(1_200 * tokens_b / total)
+        write_tokens(tmp_path / name / "part-0-00000.npy", 16 * seqs, offset=1_000 * i)
+        overrides.append(f"--data.sources.{name}.paths=[{tmp_path / name}/*.npy]")
+    # An overlay of olmoe-1b-7b.yaml that changes only the run's name and its data.
+    base, recipe = (load_config(REPO / f"configs/{n}.yaml").to_dict() for n in ("olmoe-1b-7b", "olmoe-mix"))
+    assert {k for k in base if base[k] != recipe[k]} == {"run_name", "save_folder", "wandb", "data"}
+    assert {k for k in base["wandb"] if base["wandb"][k] != recipe["wandb"][k]} == {"group"}
+
+    cfg = load_config(REPO / "configs/olmoe-mix.yaml", overrides)
+    assert list(cfg.data.sources) == list(OLMOE_MIX_TOKENS_B)
+    for name, tokens_b in OLMOE_MIX_TOKENS_B.items():
+        assert cfg.data.sources[name].fraction == pytest.approx(tokens_b / total, abs=5e-7), name
+    assert cfg.model.vocab_size == 50_280 and cfg.data.eos_token_id == EOS
+
+    kw = dict(sequence_length=16, vocab_size=cfg.model.vocab_size, global_batch_size=64)
+    validate_data(cfg.data, **kw)
+    plan = mixture_for(cfg.data, **kw)
+    # wiki binds: floor(1 / 0.000907) = 1,102 sequences -> 17 batches of 64.
+    assert plan.num_sequences == 1_088
+    for src in plan.sources:
+        assert abs(src.selected / 1_088 - src.fraction) <= 1 / 1_088, src.name
+    loader = build_train_loader(cfg.data, seed=cfg.seed, work_dir=tmp_path / "work", **kw)
+    batch = all_rows(loader)[0]
+    assert batch["input_ids"].shape == (64, 16) and batch["source"].shape == (64,)

@@ -256,3 +256,119 @@ def test_fsdp_bf16_steps_on_gpu(tmp_path):
     """FSDP2 with bf16 params, fp32 reduction and fp32 PolyNorm coefficients on one GPU; 4
     micro-batches per step, gradients reduce-scattered after the last."""
     fsdp_bf16_steps_match_cpu_fp32(tmp_path, "cuda:0")
+
+
+# --- a data mixture with document masking --------------------------------------------------------
+
+
+def _mix_overrides(data) -> dict:
+    """Two sources (web 75%, code 25% upsampled from a small file) with a validation set of
+    code's own, and attention kept inside documents (EOS 511 every 13th token of both)."""
+    import numpy as np
+
+    from .helpers import write_token_file
+
+    for name, tokens, seed in (("web-0.npy", 20_000, 0), ("code-0.npy", 3_000, 2)):
+        path = write_token_file(data / name, tokens, seed=seed)
+        mm = np.memmap(path, dtype=np.uint16, mode="r+")
+        mm[::13] = 511
+        mm.flush()
+        del mm
+    return {
+        "data.paths": "[]",
+        "data.sources.web.paths": f"[{data}/web-*.npy]",
+        "data.sources.web.fraction": 0.75,
+        "data.sources.code.paths": f"[{data}/code-*.npy]",
+        "data.sources.code.fraction": 0.25,
+        "data.sources.code.max_repetition": 2,
+        "data.sources.code.validation": f"[{data}/val-*.npy]",
+        "model.document_masking": "true",
+    }
+
+
+def _source_series(save) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("source/")}
+            for r in read_metrics(save) if "train/CrossEntropyLoss" in r}
+
+
+def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
+    data = make_data(tmp_path)
+    extra = _mix_overrides(data)
+    runs = {n: _train(tmp_path / f"p{n}", "mix", nproc=n, **extra) for n in (1, 2)}
+    series = _source_series(runs[1])
+    assert sorted(series) == list(range(1, 9))
+    seen = {"web": 0, "code": 0}
+    for _, metrics in sorted(series.items()):
+        # 8 sequences of 32 tokens per step, every one from exactly one source.
+        assert metrics["source/web/Tokens"] + metrics["source/code/Tokens"] == 8 * 32
+        for name in seen:
+            seen[name] += metrics[f"source/{name}/Tokens"]
+            assert metrics[f"source/{name}/TokensSeen"] == seen[name]
+            if metrics[f"source/{name}/Tokens"]:
+                assert math.isfinite(metrics[f"source/{name}/CrossEntropyLoss"])
+    # The same global batches on 2 ranks: per-source counts are sums over the ranks.
+    two = _source_series(runs[2])
+    for step in series:
+        for name in seen:
+            assert two[step][f"source/{name}/Tokens"] == series[step][f"source/{name}/Tokens"]
+    evals = [r for r in read_metrics(runs[1]) if "eval/code/CrossEntropyLoss" in r]
+    assert {r["step"] for r in evals} == {4, 8}
+
+    # The realised mix is in the checkpoint: code binds, its 3,000 // 32 = 93 sequences twice
+    # over at 25% -> 744 sequences per pass (a multiple of the 8-sequence batch).
+    state = torch.load(runs[1] / "step8" / "train" / "rank0.pt", weights_only=False)
+    mixture = state["data_loader"]["mixture"]
+    assert {n: m["sequences"] for n, m in mixture.items()} == {"web": 558, "code": 186}
+    assert mixture["code"]["repetition"] == 2.0
+
+    # Stopped at step 4 and resumed: the same batches, so the same losses and token counts.
+    save = _train(tmp_path / "split", "mix", stop_at=4, **extra)
+    save = _train(tmp_path / "split", "mix", **extra)
+    assert _losses(save) == _losses(runs[1])
+    assert _source_series(save) == series
+
+
+EP = "parallel.expert_parallel_degree"
+
+
+def _assert_losses_match(got, want, first_tol=1e-5):
+    """Per-step losses equal to fp32 rounding at first, then within test_two_processes_match_one's
+    tolerance (later steps drift through near-zero Adam updates and near-tied top-k choices)."""
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, a), (_, b) in zip(got[:2], want[:2]):
+        assert a == pytest.approx(b, rel=first_tol), f"step {step}: {a} vs {b}"
+    for (step, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=2e-3), f"step {step}: {a} vs {b}"
+
+
+def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, straight_runs):
+    """2 processes: steps 1-4 with expert parallelism (2 experts per rank), then a resume from
+    its step-4 checkpoint without (DCP gathers the experts back), against plain FSDP on the same
+    data throughout."""
+    save = _train(tmp_path, "ep", nproc=2, stop_at=4, **{EP: 2})
+    # The checkpoint holds whole-model tensors whatever the degree that wrote it.
+    ours, plain = _final_weights(save, 4), _final_weights(straight_runs[2], 4)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in plain.items()}
+    for key in plain:
+        torch.testing.assert_close(ours[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+    save = _train(tmp_path, "ep", nproc=2, **{EP: 1})
+    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
+
+
+def test_plain_fsdp_checkpoint_resumes_with_expert_parallelism(tmp_path, straight_runs):
+    """2 processes: plain FSDP's step-4 checkpoint loaded with expert parallelism (DCP gives each
+    rank its experts); steps 5-8 continue plain FSDP's losses."""
+    save = _train(tmp_path, "ep", nproc=2, load_path=straight_runs[2] / "step4", **{EP: 2})
+    resumed = _losses(save)
+    assert [s for s, _ in resumed] == [5, 6, 7, 8]
+    _assert_losses_match(resumed, _losses(straight_runs[2])[4:])
+
+
+def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, straight_runs):
+    """4 processes, two EP groups of 2 (each rank holds 1 of the 4 experts of a layer): the
+    losses of plain FSDP, and the same expert load."""
+    save = _train(tmp_path, "ep4", nproc=4, **{EP: 2})
+    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
+    loads = [{r["step"]: r["expert_load"] for r in read_metrics(s) if "expert_load" in r}
+             for s in (save, straight_runs[2])]  # fmt: skip
+    assert loads[0][1] == loads[1][1]  # step 1: same weights, same tokens, same routing

@@ -16,6 +16,7 @@ micro-batch) and PolyNorm coefficients stay fp32 under a bf16 param dtype.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -176,6 +177,37 @@ def test_train_batch_gradients_are_ce_plus_aux_over_micro_batches():
         for expert, count in enumerate(counts_E):
             assert trainer.metrics[f"{EXPERT_LOAD_PREFIX}layer{layer}/expert{expert}"] == count
     assert counts_LE.sum() == BATCH * SEQ * config.moe_top_k * config.n_layers
+
+
+def test_per_source_sums_and_unchanged_objective_with_a_mixture_batch():
+    """Rows tagged with their mixture source: per-source CE sums, predicted and input tokens,
+    from the reference's per-token log-probabilities grouped by source; the gradients and the
+    recorded CE are those of the same batch without tags."""
+    from olmo.data import DataConfig
+    from olmo.metric_names import SOURCE_SUM_PREFIX, source_sum
+
+    sources = {n: {"paths": ["unused.npy"], "fraction": f} for n, f in (("web", 0.5), ("code", 0.5))}
+    module, trainer = make_module(model_config(), data=DataConfig(sources=sources))
+    plain, plain_trainer = make_module(model_config())
+    batch = make_batch()
+    source = torch.tensor([1, 0, 1, 1])  # code, web, code, code: one micro-batch mixes them
+    module.train_batch({**{k: v.clone() for k, v in batch.items()}, "source": source})
+    plain.train_batch({k: v.clone() for k, v in batch.items()})
+    err, param = worst_relative_error(grads_of(module.model), grads_of(plain.model))
+    assert err <= GRAD_TOL, f"{param}: tagging rows changed the gradient by {err:.2e}"
+    assert trainer.metrics[CE_LOSS] == pytest.approx(plain_trainer.metrics[CE_LOSS], rel=1e-6)
+
+    with torch.no_grad():
+        logprobs = plain.model(batch["input_ids"]).logits[:, :-1].log_softmax(-1)
+    nll_BS = -logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    keep_BS = batch["label_mask"][:, 1:]
+    for index, name in enumerate(("web", "code")):
+        rows = source == index
+        assert trainer.metrics[source_sum(name, "ce")] == pytest.approx(
+            (nll_BS[rows] * keep_BS[rows]).sum().item(), rel=1e-5)
+        assert trainer.metrics[source_sum(name, "loss_tokens")] == keep_BS[rows].sum().item()
+        assert trainer.metrics[source_sum(name, "tokens")] == rows.sum().item() * SEQ
+    assert not any(k.startswith(SOURCE_SUM_PREFIX) for k in plain_trainer.metrics)
 
 
 def test_dry_run_leaves_no_gradient_and_records_nothing():
@@ -487,3 +519,35 @@ def test_fsdp_grad_sync_and_fp32_coefficients(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 2
+
+
+def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={free_port()}", "-m", "tests.olmo.ep_train_worker", *args],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+_ROUTING_OPTIONS = {"moe_shared_experts", "moe_capacity_factor"}
+
+
+@pytest.mark.parametrize(
+    "nproc, args",
+    [
+        (2, ("2",)),
+        pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow),
+        pytest.param(2, ("2", "shared", "capacity"), marks=pytest.mark.skipif(
+            not _ROUTING_OPTIONS <= {f.name for f in dataclasses.fields(ModelConfig)},
+            reason="ModelConfig has no shared experts or capacity factor")),
+    ],
+    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops"],
+)  # fmt: skip
+def test_expert_parallel_gradients_equal_plain_fsdp(nproc, args):
+    """parallelize_model with expert parallelism against plain FSDP on the same tokens: initial
+    weights, loss, expert load, every gradient (the sharded expert weights' included) and the
+    clipped gradients with their global norm."""
+    proc = run_ep_worker(nproc, *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok") == nproc

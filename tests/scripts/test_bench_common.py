@@ -137,8 +137,10 @@ SCRIPTS = {
     "bench_moe_layer.py": ("moe_layer", "moe_layer_cpu_quick", "total_ms"),
     "bench_train_step.py": ("train_step", "train_step_cpu_quick", "step_ms"),
     "bench_cpu_step.py": ("cpu_step", "cpu_step_quick", "median_ms"),
+    "bench_doc_masking.py": ("doc_masking", "doc_masking_cpu_quick", "median_ms"),
     "bench_moe_variants.py": ("moe_variants", "moe_variants_cpu_quick", "median_ms"),
     "bench_init_memory.py": ("init_memory", "init_memory_cpu_quick", "peak_rss_gib"),
+    "bench_expert_parallel.py": ("expert_parallel", "expert_parallel_cpu_quick", "total"),
 }
 
 
