@@ -419,7 +419,7 @@ def run_summary(
     lines = [f"Run {'complete' if done else f'stopped at step {step}'}: {folder}"]
     checkpoints = find_checkpoints(save_folder)
     if checkpoints:
-        lines.append(f"  checkpoint    {checkpoints[-1]}  ({len(checkpoints)} kept)")
+        lines.append(f"  checkpoint    {checkpoints[-1]}  (latest of {len(checkpoints)} on disk)")
     lines.append(f"  metrics       {save_folder / METRICS_FNAME}")
     lines.append(f"  config        {save_folder / CONFIG_FNAME}")
     wandb_runs = sorted((save_folder / WANDB_DIR).glob("*run-*"))
