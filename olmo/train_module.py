@@ -39,6 +39,7 @@ from moe_model.activations import ACTIVATIONS
 from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
 from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
+from moe_model.init import draw_on
 from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
@@ -288,10 +289,11 @@ class MoETrainModule(TrainModule):
         )
         if on_meta:
             # After sharding: each rank allocates and fills only its own shards (moe_model/init.py
-            # draws every tensor whole on the CPU from this seed, one parameter at a time).
+            # draws every tensor whole from this seed, one parameter at a time).
             self.model.to_empty(device=device)
             torch.manual_seed(cfg.seed)
-            self.model.init_weights()
+            with draw_on(device if cfg.init_on_device else "cpu"):
+                self.model.init_weights()
         self.optim = build_optimizer(self.model, cfg.optimizer)
         self.microbatch_size = cfg.device_train_microbatch_size
         self.skipped_steps = 0

@@ -29,6 +29,7 @@ from bench_common import (
 )
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
+from moe_model.init import draw_on
 from moe_model.moe import MoELayer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,7 +50,8 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
         activation_backend=backend, moe_expert_impl=args.expert_impl,
     )  # fmt: skip
-    layer = MoELayer(cfg, init_device=device).to(dtype)
+    with draw_on(device):  # seconds, not the CPU's serial draw of 400M values
+        layer = MoELayer(cfg, init_device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(
         args.tokens, args.d_model, device=device, dtype=dtype, generator=gen

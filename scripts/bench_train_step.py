@@ -36,6 +36,7 @@ from bench_common import (
 )
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
+from moe_model.init import draw_on
 from olmo.flops import device_peak_flops
 
 
@@ -56,7 +57,8 @@ def make_config(args, act: str, n_layers: int) -> ModelConfig:
 def run_steps(
     args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None
 ) -> dict:
-    model = cfg.build(init_device=str(device))
+    with draw_on(device):  # on the GPU: seconds per model instead of a serial CPU draw
+        model = cfg.build(init_device=str(device))
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(
@@ -133,8 +135,11 @@ def fits(args, device, n_layers: int) -> bool:
             free(device)
         return True
     except torch.OutOfMemoryError:
-        free(device)
-        return False
+        pass
+    # Out of the except block: until it ends, the exception's traceback holds the failed step's
+    # frames, and with them the model and its activations.
+    free(device)
+    return False
 
 
 def add_arguments(p) -> None:

@@ -9,7 +9,8 @@
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
-# SITE (/tmp/site, where the wheels go), PRETRAIN_STEPS (300; QUICK 4), TRAIN_STEP_LAYERS (4),
+# SITE (/tmp/site, where the wheels go), PRETRAIN_STEPS (300; QUICK 4), TRAIN_STEP_LAYERS
+# (auto: probed; or a number),
 # GIT_REV (the caller's revision, recorded in summary.json: the copy on the device may have no
 # .git, and the benchmarks' own git_rev then reads "unknown").
 #
@@ -28,7 +29,7 @@ PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-$([ "$QUICK" = 1 ] && echo 4 || echo 300)}
-TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-4}
+TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations moe_layer train_step pretrain)
@@ -134,11 +135,9 @@ for part in "${PARTS[@]}"; do
         --activations swiglu polynorm --poly-backends auto eager && collect moe_layer
       ;;
     train_step)
-      # The layer count is given, not probed (--layers auto): every model built costs its whole
-      # init, drawn serially on the CPU (moe_model/init.py; 14M values/s on one core of the
-      # CPU machine this was written on), and one OLMoE layer is 420M values. 8 layers would
-      # fit an 80 GB card by estimate but take minutes per model to initialise; 4 keep the
-      # part inside one device call.
+      # auto: the most of 16, 12, 8, ... OLMoE layers whose step fits, each probe one step of
+      # each activation. Affordable because the benchmark draws the weights on the GPU
+      # (moe_model/init.py draw_on); on the CPU one OLMoE layer's 420M values take ~10 s.
       layers=()
       [ "$QUICK" = 1 ] || layers=(--layers "$TRAIN_STEP_LAYERS")
       run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \

@@ -1,4 +1,5 @@
-"""Initialisation is the same whole, on meta then materialised, and sharded over 2 ranks."""
+"""The truncated-normal sampler against independent references, and initialisation the same
+whole, on meta then materialised, and sharded over 2 ranks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from moe_model.init import trunc_normal_
+from moe_model.init import _DRAW_CHUNK, draw_on, trunc_normal_
 from tests.moe_model.test_transformer import tiny_config
 from tests.olmo.helpers import REPO, free_port
 
@@ -27,6 +28,59 @@ def test_trunc_normal_distribution_and_cutoff():
     # std of N(0, s^2) truncated at +-3s is 0.98654 s.
     assert abs(w.std().item() - 0.02 * 0.98654) < 2e-4
     assert abs(w.mean().item()) < 2e-4
+
+
+def test_trunc_normal_takes_each_value_from_the_first_whole_draw_inside_the_cut():
+    """Reference: whole N(0, std^2) draws from the same seed, stacked; each position keeps the
+    first that lies inside the cut. A 2-std cut redraws 4.6% of the values, a few of them 3 times."""
+    n, std, factor = 300_000, 0.02, 2.0
+    cut = torch.tensor(factor * std, dtype=torch.float32)
+    torch.manual_seed(7)
+    draws = torch.stack([torch.empty(n).normal_(0.0, std) for _ in range(8)])
+    inside = draws.abs() <= cut
+    assert inside.any(0).all()
+    assert (~inside[:3]).all(0).any(), "no value needed 4 draws: the test would be weaker"
+    expected = draws.gather(0, inside.int().argmax(0, keepdim=True))[0]
+    torch.manual_seed(7)
+    w = torch.empty(n)
+    trunc_normal_(w, std=std, cutoff_factor=factor)
+    assert torch.equal(w, expected)
+
+
+@pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0",
+                    reason="torch 2.13's nn.init.trunc_normal_ drew the weights of earlier runs")
+@pytest.mark.parametrize("shape,std,factor", [((_DRAW_CHUNK + 1000,), 0.02, 3.0),
+                                              ((7, 5), 0.5, 2.0), ((64, 48, 32), 1.0, 1.0)])
+def test_trunc_normal_keeps_the_weights_runs_drew_with_torch_2_13(shape, std, factor):
+    torch.manual_seed(5)
+    ours = torch.empty(shape)
+    trunc_normal_(ours, std=std, cutoff_factor=factor)
+    torch.manual_seed(5)
+    theirs = torch.empty(shape)
+    for piece in theirs.view(-1).split(_DRAW_CHUNK):  # the pieces moe_model/init.py drew
+        torch.nn.init.trunc_normal_(piece, std=std, a=-factor * std, b=factor * std)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_draw_on_gpu_is_seeded_truncated_and_fills_cpu_or_gpu_tensors():
+    shape = (3, 2048, 1536)  # more than one piece
+    torch.manual_seed(3)
+    on_cpu = torch.empty(shape)
+    with draw_on("cuda"):
+        trunc_normal_(on_cpu, std=0.02, cutoff_factor=3.0)
+    torch.manual_seed(3)
+    on_gpu = torch.empty(shape, device="cuda")
+    with draw_on("cuda"):
+        trunc_normal_(on_gpu, std=0.02, cutoff_factor=3.0)
+    assert torch.equal(on_cpu, on_gpu.cpu())
+    assert on_cpu.abs().max() <= 0.06
+    assert abs(on_cpu.std().item() - 0.02 * 0.98654) < 1e-4
+    torch.manual_seed(3)
+    cpu_draw = torch.empty(shape)
+    trunc_normal_(cpu_draw, std=0.02, cutoff_factor=3.0)  # back on the CPU outside the block
+    assert not torch.equal(cpu_draw, on_cpu)
 
 
 def test_trunc_normal_values_do_not_depend_on_the_dtype_or_tensor():
