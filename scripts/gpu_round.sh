@@ -4,8 +4,8 @@
 # on the sample data through run_pretrain.sh. Packages the machine lacks are installed first
 # from the carried wheels (scripts/gpu_wheels.sh). The device calls: benchmarks/README.md.
 #
-#   bash scripts/gpu_round.sh [PART ...]   PART: tests activations moe_layer train_step pretrain
-#                                          (default: all five, in that order)
+#   bash scripts/gpu_round.sh [PART ...]   PART: tests activations tuning moe_layer train_step
+#                                          pretrain (default: all six, in that order)
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
@@ -16,8 +16,8 @@
 #
 # $OUT ends with at most 8 files (what the device hands back): round.log (everything printed),
 # summary.json (exit status and seconds of each part; versions, pip check, GPU), the benchmarks'
-# JSON (activations_*.json, moe_layer_*.json, train_step_*.json), pretrain_*.json, and
-# details.tar.gz (each part's log, pytest's JUnit XML, each run's metrics.jsonl and config).
+# JSON (activations_*.json, kernel_tuning_*.json, moe_layer_*.json, train_step_*.json),
+# pretrain_*.json, and details.tar.gz (each part's log, pytest's JUnit XML, each run's metrics.jsonl and config).
 # summary.json and details.tar.gz are rewritten after every part, so a call stopped at its time
 # limit still returns what finished.
 set -uo pipefail
@@ -32,11 +32,12 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-$([ "$QUICK" = 1 ] && echo 4 || echo 300)}
 TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations moe_layer train_step pretrain)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step pretrain)
 for part in "${PARTS[@]}"; do
   case $part in
-    tests | activations | moe_layer | train_step | pretrain) ;;
-    *) echo "unknown part '$part'; expected tests, activations, moe_layer, train_step or pretrain" >&2
+    tests | activations | tuning | moe_layer | train_step | pretrain) ;;
+    *) echo "unknown part '$part'; expected tests, activations, tuning, moe_layer, train_step" \
+         "or pretrain" >&2
        exit 2 ;;
   esac
 done
@@ -129,6 +130,12 @@ for part in "${PARTS[@]}"; do
     activations)
       run_step activations 360 "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}" \
         && collect activations
+      ;;
+    tuning)
+      # The Triton PolyNorm launch parameters (warps, backward programs per SM), every variant
+      # checked against the default launch: the data to tune the kernels from.
+      run_step tuning 240 "$PYTHON" scripts/bench_kernel_tuning.py "${QUICK_FLAG[@]}" \
+        && collect tuning
       ;;
     moe_layer)
       run_step moe_layer 300 "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \

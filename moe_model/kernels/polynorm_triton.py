@@ -189,24 +189,57 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
+# Backward programs per SM: several hide load latency; each keeps its dweight share in registers.
+BWD_PROGRAMS_PER_SM = 8
+
+
+def launch_poly_norm_fwd(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    *, num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PolyNorm forward of contiguous rows ``x2`` (rows, cols): ``(y, rstd)``, rstd (rows, order)
+    fp32. ``num_warps`` None = by row length; scripts/bench_kernel_tuning.py sweeps it."""
+    order = weight.numel()
+    n_rows, n_cols = x2.shape
+    if not 1 <= order <= MAX_ORDER or n_cols > MAX_ROW:
+        raise ValueError(f"triton PolyNorm supports order 1..{MAX_ORDER} and rows <= {MAX_ROW}")
+    y = torch.empty_like(x2)
+    rstd = torch.empty(n_rows, order, dtype=torch.float32, device=x2.device)
+    block = triton.next_power_of_2(n_cols)
+    if n_rows > 0:
+        _poly_norm_fwd[(n_rows,)](
+            x2, weight.contiguous(), bias.contiguous(), y, rstd, n_cols, eps,
+            ORDER=order, BLOCK=block, num_warps=num_warps or _num_warps(block),
+        )  # fmt: skip
+    return y, rstd
+
+
+def launch_poly_norm_bwd(
+    x2: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    *, num_warps: int | None = None, programs_per_sm: int = BWD_PROGRAMS_PER_SM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PolyNorm backward of contiguous rows: ``(dx, dweight, dbias)``, the last two fp32 sums."""
+    order = weight.numel()
+    n_rows, n_cols = x2.shape
+    dx = torch.empty_like(x2)
+    block = triton.next_power_of_2(n_cols)
+    progs = _num_programs(x2.device, n_rows, per_sm=programs_per_sm)
+    dw_part = torch.zeros(progs, order, dtype=torch.float32, device=x2.device)
+    db_part = torch.zeros(progs, dtype=torch.float32, device=x2.device)
+    if n_rows > 0:
+        _poly_norm_bwd[(progs,)](
+            x2, g, weight.contiguous(), rstd, dx, dw_part, db_part, n_rows, n_cols,
+            ORDER=order, BLOCK=block, num_warps=num_warps or _num_warps(block),
+        )  # fmt: skip
+    return dx, dw_part.sum(0), db_part.sum()
+
+
 class TritonPolyNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         _check_device(x)
-        order = weight.numel()
-        n_cols = x.shape[-1]
-        if not 1 <= order <= MAX_ORDER or n_cols > MAX_ROW:
-            raise ValueError(f"triton PolyNorm supports order 1..{MAX_ORDER} and rows <= {MAX_ROW}")
-        x2 = x.reshape(-1, n_cols).contiguous()
-        n_rows = x2.shape[0]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(n_rows, order, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(n_cols)
-        if n_rows > 0:
-            _poly_norm_fwd[(n_rows,)](
-                x2, weight.contiguous(), bias.contiguous(), y, rstd, n_cols, eps,
-                ORDER=order, BLOCK=block, num_warps=_num_warps(block),
-            )  # fmt: skip
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = launch_poly_norm_fwd(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.bias_meta = (bias.shape, bias.dtype)
         ctx.x_shape = x.shape
@@ -215,27 +248,10 @@ class TritonPolyNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        order = weight.numel()
-        n_rows, n_cols = x2.shape
-        g = grad_out.reshape(n_rows, n_cols).contiguous()
-        dx = torch.empty_like(x2)
-        block = triton.next_power_of_2(n_cols)
-        # Several programs per SM hide load latency; each keeps its dweight share in registers.
-        progs = _num_programs(x2.device, n_rows, per_sm=8)
-        dw_part = torch.zeros(progs, order, dtype=torch.float32, device=x2.device)
-        db_part = torch.zeros(progs, dtype=torch.float32, device=x2.device)
-        if n_rows > 0:
-            _poly_norm_bwd[(progs,)](
-                x2, g, weight.contiguous(), rstd, dx, dw_part, db_part, n_rows, n_cols,
-                ORDER=order, BLOCK=block, num_warps=_num_warps(block),
-            )  # fmt: skip
+        g = grad_out.reshape(x2.shape).contiguous()
+        dx, dw, db = launch_poly_norm_bwd(x2, g, weight, rstd)
         bias_shape, bias_dtype = ctx.bias_meta
-        return (
-            dx.reshape(ctx.x_shape),
-            dw_part.sum(0).to(weight.dtype),
-            db_part.sum().reshape(bias_shape).to(bias_dtype),
-            None,
-        )
+        return dx.reshape(ctx.x_shape), dw.to(weight.dtype), db.reshape(bias_shape).to(bias_dtype), None
 
 
 # Elements per program of the flat PolyReLU kernels: 16 B/thread loads at 4 warps for bf16.

@@ -141,6 +141,7 @@ SCRIPTS = {
     "bench_moe_variants.py": ("moe_variants", "moe_variants_cpu_quick", "median_ms"),
     "bench_init_memory.py": ("init_memory", "init_memory_cpu_quick", "peak_rss_gib"),
     "bench_expert_parallel.py": ("expert_parallel", "expert_parallel_cpu_quick", "total"),
+    "bench_kernel_tuning.py": ("kernel_tuning", "kernel_tuning_cpu_quick", "ms"),
 }
 
 
