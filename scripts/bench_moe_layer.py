@@ -27,6 +27,7 @@ from bench_common import (
     sync,
     time_phases,
 )
+from bench_profile import format_profile, profile_step
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
@@ -44,7 +45,7 @@ def parse_acts(specs: list[str], swiglu_hidden: int) -> list[tuple[str, int]]:
     return out
 
 
-def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
+def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters, profile=False):
     cfg = ModelConfig(
         d_model=args.d_model, n_layers=1, n_heads=args.n_heads, activation_type=act,
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
@@ -104,6 +105,10 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
 
     a_fwd, a_bwd = time_phases(act_phases, device=device, warmup=warmup, iters=iters)
     sync(device)
+    layer_profile = None
+    if profile:
+        layer_profile = profile_step(lambda: [f() for f in phases()], device)
+        print(format_profile(f"{act} h={hidden} ({backend})", layer_profile))
 
     fwd, bwd = median(fwd_ms), median(bwd_ms)
     total = fwd + bwd
@@ -123,6 +128,7 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters):
         "peak_mib": peak_mib,
         "fwd_ms_all": fwd_ms,
         "bwd_ms_all": bwd_ms,
+        **({"profile": layer_profile} if layer_profile else {}),
     }
 
 
@@ -141,6 +147,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU"
     )
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
 
 
 def setup(run: Run) -> None:
@@ -162,9 +170,8 @@ def measure(run: Run):
     args = run.args
     for act, hidden in parse_acts(args.activations, args.swiglu_hidden):
         for backend in args.poly_backends if act in ("polynorm", "polyrelu") else ["auto"]:
-            yield bench_layer(
-                args, act, hidden, run.device, DTYPES[args.dtype], backend, run.warmup, run.iters
-            )
+            yield bench_layer(args, act, hidden, run.device, DTYPES[args.dtype], backend,
+                              run.warmup, run.iters, profile=args.profile)  # fmt: skip
             if run.gpu:
                 torch.cuda.empty_cache()
 

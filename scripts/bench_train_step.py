@@ -34,6 +34,7 @@ from bench_common import (
     sync,
     time_phases,
 )
+from bench_profile import format_profile, profile_step
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
@@ -55,8 +56,9 @@ def make_config(args, act: str, n_layers: int) -> ModelConfig:
 
 
 def run_steps(
-    args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None
-) -> dict:
+    args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None,
+    profile: bool = False,
+) -> dict:  # fmt: skip
     with draw_on(device):  # on the GPU: seconds per model instead of a serial CPU draw
         model = cfg.build(init_device=str(device))
     if args.precision == "bf16":
@@ -117,6 +119,9 @@ def run_steps(
         else None,
         "step_ms_all": step_ms,
     }
+    if profile:
+        row["profile"] = profile_step(lambda: [f() for f in phases()], device)
+        print(format_profile(f"{cfg.activation_type}, {cfg.n_layers} layers", row["profile"]))
     return row
 
 
@@ -161,6 +166,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="override the device's peak (MFU)"
     )
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
 
 
 def setup(run: Run) -> None:
@@ -195,7 +202,7 @@ def measure(run: Run):
     args, peak = run.args, run.settings["peak_tflops"]
     for act in args.activations:
         row = run_steps(args, make_config(args, act, args.layers), run.device, run.warmup, run.iters,
-                        peak * 1e12 if peak else None)  # fmt: skip
+                        peak * 1e12 if peak else None, profile=args.profile)  # fmt: skip
         free(run.device)
         yield row
 

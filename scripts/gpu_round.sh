@@ -138,8 +138,9 @@ for part in "${PARTS[@]}"; do
         && collect tuning
       ;;
     moe_layer)
+      # --profile: time per kernel kind and the top kernels of each layer, in the JSON.
       run_step moe_layer 300 "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \
-        --activations swiglu polynorm --poly-backends auto eager && collect moe_layer
+        --activations swiglu polynorm --poly-backends auto eager --profile && collect moe_layer
       ;;
     train_step)
       # auto: the most of 16, 12, 8, ... OLMoE layers whose step fits, each probe one step of
@@ -148,7 +149,7 @@ for part in "${PARTS[@]}"; do
       layers=()
       [ "$QUICK" = 1 ] || layers=(--layers "$TRAIN_STEP_LAYERS")
       run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
-        "${layers[@]}" && collect train_step
+        "${layers[@]}" --profile && collect train_step
       ;;
     pretrain)
       if ! ls data/sample/tokens/train/*.npy >/dev/null 2>&1; then
