@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,12 +347,16 @@ def run_benchmark(bench: Benchmark, argv: list[str] | None = None) -> int:
     if bench.setup is not None:
         bench.setup(run)
     rows = []
-    for row in bench.measure(run):
-        rows.append(row)
-        if bench.progress is not None:
-            print("  " + bench.progress(row), flush=True)
-    if bench.finish is not None:
-        bench.finish(run, rows)
+    try:
+        for row in bench.measure(run):
+            rows.append(row)
+            if bench.progress is not None:
+                print("  " + bench.progress(row), flush=True)
+        if bench.finish is not None:
+            bench.finish(run, rows)
+    except Exception as err:  # keep what was measured (a GPU round's case may run out of memory)
+        traceback.print_exc()
+        run.fail(f"{type(err).__name__} after {len(rows)} rows: {err}")
     columns = bench.columns(run) if callable(bench.columns) else bench.columns
     print()
     print(format_table(rows, columns))

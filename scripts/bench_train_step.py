@@ -13,7 +13,12 @@ it). Precision:
 too, a speed measurement, not a recipe), ``autocast`` keeps fp32 parameters and runs bf16
 autocast.
 
+``--config FILE`` takes the shapes from a training config instead (the small GPU configs: d 512,
+12 layers, 32 experts top-4, micro-batch 16 x 2048); ``--compile`` compiles each block as the
+trainer's ``compile: true`` does; ``--profile`` adds where the step's time goes.
+
     python scripts/bench_train_step.py                          # GPU
+    python scripts/bench_train_step.py --config configs/small-gpu-swiglu.yaml --compile
     python scripts/bench_train_step.py --device cpu --quick     # smoke test on a tiny model
 """
 
@@ -38,6 +43,7 @@ from bench_profile import format_profile, profile_step
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
+from olmo.config import load_config
 from olmo.flops import device_peak_flops
 
 
@@ -63,6 +69,9 @@ def run_steps(
         model = cfg.build(init_device=str(device))
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
+    if args.compile:  # as the trainer's compile: true
+        for block in model.blocks:
+            block.compile(dynamic=False)
     opt = torch.optim.AdamW(
         model.parameters(), lr=4e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
         fused=device.type == "cuda",
@@ -166,12 +175,24 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="override the device's peak (MFU)"
     )
+    p.add_argument("--config", help="a training YAML whose model shapes and micro-batch replace "
+                   "the shape flags (its other model options are not used)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (dynamic=False)")
     p.add_argument("--profile", action="store_true",
                    help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
 
 
 def setup(run: Run) -> None:
     args, device = run.args, run.device
+    if args.config:
+        cfg = load_config(args.config, [])
+        m = cfg.model
+        args.d_model, args.n_heads, args.experts, args.top_k = (
+            m.d_model, m.n_heads, m.moe_num_experts, m.moe_top_k)  # fmt: skip
+        args.swiglu_hidden = equal_param_hidden_size(m.mlp_hidden_size, m.activation_type, "swiglu")
+        args.vocab, args.seq, args.batch = (
+            m.embedding_size, m.max_sequence_length, cfg.device_train_microbatch_size)  # fmt: skip
+        args.layers = str(m.n_layers) if args.layers == "auto" else args.layers
     if run.quick:  # tiny model: d 64, 2 layers, 8 experts
         args.d_model, args.n_heads, args.experts, args.top_k = 64, 4, 8, 2
         args.swiglu_hidden, args.vocab, args.seq, args.batch = 32, 512, 64, 2
@@ -187,14 +208,14 @@ def setup(run: Run) -> None:
     # Both precisions run the matmuls in bf16.
     override = args.peak_tflops * 1e12 if args.peak_tflops is not None else None
     peak = device_peak_flops(device, torch.bfloat16, override)
-    keys = ("d_model", "n_heads", "experts", "top_k", "swiglu_hidden", "vocab", "seq", "batch",
-            "activations", "backend", "expert_impl", "precision")  # fmt: skip
+    keys = ("config", "d_model", "n_heads", "experts", "top_k", "swiglu_hidden", "vocab", "seq",
+            "batch", "activations", "backend", "expert_impl", "precision", "compile")  # fmt: skip
     run.settings.update({k: getattr(args, k) for k in keys}, n_layers=args.layers,
                         peak_tflops=peak / 1e12 if peak else None)  # fmt: skip
     peak_text = f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown (no MFU)"
     print(
         f"# {args.layers} layers, batch {args.batch} x {args.seq}, precision {args.precision}, "
-        f"peak {peak_text}"
+        f"{'compiled blocks, ' if args.compile else ''}peak {peak_text}"
     )
 
 

@@ -5,7 +5,7 @@
 # from the carried wheels (scripts/gpu_wheels.sh). The device calls: benchmarks/README.md.
 #
 #   bash scripts/gpu_round.sh [PART ...]   PART: tests activations tuning moe_layer train_step
-#                                          pretrain (default: all six, in that order)
+#                                          small_step pretrain (default: all, in that order)
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
@@ -14,10 +14,11 @@
 # GIT_REV (the caller's revision, recorded in summary.json: the copy on the device may have no
 # .git, and the benchmarks' own git_rev then reads "unknown").
 #
-# $OUT ends with at most 8 files (what the device hands back): round.log (everything printed),
-# summary.json (exit status and seconds of each part; versions, pip check, GPU), the benchmarks'
-# JSON (activations_*.json, kernel_tuning_*.json, moe_layer_*.json, train_step_*.json),
-# pretrain_*.json, and details.tar.gz (each part's log, pytest's JUnit XML, each run's metrics.jsonl and config).
+# $OUT ends with round.log (everything printed), summary.json (exit status and seconds of each
+# part; versions, pip check, GPU), the benchmarks' JSON (activations_*, kernel_tuning_*,
+# moe_layer_*, train_step_*, two train_step_small_*), pretrain_*.json and details.tar.gz (each
+# part's log, pytest's JUnit XML, each run's metrics.jsonl and config). The device hands back 8
+# files a call: benchmarks/README.md splits the parts into calls that stay under it.
 # summary.json and details.tar.gz are rewritten after every part, so a call stopped at its time
 # limit still returns what finished.
 set -uo pipefail
@@ -32,12 +33,12 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-$([ "$QUICK" = 1 ] && echo 4 || echo 300)}
 TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step pretrain)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step small_step pretrain)
 for part in "${PARTS[@]}"; do
   case $part in
-    tests | activations | tuning | moe_layer | train_step | pretrain) ;;
-    *) echo "unknown part '$part'; expected tests, activations, tuning, moe_layer, train_step" \
-         "or pretrain" >&2
+    tests | activations | tuning | moe_layer | train_step | small_step | pretrain) ;;
+    *) echo "unknown part '$part'; expected tests, activations, tuning, moe_layer, train_step," \
+         "small_step or pretrain" >&2
        exit 2 ;;
   esac
 done
@@ -128,19 +129,20 @@ for part in "${PARTS[@]}"; do
         --continue-on-collection-errors tests --junitxml="$WORK/pytest_gpu.xml"
       ;;
     activations)
-      run_step activations 360 "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}" \
-        && collect activations
+      run_step activations 360 "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}"
+      collect activations
       ;;
     tuning)
       # The Triton PolyNorm launch parameters (warps, backward programs per SM), every variant
       # checked against the default launch: the data to tune the kernels from.
-      run_step tuning 240 "$PYTHON" scripts/bench_kernel_tuning.py "${QUICK_FLAG[@]}" \
-        && collect tuning
+      run_step tuning 240 "$PYTHON" scripts/bench_kernel_tuning.py "${QUICK_FLAG[@]}"
+      collect tuning
       ;;
     moe_layer)
       # --profile: time per kernel kind and the top kernels of each layer, in the JSON.
       run_step moe_layer 300 "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \
-        --activations swiglu polynorm --poly-backends auto eager --profile && collect moe_layer
+        --activations swiglu polynorm --poly-backends auto eager --profile
+      collect moe_layer
       ;;
     train_step)
       # auto: the most of 16, 12, 8, ... OLMoE layers whose step fits, each probe one step of
@@ -149,7 +151,22 @@ for part in "${PARTS[@]}"; do
       layers=()
       [ "$QUICK" = 1 ] || layers=(--layers "$TRAIN_STEP_LAYERS")
       run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
-        "${layers[@]}" --profile && collect train_step
+        "${layers[@]}" --profile
+      collect train_step
+      ;;
+    small_step)
+      # The small GPU configs' shapes (d 512, 12 layers, 32 experts top-4, micro-batch 16 x
+      # 2048), SwiGLU vs PolyNorm, as the trainer runs them by default and with compiled blocks.
+      dev=$("$PYTHON" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+      [ "$QUICK" = 1 ] && dev=${dev}_quick
+      for mode in eager compiled; do
+        flags=()
+        [ $mode = compiled ] && flags=(--compile)
+        run_step "small_step_$mode" 300 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
+          --config configs/small-gpu-swiglu.yaml "${flags[@]}" --profile \
+          --name "train_step_small_${mode}_$dev"
+        collect "small_step_$mode"
+      done
       ;;
     pretrain)
       if ! ls data/sample/tokens/train/*.npy >/dev/null 2>&1; then

@@ -84,6 +84,18 @@ def test_failure_still_writes_and_exits_1(tmp_path):
     assert (tmp_path / "toy_cpu_quick.json").is_file()
 
 
+def test_an_exception_keeps_the_rows_measured_before_it(tmp_path, capsys):
+    def measure(run):
+        yield {"n": 1, "ms": 0.5}
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    bench = toy(measure=measure, finish=None)
+    assert run_benchmark(bench, ["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
+    payload = json.loads((tmp_path / "toy_cpu_quick.json").read_text())
+    assert payload["results"] == [{"n": 1, "ms": 0.5}]
+    assert "error: OutOfMemoryError after 1 rows: CUDA out of memory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "bench_kw, argv",
     [
