@@ -8,8 +8,8 @@ while no rank ever holds more than one full parameter at a time.
 The truncated normal is sampled here rather than by ``nn.init.trunc_normal_`` because torch
 changed that function's algorithm in 2026 (inverse CDF before, redrawing after:
 pytorch/pytorch#174997), and the GPU image and this project's CPU pin are different releases.
-The algorithm here is the redrawing one, consuming the generator as torch 2.13 does, so runs
-made with torch 2.13 keep their weights.
+The algorithm here is the redrawing one, consuming the generator as torch 2.13 does for cuts
+beyond 0.39 std (every config here cuts at 3), so runs made with torch 2.13 keep their weights.
 
 Where the values are drawn:
 
