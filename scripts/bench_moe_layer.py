@@ -27,7 +27,7 @@ from bench_common import (
     sync,
     time_phases,
 )
-from bench_profile import format_profile, profile_step
+from bench_profile import add_profile_flag, format_profile, profile_step
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
@@ -107,7 +107,7 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters, profil
     sync(device)
     layer_profile = None
     if profile:
-        layer_profile = profile_step(lambda: [f() for f in phases()], device)
+        layer_profile = profile_step(phases, device)
         print(format_profile(f"{act} h={hidden} ({backend})", layer_profile))
 
     fwd, bwd = median(fwd_ms), median(bwd_ms)
@@ -147,8 +147,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU"
     )
-    p.add_argument("--profile", action="store_true",
-                   help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
+    add_profile_flag(p)
 
 
 def setup(run: Run) -> None:

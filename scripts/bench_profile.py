@@ -1,6 +1,6 @@
 """Where a benchmarked step spends its time: the torch profiler's kernels, grouped by kind.
 
-:func:`profile_step` runs a step a few times under ``torch.profiler`` and returns, per step, the
+:func:`profile_step` runs a benchmark's step a few times under ``torch.profiler`` and returns, per step, the
 device time of every kernel (CUDA; on CPU the self time of every operator), the share of each
 kind (matmul, attention, the Triton activation kernels, communication, memory, optimizer, other)
 and the top kernels by time: what limits a step, in the benchmark's own JSON.
@@ -8,6 +8,7 @@ and the top kernels by time: what limits a step, in the benchmark's own JSON.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
@@ -32,17 +33,25 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
+def add_profile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
+
+
 def profile_step(
-    step: Callable[[], object], device: torch.device, *, steps: int = 3, top: int = 12
-) -> dict:
-    """Profile ``steps`` calls of ``step`` (warmed up beforehand by the caller); times are ms
-    per step. On CUDA the rows are kernels; on CPU, operators by self time (nested operators
-    are counted once, in the one that does the work)."""
+    phases: Callable[[], list[Callable[[], object]]], device: torch.device, *, steps: int = 3,
+    top: int = 12,
+) -> dict:  # fmt: skip
+    """Profile ``steps`` steps, each the phases ``phases()`` returns (as bench_common.time_phases
+    takes them; warmed up beforehand by the caller); times are ms per step. On CUDA the rows are
+    kernels; on CPU, operators by self time (nested operators are counted once, in the one that
+    does the work)."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step()
+            for phase in phases():
+                phase()
         if cuda:
             torch.cuda.synchronize(device)
     events = prof.key_averages()

@@ -39,7 +39,7 @@ from bench_common import (
     sync,
     time_phases,
 )
-from bench_profile import format_profile, profile_step
+from bench_profile import add_profile_flag, format_profile, profile_step
 
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
@@ -129,7 +129,7 @@ def run_steps(
         "step_ms_all": step_ms,
     }
     if profile:
-        row["profile"] = profile_step(lambda: [f() for f in phases()], device)
+        row["profile"] = profile_step(phases, device)
         print(format_profile(f"{cfg.activation_type}, {cfg.n_layers} layers", row["profile"]))
     return row
 
@@ -178,8 +178,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="a training YAML whose model shapes and micro-batch replace "
                    "the shape flags (its other model options are not used)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile each block (dynamic=False)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile 3 steps: time per kernel kind and the top kernels, in the JSON")  # fmt: skip
+    add_profile_flag(p)
 
 
 def setup(run: Run) -> None:

@@ -40,7 +40,7 @@ def test_cpu_profile_shares_and_order():
         return (b * 2 + 1).relu()
 
     step()
-    prof = profile_step(step, torch.device("cpu"), steps=3)
+    prof = profile_step(lambda: [step], torch.device("cpu"), steps=3)
     assert prof["steps"] == 3 and prof["total_ms"] > 0
     assert sum(k["pct"] for k in prof["kinds"]) == pytest.approx(100)
     assert prof["kinds"][0]["kind"] == "matmul"
