@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moe_model.errors import ConfigError
+
 __all__ = [
     "DOCUMENT_MASK_BACKENDS",
     "DocumentMask",
@@ -92,9 +94,9 @@ class FlexDocumentMask:
         from torch.nn.attention.flex_attention import create_block_mask
 
         if doc_BS.device.type == "cpu" and torch.is_grad_enabled():
-            raise RuntimeError(
-                "model.document_masking_backend='flex' cannot train on CPU (torch implements "
-                "FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
+            raise ConfigError(
+                "model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
+                "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
             )
         b, s = doc_BS.shape
         return create_block_mask(self.mask_mod(doc_BS), b, None, s, s, device=doc_BS.device)

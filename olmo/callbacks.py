@@ -22,6 +22,7 @@ import torch.distributed as dist
 from olmo_core.distributed.utils import get_rank
 from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLoggerCallback
 
+from moe_model.errors import LaunchError
 from olmo import metric_names as names
 from olmo.config import WandbConfig
 from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
@@ -201,7 +202,9 @@ class WandbCallback(Callback):
         if s.mode == "disabled" or get_rank() != 0:
             return
         if s.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise RuntimeError("wandb.mode=online needs the WANDB_API_KEY environment variable")
+            # olmo.launch.preflight refuses this before anything is written; a callback built
+            # by other code still gets the same one-line error instead of wandb's prompt.
+            raise LaunchError("wandb.mode='online' needs the WANDB_API_KEY environment variable")
         import wandb
         from wandb.sdk.lib import runid
 

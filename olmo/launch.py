@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moe_model.errors import LaunchError
+from moe_model.errors import ConfigError, LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
 from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
 from olmo.flops import device_peak_flops
@@ -25,6 +25,7 @@ from olmo.run_files import (
     METRICS_FNAME,
     WANDB_RUN_ID_FNAME,
     find_checkpoints,
+    save_dirs,
 )
 
 log = logging.getLogger("olmo.train")
@@ -90,7 +91,7 @@ def clear_other_run(cfg: TrainConfig) -> None:
     checkpoints = find_checkpoints(save_folder)
     if checkpoints and other_run_reason(cfg) is None:
         return
-    doomed = [p for p in save_folder.iterdir() if p.name.startswith("step") and p.is_dir()]
+    doomed = save_dirs(save_folder)
     doomed += [save_folder / n for n in (METRICS_FNAME, WANDB_RUN_ID_FNAME, DATA_WORK_DIR)]
     for path in doomed:
         if path.is_dir():
@@ -114,10 +115,35 @@ def check_load_path(cfg: TrainConfig) -> None:
         )
 
 
+def training_device_type() -> str:
+    """The kind of device :func:`init_distributed` will train on, known before it runs."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_wandb(cfg: TrainConfig) -> None:
+    if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise LaunchError(
+            "wandb.mode='online' needs the WANDB_API_KEY environment variable; set it, or use "
+            "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled"
+        )
+
+
+def check_attention_backend(cfg: TrainConfig, device_type: str) -> None:
+    """FlexAttention has no CPU backward, so flex document masking cannot train on a CPU."""
+    m = cfg.model
+    if m.document_masking and m.document_masking_backend == "flex" and device_type == "cpu":
+        raise ConfigError(
+            "model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
+            "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
+        )
+
+
 def preflight(cfg: TrainConfig) -> None:
     """All cheap checks on user input; raise ConfigError/DataError/LaunchError."""
     cfg.validate_batch_sizes(world_size_from_env())
     cfg.validate_parallel(world_size_from_env())
+    check_attention_backend(cfg, training_device_type())
+    check_wandb(cfg)
     validate_data(
         cfg.data,
         vocab_size=cfg.model.vocab_size,
@@ -153,7 +179,7 @@ def init_distributed(cfg: TrainConfig) -> RunEnv:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     prepare_training_environment(seed=cfg.seed, backend=backend if "WORLD_SIZE" in os.environ else None)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
+    if training_device_type() == "cuda":
         device = torch.device(f"cuda:{torch.cuda.current_device()}")
     else:
         device = torch.device("cpu")

@@ -24,6 +24,7 @@ __all__ = [
     "WANDB_RUN_ID_FNAME",
     "checkpoint_step",
     "find_checkpoints",
+    "save_dirs",
     "step_dirs",
 ]
 
@@ -36,6 +37,7 @@ DCP_DIR = "model_and_optim"
 """Inside ``stepN/``: the torch.distributed.checkpoint directory of model and optimizer."""
 
 _STEP_DIR = re.compile(r"step(\d+)")
+_SAVE_DIR = re.compile(r"step\d+(-tmp)?")
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -51,6 +53,14 @@ def step_dirs(save_folder: str | Path) -> list[Path]:
         return []
     found = [p for p in save_folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)
+
+
+def save_dirs(save_folder: str | Path) -> list[Path]:
+    """Every directory a checkpoint save leaves: ``stepN`` and an interrupted save's ``stepN-tmp``."""
+    save_folder = Path(save_folder)
+    if not save_folder.is_dir():
+        return []
+    return sorted(p for p in save_folder.iterdir() if p.is_dir() and _SAVE_DIR.fullmatch(p.name))
 
 
 def find_checkpoints(save_folder: str | Path) -> list[Path]:

@@ -14,6 +14,7 @@ from moe_model.attention import (
     document_positions,
     resolve_document_mask_backend,
 )
+from moe_model.errors import ConfigError
 
 EOS = 9
 
@@ -75,8 +76,11 @@ def test_backend_names():
 
 
 def test_flex_refuses_to_train_on_cpu():
+    """A project error (one line from the CLIs), not torch's backward failure later on."""
     doc = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="document_masking_backend='flex' cannot train on CPU"):
+    with pytest.raises(ConfigError, match=r"^model.document_masking_backend='flex' cannot train "
+                       r"on device 'cpu' \(torch implements FlexAttention's backward on CUDA "
+                       r"only\); use 'sdpa' or 'auto'$"):
         build_document_mask(doc, "flex")
 
 

@@ -465,6 +465,56 @@ def test_bad_input_through_the_script(tmp_path, data):
     assert not save.exists()
 
 
+PREFLIGHT_REFUSALS = {
+    # name: (overrides, the whole error line)
+    "wandb_online_without_key": (
+        ["--wandb.mode=online"],
+        "error: wandb.mode='online' needs the WANDB_API_KEY environment variable; set it, or use "
+        "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled",
+    ),
+    "flex_training_on_cpu": (
+        ["--model.document_masking=true", "--model.document_masking_backend=flex"],
+        "error: model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
+        "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFLIGHT_REFUSALS))
+def test_settings_that_fail_in_training_are_refused_before_writing(
+    tmp_path, data, capsys, monkeypatch, name
+):
+    """Found by preflight, not once the trainer runs: one line, nothing in the save folder."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra, line = PREFLIGHT_REFUSALS[name]
+    save = tmp_path / "save"
+    code = main([TEST_CONFIG, *tiny_overrides(save, data), *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert _error_lines(err) == [line], err
+    assert "Traceback" not in err
+    assert not save.exists()
+
+
+def test_preflight_passes_the_usable_neighbours(tmp_path, data, monkeypatch):
+    """The refusals above are exact: a key, a GPU, or flex left unused each let the run go."""
+    from olmo.config import load_config
+    from olmo.launch import preflight
+
+    def cfg(*extra):
+        return load_config(TEST_CONFIG, [*tiny_overrides(tmp_path / "save", data), *extra])
+
+    flex = ["--model.document_masking=true", "--model.document_masking_backend=flex"]
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    preflight(cfg("--wandb.mode=online"))
+    preflight(cfg("--model.document_masking_backend=flex"))  # no document masking: flex unused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    preflight(cfg(*flex))
+    assert not (tmp_path / "save").exists()
+
+
 # ---- 8. no memory growth ------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The save-folder layout: which directories are checkpoints."""
 
-from olmo.run_files import checkpoint_step, find_checkpoints, step_dirs
+from olmo.run_files import checkpoint_step, find_checkpoints, save_dirs, step_dirs
 
 
 def test_checkpoint_step():
@@ -26,3 +26,12 @@ def test_step_dirs_sorted_numerically_and_complete_ones_only(tmp_path):
     (done / ".metadata.json").write_text("{}")
     assert find_checkpoints(tmp_path) == [done]
     assert find_checkpoints(tmp_path / "missing") == []
+
+
+def test_save_dirs_include_interrupted_saves(tmp_path):
+    """What save_overwrite removes of another run: finished and interrupted saves, nothing else."""
+    for name in ("step4", "step8-tmp", "steps", "step2-old", "wandb"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step6").write_text("a file")
+    assert [p.name for p in save_dirs(tmp_path)] == ["step4", "step8-tmp"]
+    assert save_dirs(tmp_path / "missing") == []
