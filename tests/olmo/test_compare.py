@@ -236,3 +236,15 @@ def test_variant_cli_errors_are_one_line():
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --variant a: 'model.x' must look like KEY=VALUE")
+
+
+def test_report_without_complete_runs_is_one_error_line(tmp_path):
+    out = tmp_path / "empty"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), TINY, "--out", str(out), "--activations", "swiglu,polynorm",
+         "--seeds", "0", "--report-only", "--wandb-mode", "disabled"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: --out {str(out)!r}: no complete runs to report (2 planned, none has finished)"]
