@@ -16,7 +16,6 @@ micro-batch) and PolyNorm coefficients stay fp32 under a bf16 param dtype.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import subprocess
@@ -530,17 +529,12 @@ def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-_ROUTING_OPTIONS = {"moe_shared_experts", "moe_capacity_factor"}
-
-
 @pytest.mark.parametrize(
     "nproc, args",
     [
         (2, ("2",)),
         pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow),
-        pytest.param(2, ("2", "shared", "capacity"), marks=pytest.mark.skipif(
-            not _ROUTING_OPTIONS <= {f.name for f in dataclasses.fields(ModelConfig)},
-            reason="ModelConfig has no shared experts or capacity factor")),
+        (2, ("2", "shared", "capacity")),
     ],
     ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops"],
 )  # fmt: skip
