@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from bench_common import environment, pick_device
 
-CE = "train/CrossEntropyLoss"
-TPS = "throughput/device/TPS"
-MFU = "throughput/device/MFU"
+from olmo import metric_names as names
+from olmo.run_files import METRICS_FNAME
+
+CE, TPS, MFU = names.CE_LOSS, names.TOKENS_PER_SECOND, names.MFU
 
 
 def _median(values: list[float]) -> float | None:
@@ -32,13 +33,12 @@ def _median(values: list[float]) -> float | None:
 
 
 def pretrain_record(run_dir: Path) -> dict:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = (run_dir / METRICS_FNAME).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     train = [r for r in records if CE in r]
     evals = {
         key: [(r["step"], r[key]) for r in records if key in r]
-        for key in sorted({k for r in records for k in r if k.startswith("eval/")})
-        if key.endswith("CrossEntropyLoss")
+        for key in sorted({k for r in records for k in r if names.eval_loss_label(k) is not None})
     }
     last = [r[CE] for r in train[-10:]]
     command = run_dir / "command.txt"
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict = {"env": environment(pick_device("auto"))}
     if args.what == "pretrain":
         payload["benchmark"] = "pretrain"
-        payload["runs"] = [pretrain_record(run) for run in args.runs if (run / "metrics.jsonl").is_file()]
-        payload["missing"] = [str(run) for run in args.runs if not (run / "metrics.jsonl").is_file()]
+        payload["runs"] = [pretrain_record(run) for run in args.runs if (run / METRICS_FNAME).is_file()]
+        payload["missing"] = [str(run) for run in args.runs if not (run / METRICS_FNAME).is_file()]
         for run in payload["runs"]:
             print(
                 f"  {run['run']:24s} {run['steps']:4d} steps  loss {run['first_loss']} -> "
