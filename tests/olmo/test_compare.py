@@ -81,6 +81,23 @@ def test_run_is_complete_reads_the_final_step(tmp_path):
     assert run_is_complete(spec)
 
 
+@pytest.mark.parametrize("vocab, token_dtype", [(512, np.uint16), (100_000, np.uint32)])
+def test_expected_final_step_of_epochs_reads_the_token_width(tmp_path, vocab, token_dtype):
+    """Regression: compare.py counted 2-byte tokens, where olmo/data.py stores a vocabulary
+    above 65,536 ids as uint32; the epoch length it expected was then twice the real one and
+    no run of a large-vocabulary sweep ever counted as complete."""
+    seq, batch, epochs = 32, 8, 2
+    tokens = 3 * seq * batch + seq + 5  # 3 whole batches, a part batch, a part sequence
+    (np.arange(tokens) % vocab).astype(token_dtype).tofile(tmp_path / "train-0.npy")
+    cfg = load_config(TEST_CONFIG, [
+        f"--data.paths=[{tmp_path}/train-*.npy]", f"--model.vocab_size={vocab}",
+        f"--model.embedding_size={vocab}", f"--model.max_sequence_length={seq}",
+        f"--global_train_batch_size={batch}", f"--max_duration={epochs}ep",
+    ])  # fmt: skip
+    assert cfg.data.dtype is None  # the width follows the vocabulary, as in training
+    assert expected_final_step(cfg) == epochs * (tokens // seq // batch) == 6
+
+
 def _compare(tmp_path, out, data, *extra):
     overrides = [o for o in tiny_overrides(tmp_path / "unused", data, max_duration=STEPS,
                                            eval_interval=2, save_interval=2)
