@@ -2,17 +2,18 @@
 of the run's outputs at the end; the per-source metrics of a data mixture."""
 
 import re
+import statistics
 
 import pytest
 
 from olmo import metric_names as names
-from olmo.callbacks import MetricsCallback, format_duration, progress_line
+from olmo.callbacks import MetricsCallback, format_duration, progress_line, run_summary
 
 from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overrides
 
 LINE = re.compile(
     r"step (\d+)/(\d+) \| CE ([0-9.]+) \| LB ([0-9.]+) \| Z ([0-9.]+) \| grad ([0-9.]+) \| "
-    r"lr ([0-9.e+-]+)"
+    r"lr ([0-9.e+-]+) \| ([0-9,]+) tok/s \| MFU ([0-9.]+)% \| ETA (\w+)$"
 )
 
 
@@ -32,6 +33,23 @@ def test_progress_line_fields_and_medians():
     # A step with only evaluation metrics: nothing invented.
     assert progress_line(3, None, {}, [], [], None) == "step 3/?"
     assert "skipped 2" in progress_line(5, 9, {names.SKIPPED_STEPS: 2.0}, [], [], None)
+
+
+def test_run_summary_names_the_newest_wandb_run_and_how_to_upload_it(tmp_path):
+    save = tmp_path / "run"
+    wandb = save / "wandb"
+    for name in ("offline-run-20250101_000000-a1", "offline-run-20250102_000000-a1", "latest-run"):
+        (wandb / name).mkdir(parents=True)
+    newest = wandb / "offline-run-20250102_000000-a1"
+    lines = run_summary(save, 3, 8, "configs/tiny.yaml").splitlines()
+    assert lines[0] == f"Run stopped at step 3: {save}"
+    assert f"  W&B           {newest}  (upload: wandb sync {newest})" in lines
+    # An online run is uploaded already: the line names it, with nothing to sync.
+    online = wandb / "run-20250103_000000-a1"
+    online.mkdir()
+    assert f"  W&B           {online}" in run_summary(save, 8, 8, None).splitlines()
+    # wandb.mode=disabled writes no wandb/ folder: no W&B line.
+    assert not any("W&B" in line for line in run_summary(tmp_path / "other", 8, 8, None).splitlines())
 
 
 def test_metrics_callback_load_summaries_by_block(tmp_path):
@@ -82,6 +100,21 @@ def test_per_source_sums_become_loss_tokens_and_a_running_total():
     assert second[names.source_tokens_seen("code")] == 8
 
 
+def _speed_windows(records: list[dict], line_steps: set[int]) -> dict[int, tuple[list, list]]:
+    """{step: (tok/s values, MFU values)} each console line takes the median of, replayed from
+    metrics.jsonl, which holds one record per logging call in call order: the values logged
+    since the previous line, up to the first record of the line's step. olmo-core times no step
+    before the second, and logs the speed of a step that validated or saved after that step's
+    own record, so it counts towards the next line."""
+    windows, tps, mfu = {}, [], []
+    for r in records:
+        tps += [r[names.TOKENS_PER_SECOND]] if names.TOKENS_PER_SECOND in r else []
+        mfu += [r[names.MFU]] if names.MFU in r else []
+        if r["step"] in line_steps and r["step"] not in windows:
+            windows[r["step"]], tps, mfu = (tps, mfu), [], []
+    return windows
+
+
 @pytest.mark.slow
 def test_console_prints_one_line_per_interval_and_a_run_summary(tmp_path):
     data = make_data(tmp_path)
@@ -94,15 +127,22 @@ def test_console_prints_one_line_per_interval_and_a_run_summary(tmp_path):
     # Steps 3 and 6 by the interval, 8 as the last step; no line for any other step.
     assert [int(m[1]) for m in lines] == [3, 6, 8]
     assert not re.search(r"\[step=\d+/", text), "olmo-core's per-step progress lines remain"
-    records = {r["step"]: r for r in read_metrics(save) if names.CE_LOSS in r}
+    in_order = read_metrics(save)
+    records = {r["step"]: r for r in in_order if names.CE_LOSS in r}
+    speeds = _speed_windows(in_order, {int(m[1]) for m in lines})
     for m in lines:
-        record = records[int(m[1])]
+        step = int(m[1])
+        record = records[step]
         assert int(m[2]) == 8
         assert float(m[3]) == pytest.approx(record[names.CE_LOSS], abs=5e-5)
         assert float(m[4]) == pytest.approx(record[names.LB_LOSS], abs=5e-6)
         assert float(m[5]) == pytest.approx(record[names.Z_LOSS], abs=5e-6)
         assert float(m[6]) == pytest.approx(record[names.GRAD_NORM], abs=5e-4)
         assert float(m[7]) == pytest.approx(record[names.LR], rel=5e-3)
+        tps, mfu = speeds[step]
+        assert float(m[8].replace(",", "")) == pytest.approx(statistics.median(tps), abs=0.5)
+        assert float(m[9]) == pytest.approx(statistics.median(mfu), abs=0.05)
+    assert lines[-1][10] == "0s"  # the last step: nothing left to run
     out = text
     assert f"Run complete: {save}" in out
     assert f"checkpoint    {save / 'step8'}" in out
