@@ -147,7 +147,7 @@ for part in "${PARTS[@]}"; do
     train_step)
       # auto: the most of 16, 12, 8, ... OLMoE layers whose step fits, each probe one step of
       # each activation. Affordable because the benchmark draws the weights on the GPU
-      # (moe_model/init.py draw_on); on the CPU one OLMoE layer's 420M values take ~10 s.
+      # (moe_model/init.py draw_on) rather than drawing one OLMoE layer's 420M values on the CPU.
       layers=()
       [ "$QUICK" = 1 ] || layers=(--layers "$TRAIN_STEP_LAYERS")
       run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
