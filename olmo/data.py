@@ -318,6 +318,9 @@ class MixtureSource:
         return (_order_start(seed, self.name, a) + p * _order_stride(a)) % a
 
 
+_MIXTURE_ORDER = "epoch-windows-1"
+"""Version of the per-pass selection rule, part of a mixture's fingerprint."""
+
 # (sqrt(5) - 1) / 2: multiples of it mod 1 are the most evenly spread (three-gap theorem).
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -661,8 +664,12 @@ class MixtureDataset(NumpyFSLDataset):
 
     @property
     def fingerprint(self) -> str:
-        """Changes when any source's name, share of the pass, file names or sizes change."""
+        """Changes when any source's name, share of the pass, file names or sizes, or the
+        selection rule's version change."""
         sha = hashlib.sha256(f"class={type(self).__name__}".encode())
+        # The rule that picks each pass's sequences (MixtureSource.pool_index): checkpoints
+        # written under another rule would resume onto other sequences.
+        sha.update(f"order={_MIXTURE_ORDER},".encode())
         for name in self.fingerprint_fields:
             sha.update(f"{name}={getattr(self, name)},".encode())
         for src in self.mixture.sources:
@@ -745,7 +752,10 @@ def _describe_change(
             f"{len(resized)} file(s) resized (e.g. {n}: {saved_d[n]:,d} -> {now_d[n]:,d} bytes)"
         )
     if not parts:
-        parts.append("same files and sizes in a different order, or different token ids/dtype")
+        parts.append(
+            "same files and sizes in a different order, different token ids/dtype, or a mixture "
+            "order of an older version"
+        )
     return "; ".join(parts)
 
 

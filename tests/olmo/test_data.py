@@ -517,6 +517,9 @@ def test_passes_of_a_large_source_use_fresh_sequences_until_it_is_exhausted(tmp_
     # Another data seed starts elsewhere; the same seed again gives the same passes.
     assert set(web_and_code(train_loader(mix, tmp_path / "w2", seed=4), 1)[0]) != set(web[0])
     assert web_and_code(train_loader(mix, tmp_path / "w3"), 2)[0] == web[1]
+    # Worker processes get the loader's epoch and seed with it: the same second pass.
+    mix.num_workers = 2
+    assert web_and_code(train_loader(mix, tmp_path / "w4"), 2) == passes[1]
 
 
 @pytest.mark.parametrize("paper, counts", [(0.1504, [34, 14, 8]), (0.1496, [36, 15, 9])])
