@@ -19,9 +19,10 @@ iterating an epoch, `loader.reset()` after it.
 Mixtures (`data.sources`, instead of `data.paths`): named sources, each with its files, a target
 fraction of the training tokens and a repetition limit. `plan_mixture` decides how many whole
 sequences each source contributes to one pass over the mixture (an epoch), `Mixture.check_run`
-holds the whole run to the repetition limits; `MixtureDataset` serves each pass's sequences
-(a different part of a large source in each pass) and tags each with its source's index, so mixture batches also carry "source"
-(LongTensor [B], index into `data.sources` in config order) for per-source training loss.
+holds the whole run to the repetition limits; `MixtureDataset` serves each pass's sequences (a
+different part of a large source in each pass) and tags each with its source's index, so
+mixture batches also carry "source" (LongTensor [B], index into `data.sources` in config order)
+for per-source training loss.
 """
 
 import functools
@@ -306,9 +307,9 @@ class MixtureSource:
         """The source sequence (0 .. available-1) behind its j-th selected sequence in pass `epoch`.
 
         Pass e takes the window [(e-1) * selected, e * selected) of the cyclic order
-        `order(p) = (start + p * stride) mod available`, so consecutive passes take consecutive,
-        disjoint windows: every sequence is used once before any is used twice, and within a pass
-        and over a run each is used floor or ceil(selected * passes / available) times. The stride
+        `order(p) = (start + p * stride) mod available`, so consecutive passes take consecutive
+        windows: k passes over a source larger than k shares use k disjoint sets of sequences,
+        and the first w passes use each sequence floor or ceil(w * selected / available) times. The stride
         is coprime to `available` and near `available / golden ratio`, which spreads every window
         evenly over the source (and so over its files); the start is drawn from the data seed and
         the source's name. Closed form, so a terabyte source needs no stored index.
