@@ -18,11 +18,14 @@ iterating an epoch, `loader.reset()` after it.
 
 Mixtures (`data.sources`, instead of `data.paths`): named sources, each with its files, a target
 fraction of the training tokens and a repetition limit. `plan_mixture` decides how many whole
-sequences each source contributes to one pass over the mixture (an epoch); `MixtureDataset`
-serves them and tags each with its source's index, so mixture batches also carry "source"
-(LongTensor [B], index into `data.sources` in config order) for per-source training loss.
+sequences each source contributes to one pass over the mixture (an epoch), `Mixture.check_run`
+holds the whole run to the repetition limits; `MixtureDataset` serves each pass's sequences (a
+different part of a large source in each pass) and tags each with its source's index, so
+mixture batches also carry "source" (LongTensor [B], index into `data.sources` in config order)
+for per-source training loss.
 """
 
+import functools
 import glob
 import hashlib
 import logging
@@ -49,6 +52,7 @@ __all__ = [
     "SourceConfig",
     "plan_mixture",
     "mixture_for",
+    "run_sequences",
     "resolve_paths",
     "resolve_dtype",
     "validate_data",
@@ -73,14 +77,21 @@ _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass
 class SourceConfig:
-    """One named source of a training mixture (`data.sources.<name>`)."""
+    """One named source of a training mixture (`data.sources.<name>`).
+
+    Repetition counts how often a source's tokens are used, on average: within one pass over the
+    mixture (`selected / available`) and over the whole run (that times the passes the run's
+    max_duration spans). `max_repetition` bounds both, before training starts. A source larger
+    than its share uses a fresh part of itself in each pass, so it repeats only once every part
+    was used.
+    """
 
     paths: list[str] = field(default_factory=list)
     """Token files or globs of this source (`dolma tokens` output)."""
     fraction: Optional[float] = None  # noqa: UP045 (omegaconf reads typing.Optional)
     """Required: share of the mixture's training tokens; all sources' fractions sum to 1."""
     max_repetition: float = 1.0
-    """How often each of its tokens may appear in one pass over the mixture (> 1 upsamples)."""
+    """How often its tokens may be used, on average, in one pass and over the whole run (> 1 upsamples)."""
     validation: list[str] = field(default_factory=list)
     """Held-out token files of this source, evaluated as validation set `<name>` ([] = none)."""
 
@@ -292,18 +303,44 @@ class MixtureSource:
         """How often each of the source's sequences appears per pass, on average."""
         return self.selected / self.available
 
-    def pool_index(self, j: int) -> int:
-        """The source sequence (0 .. available-1) behind its j-th selected sequence.
+    def pool_index(self, j: int, *, epoch: int = 1, seed: int = 0) -> int:
+        """The source sequence (0 .. available-1) behind its j-th selected sequence in pass `epoch`.
 
-        Whole copies of the source first; the remainder is spread evenly over the source
-        (every file contributes in proportion to its size). Closed form, so a terabyte source
-        needs no stored index.
+        Pass e takes the window [(e-1) * selected, e * selected) of the cyclic order
+        `order(p) = (start + p * stride) mod available`, so consecutive passes take consecutive
+        windows: k passes over a source larger than k shares use k disjoint sets of sequences,
+        and the first w passes use each sequence floor or ceil(w * selected / available) times. The stride
+        is coprime to `available` and near `available / golden ratio`, which spreads every window
+        evenly over the source (and so over its files); the start is drawn from the data seed and
+        the source's name. Closed form, so a terabyte source needs no stored index.
         """
-        copies, rest = divmod(self.selected, self.available)
-        if j < copies * self.available:
-            return j % self.available
-        k = j - copies * self.available
-        return (2 * k + 1) * self.available // (2 * rest)
+        a = self.available
+        p = ((epoch - 1) * self.selected + j) % a
+        return (_order_start(seed, self.name, a) + p * _order_stride(a)) % a
+
+
+_MIXTURE_ORDER = "epoch-windows-1"
+"""Version of the per-pass selection rule, part of a mixture's fingerprint."""
+
+# (sqrt(5) - 1) / 2: multiples of it mod 1 are the most evenly spread (three-gap theorem).
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@functools.cache
+def _order_stride(n: int) -> int:
+    """A stride coprime to n near n / golden ratio: a permutation of range(n) that spreads windows."""
+    base = round(n * _GOLDEN)
+    for delta in range(n + 1):
+        for s in (base + delta, base - delta):
+            if 0 < s < n and math.gcd(s, n) == 1:
+                return s
+    return 1  # n <= 2
+
+
+@functools.cache
+def _order_start(seed: int, name: str, n: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % n
 
 
 @dataclass(frozen=True)
@@ -333,22 +370,74 @@ class Mixture:
             for s in self.sources
         }
 
-    def table(self) -> str:
-        """The summary as text, for --dry-run and the training log."""
+    def run_repetition(self, run_sequences: int) -> dict[str, float]:
+        """Per source: how often each of its sequences is used, on average, over a run of
+        `run_sequences` sequences (whole passes and the share of a last, partial one)."""
+        passes = run_sequences / self.num_sequences
+        return {s.name: s.selected * passes / s.available for s in self.sources}
+
+    def check_run(self, run_sequences: int) -> None:
+        """DataError naming the first source whose repetition over the run exceeds its max_repetition."""
+        seq = self.sequence_length
+        passes = run_sequences / self.num_sequences
+        for src, rep in zip(self.sources, self.run_repetition(run_sequences).values()):
+            # Float slack only: a run of exactly max_repetition passes over a source is allowed.
+            if rep > src.max_repetition * (1 + 1e-9):
+                raise DataError(
+                    f"data.sources.{src.name}: a run of {run_sequences * seq:,d} tokens "
+                    f"({passes:.2f} passes over the mix) uses its {src.available * seq:,d} tokens "
+                    f"{rep:.2f} times, more than max_repetition {src.max_repetition:g}; expected a "
+                    f"larger max_repetition, more data for '{src.name}', a smaller fraction or a "
+                    f"shorter max_duration"
+                )
+
+    def table(self, run_sequences: int | None = None) -> str:
+        """The summary as text, for --dry-run and the training log; with `run_sequences`, also
+        the passes the run spans and each source's repetition over the run."""
         seq = self.sequence_length
         lines = [
             f"data mixture: {len(self.sources)} sources, {self.num_sequences:,d} sequences x {seq:,d}"
             f" = {self.num_sequences * seq:,d} tokens per pass",
-            f"  {'source':<16} {'target':>8} {'realised':>9} {'tokens/pass':>16} "
-            f"{'available':>16} {'repeat':>7} {'files':>6}",
         ]
-        for name, row in self.summary().items():
+        if run_sequences is not None:
             lines.append(
+                f"run: {run_sequences * seq:,d} tokens = {run_sequences / self.num_sequences:.3f} "
+                f"passes over the mix"
+            )
+        header = (
+            f"  {'source':<16} {'target':>8} {'realised':>9} {'tokens/pass':>16} "
+            f"{'available':>16} {'repeat':>7} {'files':>6}"
+        )
+        lines.append(header + (f" {'run repeat':>10} {'limit':>6}" if run_sequences is not None else ""))
+        run = self.run_repetition(run_sequences) if run_sequences is not None else {}
+        for src, (name, row) in zip(self.sources, self.summary().items()):
+            line = (
                 f"  {name:<16} {row['fraction']:>8.3%} {row['realised_fraction']:>9.3%} "
                 f"{row['tokens']:>16,d} {row['available_tokens']:>16,d} "
                 f"{row['repetition']:>6.2f}x {row['files']:>6d}"
             )
+            if run:
+                line += f" {run[name]:>9.2f}x {src.max_repetition:>5g}x"
+            lines.append(line)
         return "\n".join(lines)
+
+
+def run_sequences(
+    duration: tuple[str, int], *, global_batch_size: int, sequence_length: int, pass_sequences: int
+) -> int:
+    """Sequences a run of `duration` (olmo.config.parse_duration's (unit, amount)) trains on.
+
+    Tokens round up to whole steps, as olmo-core's trainer stops at the first step that reaches
+    them; an epoch is one pass (`pass_sequences`, whole global batches).
+    """
+    unit, amount = duration
+    if unit == "steps":
+        return amount * global_batch_size
+    if unit == "tokens":
+        return -(-amount // (global_batch_size * sequence_length)) * global_batch_size
+    if unit == "epochs":
+        return amount * pass_sequences
+    raise ValueError(f"unknown duration unit {unit!r}")
 
 
 def _apportion(total: int, shares: list[float]) -> list[int]:
@@ -477,11 +566,18 @@ def mixture_for(
 
 
 def validate_data(
-    cfg: DataConfig, *, vocab_size: int, sequence_length: int, global_batch_size: int
-) -> None:
+    cfg: DataConfig,
+    *,
+    vocab_size: int,
+    sequence_length: int,
+    global_batch_size: int,
+    duration: tuple[str, int] | None = None,
+) -> Mixture | None:
     """Check the configured data cheaply before training starts; raise DataError on the first problem.
 
     `global_batch_size` is in sequences. Every file is opened, but only a sample of each is read.
+    With `duration` (the run's, as parse_duration gives it) a mixture's repetition over the
+    whole run is checked too. Returns the planned mixture (None for `data.paths`).
     """
     _check_positive(
         vocab_size=vocab_size, sequence_length=sequence_length, global_batch_size=global_batch_size
@@ -494,12 +590,18 @@ def validate_data(
                 f"data.{name} is {value}; expected 0 <= id < vocab_size {vocab_size:,d}"
             )
 
+    mixture = None
     if cfg.sources:
         files = _source_files(cfg, np_dtype, vocab_size, check_tokens=True)
-        plan_mixture(
+        mixture = plan_mixture(
             cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
             global_batch_size=global_batch_size,
         )  # fmt: skip
+        if duration is not None:
+            mixture.check_run(run_sequences(
+                duration, global_batch_size=global_batch_size, sequence_length=sequence_length,
+                pass_sequences=mixture.num_sequences,
+            ))  # fmt: skip
     else:
         paths, n_tokens, n_sequences = _check_file_set(
             cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
@@ -519,19 +621,26 @@ def validate_data(
                 f"{key}: {len(v_paths)} file(s) hold {v_tokens:,d} tokens, expected at least one "
                 f"whole sequence of {sequence_length:,d} tokens in one file"
             )
+    return mixture
 
 
 class MixtureDataset(NumpyFSLDataset):
     """Fixed-length sequences of a planned :class:`Mixture`, each tagged with its source index.
 
     Indices run source by source (config order); within a source, over its selected sequences
-    (:meth:`MixtureSource.pool_index`). The loader shuffles them globally like any FSL dataset.
+    (:meth:`MixtureSource.pool_index`). The loader shuffles them globally like any FSL dataset
+    and reads them through :meth:`item` with its epoch and seed, so that a source larger than
+    its share serves a different part of itself in each pass; `dataset[i]` is the first pass's
+    item under `seed`.
     olmo-core's `NumpyFSLDatasetMixture` is not used: in 3.0.0 its `prepare()` reads every file
     end to end to write per-file document indices that its reads never consult, and its
     items carry no source.
     """
 
-    def __init__(self, mixture: Mixture, *, pad_token_id: int, eos_token_id: int, vocab_size: int, dtype: type):
+    def __init__(
+        self, mixture: Mixture, *, pad_token_id: int, eos_token_id: int, vocab_size: int,
+        dtype: type, seed: int = 0,
+    ):  # fmt: skip
         super().__init__(
             *(p for src in mixture.sources for p in src.paths),
             sequence_length=mixture.sequence_length,
@@ -542,6 +651,7 @@ class MixtureDataset(NumpyFSLDataset):
             include_instance_metadata=False,
         )
         self.mixture = mixture
+        self.seed = seed
         self._source_starts = np.cumsum([0] + [src.selected for src in mixture.sources])
         self._file_starts = [np.cumsum([0, *src.file_sequences]) for src in mixture.sources]
 
@@ -555,8 +665,12 @@ class MixtureDataset(NumpyFSLDataset):
 
     @property
     def fingerprint(self) -> str:
-        """Changes when any source's name, share of the pass, file names or sizes change."""
+        """Changes when any source's name, share of the pass, file names or sizes, or the
+        selection rule's version change."""
         sha = hashlib.sha256(f"class={type(self).__name__}".encode())
+        # The rule that picks each pass's sequences (MixtureSource.pool_index): checkpoints
+        # written under another rule would resume onto other sequences.
+        sha.update(f"order={_MIXTURE_ORDER},".encode())
         for name in self.fingerprint_fields:
             sha.update(f"{name}={getattr(self, name)},".encode())
         for src in self.mixture.sources:
@@ -569,12 +683,16 @@ class MixtureDataset(NumpyFSLDataset):
         return self.mixture.num_sequences
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, epoch=1, seed=self.seed)
+
+    def item(self, index: int, *, epoch: int, seed: int) -> dict[str, Any]:
+        """Sequence `index` of pass `epoch` (1-based) under data seed `seed`, with its source index."""
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"{index} is out of bounds for a mixture of {len(self)} sequences")
         s = int(np.searchsorted(self._source_starts, index, side="right")) - 1
         src = self.mixture.sources[s]
-        pool = src.pool_index(index - int(self._source_starts[s]))
+        pool = src.pool_index(index - int(self._source_starts[s]), epoch=epoch, seed=seed)
         f = int(np.searchsorted(self._file_starts[s], pool, side="right")) - 1
         input_ids = self._read_chunk_from_array(src.paths[f], pool - int(self._file_starts[s][f]))
         return {"input_ids": input_ids, "source": s}
@@ -635,7 +753,10 @@ def _describe_change(
             f"{len(resized)} file(s) resized (e.g. {n}: {saved_d[n]:,d} -> {now_d[n]:,d} bytes)"
         )
     if not parts:
-        parts.append("same files and sizes in a different order, or different token ids/dtype")
+        parts.append(
+            "same files and sizes in a different order, different token ids/dtype, or a mixture "
+            "order of an older version"
+        )
     return "; ".join(parts)
 
 
@@ -646,6 +767,13 @@ class TrainDataLoader(NumpyFSLDataLoader):
         if isinstance(self.dataset, MixtureDataset):
             return self.dataset.mixture.summary()
         return None
+
+    def _get_dataset_item(self, idx: int) -> dict[str, Any]:
+        if isinstance(self.dataset, MixtureDataset):
+            # The loader's epoch and seed, not the dataset's: both are restored from a checkpoint
+            # (the seed too, by olmo-core), and workers receive them with the pickled loader.
+            return {**self.dataset.item(idx, epoch=self.epoch, seed=self.seed), "index": idx}
+        return super()._get_dataset_item(idx)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -753,11 +881,13 @@ def build_train_loader(
     work_dir: str | os.PathLike,
     dp_rank: int = 0,
     dp_world_size: int = 1,
+    duration: tuple[str, int] | None = None,
 ) -> DataLoaderBase:
     """The training loader: global shuffle from `seed`, `global_batch_size` sequences per step over all ranks.
 
     Each rank yields its disjoint `global_batch_size // dp_world_size` sequences per batch.
-    `work_dir` (shared by the ranks of a node) holds the cached shuffle order.
+    `work_dir` (shared by the ranks of a node) holds the cached shuffle order. With `duration`
+    (the run's), a mixture's logged table shows the passes and repetition over the run.
     """
     _check_positive(
         sequence_length=sequence_length, vocab_size=vocab_size, global_batch_size=global_batch_size
@@ -771,11 +901,18 @@ def build_train_loader(
             cfg, sequence_length=sequence_length, vocab_size=vocab_size,
             global_batch_size=global_batch_size,
         )  # fmt: skip
+        run = None
+        if duration is not None:
+            run = run_sequences(
+                duration, global_batch_size=global_batch_size, sequence_length=sequence_length,
+                pass_sequences=mixture.num_sequences,
+            )  # fmt: skip
+            mixture.check_run(run)
         if dp_rank == 0:
-            log.info(mixture.table())
+            log.info(mixture.table(run))
         dataset = MixtureDataset(
             mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
-            vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size),
+            vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size), seed=seed,
         )  # fmt: skip
         dataset.work_dir = work_dir
         collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)

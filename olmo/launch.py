@@ -17,7 +17,13 @@ import torch
 
 from moe_model.errors import ConfigError, LaunchError
 from olmo.config import TrainConfig, load_config, parse_duration
-from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
+from olmo.data import (
+    build_eval_loaders,
+    build_train_loader,
+    mixture_for,
+    run_sequences,
+    validate_data,
+)
 from olmo.flops import device_peak_flops
 from olmo.run_files import (
     CONFIG_FNAME,
@@ -149,6 +155,7 @@ def preflight(cfg: TrainConfig) -> None:
         vocab_size=cfg.model.vocab_size,
         sequence_length=cfg.model.max_sequence_length,
         global_batch_size=cfg.global_train_batch_size,
+        duration=parse_duration(cfg.max_duration),
     )
     check_load_path(cfg)
     check_save_folder(cfg)
@@ -216,6 +223,7 @@ def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path):
         work_dir=str(work_dir),
         dp_rank=env.rank,
         dp_world_size=env.world_size,
+        duration=parse_duration(cfg.max_duration),
     )
     eval_loaders = build_eval_loaders(
         cfg.data,
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train an OLMoE-style MoE. Overrides: --model.d_model=256 --save_folder=runs/x",
     )
     parser.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter counts and the data mixture (data.sources), then exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter counts and the data mixture (data.sources: per pass and over the run), then exit")
     args, overrides = parser.parse_known_args(argv)
 
     def run() -> int:
@@ -356,10 +364,18 @@ def main(argv: list[str] | None = None) -> int:
                 "flops_per_token": cfg.model.num_flops_per_token(cfg.model.max_sequence_length),
             }))
             if cfg.data.sources:
-                print(mixture_for(
-                    cfg.data, sequence_length=cfg.model.max_sequence_length,
-                    vocab_size=cfg.model.vocab_size, global_batch_size=cfg.global_train_batch_size,
-                ).table())  # fmt: skip
+                seq, batch = cfg.model.max_sequence_length, cfg.global_train_batch_size
+                mixture = mixture_for(
+                    cfg.data, sequence_length=seq, vocab_size=cfg.model.vocab_size,
+                    global_batch_size=batch,
+                )  # fmt: skip
+                run = run_sequences(
+                    parse_duration(cfg.max_duration), global_batch_size=batch,
+                    sequence_length=seq, pass_sequences=mixture.num_sequences,
+                )  # fmt: skip
+                print(mixture.table(run), flush=True)
+                # After the table, so that the repetition the error names is shown per source.
+                mixture.check_run(run)
             return 0
         preflight(cfg)
         # Data files changed in place or a diverged run surface only once training runs; they

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU round (issue 11) from one entry point: correctness at real shapes (pytest -m gpu), the
-# activation, MoE-layer and training-step benchmarks, and short bf16 runs of SwiGLU and PolyNorm
+# activation, MoE-layer, training-step and document-masking benchmarks, and short bf16 runs of SwiGLU and PolyNorm
 # on the sample data through run_pretrain.sh. Packages the machine lacks are installed first
 # from the carried wheels (scripts/gpu_wheels.sh). The device calls: benchmarks/README.md.
 #
 #   bash scripts/gpu_round.sh [PART ...]   PART: tests activations tuning moe_layer train_step
-#                                          small_step pretrain (default: all, in that order)
+#                                          doc_masking small_step pretrain (default: all, in
+#                                          that order)
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
@@ -16,7 +17,7 @@
 #
 # $OUT ends with round.log (everything printed), summary.json (exit status and seconds of each
 # part; versions, pip check, GPU), the benchmarks' JSON (activations_*, kernel_tuning_*,
-# moe_layer_*, train_step_*, two train_step_small_*), pretrain_*.json and details.tar.gz (each
+# moe_layer_*, train_step_*, doc_masking_*, two train_step_small_*), pretrain_*.json and details.tar.gz (each
 # part's log, pytest's JUnit XML, each run's metrics.jsonl and config). The device hands back 8
 # files a call: benchmarks/README.md splits the parts into calls that stay under it.
 # summary.json and details.tar.gz are rewritten after every part, so a call stopped at its time
@@ -33,12 +34,12 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-$([ "$QUICK" = 1 ] && echo 4 || echo 300)}
 TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step small_step pretrain)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step doc_masking small_step pretrain)
 for part in "${PARTS[@]}"; do
   case $part in
-    tests | activations | tuning | moe_layer | train_step | small_step | pretrain) ;;
+    tests | activations | tuning | moe_layer | train_step | doc_masking | small_step | pretrain) ;;
     *) echo "unknown part '$part'; expected tests, activations, tuning, moe_layer, train_step," \
-         "small_step or pretrain" >&2
+         "doc_masking, small_step or pretrain" >&2
        exit 2 ;;
   esac
 done
@@ -153,6 +154,13 @@ for part in "${PARTS[@]}"; do
       run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
         "${layers[@]}" --profile
       collect train_step
+      ;;
+    doc_masking)
+      # model.document_masking's cost: off vs the sdpa dense mask vs the flex block mask, the
+      # attention alone and the small GPU config's training step at seq 4096 with documents of
+      # 256 and 2048 tokens on average; flex's first call compiles (first_s in the JSON).
+      run_step doc_masking 360 "$PYTHON" scripts/bench_doc_masking.py "${QUICK_FLAG[@]}"
+      collect doc_masking
       ;;
     small_step)
       # The small GPU configs' shapes (d 512, 12 layers, 32 experts top-4, micro-batch 16 x

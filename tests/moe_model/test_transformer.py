@@ -254,37 +254,60 @@ def test_dense_first_blocks_and_shared_experts():
     assert out.dropped_rows_L is None  # evaluation is dropless
 
 
-def test_packed_documents_give_the_logits_of_each_document_alone():
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("backend, device", [
+    ("sdpa", "cpu"),
+    # torch runs FlexAttention's backward on CUDA only: on CPU the forward, under no_grad.
+    ("flex", "cpu"),
+    pytest.param("flex", "cuda", marks=[pytest.mark.gpu, CUDA]),
+    pytest.param("sdpa", "cuda", marks=[pytest.mark.gpu, CUDA]),
+])  # fmt: skip
+def test_packed_documents_give_the_logits_of_each_document_alone(backend: str, device: str):
     """With document masking a packed row is several independent documents: attention stays
     inside each and RoPE positions restart, so each document's logits equal those of a forward
-    over that document alone (dropless routing is per token)."""
+    over that document alone (dropless routing is per token). On CUDA the gradients match too:
+    a loss summed over the packed rows has the gradient of the same loss summed over the
+    documents run one by one."""
     from moe_model.attention import document_ids
 
     eos = VOCAB - 1
-    config = tiny_config(document_masking=True, max_sequence_length=40)
+    config = tiny_config(document_masking=True, document_masking_backend=backend, max_sequence_length=40)
     torch.manual_seed(0)
-    model = config.build()
+    model = config.build().to(device)
     set_poly_coefficients(model)
     model.eval()
     gen = torch.Generator().manual_seed(3)
 
     def doc(n: int, ends: bool = True) -> torch.Tensor:
         body = torch.randint(0, eos, (n - 1 if ends else n,), generator=gen)
-        return torch.cat([body, torch.tensor([eos])]) if ends else body
+        return (torch.cat([body, torch.tensor([eos])]) if ends else body).to(device)
 
     rows = [[doc(5), doc(11), doc(1), doc(7), doc(6, ends=False)],  # a one-token document too
             [doc(3), doc(27)]]
     packed = torch.stack([torch.cat(r) for r in rows])
-    with torch.no_grad():
+    train = device == "cuda"
+    tol = dict(rtol=1e-4, atol=1e-4) if train else dict(rtol=1e-5, atol=1e-5)
+    weights = torch.randn(*packed.shape, VOCAB, generator=gen).to(device)
+    with torch.set_grad_enabled(train):
         logits = model(packed, document_ids(packed, eos)).logits
+        alone_loss = torch.zeros((), device=device)
         for r, docs in enumerate(rows):
             start = 0
             for d in docs:
                 alone = model(d[None]).logits[0]
-                torch.testing.assert_close(logits[r, start:start + len(d)], alone, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(logits[r, start:start + len(d)], alone, **tol)
+                alone_loss = alone_loss + (alone * weights[r, start:start + len(d)]).sum()
                 start += len(d)
+    if train:
+        params = [p for p in model.parameters() if p.requires_grad]
+        packed_grads = torch.autograd.grad((logits * weights).sum(), params)
+        alone_grads = torch.autograd.grad(alone_loss, params)
+        for p_grad, a_grad in zip(packed_grads, alone_grads):
+            torch.testing.assert_close(p_grad, a_grad, **tol)
     # Without masking the later documents see the earlier ones: the property is not vacuous.
-    plain = tiny_config(max_sequence_length=40).build()
+    plain = tiny_config(max_sequence_length=40).build().to(device)
     plain.load_state_dict(model.state_dict())
     plain.eval()
     with torch.no_grad():

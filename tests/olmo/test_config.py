@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from moe_model.config import ConfigError
+from moe_model.errors import DataError
 from olmo.config import TrainConfig, load_config, parse_duration
 
 from .helpers import REPO, run_train
@@ -179,13 +180,27 @@ def test_dry_run_prints_the_data_mixture(tmp_path, capsys):
         np.memmap(tmp_path / name, dtype=np.uint16, mode="w+", shape=(tokens,)).flush()
     overrides = ["--data.paths=[]", f"--data.sources.web.paths=[{tmp_path}/web.npy]",
                  "--data.sources.web.fraction=0.8", f"--data.sources.code.paths=[{tmp_path}/code.npy]",
-                 "--data.sources.code.fraction=0.2"]  # fmt: skip
+                 "--data.sources.code.fraction=0.2", "--data.sources.web.max_repetition=3",
+                 "--data.sources.code.max_repetition=3", "--max_duration=2"]  # fmt: skip
     assert main([str(REPO / "configs/tiny.yaml"), "--dry-run", *overrides]) == 0
     table = capsys.readouterr().out.split('"flops_per_token"')[1].splitlines()[1:]
-    # 2,000 // 128 = 15 web sequences bind at 80%: 18 per pass -> one batch of 16.
-    assert table[0] == "data mixture: 2 sources, 16 sequences x 128 = 2,048 tokens per pass"
-    assert table[2].split() == ["web", "80.000%", "81.250%", "1,664", "1,920", "0.87x", "1"]
-    assert table[3].split() == ["code", "20.000%", "18.750%", "384", "640", "0.60x", "1"]
+    # 2,000 // 128 = 15 web sequences, each up to 3 times, at 80%: 56 per pass -> 3 batches of
+    # 16, split 38 / 10. The run's 2 steps are 32 sequences, 2/3 of a pass.
+    assert table[0] == "data mixture: 2 sources, 48 sequences x 128 = 6,144 tokens per pass"
+    assert table[1] == "run: 4,096 tokens = 0.667 passes over the mix"
+    assert table[3].split() == ["web", "80.000%", "79.167%", "4,864", "1,920", "2.53x", "1", "1.69x", "3x"]
+    assert table[4].split() == ["code", "20.000%", "20.833%", "1,280", "640", "2.00x", "1", "1.33x", "3x"]
+
+    # At max_repetition 1 a pass is one batch, and tiny's own 150 steps are 150 passes: web
+    # would be used 130 times. The table is printed, then the run is refused in one line.
+    assert main([str(REPO / "configs/tiny.yaml"), "--dry-run", *overrides[:-3]]) == DataError.exit_code
+    out, err = capsys.readouterr()
+    assert "run: 307,200 tokens = 150.000 passes over the mix" in out
+    assert err.strip().splitlines() == [
+        "error: data.sources.web: a run of 307,200 tokens (150.00 passes over the mix) uses its "
+        "1,920 tokens 130.00 times, more than max_repetition 1; expected a larger max_repetition, "
+        "more data for 'web', a smaller fraction or a shorter max_duration"
+    ]
 
 
 @pytest.mark.parametrize(

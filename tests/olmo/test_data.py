@@ -22,7 +22,9 @@ from olmo.data import (
     build_eval_loaders,
     build_train_loader,
     mixture_for,
+    plan_mixture,
     resolve_paths,
+    run_sequences,
     validate_data,
 )
 
@@ -478,6 +480,93 @@ def test_mixture_resumes_exactly(tmp_path: Path, mix: DataConfig):
         assert torch.equal(got["source"], want["source"])
 
 
+def test_passes_of_a_large_source_use_fresh_sequences_until_it_is_exhausted(tmp_path: Path, mix: DataConfig):
+    # web: one file of 156 sequences. paper (9, limit 1) binds: 60 per pass, web's 60% is 36. So
+    # passes 1-4 use 144 different web sequences, pass 5 the last 12 and 24 of the others again.
+    write_tokens(tmp_path / "big" / "web.npy", 16 * 156, offset=30_000)
+    mix.sources["web"].paths = [str(tmp_path / "big" / "web.npy")]
+
+    def web_and_code(loader, epoch):
+        web, code = [], []
+        for batch in all_rows(loader, epoch):
+            for row, source in zip(batch["input_ids"], batch["source"].tolist()):
+                first = int(row[0])
+                assert row.tolist() == list(range(first, first + 16)), "row is not one whole sequence"
+                if source == 0:
+                    assert (first - 30_000) % 16 == 0
+                    web.append((first - 30_000) // 16)
+                elif source == 1:
+                    code.append(source_sequence(row)[2])
+        return web, code
+
+    loader = train_loader(mix, tmp_path / "work")
+    passes = [web_and_code(loader, epoch) for epoch in range(1, 6)]
+    web = [p[0] for p in passes]
+    assert [len(w) for w in web] == [36] * 5
+    assert len({seq for w in web[:4] for seq in w}) == 144
+    assert {seq for w in web for seq in w} == set(range(156))
+    counts = np.bincount([seq for w in web for seq in w], minlength=156)
+    assert sorted(set(counts.tolist())) == [1, 2] and counts.sum() == 180
+    # Every pass is spread over the whole file: each quarter of it contributes 7 to 11.
+    for w in web:
+        assert all(7 <= q <= 11 for q in np.bincount(np.array(w) // 39, minlength=4)), sorted(w)
+    # code (6 sequences, 15 per pass): over two passes each sequence exactly 5 times.
+    code = passes[0][1] + passes[1][1]
+    assert np.bincount(code, minlength=6).tolist() == [5] * 6
+
+    # Another data seed starts elsewhere; the same seed again gives the same passes.
+    assert set(web_and_code(train_loader(mix, tmp_path / "w2", seed=4), 1)[0]) != set(web[0])
+    assert web_and_code(train_loader(mix, tmp_path / "w3"), 2)[0] == web[1]
+    # Worker processes get the loader's epoch and seed with it: the same second pass.
+    mix.num_workers = 2
+    assert web_and_code(train_loader(mix, tmp_path / "w4"), 2) == passes[1]
+
+
+@pytest.mark.parametrize("paper, counts", [(0.1504, [34, 14, 8]), (0.1496, [36, 15, 9])])
+def test_fractions_within_the_tolerance_are_normalised(paper: float, counts: list, mix: DataConfig):
+    mix.sources["paper"].fraction = paper
+    total = 0.6 + 0.25 + paper
+    plan = mixture_for(mix, sequence_length=16, vocab_size=VOCAB, global_batch_size=4)
+    want = [0.6 / total, 0.25 / total, paper / total]
+    assert [s.fraction for s in plan.sources] == pytest.approx(want, rel=1e-12)
+    assert math.fsum(s.fraction for s in plan.sources) == pytest.approx(1, abs=1e-12)
+    # paper (9 sequences, limit 1) binds at its normalised share; largest remainders split the
+    # whole batches.
+    assert [s.selected for s in plan.sources] == counts
+    assert sum(counts) == 4 * math.floor(9 / want[2] / 4)
+    assert [row["fraction"] for row in plan.summary().values()] == pytest.approx(want, rel=1e-12)
+
+    mix.sources["paper"].fraction = 0.1511
+    with pytest.raises(ConfigError, match=r"data\.sources: fractions sum to 1\.001 "):
+        DataConfig(sources=mix.sources)
+
+
+def test_max_repetition_bounds_the_whole_run(tmp_path: Path, mix: DataConfig):
+    # A pass of 960 tokens: 60 sequences, 15 steps of 4 (web 36, code 15 of its 6, paper 9).
+    mix.mix_tokens = 960
+    mix.sources["paper"].max_repetition = 2
+    # 18 steps = 1.2 passes: code 15 x 1.2 / 6 = 3.0 times, exactly its limit.
+    check(mix, global_batch_size=4, duration=("steps", 18))
+    check(mix, global_batch_size=4, duration=("tokens", 18 * 64))
+    message = (
+        r"^data\.sources\.code: a run of 1,216 tokens \(1\.27 passes over the mix\) uses its 96 "
+        r"tokens 3\.17 times, more than max_repetition 3; expected a larger max_repetition, more "
+        r"data for 'code', a smaller fraction or a shorter max_duration$"
+    )
+    with pytest.raises(DataError, match=message):
+        check(mix, global_batch_size=4, duration=("steps", 19))
+    with pytest.raises(DataError, match=message):  # 18 steps and one token: a 19th step
+        check(mix, global_batch_size=4, duration=("tokens", 18 * 64 + 1))
+    # Two passes: web (36 of its 65 per pass) is the first source used more than once.
+    with pytest.raises(DataError, match=r"^data\.sources\.web: a run of 1,920 tokens \(2\.00 passes "
+                                        r"over the mix\) uses its 1,040 tokens 1\.11 times"):
+        check(mix, global_batch_size=4, duration=("epochs", 2))
+    with pytest.raises(DataError, match=message):
+        train_loader(mix, tmp_path / "work", duration=("steps", 19))
+    mix.sources["code"].max_repetition = 3.2
+    check(mix, global_batch_size=4, duration=("steps", 19))
+
+
 def test_mixture_fingerprint_covers_every_source(tmp_path: Path, mix: DataConfig):
     loader = train_loader(mix, tmp_path / "work")
     loader.reshuffle(epoch=1)
@@ -593,7 +682,9 @@ def test_olmoe_mix_recipe_builds_on_stand_in_files(tmp_path: Path):
         overrides.append(f"--data.sources.{name}.paths=[{tmp_path / name}/*.npy]")
     # An overlay of olmoe-1b-7b.yaml that changes only the run's name and its data.
     base, recipe = (load_config(REPO / f"configs/{n}.yaml").to_dict() for n in ("olmoe-1b-7b", "olmoe-mix"))
-    assert {k for k in base if base[k] != recipe[k]} == {"run_name", "save_folder", "wandb", "data"}
+    assert {k for k in base if base[k] != recipe[k]} == {
+        "run_name", "save_folder", "wandb", "data", "max_duration"
+    }  # fmt: skip
     assert {k for k in base["wandb"] if base["wandb"][k] != recipe["wandb"][k]} == {"group"}
 
     cfg = load_config(REPO / "configs/olmoe-mix.yaml", overrides)
@@ -612,3 +703,32 @@ def test_olmoe_mix_recipe_builds_on_stand_in_files(tmp_path: Path):
     loader = build_train_loader(cfg.data, seed=cfg.seed, work_dir=tmp_path / "work", **kw)
     batch = all_rows(loader)[0]
     assert batch["input_ids"].shape == (64, 16) and batch["source"].shape == (64,)
+
+
+def test_olmoe_mix_recipe_allows_its_own_run_on_the_full_mix():
+    """OLMoE's 5.133T tokens over the published 4.07T: each source 1.26 times, within the
+    recipe's max_repetition 1.3 (files sized as the dataset card's counts, never read)."""
+    from olmo.config import load_config, parse_duration
+
+    cfg = load_config(REPO / "configs/olmoe-mix.yaml")
+    seq, batch = cfg.model.max_sequence_length, cfg.global_train_batch_size
+    files = {name: ([f"{name}.npy"], [round(b * 1e9) * 2]) for name, b in OLMOE_MIX_TOKENS_B.items()}
+
+    def run_repetition():
+        plan = plan_mixture(cfg.data, files, sequence_length=seq, itemsize=2, global_batch_size=batch)
+        run = run_sequences(parse_duration(cfg.max_duration), global_batch_size=batch,
+                            sequence_length=seq, pass_sequences=plan.num_sequences)  # fmt: skip
+        assert run * seq == pytest.approx(5.133e12, rel=1e-6)
+        return plan, run
+
+    plan, run = run_repetition()
+    plan.check_run(run)
+    total = sum(OLMOE_MIX_TOKENS_B.values()) * 1e9
+    for name, rep in plan.run_repetition(run).items():
+        assert rep == pytest.approx(5.133e12 / total, rel=2e-3), name
+    for src in cfg.data.sources.values():
+        src.max_repetition = 1.25
+    plan, run = run_repetition()
+    with pytest.raises(DataError, match=r"^data\.sources\.dclm: .* uses its .* tokens 1\.26 times, "
+                                        r"more than max_repetition 1\.25;"):
+        plan.check_run(run)

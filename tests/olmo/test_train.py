@@ -36,11 +36,14 @@ def tiny_test_lr(step: int) -> float:
     return final + (peak - final) * (1 + math.cos(math.pi * (step - 2) / 6)) / 2
 
 
-def _train(tmp_path, name, nproc=1, **extra):
+def _train(tmp_path, name, nproc=1, output=None, **extra):
+    """Train; the process's stdout and stderr are appended to the list `output` when given."""
     data = make_data(tmp_path)
     save = tmp_path / name
     proc = run_train([TEST_CONFIG, *tiny_overrides(save, data, **extra)], nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if output is not None:
+        output.append(proc.stdout + proc.stderr)
     return save
 
 
@@ -294,7 +297,12 @@ def _source_series(save) -> dict[int, dict[str, float]]:
 def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
     data = make_data(tmp_path)
     extra = _mix_overrides(data)
-    runs = {n: _train(tmp_path / f"p{n}", "mix", nproc=n, **extra) for n in (1, 2)}
+    output: list[str] = []
+    runs = {n: _train(tmp_path / f"p{n}", "mix", nproc=n, output=output, **extra) for n in (1, 2)}
+    # The realised mix and the run's repetition are in the training log, once per run (rank 0).
+    for text in output:
+        assert text.count("data mixture: 2 sources, 744 sequences x 32 = 23,808 tokens per pass") == 1
+        assert "run: 2,048 tokens = 0.086 passes over the mix" in text
     series = _source_series(runs[1])
     assert sorted(series) == list(range(1, 9))
     seen = {"web": 0, "code": 0}
