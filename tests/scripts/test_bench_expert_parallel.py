@@ -74,8 +74,10 @@ def test_parameter_all_gather_and_gradient_reduce_scatter(estimate):
     # EP: a rank's E/ep experts sharded over the 8 ranks (one per node) of its column, the
     # rest over all 64.
     column = GPUS // EP
-    ep_gather = gathers * 2 * (
-        EXPERT_PARAMS / EP * (column - 1) / column + OTHER_PARAMS * (GPUS - 1) / GPUS
+    ep_gather = (
+        gathers
+        * 2
+        * (EXPERT_PARAMS / EP * (column - 1) / column + OTHER_PARAMS * (GPUS - 1) / GPUS)
     )
     assert ep["param_allgather_gb"] == pytest.approx(ep_gather / 1e9, rel=1e-12)
 
