@@ -330,14 +330,36 @@ def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
 EP = "parallel.expert_parallel_degree"
 
 
-def _assert_losses_match(got, want, first_tol=1e-5):
-    """Per-step losses equal to fp32 rounding at first, then within test_two_processes_match_one's
-    tolerance (later steps drift through near-zero Adam updates and near-tied top-k choices)."""
-    assert [s for s, _ in got] == [s for s, _ in want]
-    for (step, a), (_, b) in zip(got[:2], want[:2]):
-        assert a == pytest.approx(b, rel=first_tol), f"step {step}: {a} vs {b}"
-    for (step, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, rel=2e-3), f"step {step}: {a} vs {b}"
+# The step's losses and routing that expert parallelism must not change: the auxiliary losses and
+# the load come from the global quantities, as without it.
+MATCHED_LOSSES = (names.CE_LOSS, names.LB_LOSS, names.Z_LOSS)
+ROWS_PER_STEP = 8 * 32 * 2  # tiny_test.yaml: 8 sequences x 32 tokens x top-2, per layer
+
+
+def _series(save, key) -> dict[int, object]:
+    return {m["step"]: m[key] for m in read_metrics(save) if names.CE_LOSS in m}
+
+
+def _assert_steps_match(got, want, first_tol=1e-5, later_tol=2e-3):
+    """The runs saved in ``got`` and ``want`` agree at every step ``got`` trained: each of
+    MATCHED_LOSSES to fp32 rounding (``first_tol``) in its first two steps, then within
+    test_two_processes_match_one's tolerance (later steps drift through near-zero Adam updates
+    and near-tied top-k choices); the per-expert load identical in the first two steps, then
+    within two rows per expert (a flipped near-tie moves one row between two experts)."""
+    for key in (*MATCHED_LOSSES, "expert_load"):
+        ours, theirs = _series(got, key), _series(want, key)
+        steps = sorted(ours)
+        assert steps and set(steps) <= set(theirs), (key, steps, sorted(theirs))
+        for i, step in enumerate(steps):
+            a, b = ours[step], theirs[step]
+            if key == "expert_load":
+                if i < 2:
+                    assert a == b, f"step {step}: {a} vs {b}"
+                else:
+                    assert a == pytest.approx(b, abs=2 / ROWS_PER_STEP), f"step {step}: {a} vs {b}"
+            else:
+                tol = first_tol if i < 2 else later_tol
+                assert a == pytest.approx(b, rel=tol), f"{key} step {step}: {a} vs {b}"
 
 
 def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, straight_runs):
@@ -351,23 +373,28 @@ def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, 
     for key in plain:
         torch.testing.assert_close(ours[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
     save = _train(tmp_path, "ep", nproc=2, **{EP: 1})
-    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
+    _assert_steps_match(save, straight_runs[2])
 
 
 def test_plain_fsdp_checkpoint_resumes_with_expert_parallelism(tmp_path, straight_runs):
     """2 processes: plain FSDP's step-4 checkpoint loaded with expert parallelism (DCP gives each
     rank its experts); steps 5-8 continue plain FSDP's losses."""
     save = _train(tmp_path, "ep", nproc=2, load_path=straight_runs[2] / "step4", **{EP: 2})
-    resumed = _losses(save)
-    assert [s for s, _ in resumed] == [5, 6, 7, 8]
-    _assert_losses_match(resumed, _losses(straight_runs[2])[4:])
+    assert [s for s, _ in _losses(save)] == [5, 6, 7, 8]
+    _assert_steps_match(save, straight_runs[2])
 
 
-def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, straight_runs):
-    """4 processes, two EP groups of 2 (each rank holds 1 of the 4 experts of a layer): the
-    losses of plain FSDP, and the same expert load."""
+@pytest.fixture(scope="module")
+def plain_four(tmp_path_factory):
+    """Plain FSDP (ep=1) over 4 processes, built as straight_runs' runs are."""
+    return _train(tmp_path_factory.mktemp("straight"), "straight4", nproc=4)
+
+
+def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, plain_four):
+    """4 processes, two EP groups of 2 (each rank holds 1 of the 4 experts of a layer): at every
+    step the cross-entropy, balance and z-losses and expert load of plain FSDP over 4 processes
+    (not 2: the balance loss is taken per micro-batch, and 2 processes split the batch into
+    other micro-batches than 4 do)."""
     save = _train(tmp_path, "ep4", nproc=4, **{EP: 2})
-    _assert_losses_match(_losses(save), _losses(straight_runs[2]))
-    loads = [{r["step"]: r["expert_load"] for r in read_metrics(s) if "expert_load" in r}
-             for s in (save, straight_runs[2])]  # fmt: skip
-    assert loads[0][1] == loads[1][1]  # step 1: same weights, same tokens, same routing
+    assert [s for s, _ in _losses(save)] == list(range(1, 9))
+    _assert_steps_match(save, plain_four)
