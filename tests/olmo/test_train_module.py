@@ -541,8 +541,10 @@ _ROUTING_OPTIONS = {"moe_shared_experts", "moe_capacity_factor"}
         pytest.param(2, ("2", "shared", "capacity"), marks=pytest.mark.skipif(
             not _ROUTING_OPTIONS <= {f.name for f in dataclasses.fields(ModelConfig)},
             reason="ModelConfig has no shared experts or capacity factor")),
+        (2, ("2", "aux_free")),
     ],
-    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops"],
+    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops",
+         "sigmoid, expert bias, global-batch balance loss"],
 )  # fmt: skip
 def test_expert_parallel_gradients_equal_plain_fsdp(nproc, args):
     """parallelize_model with expert parallelism against plain FSDP on the same tokens: initial
