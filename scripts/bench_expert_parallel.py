@@ -176,7 +176,7 @@ def worker(args) -> None:
 def paper_estimate(
     *, nodes: int = 8, gpus_per_node: int = 8, ep: int = 8, global_batch: int = 1024,
     micro_batch: int = 4, param_bytes: int = 2, grad_bytes: int = 4, act_bytes: int = 2,
-    nvlink_gbs: float = 450.0, nic_gbs: float = 50.0, peak_flops: float = 989e12,
+    nvlink_gbs: float = 450.0, nic_gbs: float = 50.0, gpu: str = "H100 SXM",
 ) -> list[dict]:  # fmt: skip
     """Bytes received per GPU per optimizer step for OLMoE-1B-7B (configs/olmoe-1b-7b-swiglu.yaml),
     without and with expert parallelism. Arithmetic, not a measurement. Assumptions:
@@ -192,17 +192,20 @@ def paper_estimate(
     * no activation checkpointing (it would repeat each forward's all-to-alls in backward);
     * link time: bytes over datasheet bandwidths per GPU and direction (H100 SXM NVLink 450 GB/s;
       one 400 Gb/s NIC per GPU, 50 GB/s), no overlap with compute: a lower bound;
-    * for scale, the step's compute at the datasheet dense bf16 peak (H100 SXM 989 TFLOP/s) of
-      ModelConfig.num_flops_per_token, also a lower bound.
+    * for scale, the step's compute at ``gpu``'s datasheet dense bf16 peak (olmo/flops.py; H100
+      SXM 989.5 TFLOP/s) of ModelConfig.num_flops_per_token, also a lower bound.
     """
     from olmo.config import load_config
+    from olmo.flops import datasheet_peak_flops
+
+    _, peak_flops = datasheet_peak_flops(gpu, torch.bfloat16)
 
     model = load_config(REPO / "configs" / "olmoe-1b-7b-swiglu.yaml").model
     gpus = nodes * gpus_per_node
     tokens_per_gpu = global_batch * model.max_sequence_length // gpus
     micro_steps = global_batch // gpus // micro_batch
     total = model.num_params()
-    expert = model.n_layers * model.moe_num_experts * model._ffn_params()
+    expert = model.n_layers * model.moe_num_experts * model._ffn_params(model.mlp_hidden_size)
     dense = total - expert
 
     def collective(n_params: int, group: int, bytes_per: float, times: int, per_node: int):

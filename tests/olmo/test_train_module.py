@@ -535,8 +535,10 @@ def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
         (2, ("2",)),
         pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow),
         (2, ("2", "shared", "capacity")),
+        (2, ("2", "aux_free")),
     ],
-    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops"],
+    ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops",
+         "sigmoid, expert bias, global-batch balance loss"],
 )  # fmt: skip
 def test_expert_parallel_gradients_equal_plain_fsdp(nproc, args):
     """parallelize_model with expert parallelism against plain FSDP on the same tokens: initial
