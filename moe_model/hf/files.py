@@ -365,8 +365,8 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     while not parent.exists():
         made.append(parent)
         parent = parent.parent
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
         try:
             yield tmp
