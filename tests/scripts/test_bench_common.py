@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.olmo.helpers import REPO
+from tests.scripts.helpers import load_script
 
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_common  # noqa: E402
@@ -78,10 +79,16 @@ def test_device_defaults_flags_and_name(tmp_path):
     assert (tmp_path / "mine.json").is_file()
 
 
-def test_failure_still_writes_and_exits_1(tmp_path):
+def test_failure_still_writes_and_exits_1(tmp_path, capsys):
     bench = toy(finish=lambda run, rows: run.fail("rows disagree"))
     assert run_benchmark(bench, ["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
-    assert (tmp_path / "toy_cpu_quick.json").is_file()
+    captured = capsys.readouterr()
+    assert captured.err == "error: rows disagree\n"
+    payload = json.loads((tmp_path / "toy_cpu_quick.json").read_text())
+    assert [r["n"] for r in payload["results"]] == [64, 128]
+    assert all(len(r["ms_all"]) == 3 for r in payload["results"])
+    # The failed run's rows are the ones printed.
+    assert bench_common.format_table(payload["results"], bench.columns) in captured.out
 
 
 def test_an_exception_keeps_the_rows_measured_before_it(tmp_path, capsys):
@@ -126,50 +133,93 @@ def test_config_overrides_reach_the_run():
     assert run.overrides == ["--model.d_model=8", "--seed=1"] and run.device == torch.device("cpu")
 
 
-def test_time_phases_times_each_phase_per_iteration():
-    calls = []
-    times = time_phases(lambda: [lambda: calls.append("a"), lambda: calls.append("b")],
+class FakeClock:
+    """``time.perf_counter`` that moves only when a step says how long it took (seconds)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, name: str, seconds: float, calls: list):
+        def run():
+            calls.append(name)
+            self.now += seconds
+        return run
+
+
+def test_time_phases_times_each_phase_per_iteration(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(bench_common.time, "perf_counter", clock)
+    times = time_phases(lambda: [clock.step("a", 0.0015, calls), clock.step("b", 0.004, calls)],
                         device=torch.device("cpu"), warmup=2, iters=3)  # fmt: skip
     assert calls == ["a", "b"] * 5
-    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+    assert times == [pytest.approx([1.5] * 3), pytest.approx([4.0] * 3)]  # ms, per phase
 
 
-def test_time_interleaved_runs_the_steps_round_robin():
-    calls = []
-    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+def test_time_interleaved_runs_the_steps_round_robin(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(bench_common.time, "perf_counter", clock)
+    steps = {"a": clock.step("a", 0.25, calls), "b": clock.step("b", 0.5, calls)}
     first, times = bench_common.time_interleaved(steps, warmup=2, iters=3)
     # Each step's warm-up (its first call timed alone), then the timed calls in turn.
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert set(first) == {"a", "b"} and all(t >= 0 for t in first.values())
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert first == pytest.approx({"a": 0.25, "b": 0.5})  # seconds
+    assert times == {"a": pytest.approx([250.0] * 3), "b": pytest.approx([500.0] * 3)}  # ms
 
 
-SCRIPTS = {
-    "bench_activations.py": ("activations", "activations_cpu_quick", "total_ms"),
-    "bench_moe_layer.py": ("moe_layer", "moe_layer_cpu_quick", "total_ms"),
-    "bench_train_step.py": ("train_step", "train_step_cpu_quick", "step_ms"),
-    "bench_cpu_step.py": ("cpu_step", "cpu_step_quick", "median_ms"),
-    "bench_doc_masking.py": ("doc_masking", "doc_masking_cpu_quick", "median_ms"),
-    "bench_moe_variants.py": ("moe_variants", "moe_variants_cpu_quick", "median_ms"),
-    "bench_init_memory.py": ("init_memory", "init_memory_cpu_quick", "peak_rss_gib"),
-    "bench_expert_parallel.py": ("expert_parallel", "expert_parallel_cpu_quick", "total"),
-    "bench_kernel_tuning.py": ("kernel_tuning", "kernel_tuning_cpu_quick", "ms"),
+# Every benchmark script: a new one is run here without being listed. bench_common.py and
+# bench_profile.py are the libraries the scripts share.
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("bench_*.py")
+                 if p.name not in ("bench_common.py", "bench_profile.py"))
+# The quantity each script measures, which a --quick run must find positive in every row.
+MEASURED = {
+    "bench_activations.py": "total_ms",
+    "bench_convert.py": "seconds",
+    "bench_cpu_step.py": "median_ms",
+    "bench_doc_masking.py": "median_ms",
+    "bench_expert_parallel.py": "total",
+    "bench_init_memory.py": "peak_rss_gib",
+    "bench_kernel_tuning.py": "ms",
+    "bench_moe_layer.py": "total_ms",
+    "bench_moe_variants.py": "median_ms",
+    "bench_train_step.py": "step_ms",
 }
 
 
+def test_the_glob_finds_the_benchmarks():
+    assert {"bench_activations.py", "bench_convert.py", "bench_train_step.py"} <= set(SCRIPTS)
+    assert not {"bench_common.py", "bench_profile.py"} & set(SCRIPTS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
-    benchmark, name, measured = SCRIPTS[script]
+    assert script in MEASURED, f"add {script}'s measured row key to MEASURED"
+    module = load_script(script[: -len(".py")])
+    bench = module.BENCHMARK
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--device", "cpu", "--quick",
-         "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "scripts" / script), *argv],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    name = (bench.result_name or f"{bench.name}_cpu") + "_quick"
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]
     payload = json.loads((tmp_path / f"{name}.json").read_text())
-    assert payload["benchmark"] == benchmark and set(payload["env"]) == ENV_KEYS
+    assert list(payload)[:3] == ["benchmark", "env", "settings"] and list(payload)[-1] == "results"
+    assert payload["benchmark"] == bench.name and set(payload["env"]) == ENV_KEYS
+    assert payload["env"]["torch"] == torch.__version__
     assert payload["settings"]["quick"] is True
-    assert payload["results"] and all(r[measured] > 0 for r in payload["results"])
-    assert "| " in proc.stdout and f"wrote {tmp_path / name}.json" in proc.stdout
+    rows = payload["results"]
+    assert rows and all(r[MEASURED[script]] > 0 for r in rows)
+    # The table printed is the JSON's rows, row for row.
+    run = bench_common.parse(bench, argv)
+    run.settings.update(payload["settings"])
+    run.extra.update({k: v for k, v in payload.items()
+                      if k not in ("benchmark", "env", "settings", "results")})
+    columns = bench.columns(run) if callable(bench.columns) else bench.columns
+    assert bench_common.format_table(rows, columns) in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"wrote {tmp_path / name}.json")

@@ -23,6 +23,7 @@ from moe_model.activations import ACTIVATIONS  # noqa: E402
 from moe_model.config import ModelConfig  # noqa: E402
 from moe_model.errors import OutputExistsError  # noqa: E402
 from moe_model.hf import FORMATS, export_hf, read_hf_dir  # noqa: E402
+from moe_model.hf.files import SafetensorsSource  # noqa: E402
 from moe_model.hf.layouts import PolyMoELayout  # noqa: E402
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID  # noqa: E402
 from olmo import checkpoint_io  # noqa: E402
@@ -441,6 +442,76 @@ def test_export_rejects_checkpoint_that_does_not_match_its_config(tmp_path, caps
     assert no_leftovers(tmp_path, "hf")
 
 
+def test_export_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert_fails(capsys, "convert_to_hf", [str(tmp_path / "empty"), str(tmp_path / "hf")],
+                 f"{str(tmp_path / 'empty')!r} holds no checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def truncate_half(path: Path) -> tuple[int, int]:
+    """Cut ``path`` to half its size; (old size, new size)."""
+    full = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(full // 2)
+    return full, full // 2
+
+
+def test_truncated_weights_are_one_line(tmp_path, capsys):
+    model = tiny_model("swiglu")
+    ckpt = write_checkpoint(tmp_path, model)
+    assert run_script("convert_to_hf", [str(ckpt), str(tmp_path / "hf"), "--tokenizer", "none"]) == 0
+    weights = tmp_path / "hf" / "model.safetensors"
+    full, cut = truncate_half(weights)
+    assert_fails(capsys, "convert_from_hf", [str(tmp_path / "hf"), str(tmp_path / "out")],
+                 f"{str(weights)!r} is truncated: {cut} bytes", f"tensor data up to byte {full}")
+    assert no_leftovers(tmp_path, "out")
+    full, cut = truncate_half(ckpt / checkpoint_io.WEIGHTS_FNAME)
+    assert_fails(capsys, "convert_to_hf", [str(ckpt), str(tmp_path / "hf2")],
+                 f"{str(ckpt / checkpoint_io.WEIGHTS_FNAME)!r} is truncated: {cut} bytes")
+    assert no_leftovers(tmp_path, "hf2")
+
+
+def test_file_cut_during_conversion_is_one_line(tmp_path, capsys, monkeypatch):
+    """A file cut after it was opened fails inside the writers -- DCP's for import, which wraps
+    the error in its own exception -- and is still one line, with nothing left behind."""
+    model = tiny_model("swiglu")
+    ckpt = write_checkpoint(tmp_path, model)
+    export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_json=None)
+    opened = SafetensorsSource.__init__
+
+    def open_then_cut(self, files):
+        opened(self, files)
+        for path in files:
+            truncate_half(path)
+
+    monkeypatch.setattr(SafetensorsSource, "__init__", open_then_cut)
+    assert_fails(capsys, "convert_from_hf", [str(tmp_path / "hf"), str(tmp_path / "a" / "b" / "out")],
+                 "hf/model.safetensors ends inside tensor", "(truncated file)")
+    assert_fails(capsys, "convert_to_hf", [str(ckpt), str(tmp_path / "a" / "b" / "hf"),
+                                           "--tokenizer", "none"],
+                 "ckpt/model.safetensors ends inside tensor", "(truncated file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+def test_bad_tokenizer_refused_before_writing(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path, tiny_model("relu"))
+    missing = tmp_path / "nope" / "tokenizer.json"
+    assert_fails(capsys, "convert_to_hf", [str(ckpt), str(tmp_path / "a" / "b" / "hf"),
+                                           "--tokenizer", str(missing)],
+                 f"tokenizer file {str(missing)!r} does not exist")
+    (tmp_path / "bad.json").write_text('{"model": {"type": "Nope"}}')
+    assert_fails(capsys, "convert_to_hf", [str(ckpt), str(tmp_path / "a" / "b" / "hf"),
+                                           "--tokenizer", str(tmp_path / "bad.json")],
+                 f"tokenizer file {str(tmp_path / 'bad.json')!r} does not load")
+    (tmp_path / "trunc.json").write_text('{"model": ')
+    assert_fails(capsys, "convert_to_hf", [str(ckpt), str(tmp_path / "a" / "b" / "hf"),
+                                           "--tokenizer", str(tmp_path / "trunc.json")],
+                 f"tokenizer file {str(tmp_path / 'trunc.json')!r} is not valid JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "ckpt", "trunc.json"]
+
+
 def test_failed_export_leaves_nothing_behind(tmp_path):
     model = tiny_model("swiglu")
     source = checkpoint_io.open_checkpoint(write_checkpoint(tmp_path, model))
@@ -463,6 +534,10 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
         export_hf(Failing(), model.config, tmp_path / "hf", tokenizer_json=None,
                   max_shard_size="20KB")
     assert len(reads) == 5 and no_leftovers(tmp_path, "hf")
+    reads.clear()  # into new parent directories: they go too
+    with pytest.raises(OSError, match="disk went away"):
+        export_hf(Failing(), model.config, tmp_path / "a" / "b" / "hf", tokenizer_json=None)
+    assert len(reads) == 5 and not (tmp_path / "a").exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="already exists and is not empty"):

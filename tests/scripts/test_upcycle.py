@@ -6,7 +6,7 @@ unnormalised weights it is f(x) scaled by the token's top-k router probability m
 checked in float64, block by block and through the whole model, against the combine weights
 the layer used; those weights come from the router's fp32 softmax (by design), so they equal 1
 or the top-k probability mass to fp32 rounding. (PolyNorm computes its powers and norms in fp32
-by design, so its tolerance is fp32's; SwiGLU's is float64's.)
+by design, so its tolerance is fp32's; SwiGLU's, ReLU's and PolyReLU's are float64's.)
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def topk_mass(x_TD: torch.Tensor, router_ED: torch.Tensor) -> torch.Tensor:
     return (x_TD @ router_ED.T).softmax(dim=-1).topk(K, dim=-1).values.sum(dim=-1)
 
 
-TOL = {"swiglu": 1e-10, "polynorm": 1e-5}
+TOL = {"swiglu": 1e-10, "relu": 1e-10, "polyrelu": 1e-10, "polynorm": 1e-5}
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "polynorm"])
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "polyrelu", "polynorm"])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_upcycled_model_at_step_zero(tmp_path, activation, renormalize):
     dense_path, dense = dense_checkpoint(tmp_path, activation)
@@ -142,6 +142,41 @@ def test_upcycle_refuses_an_moe_checkpoint(tmp_path, capsys):
     assert_fails(capsys, "upcycle", [str(dense_path), str(tmp_path / "bad"), "--num_experts", "2",
                                      "--top_k", "3"], "moe_top_k=3")
     assert no_leftovers(tmp_path, "again") and no_leftovers(tmp_path, "bad")
+
+
+def upcycle_args(src, out) -> list[str]:
+    return [str(src), str(out), "--num_experts", str(E), "--top_k", str(K)]
+
+
+def test_upcycle_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert_fails(capsys, "upcycle", upcycle_args(tmp_path / "empty", tmp_path / "out"),
+                 f"{str(tmp_path / 'empty')!r} holds no checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_upcycle_refuses_a_truncated_checkpoint(tmp_path, capsys):
+    dense_path, _ = dense_checkpoint(tmp_path, "polyrelu")
+    weights = dense_path / checkpoint_io.WEIGHTS_FNAME
+    full = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(full // 2)
+    assert_fails(capsys, "upcycle", upcycle_args(dense_path, tmp_path / "a" / "out"),
+                 f"{str(weights)!r} is truncated: {full // 2} bytes",
+                 f"tensor data up to byte {full}")
+    assert not (tmp_path / "a").exists()
+
+
+def test_upcycle_refuses_weights_that_do_not_match_the_config(tmp_path, capsys):
+    dense_path, _ = dense_checkpoint(tmp_path, "relu")
+    yaml = (dense_path / "config.yaml").read_text()
+    assert "mlp_hidden_size: 48\n" in yaml
+    (dense_path / "config.yaml").write_text(yaml.replace("mlp_hidden_size: 48\n", "mlp_hidden_size: 40\n"))
+    assert_fails(capsys, "upcycle", upcycle_args(dense_path, tmp_path / "out"),
+                 "the dense checkpoint: tensor 'blocks.0.ffn.w_in.weight' has shape (48, 32)",
+                 "expects (40, 32)")
+    assert no_leftovers(tmp_path, "out")
 
 
 @pytest.mark.slow
