@@ -182,6 +182,33 @@ class ValidationCallback(Callback):
         return results
 
 
+WANDB_NO_CREDENTIALS = (
+    "wandb.mode='online' found no W&B credentials (neither WANDB_API_KEY, "
+    "WANDB_IDENTITY_TOKEN_FILE nor a netrc entry from `wandb login`); log in, or use "
+    "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled"
+)
+
+
+def wandb_credentials_found() -> bool:
+    """Whether wandb would find credentials without prompting: the places wandb 0.2x reads
+    (its environment variables, then the netrc entry `wandb login` writes for the server's host).
+
+    A rank waiting at wandb's interactive prompt would hang the whole job, so an online run
+    without credentials is refused up front instead.
+    """
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 @dataclass
 class WandbCallback(Callback):
     """Weights & Biases logging; offline by default, so no API key is needed.
@@ -201,10 +228,10 @@ class WandbCallback(Callback):
         s = self.settings
         if s.mode == "disabled" or get_rank() != 0:
             return
-        if s.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        if s.mode == "online" and not wandb_credentials_found():
             # olmo.launch.preflight refuses this before anything is written; a callback built
             # by other code still gets the same one-line error instead of wandb's prompt.
-            raise LaunchError("wandb.mode='online' needs the WANDB_API_KEY environment variable")
+            raise LaunchError(WANDB_NO_CREDENTIALS)
         import wandb
         from wandb.sdk.lib import runid
 

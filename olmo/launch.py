@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_model.errors import ConfigError, LaunchError
+from olmo.callbacks import WANDB_NO_CREDENTIALS, wandb_credentials_found
 from olmo.config import TrainConfig, load_config, parse_duration
 from olmo.data import (
     build_eval_loaders,
@@ -127,11 +128,8 @@ def training_device_type() -> str:
 
 
 def check_wandb(cfg: TrainConfig) -> None:
-    if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise LaunchError(
-            "wandb.mode='online' needs the WANDB_API_KEY environment variable; set it, or use "
-            "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled"
-        )
+    if cfg.wandb.mode == "online" and not wandb_credentials_found():
+        raise LaunchError(WANDB_NO_CREDENTIALS)
 
 
 def check_attention_backend(cfg: TrainConfig, device_type: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_model.errors import LaunchError
 from olmo.checkpoint_io import load_state_dict
 from olmo.launch import main
 from olmo.run_files import find_checkpoints
@@ -469,7 +470,8 @@ PREFLIGHT_REFUSALS = {
     # name: (overrides, the whole error line)
     "wandb_online_without_key": (
         ["--wandb.mode=online"],
-        "error: wandb.mode='online' needs the WANDB_API_KEY environment variable; set it, or use "
+        "error: wandb.mode='online' found no W&B credentials (neither WANDB_API_KEY, "
+        "WANDB_IDENTITY_TOKEN_FILE nor a netrc entry from `wandb login`); log in, or use "
         "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled",
     ),
     "flex_training_on_cpu": (
@@ -480,12 +482,18 @@ PREFLIGHT_REFUSALS = {
 }
 
 
+def _no_wandb_credentials(monkeypatch, tmp_path):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
 @pytest.mark.parametrize("name", list(PREFLIGHT_REFUSALS))
 def test_settings_that_fail_in_training_are_refused_before_writing(
     tmp_path, data, capsys, monkeypatch, name
 ):
     """Found by preflight, not once the trainer runs: one line, nothing in the save folder."""
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    _no_wandb_credentials(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     extra, line = PREFLIGHT_REFUSALS[name]
     save = tmp_path / "save"
@@ -512,6 +520,27 @@ def test_preflight_passes_the_usable_neighbours(tmp_path, data, monkeypatch):
     preflight(cfg("--model.document_masking_backend=flex"))  # no document masking: flex unused
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     preflight(cfg(*flex))
+    assert not (tmp_path / "save").exists()
+
+
+def test_wandb_login_credentials_let_an_online_run_go(tmp_path, data, monkeypatch):
+    """`wandb login` stores its key in netrc for the server's host, not in the environment: that
+    is enough for an online run, and an entry for another host is not."""
+    from olmo.config import load_config
+    from olmo.launch import preflight
+
+    cfg = load_config(TEST_CONFIG, [*tiny_overrides(tmp_path / "save", data), "--wandb.mode=online"])
+    _no_wandb_credentials(monkeypatch, tmp_path)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    preflight(cfg)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    with pytest.raises(LaunchError, match="found no W&B credentials"):
+        preflight(cfg)
+    netrc.write_text("machine wandb.example.org\n  login user\n  password " + "k" * 40 + "\n")
+    preflight(cfg)
     assert not (tmp_path / "save").exists()
 
 
