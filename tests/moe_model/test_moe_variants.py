@@ -28,11 +28,13 @@ D, H, E, K = 16, 8, 6, 2
 
 
 def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
+    """A layer with E experts, top-K, unless ``kw`` sets moe_num_experts / moe_top_k."""
     torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=64, embedding_size=64, d_model=D, n_layers=1, n_heads=2, mlp_hidden_size=H,
-        moe_num_experts=E, moe_top_k=K, activation_type=activation, moe_expert_impl=impl, **kw,
-    )  # fmt: skip
+    config = ModelConfig(**{
+        "vocab_size": 64, "embedding_size": 64, "d_model": D, "n_layers": 1, "n_heads": 2,
+        "mlp_hidden_size": H, "moe_num_experts": E, "moe_top_k": K,
+        "activation_type": activation, "moe_expert_impl": impl, **kw,
+    })  # fmt: skip
     layer = MoELayer(config)
     with torch.no_grad():  # non-default coefficients, different in every FFN
         for i, act in enumerate(m for m in layer.modules() if hasattr(m, "order")):
@@ -40,7 +42,7 @@ def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
             act.bias.fill_(0.1 - 0.03 * i)
         if layer.expert_bias_E is not None:
             # A bias large enough to change some tokens' choice.
-            layer.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, E))
+            layer.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, len(layer.expert_bias_E)))
     return layer
 
 
@@ -49,8 +51,12 @@ def skewed_inputs(layer, shape=(40,), seed=1):
     torch.manual_seed(seed)
     x = torch.randn(*shape, D)
     x[..., 0] = 1.0
+    num_experts = layer.config.moe_num_experts
+    skew = [1.5, 0.5, 0.0, 0.0, -0.5, -1.0]
+    if num_experts != len(skew):  # other expert counts: expert 0 alone favoured
+        skew = [1.5] + [0.0] * (num_experts - 1)
     with torch.no_grad():
-        layer.router.weight[:, 0] = torch.tensor([1.5, 0.5, 0.0, 0.0, -0.5, -1.0])
+        layer.router.weight[:, 0] = torch.tensor(skew)
     return x
 
 
@@ -61,6 +67,7 @@ def ffn(act, x_D, w_in_DI, w_out_HD):
 def reference(layer, x, training=True):
     """The layer written out token by token from its config: (y, lb_loss, dropped rows, counts)."""
     cfg = layer.config
+    E, K = cfg.moe_num_experts, cfg.moe_top_k
     x_TD = x.reshape(-1, D)
     T = x_TD.shape[0]
     choices = []  # per token: (experts, score of each, combine weight of each)
@@ -130,6 +137,7 @@ def named_grads(layer, x, out):
 
 
 VARIANTS = {
+    "default (OLMoE)": {},
     "sigmoid, renormalised, scaled": dict(
         moe_router_score="sigmoid", moe_renormalize=True, moe_route_scale=2.5, moe_zloss_weight=0.0
     ),
@@ -153,11 +161,21 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# Fine-grained experts (DeepSeekMoE): many small experts and a larger top-k, through the
+# options that index or count per expert.
+FINE_GRAINED = ["default (OLMoE)", "sigmoid + bias (DeepSeek-V3)", "capacity 1.0",
+                "1 shared expert", "sequence lb"]
+SHAPES = [pytest.param(E, K, v, id=f"E{E}K{K}-{v}") for v in VARIANTS] + [
+    pytest.param(32, 8, v, id=f"E32K8-{v}") for v in FINE_GRAINED
+]
+
+
+@pytest.mark.parametrize("num_experts, top_k, variant", SHAPES)
 @pytest.mark.parametrize("activation", ["polynorm", "swiglu"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
-def test_variant_matches_per_token_reference(variant, activation, impl):
-    layer = make_layer(activation, impl, **VARIANTS[variant])
+def test_variant_matches_per_token_reference(num_experts, top_k, variant, activation, impl):
+    layer = make_layer(activation, impl, moe_num_experts=num_experts, moe_top_k=top_k,
+                       **VARIANTS[variant])  # fmt: skip
     x = skewed_inputs(layer, shape=(4, 10)).requires_grad_(True)
     y, aux = layer(x)
     y_ref, lb_ref, dropped_ref, counts_ref = reference(layer, x)
