@@ -102,7 +102,8 @@ class ModelConfig:
     moe_zloss_weight: float = 0.001
     """Router z-loss weight."""
     moe_renormalize: bool = False
-    """Renormalise the top-k routing weights to sum to 1 (OLMoE: no)."""
+    """Renormalise the top-k routing weights to sum to 1 (OLMoE: no); needs moe_top_k > 1, as
+    one renormalised weight is the constant 1."""
     moe_expert_impl: str = "auto"
     """'grouped_mm', 'loop', or 'auto': grouped_mm when d_model and H are multiples of 8 and it
     supports the dtype (bf16 anywhere; fp32 on CPU without torch.compile), else the loop."""
@@ -291,6 +292,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.moe_shared_hidden_size={self.moe_shared_hidden_size} is unused: "
                 "model.moe_shared_experts is 0"
+            )
+        if self.moe_renormalize and self.moe_top_k == 1:
+            # w / w = 1 for the one chosen expert: the combine weight is a constant, and the
+            # router would learn only from the balancing losses, never from the LM loss.
+            raise ConfigError(
+                "model.moe_renormalize=true with model.moe_top_k=1 makes every combine weight 1, "
+                "so the router gets no gradient from the LM loss; set model.moe_renormalize=false "
+                "or model.moe_top_k > 1"
             )
         if self.moe_router_score != "softmax" and self.moe_zloss_weight > 0:
             raise ConfigError(
