@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
 from moe_model.moe import (
@@ -201,6 +202,51 @@ def test_variant_matches_per_token_reference(num_experts, top_k, variant, activa
     if layer.shared_experts is not None:
         assert all(g[f"shared_experts.{s}.w_in.weight"].abs().sum() > 0
                    for s in range(len(layer.shared_experts)))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "polynorm"])
+@pytest.mark.parametrize("width", [None, 40])
+def test_dense_first_block_computes_the_dense_ffn(activation, width):
+    """Block 0 of moe_first_dense_layers=1: h = x + attn(norm(x)), then h + act(norm(h) W_in)
+    W_out with the activation written out here, of width moe_first_dense_hidden_size (default
+    K * H); no routing, no aux."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=64, embedding_size=64, d_model=D, n_layers=2, n_heads=2, mlp_hidden_size=H,
+        moe_num_experts=E, moe_top_k=K, activation_type=activation, moe_first_dense_layers=1,
+        moe_first_dense_hidden_size=width,
+    )  # fmt: skip
+    block = config.build().blocks[0]
+    ffn = block.ffn
+    with torch.no_grad():  # non-default norm gain and coefficients, weights of unit scale
+        block.ffn_norm.weight.copy_(torch.linspace(0.5, 1.5, D))
+        for w in (ffn.w_in.weight, ffn.w_out.weight):
+            w.copy_(torch.randn_like(w) / w.shape[1] ** 0.5)
+        if activation == "polynorm":
+            ffn.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3]))
+            ffn.act.bias.fill_(0.2)
+    x = torch.randn(2, 7, D)
+    y, aux = block(x)
+    assert aux is None
+
+    hidden = width or K * H
+    w_in, w_out = ffn.w_in.weight.detach(), ffn.w_out.weight.detach()
+    assert w_out.shape == (D, hidden)
+    with torch.no_grad():
+        h = x + block.attn(block.attn_norm(x))
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps)
+        u = (n * block.ffn_norm.weight) @ w_in.T
+        if activation == "swiglu":
+            a = F.silu(u[..., :hidden]) * u[..., hidden:]
+        else:
+            w, b, eps = ffn.act.weight, ffn.act.bias, config.activation_eps
+            a = b + sum(
+                w[i] * u.pow(3 - i) * torch.rsqrt(u.pow(3 - i).pow(2).mean(-1, keepdim=True) + eps)
+                for i in range(3)
+            )
+        want = h + a @ w_out.T
+    assert (want - h).abs().mean() > 0.1  # the FFN's term is far above the tolerance
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bias_changes_the_choice_but_not_the_weights():
