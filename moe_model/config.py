@@ -94,7 +94,8 @@ class ModelConfig:
     mlp_hidden_size: int = 1024
     """Per-expert hidden size H; for gated activations each of w1, w3 is D -> H."""
     moe_num_experts: int = 64
-    """Experts per MoE layer E."""
+    """Experts per MoE layer E. Fine-grained experts (DeepSeekMoE, arXiv:2401.06066 sec. 3.1):
+    E -> mE, moe_top_k K -> mK, mlp_hidden_size H -> H/m keeps the expert parameters and active FLOPs."""
     moe_top_k: int = 8
     """Experts per token K."""
     moe_loss_weight: float = 0.01
@@ -102,7 +103,8 @@ class ModelConfig:
     moe_zloss_weight: float = 0.001
     """Router z-loss weight."""
     moe_renormalize: bool = False
-    """Renormalise the top-k routing weights to sum to 1 (OLMoE: no)."""
+    """Renormalise the top-k routing weights to sum to 1 (OLMoE: no); needs moe_top_k > 1, as
+    one renormalised weight is the constant 1."""
     moe_expert_impl: str = "auto"
     """'grouped_mm', 'loop', or 'auto': grouped_mm when d_model and H are multiples of 8 and it
     supports the dtype (bf16 anywhere; fp32 on CPU without torch.compile), else the loop."""
@@ -120,20 +122,25 @@ class ModelConfig:
     (DeepSeek-V3: 0.001); None = off."""
     moe_lb_granularity: str = "micro_batch"
     """Token set of the load-balancing loss: 'micro_batch' (OLMoE), 'sequence' (each sequence
-    on its own, DeepSeek-V3) or 'global_batch' (expert counts summed over data-parallel ranks)."""
+    on its own, DeepSeek-V3) or 'global_batch' (expert counts all-reduced over data-parallel
+    ranks per micro-batch, not pooled over gradient-accumulation micro-batches; Qiu et al.,
+    arXiv:2501.11873, pool over both)."""
     moe_capacity_factor: float | None = None
-    """None = dropless (OLMoE). A number: each expert takes at most ceil(cf*T*K/E) of a
-    micro-batch's T tokens in training, the rest (lowest router score first) dropped."""
+    """None = dropless (OLMoE). A number cf: each expert takes at most ceil(cf*T*K/E) of the T*K
+    routed rows of a micro-batch's T tokens on this rank in training, the rest (lowest router
+    score first) dropped (Switch Transformer, arXiv:2101.03961 sec. 2.2; GShard,
+    arXiv:2006.16668)."""
     moe_shared_experts: int = 0
     """Always-on experts per MoE layer, each an FFN with the layer's activation, added to the
     routed output (DeepSeek-V3: 1)."""
     moe_shared_hidden_size: int | None = None
     """Hidden size of each shared expert; None = mlp_hidden_size."""
     moe_first_dense_layers: int = 0
-    """The first k blocks have a dense FFN instead of MoE (DeepSeek-V3: 3)."""
+    """The first k blocks have a dense FFN act(x W_in) W_out instead of MoE (DeepSeek-V3: 3,
+    n_dense_layers in inference/configs/config_671B.json)."""
     moe_first_dense_hidden_size: int | None = None
     """Hidden size of those dense FFNs; None = moe_top_k * mlp_hidden_size (the routed experts'
-    active width)."""
+    active width). DeepSeek-V3's is (K + shared experts) * expert width: 9 * 2048 = 18432."""
     init_std: float = 0.02
     """Std of the truncated-normal init of every linear, embedding and expert weight."""
     init_cutoff_factor: float = 3.0
@@ -291,6 +298,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.moe_shared_hidden_size={self.moe_shared_hidden_size} is unused: "
                 "model.moe_shared_experts is 0"
+            )
+        if self.moe_renormalize and self.moe_top_k == 1:
+            # w / w = 1 for the one chosen expert: the combine weight is a constant, and the
+            # router would learn only from the balancing losses, never from the LM loss.
+            raise ConfigError(
+                "model.moe_renormalize=true with model.moe_top_k=1 makes every combine weight 1, "
+                "so the router gets no gradient from the LM loss; set model.moe_renormalize=false "
+                "or model.moe_top_k > 1"
             )
         if self.moe_router_score != "softmax" and self.moe_zloss_weight > 0:
             raise ConfigError(

@@ -49,19 +49,41 @@ Variants, each a ModelConfig option (defaults reproduce OLMoE bit for bit):
   ``micro_batch``: the formula above over the micro-batch (OLMoE). ``sequence``: the same
   formula per sequence (T = S), averaged over the B sequences: DeepSeek-V3's complementary
   sequence-wise balance loss (eqs. 17-20, with alpha = w_lb). ``global_batch``: count_e and T
-  summed over the data-parallel ranks before the loss, mean_prob_e still this rank's (Qiu et
-  al. 2025, "Demons in the detail", arXiv:2501.11873); the ranks' mean loss and gradient equal
-  the micro-batch loss over all ranks' tokens together.
+  summed over the data-parallel ranks before the loss, mean_prob_e still this rank's; the
+  ranks' mean loss and gradient equal the micro-batch loss over all ranks' tokens together.
+  The all-reduce runs once per micro-batch: with gradient accumulation each accumulation
+  micro-batch has its own term over the ranks' simultaneous micro-batches, and counts are not
+  pooled across accumulation steps. Qiu et al. 2025 ("Demons in the detail",
+  arXiv:2501.11873) synchronise the selection frequencies f_e over all parallel groups and, to
+  reach the whole global batch under gradient accumulation, also accumulate them over the
+  accumulation steps in a buffer; this option does the first only.
 * ``moe_capacity_factor`` cf: at most C = ceil(cf * T * K / E) rows per expert per micro-batch in
-  training (GShard/Switch; OLMoE's token-dropping ablations). An expert chosen by more rows
-  keeps the C with the highest router score g_tk (before renormalisation; ties: lower token
-  first) and drops the rest (:func:`capacity_keep`); a dropped row adds nothing to its token.
-  Evaluation and inference stay dropless. The drop is a mask on the routing (``keep_TK``): the
-  dispatcher sees only the kept rows, each as a one-expert token, so any dispatcher works.
+  training, T this rank's micro-batch tokens (before any expert-parallel exchange). Switch
+  Transformer (arXiv:2101.03961 sec. 2.2, top-1) sets expert capacity = tokens per batch / E *
+  cf; GShard (arXiv:2006.16668, top-2) bounds each expert to O(N/E) of a group's N tokens with
+  each token going to at most two; K rows per token gives T * K / E. OLMoE compared dropless
+  routing with such token dropping. An expert chosen by more rows keeps the C with the highest
+  router score g_tk (before renormalisation; ties: lower token first) and drops the rest
+  (:func:`capacity_keep`); a dropped row adds nothing to its token. Evaluation and inference
+  stay dropless. The drop is a mask on the routing (``keep_TK``): the dispatcher sees only the
+  kept rows, each as a one-expert token, so any dispatcher works.
 * ``moe_shared_experts``: always-on FFNs (:class:`FeedForward`, the layer's activation, their
   own coefficient sets) whose outputs are added to the routed output: y = sum_s FFN_s(x) +
   sum_k g_k FFN_{e_k}(x) (DeepSeek-V3 eq. 12; torchtitan models/common/moe.py). olmo-core
   instead weights shared and routed outputs 1/(K+1) and K/(K+1).
+* ``moe_first_dense_layers`` k: blocks 0..k-1 have one dense FFN y = act(x W_in) W_out of width
+  ``moe_first_dense_hidden_size`` (default K * H, the routed experts' active width) instead of
+  this layer (``transformer.DenseFFN``). DeepSeek-V3 keeps its first 3 blocks dense:
+  ``n_dense_layers`` 3 in inference/configs/config_671B.json of deepseek-ai/DeepSeek-V3
+  (``first_k_dense_replace`` 3 in the Hugging Face config.json), their FFN ``inter_dim`` 18432 =
+  (8 routed + 1 shared) * ``moe_inter_dim`` 2048, i.e. the MoE layers' active width with the
+  shared expert counted; set the width explicitly to match that.
+* Fine-grained experts (DeepSeekMoE, arXiv:2401.06066 sec. 3.1): each expert split into m
+  smaller ones by dividing its hidden size by m, with m times as many experts and m times the
+  top-k (E -> mE, H -> H/m, K -> mK), which keeps the expert parameters (E*H) and the active
+  FLOPs (K*H) per token; only the router grows (D x mE). Nothing here is special-cased: set
+  ``moe_num_experts``, ``moe_top_k`` and ``mlp_hidden_size``; every option above takes any E
+  and K.
 """
 
 from __future__ import annotations
@@ -263,7 +285,11 @@ def global_load_balancing_loss(
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """w * E/(T_all*K) * sum_e count_all_e * mean_t probs_TE[t, e]: the counts and the token count
-    summed over the ranks of ``group`` (one all-reduce), the probabilities this rank's."""
+    summed over the ranks of ``group`` (one all-reduce), the probabilities this rank's.
+
+    Called per micro-batch, so the sums cover the ranks' simultaneous micro-batches, not the
+    gradient-accumulation micro-batches of a step (Qiu et al., arXiv:2501.11873, also pool
+    over those with a buffer; see the module docstring)."""
     num_tokens, num_experts = probs_TE.shape
     totals = torch.cat([tokens_per_expert_E.detach().long(), tokens_per_expert_E.new_tensor(
         [num_tokens], dtype=torch.long)])
@@ -307,7 +333,9 @@ group to reduce counts over or None) -> the weighted loss."""
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
-    """Rows one expert may take: ceil(factor * T * K / E)."""
+    """Rows one expert may take: ceil(factor * T * K / E), T the tokens of this micro-batch on
+    this rank (Switch Transformer sec. 2.2's expert capacity, tokens / E * factor, with K rows
+    per token)."""
     return math.ceil(factor * num_tokens * top_k / num_experts)
 
 

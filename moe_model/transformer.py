@@ -131,8 +131,12 @@ class Attention(nn.Module):
 
 
 class DenseFFN(FeedForward):
-    """One FFN ``act(x @ w_in) @ w_out`` with the activation registry: the FFN of every block
-    when block_type='dense', of the first moe_first_dense_layers blocks otherwise."""
+    """One FFN ``y = act(x @ w_in) @ w_out`` with the activation registry: the FFN of every block
+    when block_type='dense' (width mlp_hidden_size), of the first moe_first_dense_layers blocks
+    otherwise (width moe_first_dense_hidden_size, default moe_top_k * mlp_hidden_size: the
+    routed experts' active width, so a dense block costs what an MoE block's experts do per
+    token). DeepSeek-V3 keeps its first 3 blocks dense (``n_dense_layers`` in
+    inference/configs/config_671B.json of deepseek-ai/DeepSeek-V3); see moe_model/moe.py."""
 
     def __init__(
         self,

@@ -186,6 +186,10 @@ def test_fine_grained_experts_at_equal_parameters():
         ({"moe_bias_update_rate": -1e-3}, "model.moe_bias_update_rate=-0.001 must be > 0"),
         ({"moe_route_scale": 0}, "model.moe_route_scale=0.0 must be > 0"),
         ({"moe_router_score": "sigmoid"}, "model.moe_zloss_weight=0.001 is the softmax router's"),
+        ({"moe_renormalize": True, "moe_top_k": 1},
+         "model.moe_renormalize=true with model.moe_top_k=1 makes every combine weight 1, so the "
+         "router gets no gradient from the LM loss; set model.moe_renormalize=false or "
+         "model.moe_top_k > 1"),
         ({"moe_lb_granularity": "sequence", "moe_loss_weight": 0.0}, "has no effect"),
         ({"block_type": "dense", "moe_shared_experts": 1}, "needs model.block_type='moe'"),
         ({"block_type": "dense", "moe_capacity_factor": 1.0}, "model.moe_capacity_factor=1.0 needs"),

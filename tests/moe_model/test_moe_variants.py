@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
 from moe_model.moe import (
@@ -28,11 +29,13 @@ D, H, E, K = 16, 8, 6, 2
 
 
 def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
+    """A layer with E experts, top-K, unless ``kw`` sets moe_num_experts / moe_top_k."""
     torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=64, embedding_size=64, d_model=D, n_layers=1, n_heads=2, mlp_hidden_size=H,
-        moe_num_experts=E, moe_top_k=K, activation_type=activation, moe_expert_impl=impl, **kw,
-    )  # fmt: skip
+    config = ModelConfig(**{
+        "vocab_size": 64, "embedding_size": 64, "d_model": D, "n_layers": 1, "n_heads": 2,
+        "mlp_hidden_size": H, "moe_num_experts": E, "moe_top_k": K,
+        "activation_type": activation, "moe_expert_impl": impl, **kw,
+    })  # fmt: skip
     layer = MoELayer(config)
     with torch.no_grad():  # non-default coefficients, different in every FFN
         for i, act in enumerate(m for m in layer.modules() if hasattr(m, "order")):
@@ -40,7 +43,7 @@ def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
             act.bias.fill_(0.1 - 0.03 * i)
         if layer.expert_bias_E is not None:
             # A bias large enough to change some tokens' choice.
-            layer.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, E))
+            layer.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, len(layer.expert_bias_E)))
     return layer
 
 
@@ -49,8 +52,12 @@ def skewed_inputs(layer, shape=(40,), seed=1):
     torch.manual_seed(seed)
     x = torch.randn(*shape, D)
     x[..., 0] = 1.0
+    num_experts = layer.config.moe_num_experts
+    skew = [1.5, 0.5, 0.0, 0.0, -0.5, -1.0]
+    if num_experts != len(skew):  # other expert counts: expert 0 alone favoured
+        skew = [1.5] + [0.0] * (num_experts - 1)
     with torch.no_grad():
-        layer.router.weight[:, 0] = torch.tensor([1.5, 0.5, 0.0, 0.0, -0.5, -1.0])
+        layer.router.weight[:, 0] = torch.tensor(skew)
     return x
 
 
@@ -61,6 +68,7 @@ def ffn(act, x_D, w_in_DI, w_out_HD):
 def reference(layer, x, training=True):
     """The layer written out token by token from its config: (y, lb_loss, dropped rows, counts)."""
     cfg = layer.config
+    E, K = cfg.moe_num_experts, cfg.moe_top_k
     x_TD = x.reshape(-1, D)
     T = x_TD.shape[0]
     choices = []  # per token: (experts, score of each, combine weight of each)
@@ -130,6 +138,7 @@ def named_grads(layer, x, out):
 
 
 VARIANTS = {
+    "default (OLMoE)": {},
     "sigmoid, renormalised, scaled": dict(
         moe_router_score="sigmoid", moe_renormalize=True, moe_route_scale=2.5, moe_zloss_weight=0.0
     ),
@@ -153,11 +162,21 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# Fine-grained experts (DeepSeekMoE): many small experts and a larger top-k, through the
+# options that index or count per expert.
+FINE_GRAINED = ["default (OLMoE)", "sigmoid + bias (DeepSeek-V3)", "capacity 1.0",
+                "1 shared expert", "sequence lb"]
+SHAPES = [pytest.param(E, K, v, id=f"E{E}K{K}-{v}") for v in VARIANTS] + [
+    pytest.param(32, 8, v, id=f"E32K8-{v}") for v in FINE_GRAINED
+]
+
+
+@pytest.mark.parametrize("num_experts, top_k, variant", SHAPES)
 @pytest.mark.parametrize("activation", ["polynorm", "swiglu"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
-def test_variant_matches_per_token_reference(variant, activation, impl):
-    layer = make_layer(activation, impl, **VARIANTS[variant])
+def test_variant_matches_per_token_reference(num_experts, top_k, variant, activation, impl):
+    layer = make_layer(activation, impl, moe_num_experts=num_experts, moe_top_k=top_k,
+                       **VARIANTS[variant])  # fmt: skip
     x = skewed_inputs(layer, shape=(4, 10)).requires_grad_(True)
     y, aux = layer(x)
     y_ref, lb_ref, dropped_ref, counts_ref = reference(layer, x)
@@ -183,6 +202,51 @@ def test_variant_matches_per_token_reference(variant, activation, impl):
     if layer.shared_experts is not None:
         assert all(g[f"shared_experts.{s}.w_in.weight"].abs().sum() > 0
                    for s in range(len(layer.shared_experts)))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "polynorm"])
+@pytest.mark.parametrize("width", [None, 40])
+def test_dense_first_block_computes_the_dense_ffn(activation, width):
+    """Block 0 of moe_first_dense_layers=1: h = x + attn(norm(x)), then h + act(norm(h) W_in)
+    W_out with the activation written out here, of width moe_first_dense_hidden_size (default
+    K * H); no routing, no aux."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=64, embedding_size=64, d_model=D, n_layers=2, n_heads=2, mlp_hidden_size=H,
+        moe_num_experts=E, moe_top_k=K, activation_type=activation, moe_first_dense_layers=1,
+        moe_first_dense_hidden_size=width,
+    )  # fmt: skip
+    block = config.build().blocks[0]
+    ffn = block.ffn
+    with torch.no_grad():  # non-default norm gain and coefficients, weights of unit scale
+        block.ffn_norm.weight.copy_(torch.linspace(0.5, 1.5, D))
+        for w in (ffn.w_in.weight, ffn.w_out.weight):
+            w.copy_(torch.randn_like(w) / w.shape[1] ** 0.5)
+        if activation == "polynorm":
+            ffn.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3]))
+            ffn.act.bias.fill_(0.2)
+    x = torch.randn(2, 7, D)
+    y, aux = block(x)
+    assert aux is None
+
+    hidden = width or K * H
+    w_in, w_out = ffn.w_in.weight.detach(), ffn.w_out.weight.detach()
+    assert w_out.shape == (D, hidden)
+    with torch.no_grad():
+        h = x + block.attn(block.attn_norm(x))
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps)
+        u = (n * block.ffn_norm.weight) @ w_in.T
+        if activation == "swiglu":
+            a = F.silu(u[..., :hidden]) * u[..., hidden:]
+        else:
+            w, b, eps = ffn.act.weight, ffn.act.bias, config.activation_eps
+            a = b + sum(
+                w[i] * u.pow(3 - i) * torch.rsqrt(u.pow(3 - i).pow(2).mean(-1, keepdim=True) + eps)
+                for i in range(3)
+            )
+        want = h + a @ w_out.T
+    assert (want - h).abs().mean() > 0.1  # the FFN's term is far above the tolerance
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bias_changes_the_choice_but_not_the_weights():
