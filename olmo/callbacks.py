@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLog
 
 from moe_model.errors import LaunchError
 from olmo import metric_names as names
-from olmo.config import WandbConfig
+from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
 from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
 
 log = logging.getLogger(__name__)
@@ -180,33 +179,6 @@ class ValidationCallback(Callback):
                 f"({int(count.item()):,d} tokens, {time.perf_counter() - start:.1f}s)"
             )
         return results
-
-
-WANDB_NO_CREDENTIALS = (
-    "wandb.mode='online' found no W&B credentials (neither WANDB_API_KEY, "
-    "WANDB_IDENTITY_TOKEN_FILE nor a netrc entry from `wandb login`); log in, or use "
-    "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled"
-)
-
-
-def wandb_credentials_found() -> bool:
-    """Whether wandb would find credentials without prompting: the places wandb 0.2x reads
-    (its environment variables, then the netrc entry `wandb login` writes for the server's host).
-
-    A rank waiting at wandb's interactive prompt would hang the whole job, so an online run
-    without credentials is refused up front instead.
-    """
-    import netrc
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
-        return netrc.netrc(path).authenticators(host or "") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 @dataclass

@@ -9,10 +9,13 @@ strict: an unknown key, a value of the wrong type or an out-of-range value raise
 from __future__ import annotations
 
 import dataclasses
+import netrc
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -100,6 +103,30 @@ class WandbConfig:
             raise ConfigError(
                 f"wandb.mode={self.mode!r} is unknown; expected 'offline', 'online' or 'disabled'"
             )
+
+
+WANDB_NO_CREDENTIALS = (
+    "wandb.mode='online' found no W&B credentials (neither WANDB_API_KEY, "
+    "WANDB_IDENTITY_TOKEN_FILE nor a netrc entry from `wandb login`); log in, or use "
+    "--wandb.mode=offline (sync later with `wandb sync`) or --wandb.mode=disabled"
+)
+
+
+def wandb_credentials_found() -> bool:
+    """Whether wandb would find credentials without prompting: the places wandb 0.2x reads
+    (its environment variables, then the netrc entry `wandb login` writes for the server's host).
+
+    A rank waiting at wandb's interactive prompt would hang the whole job, so an online run
+    without credentials is refused up front instead.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 @dataclass

@@ -16,8 +16,13 @@ from pathlib import Path
 import torch
 
 from moe_model.errors import ConfigError, LaunchError
-from olmo.callbacks import WANDB_NO_CREDENTIALS, wandb_credentials_found
-from olmo.config import TrainConfig, load_config, parse_duration
+from olmo.config import (
+    WANDB_NO_CREDENTIALS,
+    TrainConfig,
+    load_config,
+    parse_duration,
+    wandb_credentials_found,
+)
 from olmo.data import (
     build_eval_loaders,
     build_train_loader,
