@@ -52,7 +52,6 @@ __all__ = [
     "SourceConfig",
     "plan_mixture",
     "mixture_for",
-    "run_sequences",
     "resolve_paths",
     "resolve_dtype",
     "validate_data",
@@ -370,6 +369,21 @@ class Mixture:
             for s in self.sources
         }
 
+    def run_sequences(self, duration: tuple[str, int], *, global_batch_size: int) -> int:
+        """Sequences a run of `duration` (olmo.config.parse_duration's (unit, amount)) trains on.
+
+        Tokens round up to whole steps, as olmo-core's trainer stops at the first step that
+        reaches them; an epoch is one pass over this mixture.
+        """
+        unit, amount = duration
+        if unit == "steps":
+            return amount * global_batch_size
+        if unit == "tokens":
+            return -(-amount // (global_batch_size * self.sequence_length)) * global_batch_size
+        if unit == "epochs":
+            return amount * self.num_sequences
+        raise ValueError(f"unknown duration unit {unit!r}")
+
     def run_repetition(self, run_sequences: int) -> dict[str, float]:
         """Per source: how often each of its sequences is used, on average, over a run of
         `run_sequences` sequences (whole passes and the share of a last, partial one)."""
@@ -420,24 +434,6 @@ class Mixture:
                 line += f" {run[name]:>9.2f}x {src.max_repetition:>5g}x"
             lines.append(line)
         return "\n".join(lines)
-
-
-def run_sequences(
-    duration: tuple[str, int], *, global_batch_size: int, sequence_length: int, pass_sequences: int
-) -> int:
-    """Sequences a run of `duration` (olmo.config.parse_duration's (unit, amount)) trains on.
-
-    Tokens round up to whole steps, as olmo-core's trainer stops at the first step that reaches
-    them; an epoch is one pass (`pass_sequences`, whole global batches).
-    """
-    unit, amount = duration
-    if unit == "steps":
-        return amount * global_batch_size
-    if unit == "tokens":
-        return -(-amount // (global_batch_size * sequence_length)) * global_batch_size
-    if unit == "epochs":
-        return amount * pass_sequences
-    raise ValueError(f"unknown duration unit {unit!r}")
 
 
 def _apportion(total: int, shares: list[float]) -> list[int]:
@@ -598,10 +594,7 @@ def validate_data(
             global_batch_size=global_batch_size,
         )  # fmt: skip
         if duration is not None:
-            mixture.check_run(run_sequences(
-                duration, global_batch_size=global_batch_size, sequence_length=sequence_length,
-                pass_sequences=mixture.num_sequences,
-            ))  # fmt: skip
+            mixture.check_run(mixture.run_sequences(duration, global_batch_size=global_batch_size))
     else:
         paths, n_tokens, n_sequences = _check_file_set(
             cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
@@ -903,10 +896,7 @@ def build_train_loader(
         )  # fmt: skip
         run = None
         if duration is not None:
-            run = run_sequences(
-                duration, global_batch_size=global_batch_size, sequence_length=sequence_length,
-                pass_sequences=mixture.num_sequences,
-            )  # fmt: skip
+            run = mixture.run_sequences(duration, global_batch_size=global_batch_size)
             mixture.check_run(run)
         if dp_rank == 0:
             log.info(mixture.table(run))

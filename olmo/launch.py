@@ -23,13 +23,7 @@ from olmo.config import (
     parse_duration,
     wandb_credentials_found,
 )
-from olmo.data import (
-    build_eval_loaders,
-    build_train_loader,
-    mixture_for,
-    run_sequences,
-    validate_data,
-)
+from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
 from olmo.flops import device_peak_flops
 from olmo.run_files import (
     CONFIG_FNAME,
@@ -372,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg.data, sequence_length=seq, vocab_size=cfg.model.vocab_size,
                     global_batch_size=batch,
                 )  # fmt: skip
-                run = run_sequences(
-                    parse_duration(cfg.max_duration), global_batch_size=batch,
-                    sequence_length=seq, pass_sequences=mixture.num_sequences,
-                )  # fmt: skip
+                run = mixture.run_sequences(parse_duration(cfg.max_duration), global_batch_size=batch)
                 print(mixture.table(run), flush=True)
                 # After the table, so that the repetition the error names is shown per source.
                 mixture.check_run(run)

@@ -24,7 +24,6 @@ from olmo.data import (
     mixture_for,
     plan_mixture,
     resolve_paths,
-    run_sequences,
     validate_data,
 )
 
@@ -738,8 +737,7 @@ def test_olmoe_mix_recipe_allows_its_own_run_on_the_full_mix():
 
     def run_repetition():
         plan = plan_mixture(cfg.data, files, sequence_length=seq, itemsize=2, global_batch_size=batch)
-        run = run_sequences(parse_duration(cfg.max_duration), global_batch_size=batch,
-                            sequence_length=seq, pass_sequences=plan.num_sequences)  # fmt: skip
+        run = plan.run_sequences(parse_duration(cfg.max_duration), global_batch_size=batch)
         assert run * seq == pytest.approx(5.133e12, rel=1e-6)
         return plan, run
 
