@@ -40,6 +40,7 @@ __all__ = [
     "DOCUMENT_MASK_BACKENDS",
     "DocumentMask",
     "build_document_mask",
+    "check_flex_trainable",
     "document_ids",
     "document_positions",
     "resolve_document_mask_backend",
@@ -87,17 +88,23 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def check_flex_trainable(device_type: str) -> None:
+    """ConfigError where FlexAttention cannot train: torch implements its backward on CUDA only."""
+    if device_type == "cpu":
+        raise ConfigError(
+            "model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
+            "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
+        )
+
+
 class FlexDocumentMask:
     """FlexAttention block mask: tiles outside every document are never computed."""
 
     def build(self, doc_BS: torch.Tensor) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        if doc_BS.device.type == "cpu" and torch.is_grad_enabled():
-            raise ConfigError(
-                "model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
-                "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
-            )
+        if torch.is_grad_enabled():
+            check_flex_trainable(doc_BS.device.type)
         b, s = doc_BS.shape
         return create_block_mask(self.mask_mod(doc_BS), b, None, s, s, device=doc_BS.device)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from moe_model.errors import ConfigError, LaunchError
+from moe_model.attention import check_flex_trainable
+from moe_model.errors import LaunchError
 from olmo.config import (
     WANDB_NO_CREDENTIALS,
     TrainConfig,
@@ -132,13 +133,9 @@ def check_wandb(cfg: TrainConfig) -> None:
 
 
 def check_attention_backend(cfg: TrainConfig, device_type: str) -> None:
-    """FlexAttention has no CPU backward, so flex document masking cannot train on a CPU."""
     m = cfg.model
-    if m.document_masking and m.document_masking_backend == "flex" and device_type == "cpu":
-        raise ConfigError(
-            "model.document_masking_backend='flex' cannot train on device 'cpu' (torch "
-            "implements FlexAttention's backward on CUDA only); use 'sdpa' or 'auto'"
-        )
+    if m.document_masking and m.document_masking_backend == "flex":
+        check_flex_trainable(device_type)
 
 
 def preflight(cfg: TrainConfig) -> None:
