@@ -41,10 +41,12 @@ def test_regroup_orders_rows_by_expert_then_sender(shape):
     assert _sender_major_to_expert_major(counts_PX, total).tolist() == regroup_by_loop(counts_PX)
 
 
-def run_worker(nproc: int, ep: int) -> subprocess.CompletedProcess:
+def run_worker(
+    nproc: int, ep: int, module: str = "tests.moe_model.ep_dispatch_worker"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-         f"--master_port={free_port()}", "-m", "tests.moe_model.ep_dispatch_worker", str(ep)],
+         f"--master_port={free_port()}", "-m", module, str(ep)],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
