@@ -117,6 +117,7 @@ __all__ = [
     "Routing",
     "capacity_keep",
     "combine",
+    "COMBINE_CHUNK_BYTES",
     "expert_capacity",
     "global_load_balancing_loss",
     "grouped_mm",
@@ -152,19 +153,82 @@ class Routing:
     """Which (token, k) rows the experts compute (bool); None = all of them (dropless)."""
 
 
-def combine(y_RD: torch.Tensor, weights_TK: torch.Tensor, inverse_R: torch.Tensor) -> torch.Tensor:
+COMBINE_CHUNK_BYTES = 128 * 2**20
+"""Size of the fp32 (tokens, K, D) products :func:`combine` forms per chunk of tokens: 2048
+tokens of an OLMoE layer (K 8, D 2048), 8 chunks of its 16384, instead of 1 GiB at once."""
+
+
+def combine(
+    y_RD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    inverse_R: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
     """y_TD[t] = sum_k weights_TK[t, k] * (row of token t's k-th choice), in y_RD's dtype.
 
     ``inverse_R[t*K + k]`` is the position in y_RD (rows sorted by expert) of token t's k-th
     choice. The combine weights are applied after w_out (megablocks). Products and the sum over
     k run in fp32 (the weights are fp32, so the product promotes) and the total is rounded to
     y_RD's dtype once: a bf16 ``index_add_`` rounds every partial sum, in whatever order CUDA's
-    atomics land. Autograd keeps the rows in y_RD's dtype and the weights; the fp32 products
-    are a temporary.
+    atomics land.
+
+    The fp32 products run ``chunk_tokens`` tokens at a time (default: chunks of
+    :data:`COMBINE_CHUNK_BYTES`), forward and backward (:class:`_Combine`), so no fp32
+    (T, K, D) tensor exists: the one-shot form made 1 GiB of fp32 products forward and two more
+    (the gradients of the rows and of the weights) backward at OLMoE shapes. What autograd
+    keeps is unchanged: the rows gathered into token order, (T, K, D) in y_RD's dtype (the
+    weights' gradient reads them), in place of y_RD, which then can be freed. Each chunk computes
+    what the one-shot form computed for its tokens, in the same order, so the values are the
+    same, and the bytes moved are the same. Why chunks of plain torch ops rather than a fused
+    kernel: they run, and are tested, on every device including CPU, compile without graph
+    breaks, need no host sync, and cut the memory; a fused Triton kernel would also cut the
+    bytes (rows read once, output written once) but needs a GPU to be tested on.
     """
     num_tokens, top_k = weights_TK.shape
-    y_TKD = y_RD.index_select(0, inverse_R).view(num_tokens, top_k, y_RD.shape[-1])
-    return (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, COMBINE_CHUNK_BYTES // (4 * top_k * y_RD.shape[-1]))
+    return _Combine.apply(y_RD, weights_TK, inverse_R, chunk_tokens)
+
+
+class _Combine(torch.autograd.Function):
+    """:func:`combine` with its fp32 products chunk by chunk of tokens."""
+
+    @staticmethod
+    def forward(ctx, y_RD, weights_TK, inverse_R, chunk_tokens):
+        num_tokens, top_k = weights_TK.shape
+        y_TKD = y_RD.index_select(0, inverse_R).view(num_tokens, top_k, y_RD.shape[-1])
+        y_TD = y_RD.new_empty(num_tokens, y_RD.shape[-1])
+        for start in range(0, num_tokens, chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            # fp32 products and sum; the copy into y_TD rounds to y_RD's dtype once.
+            y_TD[chunk] = (y_TKD[chunk] * weights_TK[chunk].unsqueeze(-1)).sum(dim=1)
+        ctx.save_for_backward(y_TKD, weights_TK, inverse_R)
+        ctx.chunk_tokens, ctx.num_rows = chunk_tokens, y_RD.shape[0]
+        return y_TD
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TD):
+        y_TKD, weights_TK, inverse_R = ctx.saved_tensors
+        num_tokens, top_k, d = y_TKD.shape
+        grad_y_RD = grad_w_TK = None
+        if ctx.needs_input_grad[0]:
+            grad_y_RD = y_TKD.new_zeros(ctx.num_rows, d)
+        if ctx.needs_input_grad[1]:
+            grad_w_TK = torch.empty_like(weights_TK)
+        inverse_TK = inverse_R.view(num_tokens, top_k)
+        for start in range(0, num_tokens, ctx.chunk_tokens):
+            chunk = slice(start, start + ctx.chunk_tokens)
+            g_C1D = grad_TD[chunk].float().unsqueeze(1)
+            if grad_y_RD is not None:
+                # A row is one token's k-th choice: one add into zeros, so no sum is rounded.
+                # (routed_kept's appended zero row is the one row chosen repeatedly; its
+                # gradient is dropped.)
+                grad_CKD = (g_C1D * weights_TK[chunk].unsqueeze(-1)).to(y_TKD.dtype)
+                grad_y_RD.index_add_(0, inverse_TK[chunk].reshape(-1), grad_CKD.view(-1, d))
+            if grad_w_TK is not None:
+                grad_w_TK[chunk] = (g_C1D * y_TKD[chunk]).sum(dim=-1)
+        return grad_y_RD, grad_w_TK, None, None
 
 
 @dataclass
