@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_model import moe
 from moe_model.moe import combine
+from tests.moe_model.test_moe import D, K, make_layer, skewed_inputs
 
 EPS32 = torch.finfo(torch.float32).eps
 U_BF16 = 2.0**-8  # unit roundoff of bf16's 8-bit significand
@@ -159,3 +161,21 @@ def test_combine_traces_without_graph_breaks():
         grads[name] = (y.grad, w.grad)
     for eager, compiled in zip(grads["eager"], grads["compiled"], strict=True):
         assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("variant", [{}, {"moe_capacity_factor": 0.5}])
+def test_layer_in_chunks_equals_layer_in_one_chunk(monkeypatch, variant):
+    """The MoE layer (dropless and with capacity drops), its combines cut into chunks of 3 tokens
+    by a small byte budget: output and every gradient equal the one-chunk layer's."""
+    layer = make_layer("swiglu", "grouped_mm", **variant).train()
+    x = skewed_inputs(layer, num_tokens=20)
+    got = {}
+    for budget in (moe.COMBINE_CHUNK_BYTES, 3 * 4 * K * D):
+        monkeypatch.setattr(moe, "COMBINE_CHUNK_BYTES", budget)
+        layer.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        y, aux = layer(x_in)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        got[budget] = [y.detach(), x_in.grad] + [p.grad for p in layer.parameters()]
+    for one_chunk, chunks in zip(*got.values(), strict=True):
+        assert torch.equal(one_chunk, chunks)
