@@ -2,7 +2,10 @@
 
 The CPU kernel accepts layouts, dtypes and offsets that the H100/B200 fast path rejects, asserts
 on, or silently routes to a slow fallback. This module states the fast path's rules as they are
-written in the CUDA build of torch (pytorch/pytorch at the torch 2.11-2.13 era):
+written in the CUDA build of torch (pytorch/pytorch; the files read at commits 00d4eaf9
+GroupedBlas.cpp, 2295ac79 GroupedMMUtils.h, 06c0cf01 GroupMM.cu, 187e65ad GroupMMCommon.cuh).
+A later Blas.cpp first tries cuBLASLt grouped GEMM when built with CUDA >= 13.3; the GPU image's
+torch 2.11+cu130 is not, so the CUTLASS rules below are the ones it runs by:
 
 * ``aten/src/ATen/native/cuda/GroupedBlas.cpp`` ``_grouped_mm_cuda``: the fast path
   (``bf16bf16_grouped_mm``, CUTLASS) runs only when both operands and the output are bf16 on
