@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLog
 from moe_model.errors import LaunchError
 from olmo import metric_names as names
 from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
+from olmo.progress import Progress, format_duration  # noqa: F401  (format_duration: public here too)
 from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class MetricsCallback(Callback):
             self._path.write_text("".join(line + "\n" for line in keep))
 
     def pre_log_metrics(self, step: int, metrics: dict[str, float]):
+        metrics.pop(names.MFU_RUN_AVERAGE, None)  # one MFU definition (see metric_names.MFU)
         counts = pop_expert_counts(metrics)
         routed_rows = {layer: sum(row) for layer, row in counts.items()}
         for layer, fraction in dropped_fractions_from_metrics(metrics, routed_rows).items():
@@ -159,11 +163,13 @@ class ValidationCallback(Callback):
             loader.reshuffle(epoch=1)
             ce_sum = torch.zeros((), dtype=torch.float64)
             count = torch.zeros((), dtype=torch.float64)
+            progress = Progress(f"eval {label}", _num_batches(loader))
             try:
-                for batch in loader:
+                for done, batch in enumerate(loader, 1):
                     batch_ce, batch_count = train_module.eval_batch(batch)
                     ce_sum += batch_ce.double().cpu()
                     count += batch_count.double().cpu()
+                    progress.update(done)
             finally:
                 loader.reset()
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -179,6 +185,13 @@ class ValidationCallback(Callback):
                 f"({int(count.item()):,d} tokens, {time.perf_counter() - start:.1f}s)"
             )
         return results
+
+
+def _num_batches(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 @dataclass
@@ -310,16 +323,6 @@ class FinalCheckpointerCallback(CheckpointerCallback):
         super().post_train()
 
 
-def format_duration(seconds: float) -> str:
-    """``1h02m``, ``4m05s``, ``12s``."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 @dataclass
 class ConsoleCallback(ConsoleLoggerCallback):
     """One line per ``log_interval`` steps, and none in between::
@@ -335,11 +338,13 @@ class ConsoleCallback(ConsoleLoggerCallback):
 
     _since: float | None = None
     _since_step: int = -1
+    _started: float | None = None
     _tps: list[float] = field(default_factory=list)
     _mfu: list[float] = field(default_factory=list)
 
     def pre_train(self):
         self._since, self._since_step = time.monotonic(), self.trainer.global_step
+        self._started = self._since
 
     def post_step(self):
         pass
@@ -358,7 +363,11 @@ class ConsoleCallback(ConsoleLoggerCallback):
         if self._since is not None and step > self._since_step and max_steps:
             per_step = (now - self._since) / (step - self._since_step)
             eta = per_step * max(0, max_steps - step)
-        log.info(progress_line(step, max_steps, metrics, self._tps, self._mfu, eta))
+        elapsed = now - self._started if self._started is not None else None
+        log.info(progress_line(step, max_steps, metrics, self._tps, self._mfu, eta,
+                               tokens_seen=self.trainer.global_train_tokens_seen,
+                               elapsed_seconds=elapsed,
+                               memory_gib=peak_memory_gib(self.trainer.train_module.device)))
         self._since, self._since_step = now, step
         self._tps.clear()
         self._mfu.clear()
@@ -371,6 +380,9 @@ def progress_line(
     tps: list[float],
     mfu: list[float],
     eta_seconds: float | None,
+    tokens_seen: int | None = None,
+    elapsed_seconds: float | None = None,
+    memory_gib: float | None = None,
 ) -> str:
     """The console line of :class:`ConsoleCallback`; fields without a value are left out."""
     parts = [f"step {step}/{max_steps or '?'}"]
@@ -389,9 +401,47 @@ def progress_line(
         parts.append(f"{statistics.median(tps):,.0f} tok/s")
     if mfu:
         parts.append(f"MFU {statistics.median(mfu):.1f}%")
+    if memory_gib is not None:
+        parts.append(f"mem {memory_gib:.2f} GiB")
+    if tokens_seen:
+        parts.append(f"{format_count(tokens_seen)} tokens")
+    if elapsed_seconds is not None:
+        parts.append(f"{format_duration(elapsed_seconds)} elapsed")
     if eta_seconds is not None:
         parts.append(f"ETA {format_duration(eta_seconds)}")
     return " | ".join(parts)
+
+
+def format_count(n: float) -> str:
+    """``950``, ``12.3K``, ``4.56M``, ``1.20B``, ``5.13T``: three significant digits."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.{max(0, 2 - int(math.log10(abs(value))))}f}{suffix}"
+    return f"{n:.0f}"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak since the process started: GPU memory allocated to tensors; on CPU the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+@dataclass
+class MemoryMonitorCallback(Callback):
+    """Records :data:`names.PEAK_MEMORY_GIB` every step (max over ranks): host-side counters
+    only, no device synchronisation."""
+
+    def post_step(self):
+        from olmo_core.train.common import ReduceType
+
+        device = self.trainer.train_module.device
+        self.trainer.record_metric(names.PEAK_MEMORY_GIB, peak_memory_gib(device), ReduceType.max)
 
 
 @dataclass
@@ -410,10 +460,26 @@ class RunSummaryCallback(Callback):
                           self.trainer.max_steps, self.config_path), flush=True)
 
 
+def runnable_path(path: str | Path) -> str:
+    """``path`` as a shell word that works from the current directory: relative when it lies
+    below it, absolute otherwise, quoted where needed."""
+    path = Path(path).absolute()
+    try:
+        text = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text)
+
+
 def run_summary(
     save_folder: Path, step: int, max_steps: int | None, config_path: str | None
 ) -> str:
-    """Outputs of the run in ``save_folder`` and what to do next, as printed text."""
+    """Outputs of the run in ``save_folder`` and what to do next, as printed text.
+
+    Every command names the interpreter that ran training (``.venv/bin/python``, not a bare
+    ``python`` that a plain shell may not have), so each works as printed from the directory
+    the run was started in.
+    """
     from olmo.run_files import CONFIG_FNAME, WANDB_DIR, find_checkpoints
 
     folder = str(save_folder)
@@ -424,19 +490,37 @@ def run_summary(
         lines.append(f"  checkpoint    {checkpoints[-1]}  (latest of {len(checkpoints)} on disk)")
     lines.append(f"  metrics       {save_folder / METRICS_FNAME}")
     lines.append(f"  config        {save_folder / CONFIG_FNAME}")
+    python = runnable_path(sys.executable)
+    bin_dir = Path(sys.executable).parent
     wandb_runs = sorted((save_folder / WANDB_DIR).glob("*run-*"))
     if wandb_runs:
         newest = wandb_runs[-1]
-        sync = f"  (upload: wandb sync {newest})" if newest.name.startswith("offline-") else ""
+        wandb_cli = runnable_path(bin_dir / "wandb") if (bin_dir / "wandb").exists() else "wandb"
+        sync = f"  (upload: {wandb_cli} sync {newest})" if newest.name.startswith("offline-") else ""
         lines.append(f"  W&B           {newest}{sync}")
-    config = config_path or str(save_folder / CONFIG_FNAME)
+    repo = Path(__file__).resolve().parents[1]
+    # The saved config holds the command line's overrides too (data paths, sizes), which the
+    # YAML the run was launched with lacks.
+    saved = save_folder / CONFIG_FNAME
+    config = runnable_path(saved if saved.is_file() or not config_path else config_path)
+    run = runnable_path(folder)
+
+    def script(name: str) -> str:
+        return f"{python} {runnable_path(repo / 'scripts' / name)}"
+
+    if done:
+        longer = max_steps * 2 if max_steps else 1000
+        resume = (f"  train longer  bash {runnable_path(repo / 'run_pretrain.sh')} {config} "
+                  f"--max_duration={longer}")
+    else:
+        resume = f"  resume        bash {runnable_path(repo / 'run_pretrain.sh')} {config}"
     lines += [
         "Next:",
-        f"  continue      bash run_pretrain.sh {config} --save_folder={folder} --max_duration=N",
-        f"  generate      python scripts/generate.py {folder} --prompt \"ROMEO:\" --temperature 0.8",
-        f"  export        python scripts/convert_to_hf.py {folder} {folder}-hf --verify",
-        f"  analyse       python scripts/analyze.py {folder}",
-        f"  evaluate      python scripts/evaluate_downstream.py {folder} --tasks arc_easy,piqa",
-        f"  compare       python scripts/compare_activations.py {config} --out runs/compare",
+        resume,
+        f"  generate      {script('generate.py')} {run} --prompt \"ROMEO:\" --temperature 0.8",
+        f"  export        {script('convert_to_hf.py')} {run} {run}-hf --verify",
+        f"  analyse       {script('analyze.py')} {run}",
+        f"  evaluate      {script('evaluate_downstream.py')} {run} --tasks arc_easy,piqa --limit 200",
+        f"  compare       {script('compare_activations.py')} {config} --out runs/compare",
     ]
     return "\n".join(lines)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moe_model.errors import ConfigError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, TOKENIZER_RESOURCE
 from olmo import metric_names as names
+from olmo.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def _model_config(model):
 
 @torch.no_grad()
 def continuation_logprobs(model, samples: list[dict], *, batch_size: int,
-                          device: torch.device, pad_token_id: int, vocab_size: int) -> list[float]:
+                          device: torch.device, pad_token_id: int, vocab_size: int,
+                          label: str = "downstream") -> list[float]:
     """Summed log-probability of each sample's continuation given its context.
 
     olmo_eval samples carry ``query`` = (context + continuation[:-1]) cut to the context window
@@ -110,7 +112,9 @@ def continuation_logprobs(model, samples: list[dict], *, batch_size: int,
     """
     scores = [0.0] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["query"]))
+    progress = Progress(label, len(samples), unit="answers")
     for start in range(0, len(order), batch_size):
+        progress.update(start)
         idx = order[start:start + batch_size]
         width = max(len(samples[i]["query"]) for i in idx)
         ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
@@ -171,7 +175,8 @@ def evaluate_task(model, tokenizer, task: str, *, limit: int | None = None, batc
     try:
         scores = continuation_logprobs(model, samples, batch_size=batch_size, device=device,
                                        pad_token_id=tokenizer.pad_token_id,
-                                       vocab_size=config.vocab_size)
+                                       vocab_size=config.vocab_size,
+                                       label=f"downstream {task}")
     finally:
         model.train(was_training)
     accuracy, n = accuracy_from_scores(samples, scores, normalization)

@@ -13,14 +13,23 @@ asked. Sources:
 - B200 (HGX, 1,000 W): https://www.nvidia.com/en-us/data-center/hgx/ (FP16/BF16 4.5 PFLOPS
   with sparsity, FP32 75 TFLOPS per GPU).
 
-CPUs have no datasheet figure that a run could trust (it depends on the cores and threads the
-process gets), so their peak is a measured matmul rate in the training dtype.
+CPUs: the process's threads x the nominal clock x the FLOPs per cycle of the widest FMA units
+its instruction set reports (the datasheet figure of a CPU), raised to the best matmul rate
+measured on this machine (cached in ``~/.cache/moe-polycom/cpu_peak.json``, since a virtual
+machine's cores may boost above the nominal clock its /proc/cpuinfo shows). The figure is the
+same on every run of a machine, so MFU moves only with the step's speed; and since no code beats
+the machine's own best matmul, it stays below 100%. A peak re-measured at every start from one
+short matmul (this file before) varied 4x between runs on one machine (43-164 GFLOP/s) and put
+MFU above 100% when the measurement caught a busy moment.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +63,103 @@ def datasheet_peak_flops(device_name: str, dtype: torch.dtype) -> tuple[str, flo
     return None
 
 
+# FLOPs per cycle per core of the FMA units an x86 CPU flag announces, widest first: 2 FMA pipes x
+# lanes x 2 (multiply and add). AMX and AVX512-BF16 only raise the 16-bit rate; fp32 stays on the
+# vector units. Zen 4's AVX-512 is double-pumped 256-bit hardware, so "avx512f" can overstate an
+# AMD core by 2x; the overstatement lowers MFU, it can never push it above 100%.
+X86_FLOPS_PER_CYCLE: list[tuple[str, str, int]] = [
+    ("amx_bf16", "half", 2048),  # Intel: 1024 bf16 FMA per cycle per core (AMX tile unit)
+    ("avx512_bf16", "half", 128),
+    ("avx512f", "any", 64),
+    ("avx2", "any", 32),  # with fma: every AVX2 CPU since Haswell / Zen has two 256-bit FMA pipes
+    ("avx", "any", 16),
+    ("sse2", "any", 8),
+]
+
+CPU_PEAK_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-polycom" / "cpu_peak.json"
+)
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_nominal_clock_hz(cpuinfo: dict[str, str] | None = None) -> float | None:
+    """The highest clock the OS reports: cpufreq's maximum, else /proc/cpuinfo's "cpu MHz"."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
+    except (OSError, ValueError):
+        pass
+    mhz = (cpuinfo if cpuinfo is not None else _cpuinfo()).get("cpu MHz")
+    try:
+        return float(mhz) * 1e6 if mhz else None
+    except ValueError:
+        return None
+
+
+def cpu_flops_per_cycle(flags: set[str], dtype: torch.dtype) -> int | None:
+    """FLOPs per cycle per core in ``dtype`` from x86 CPU ``flags``; None for other CPUs."""
+    for flag, kind, flops in X86_FLOPS_PER_CYCLE:
+        if flag in flags and (kind == "any" or dtype in HALF_DTYPES):
+            if flag == "avx2" and "fma" not in flags:
+                continue
+            return flops
+    return None
+
+
+def cpu_datasheet_peak_flops(
+    dtype: torch.dtype, threads: int, cpuinfo: dict[str, str] | None = None
+) -> float | None:
+    """``threads`` x nominal clock x FLOPs per cycle, or None where the CPU's features are unknown."""
+    info = cpuinfo if cpuinfo is not None else _cpuinfo()
+    per_cycle = cpu_flops_per_cycle(set(info.get("flags", "").split()), dtype)
+    clock = cpu_nominal_clock_hz(info)
+    if per_cycle is None or clock is None:
+        return None
+    return threads * clock * per_cycle
+
+
+def cached_cpu_matmul_flops(dtype: torch.dtype, threads: int, cache: Path | None = None) -> float:
+    """The best-of-8 1024^3 matmul rate of this machine for ``dtype`` and ``threads``, measured
+    once and then read from ``cache``, so that every run of the machine uses the same figure."""
+    cache = cache or CPU_PEAK_CACHE
+    key = f"{_cpuinfo().get('model name', 'cpu')}|{threads} threads|{dtype}|torch {torch.__version__}"
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return float(table[key])
+    rate = measure_cpu_peak_flops(dtype, size=1024, repeats=8)
+    table[key] = rate
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, cache)
+    except OSError as e:  # a read-only home only costs the measurement next time
+        log.debug("cannot cache the CPU peak in %s: %s", cache, e)
+    return rate
+
+
+def cpu_peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
+    """The CPU's peak FLOP/s for this process (see the module docstring)."""
+    threads = threads or torch.get_num_threads()
+    datasheet = cpu_datasheet_peak_flops(dtype, threads)
+    measured = cached_cpu_matmul_flops(dtype, threads)
+    return max(datasheet or 0.0, measured)
+
+
 def measure_cpu_peak_flops(
     dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5
 ) -> float:
@@ -75,7 +181,7 @@ def device_peak_flops(
     """Peak FLOP/s of ``device`` computing in ``dtype``; None (MFU not reported) for an unknown GPU.
 
     ``override`` (the config's ``device_peak_flops``, a benchmark's ``--peak-tflops``) wins over
-    everything; a GPU takes its datasheet figure; a CPU its measured matmul rate.
+    everything; a GPU takes its datasheet figure; a CPU :func:`cpu_peak_flops`.
     """
     if override is not None:
         return float(override)
@@ -92,6 +198,6 @@ def device_peak_flops(
             return None
         return found[1]
     if device.type == "cpu":
-        return measure_cpu_peak_flops(dtype)
+        return cpu_peak_flops(dtype)
     log.warning("no peak FLOP/s for device type %r: MFU is not reported", device.type)
     return None

@@ -241,6 +241,7 @@ def build_callbacks(
     from olmo.callbacks import (
         ConsoleCallback,
         FinalCheckpointerCallback,
+        MemoryMonitorCallback,
         MetricsCallback,
         RunSummaryCallback,
         SpikeDetectorCallback,
@@ -263,6 +264,7 @@ def build_callbacks(
             ),
         ),
         "garbage_collector": GarbageCollectorCallback(),
+        "memory_monitor": MemoryMonitorCallback(),
         "spike_detector": SpikeDetectorCallback(),
         "metrics": MetricsCallback(tokens_per_step=cfg.global_train_batch_size * seq_len),
         "wandb": WandbCallback(settings=cfg.wandb, run_name=cfg.run_name, config=cfg.to_dict()),

@@ -14,9 +14,12 @@ __all__ = [
     "LB_LOSS",
     "LR",
     "MFU",
+    "MFU_RUN_AVERAGE",
+    "PEAK_MEMORY_GIB",
     "PERPLEXITY",
     "SKIPPED_STEPS",
     "TOKENS_PER_SECOND",
+    "TOKENS_SEEN",
     "TOTAL_LOSS",
     "Z_LOSS",
     "downstream_accuracy",
@@ -54,7 +57,17 @@ SKIPPED_STEPS = "optim/SkippedSteps"
 
 # Throughput (recorded by olmo-core's SpeedMonitorCallback under these names).
 TOKENS_PER_SECOND = "throughput/device/TPS"
+TOKENS_SEEN = "throughput/total tokens"
+# MFU in percent: the model FLOPs of the step (6 x active parameters + attention, per token) over
+# its wall time, divided by the device's peak (olmo/flops.py). olmo-core also records an average
+# since the launch under MFU_RUN_AVERAGE, a second figure of another meaning: it is dropped
+# before any logger sees it (MetricsCallback), so every MFU a user reads has one definition.
 MFU = "throughput/device/MFU"
+MFU_RUN_AVERAGE = "throughput/device/MFU (actual avg)"
+
+# Peak memory since the process started (GPU: allocated to tensors, the caching allocator's
+# counter; CPU: the process's peak resident set size), max over ranks.
+PEAK_MEMORY_GIB = "system/PeakMemory (GiB)"
 
 # Raw routed-row counts, one metric per (layer, expert); MetricsCallback turns them into
 # per-layer load summaries and the ``expert_load`` field of metrics.jsonl.

@@ -1,19 +1,37 @@
 """The console a person watches: one line per interval with the objective's terms, and a summary
 of the run's outputs at the end; the per-source metrics of a data mixture."""
 
+import os
 import re
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 from olmo import metric_names as names
-from olmo.callbacks import MetricsCallback, format_duration, progress_line, run_summary
+from olmo.callbacks import (
+    MetricsCallback,
+    format_count,
+    format_duration,
+    progress_line,
+    run_summary,
+)
 
-from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overrides
+from .helpers import (
+    REPO,
+    TEST_CONFIG,
+    make_data,
+    read_metrics,
+    run_train,
+    tiny_overrides,
+    write_token_file,
+)
 
 LINE = re.compile(
     r"step (\d+)/(\d+) \| CE ([0-9.]+) \| LB ([0-9.]+) \| Z ([0-9.]+) \| grad ([0-9.]+) \| "
-    r"lr ([0-9.e+-]+) \| ([0-9,]+) tok/s \| MFU ([0-9.]+)% \| ETA (\w+)$"
+    r"lr ([0-9.e+-]+) \| ([0-9,]+) tok/s \| MFU ([0-9.]+)% \| mem ([0-9.]+) GiB \| "
+    r"([0-9.]+[KMBT]?) tokens \| (\w+) elapsed \| ETA (\w+)$"
 )
 
 
@@ -33,6 +51,14 @@ def test_progress_line_fields_and_medians():
     # A step with only evaluation metrics: nothing invented.
     assert progress_line(3, None, {}, [], [], None) == "step 3/?"
     assert "skipped 2" in progress_line(5, 9, {names.SKIPPED_STEPS: 2.0}, [], [], None)
+    line = progress_line(20, 150, {}, [], [], 10.0, tokens_seen=40_960, elapsed_seconds=65.0,
+                         memory_gib=1.234)
+    assert line == "step 20/150 | mem 1.23 GiB | 41.0K tokens | 1m05s elapsed | ETA 10s"
+
+
+def test_format_count():
+    assert [format_count(n) for n in (0, 950, 12_345, 4_560_000, 1.2e9, 5.133e12)] == [
+        "0", "950", "12.3K", "4.56M", "1.20B", "5.13T"]
 
 
 def test_run_summary_names_the_newest_wandb_run_and_how_to_upload_it(tmp_path):
@@ -43,7 +69,8 @@ def test_run_summary_names_the_newest_wandb_run_and_how_to_upload_it(tmp_path):
     newest = wandb / "offline-run-20250102_000000-a1"
     lines = run_summary(save, 3, 8, "configs/tiny.yaml").splitlines()
     assert lines[0] == f"Run stopped at step 3: {save}"
-    assert f"  W&B           {newest}  (upload: wandb sync {newest})" in lines
+    assert any(line.startswith(f"  W&B           {newest}  (upload: ") and
+               line.endswith(f"wandb sync {newest})") for line in lines)
     # An online run is uploaded already: the line names it, with nothing to sync.
     online = wandb / "run-20250103_000000-a1"
     online.mkdir()
@@ -142,7 +169,12 @@ def test_console_prints_one_line_per_interval_and_a_run_summary(tmp_path):
         tps, mfu = speeds[step]
         assert float(m[8].replace(",", "")) == pytest.approx(statistics.median(tps), abs=0.5)
         assert float(m[9]) == pytest.approx(statistics.median(mfu), abs=0.05)
-    assert lines[-1][10] == "0s"  # the last step: nothing left to run
+        assert 0 < float(m[10]) < 64  # GiB: the process's RSS, not bytes or KiB
+        assert m[11] == format_count(step * 8 * 32)  # global batch 8 x 32 tokens per step
+    assert lines[-1][13] == "0s"  # the last step: nothing left to run
+    memory = [r[names.PEAK_MEMORY_GIB] for r in in_order if names.PEAK_MEMORY_GIB in r]
+    assert len(memory) >= 7 and memory == sorted(memory)  # a peak since start only grows
+    assert memory[-1] <= float(lines[-1][10]) + 0.005
     out = text
     assert f"Run complete: {save}" in out
     assert f"checkpoint    {save / 'step8'}" in out
@@ -151,3 +183,57 @@ def test_console_prints_one_line_per_interval_and_a_run_summary(tmp_path):
     for command in ("scripts/generate.py", "scripts/convert_to_hf.py", "scripts/analyze.py",
                     "scripts/compare_activations.py", "scripts/evaluate_downstream.py"):
         assert f"python {command} " in out
+    # One MFU figure per record: olmo-core's run average is not passed on.
+    assert not any(names.MFU_RUN_AVERAGE in r for r in in_order)
+
+
+def _plain_shell_env() -> dict[str, str]:
+    """A login shell's environment: no activated virtual environment, no venv on PATH."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if "PYTHONPATH" in os.environ:  # a developer's work tree; unset in CI and a user's shell
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+@pytest.mark.slow
+def test_every_printed_next_command_works_from_a_plain_shell(tmp_path):
+    """Train a run with the OLMo tokenizer's vocabulary, then run each command of its summary
+    exactly as printed, through bash, without the project's environment activated."""
+    data = tmp_path / "data"
+    vocab = 50280
+    write_token_file(data / "train-0.npy", 40_000, vocab=vocab, seed=0)
+    write_token_file(data / "val-0.npy", 4_000, vocab=vocab, seed=1)
+    save = tmp_path / "run"
+    overrides = tiny_overrides(save, data, max_duration=2, save_interval=2, eval_interval=2,
+                               **{"model.vocab_size": vocab, "model.embedding_size": 50304,
+                                  "data.eos_token_id": 50279, "wandb.mode": "offline"})
+    proc = run_train([TEST_CONFIG, *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The summary is printed to stdout; log lines (stderr) can interleave with it in ``text``.
+    summary = proc.stdout[proc.stdout.index("Next:"):].splitlines()[1:7]
+    commands = {line[:14].strip(): line[14:] for line in summary}
+    assert set(commands) == {"train longer", "generate", "export", "analyse", "evaluate", "compare"}
+    sync = next(line for line in proc.stdout.splitlines() if "(upload: " in line)
+    wandb_cli = sync.split("(upload: ", 1)[1].split()[0]
+    assert os.access(REPO / wandb_cli if not os.path.isabs(wandb_cli) else wandb_cli, os.X_OK)
+
+    def run(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], cwd=REPO, env=_plain_shell_env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    for name in ("generate", "export", "analyse", "evaluate"):
+        result = run(commands[name])
+        assert result.returncode == 0, f"{name}: {commands[name]}\n{result.stderr[-2000:]}"
+    # The sweep itself trains 18 runs; its report mode runs the same interpreter and script.
+    result = run(commands["compare"].replace("--out runs/compare", f"--out {tmp_path / 'cmp'}")
+                 + " --report-only")
+    assert "No module named" not in result.stderr, result.stderr[-2000:]
+    # Train longer: bash run_pretrain.sh with the interpreter that trained (PYTHON unset, no
+    # .venv needed in the work tree since the printed command names the config and folder).
+    longer = commands["train longer"].replace("--max_duration=4", "--max_duration=3")
+    assert longer.endswith("--max_duration=3")
+    # A user's checkout has the .venv the main job made; a developer's extra work tree may not.
+    result = run(longer if (REPO / ".venv").is_dir() else f"PYTHON={sys.executable} {longer}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max(r["step"] for r in read_metrics(save)) == 3

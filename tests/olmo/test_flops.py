@@ -59,7 +59,8 @@ def test_override_wins(monkeypatch):
     assert device_peak_flops(torch.device("cpu"), torch.float32, override=5e9) == 5e9
 
 
-def test_cpu_peak_is_measured_in_the_given_dtype(monkeypatch):
+def test_cpu_peak_is_measured_in_the_given_dtype(monkeypatch, tmp_path):
+    monkeypatch.setattr(flops, "CPU_PEAK_CACHE", tmp_path / "cpu_peak.json")
     seen = []
     real_mm = torch.mm
 
@@ -76,3 +77,50 @@ def test_cpu_peak_is_measured_in_the_given_dtype(monkeypatch):
 def test_unsupported_dtype_is_an_error():
     with pytest.raises(ValueError, match="float64"):
         datasheet_peak_flops("NVIDIA H100 80GB HBM3", torch.float64)
+
+
+AVX2_CPU = {"model name": "AMD EPYC", "cpu MHz": "2445.404",
+            "flags": "fpu sse sse2 avx f16c fma avx2 bmi2"}
+
+
+def test_cpu_datasheet_peak_is_cores_clock_and_fma_width(monkeypatch):
+    monkeypatch.setattr(flops.Path, "read_text", _no_cpufreq(flops.Path.read_text))
+    # Two 256-bit FMA pipes: 2 x 8 lanes x 2 FLOPs per cycle in fp32; bf16 runs on them too.
+    assert flops.cpu_datasheet_peak_flops(torch.float32, 2, AVX2_CPU) == 2 * 2445.404e6 * 32
+    assert flops.cpu_datasheet_peak_flops(torch.bfloat16, 2, AVX2_CPU) == 2 * 2445.404e6 * 32
+    avx512 = {**AVX2_CPU, "flags": AVX2_CPU["flags"] + " avx512f avx512_bf16 amx_bf16"}
+    assert flops.cpu_datasheet_peak_flops(torch.float32, 1, avx512) == 2445.404e6 * 64
+    assert flops.cpu_datasheet_peak_flops(torch.bfloat16, 1, avx512) == 2445.404e6 * 2048
+    no_fma = {**AVX2_CPU, "flags": "sse2 avx avx2"}
+    assert flops.cpu_datasheet_peak_flops(torch.float32, 1, no_fma) == 2445.404e6 * 16
+    # An Arm CPU's /proc/cpuinfo has neither x86 flags nor a clock: no datasheet figure.
+    assert flops.cpu_datasheet_peak_flops(torch.float32, 2, {"Features": "fp asimd sve"}) is None
+
+
+def _no_cpufreq(read_text):
+    def read(self, *args, **kwargs):
+        if "cpufreq" in str(self):
+            raise OSError("no cpufreq in this test")
+        return read_text(self, *args, **kwargs)
+    return read
+
+
+def test_cpu_peak_is_the_same_on_every_run_and_at_least_the_datasheet(monkeypatch, tmp_path):
+    """The figure MFU divides by: measured once per machine, then read back, never below the
+    cores x clock x FMA width figure (so a measurement taken on a busy machine cannot inflate
+    MFU, as the per-start measurement did: 43-164 GFLOP/s on one machine)."""
+    monkeypatch.setattr(flops, "CPU_PEAK_CACHE", tmp_path / "cpu_peak.json")
+    rates = iter([3e9, 500e9])  # a busy first measurement; a second would be far higher
+    calls = []
+
+    def measure(dtype, size, repeats):
+        calls.append(dtype)
+        return next(rates)
+
+    monkeypatch.setattr(flops, "measure_cpu_peak_flops", measure)
+    monkeypatch.setattr(flops, "cpu_datasheet_peak_flops", lambda dtype, threads: threads * 40e9)
+    first = [flops.device_peak_flops(torch.device("cpu"), torch.float32) for _ in range(3)]
+    assert first == [torch.get_num_threads() * 40e9] * 3 and calls == [torch.float32]
+    # Another dtype (and another thread count) is another entry of the cache.
+    assert flops.cpu_peak_flops(torch.bfloat16, threads=1) == 500e9
+    assert len(calls) == 2
