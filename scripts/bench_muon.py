@@ -33,12 +33,12 @@ from olmo.train_module import build_optimizer
 EAGER = ["--model.activation_backend=eager"]  # no compile time in the first step
 CONFIGS = {
     "tiny": ("configs/tiny.yaml", EAGER),
-    "medium": ("configs/tiny.yaml", [*EAGER, "--model.d_model=512", "--model.n_heads=8",
-                                     "--model.mlp_hidden_size=1024", "--model.n_layers=4",
+    "medium": ("configs/tiny.yaml", [*EAGER, "--model.d_model=384", "--model.n_heads=6",
+                                     "--model.mlp_hidden_size=768", "--model.n_layers=4",
                                      "--model.moe_num_experts=16", "--model.moe_top_k=2",
                                      "--device_train_microbatch_size=4"]),
 }  # fmt: skip
-"""Config name -> (YAML, overrides). Medium: d_model 512, 4 layers, 16 experts of 1024."""
+"""Config name -> (YAML, overrides). Medium: d_model 384, 4 layers, 16 experts of 768."""
 QUICK = ["--model.n_layers=1", "--model.vocab_size=512", "--model.embedding_size=512",
          "--model.max_sequence_length=32", "--device_train_microbatch_size=2"]  # fmt: skip
 OPTIMIZERS = {
@@ -178,7 +178,7 @@ BENCHMARK = Benchmark(
         ("optim_ratio", "vs adamw", ".2f"),
     ],  # fmt: skip
     devices=("cpu",),
-    timing={"cpu": (2, 7), "quick": (1, 2)},
+    timing={"cpu": (1, 3), "quick": (1, 1)},
 )
 
 if __name__ == "__main__":
