@@ -67,7 +67,7 @@ class OptimizerConfig:
     muon_ns_steps: int | None = None
     """Muon only: Newton-Schulz iterations; None = 5."""
     muon_ns_dtype: str | None = None
-    """Muon only: Newton-Schulz precision, ``bf16`` (None = it, as torch.optim.Muon) or ``fp32``."""
+    """Muon only: Newton-Schulz precision, ``bf16`` or ``fp32``; None = bf16 on GPU, fp32 on CPU."""
 
     def __post_init__(self):
         if self.name not in OPTIMIZER_NAMES:

@@ -175,6 +175,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     optim = build_muon(model, OptimizerConfig(name="muon"))
     muon, *rest = optim.param_groups
     assert muon["use_muon"] and len(muon["params"]) == len(layouts)
+    assert muon["ns_dtype"] == "fp32"  # the CPU default (bf16 on GPU)
     assert sum(len(g["params"]) for g in rest) == len(adamw)
     # PolyNorm coefficients stay out of weight decay under Muon too.
     poly = tiny_config("polynorm").build("cpu")
