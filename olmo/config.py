@@ -36,10 +36,16 @@ __all__ = [
 ]
 
 
+OPTIMIZER_NAMES = ("adamw", "muon")
+"""``optimizer.name`` values; olmo/train_module.py builds each."""
+MUON_LR_SCALES = ("match_rms_adamw", "original")
+"""``optimizer.muon_lr_scale`` values (olmo/muon.py's LR_SCALES)."""
+
+
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    """Optimizer; only AdamW (OLMoE's) is implemented."""
+    """``adamw`` (OLMoE's) or ``muon`` (Muon for the blocks' matrices, AdamW for the rest)."""
     learning_rate: float = 4e-4
     """Peak learning rate (OLMoE: 4e-4)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -52,10 +58,46 @@ class OptimizerConfig:
     """Also decay norm weights (OLMoE did)."""
     decay_embeddings: bool = True
     """Also decay the token embedding (OLMoE did)."""
+    muon_learning_rate: float | None = None
+    """Muon only: peak LR of the Muon matrices; None = learning_rate (right for match_rms_adamw)."""
+    muon_momentum: float | None = None
+    """Muon only: momentum, Nesterov; None = 0.95 (Keller Jordan's, Moonlight's)."""
+    muon_lr_scale: str | None = None
+    """Muon only: ``match_rms_adamw`` (Moonlight, 0.2 sqrt(max(A,B)); None = it) or ``original``."""
+    muon_ns_steps: int | None = None
+    """Muon only: Newton-Schulz iterations; None = 5."""
+    muon_ns_dtype: str | None = None
+    """Muon only: Newton-Schulz precision, ``bf16`` or ``fp32``; None = bf16 on GPU, fp32 on CPU."""
 
     def __post_init__(self):
-        if self.name != "adamw":
-            raise ConfigError(f"optimizer.name={self.name!r} is not supported; expected 'adamw'")
+        if self.name not in OPTIMIZER_NAMES:
+            raise ConfigError(
+                f"optimizer.name={self.name!r} is unknown; expected one of {list(OPTIMIZER_NAMES)}"
+            )
+        muon_only = [f.name for f in dataclasses.fields(self) if f.name.startswith("muon_")]
+        if self.name != "muon":
+            given = [k for k in muon_only if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(
+                    f"optimizer.{given[0]} is a Muon option but optimizer.name={self.name!r}; "
+                    "set optimizer.name=muon or remove it"
+                )
+        if self.muon_learning_rate is not None:
+            _positive("optimizer.muon_learning_rate", self.muon_learning_rate)
+        if self.muon_momentum is not None and not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"optimizer.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if self.muon_lr_scale is not None and self.muon_lr_scale not in MUON_LR_SCALES:
+            raise ConfigError(
+                f"optimizer.muon_lr_scale={self.muon_lr_scale!r} is unknown; expected one of "
+                f"{list(MUON_LR_SCALES)}"
+            )
+        if self.muon_ns_steps is not None and not 1 <= self.muon_ns_steps <= 20:
+            raise ConfigError(f"optimizer.muon_ns_steps={self.muon_ns_steps} must be in [1, 20]")
+        if self.muon_ns_dtype is not None and self.muon_ns_dtype not in ("bf16", "fp32"):
+            raise ConfigError(
+                f"optimizer.muon_ns_dtype={self.muon_ns_dtype!r} is unknown; expected 'bf16' or "
+                "'fp32'"
+            )
         _positive("optimizer.learning_rate", self.learning_rate)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)")
@@ -201,7 +243,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model (moe_model.config.ModelConfig)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    """AdamW settings."""
+    """Optimizer settings (AdamW, or Muon with AdamW)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Learning-rate schedule."""
     data: DataConfig = field(default_factory=lambda: DataConfig(paths=[]))

@@ -58,6 +58,7 @@ from olmo.metric_names import (
     layer_router_entropy,
     source_sum,
 )
+from olmo.muon import MuonWithAdamW, muon_layouts
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,11 @@ def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with activation coefficients (and optionally norms, embeddings) excluded from decay."""
+def adamw_groups(
+    model: nn.Module, cfg: OptimizerConfig, skip: set[int] = frozenset()
+) -> list[dict]:
+    """AdamW's parameter groups (those in ``skip`` left out): activation coefficients (and
+    optionally norms, embeddings) excluded from decay."""
     act_types = tuple(ACTIVATIONS.values())
     no_decay: set[int] = set()
     for module in model.modules():
@@ -221,14 +225,53 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
             no_decay.update(id(p) for p in module.parameters(recurse=False))
         elif isinstance(module, nn.Embedding) and not cfg.decay_embeddings:
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay = [p for p in model.parameters() if id(p) not in no_decay]
-    other = [p for p in model.parameters() if id(p) in no_decay]
+    params = [p for p in model.parameters() if id(p) not in skip]
+    decay = [p for p in params if id(p) not in no_decay]
+    other = [p for p in params if id(p) in no_decay]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if other:
         groups.append({"params": other, "weight_decay": 0.0})
+    return groups
+
+
+def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
-    )
+        adamw_groups(model, cfg), lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,
+        foreach=True,
+    )  # fmt: skip
+
+
+def build_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
+    """Muon for the blocks' matrices (olmo/muon.py), AdamW as :func:`build_adamw` for the rest."""
+    named = dict(model.named_parameters())
+    layouts = {named[n]: layout for n, layout in muon_layouts(model).items()}
+    # The schedule sets every group's lr to peak_lr(step) x its lr_ratio.
+    muon = {
+        "params": list(layouts), "use_muon": True,
+        "lr_ratio": (cfg.muon_learning_rate or cfg.learning_rate) / cfg.learning_rate,
+        "lr": cfg.muon_learning_rate or cfg.learning_rate, "weight_decay": cfg.weight_decay,
+        "momentum": 0.95 if cfg.muon_momentum is None else cfg.muon_momentum,
+        "lr_scale": cfg.muon_lr_scale or "match_rms_adamw", "ns_steps": cfg.muon_ns_steps or 5,
+        # bf16 as torch.optim.Muon on GPUs; fp32 on CPUs, where bf16 matmuls ran 10x slower.
+        "ns_dtype": cfg.muon_ns_dtype or ("bf16" if _on_gpu(model) else "fp32"),
+    }  # fmt: skip
+    adamw = [
+        {**g, "use_muon": False, "lr": cfg.learning_rate, "betas": tuple(cfg.betas), "eps": cfg.eps}
+        for g in adamw_groups(model, cfg, skip={id(p) for p in layouts})
+    ]
+    return MuonWithAdamW([muon, *adamw], layouts)
+
+
+def _on_gpu(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
+"""Optimizer builders by ``optimizer.name`` (olmo.config.OPTIMIZER_NAMES)."""
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](model, cfg)
 
 
 def clip_grad_norm_over_meshes_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -535,7 +578,7 @@ class MoETrainModule(TrainModule):
                 self.cfg.scheduler, self.cfg.optimizer.learning_rate, step, self.trainer.max_steps
             )
             for group in self.optim.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)
             self.optim.step()
             self._update_expert_bias()
             self.record_metric(LR, lr, ReduceType.mean)

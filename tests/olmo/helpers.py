@@ -74,6 +74,16 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
                           timeout=timeout)
 
 
+def run_worker(module: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` in ``nproc`` gloo processes through torchrun."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         f"--master_port={free_port()}", "-m", module, *args],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
 def read_metrics(save_folder: Path) -> list[dict]:
     path = Path(save_folder) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

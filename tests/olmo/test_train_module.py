@@ -30,7 +30,7 @@ from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
 from olmo.train_module import MoETrainModule, lr_at
 
-from .helpers import REPO, TEST_CONFIG, free_port
+from .helpers import REPO, TEST_CONFIG, free_port, run_worker
 
 VOCAB, SEQ, BATCH, MICRO = 64, 12, 4, 2
 # max |grad - reference| / max |reference| per parameter: the two sides run the same fp32 ops
@@ -521,12 +521,7 @@ def test_fsdp_grad_sync_and_fp32_coefficients(tmp_path):
 
 
 def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-         f"--master_port={free_port()}", "-m", "tests.olmo.ep_train_worker", *args],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return run_worker("tests.olmo.ep_train_worker", nproc, *args)
 
 
 @pytest.mark.parametrize(
