@@ -85,7 +85,7 @@ class AllToAllDispatcher:
         counted them; with ``keep_TK`` the dropped rows stay here (they sort last)."""
         p, x = self.ep_size, self.num_local
         sent_E = rows_per_expert_E
-        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK, sent_E.shape[0])
+        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
         # received_PX[j, e]: rows rank j of the group sends to this rank's local expert e.
         received_PX = torch.empty_like(sent_E)
         dist.all_to_all_single(received_PX, sent_E, group=self.group)

@@ -201,15 +201,15 @@ class Dispatched:
 
 
 def sort_by_expert(
-    experts_TK: torch.Tensor, keep_TK: torch.Tensor | None = None, num_experts: int = 0
+    experts_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_R, inverse_R)`` of the T*K (token, expert) rows sorted by expert, a stable sort
     (equal experts keep token order): the token of each sorted row, and the sorted row of each
     flattened (token, k) choice (what :func:`combine` reads). With ``keep_TK`` the dropped rows
-    sort last (as if routed to expert ``num_experts``), so the kept ones keep the positions a
+    sort last (as if routed to an expert past the last), so the kept ones keep the positions a
     sort of the kept rows alone gives them, and every shape stays T*K (no host sync for N)."""
     if keep_TK is not None:
-        experts_TK = torch.where(keep_TK, experts_TK, num_experts)
+        experts_TK = torch.where(keep_TK, experts_TK, torch.iinfo(experts_TK.dtype).max)
     order_R = experts_TK.reshape(-1).argsort(stable=True)
     return order_R // experts_TK.shape[-1], order_R.argsort()
 
@@ -236,7 +236,7 @@ class LocalDispatcher:
         keep_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
         """``rows_per_expert_E``: the (kept) rows of each expert, as the router counted them."""
-        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK, rows_per_expert_E.shape[0])
+        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
         dispatched = Dispatched(inverse_R=inverse_R, padded=keep_TK is not None)
         return x_TD[token_R], rows_per_expert_E, dispatched
 

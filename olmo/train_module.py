@@ -93,6 +93,14 @@ def parallelize_model(
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile_blocks:
+        config = getattr(model, "config", None)
+        if param_dtype != torch.bfloat16 and config is not None and config.moe_layer_ids:
+            # grouped_mm's fake-tensor rule (what torch.compile traces with) takes only bf16.
+            log.warning(
+                "compile with fp32 MoE experts: they run the per-expert loop, which reads split "
+                "sizes on the host, so each MoE block has a graph break (and runs eagerly under "
+                "activation checkpointing); precision bf16 compiles them"
+            )
         for block in model.blocks:
             block.compile(dynamic=False)
 

@@ -107,3 +107,27 @@ def test_compiled_step_is_one_graph_per_block_and_matches_eager(monkeypatch):
         bf16_noise = abs(float(eager_metrics[name]) - float(ref_metrics[name]))
         got = abs(float(compiled_metrics[name]) - float(ref_metrics[name]))
         assert got <= 2 * bf16_noise + 1e-3 * abs(float(ref_metrics[name])), name
+
+
+def test_fp32_compile_of_moe_blocks_warns(caplog):
+    """fp32 experts cannot trace (grouped_mm's fake rule is bf16-only): the run says so instead
+    of silently compiling around a graph break in every MoE block."""
+    from olmo.train_module import parallelize_model
+
+    def model(**changes):
+        return ModelConfig(
+            vocab_size=VOCAB, embedding_size=VOCAB, d_model=32, n_layers=1, n_heads=2,
+            max_sequence_length=SEQ, mlp_hidden_size=24, moe_num_experts=4, moe_top_k=2,
+            **changes,
+        ).build("meta")  # fmt: skip
+
+    cases = {
+        "fp32 moe": (model(), torch.float32, True),
+        "bf16 moe": (model(), torch.bfloat16, False),
+        "fp32 dense": (model(block_type="dense"), torch.float32, False),
+    }
+    for name, (built, dtype, warns) in cases.items():
+        caplog.clear()
+        parallelize_model(built, device=torch.device("cpu"), param_dtype=dtype,
+                          activation_checkpointing=False, compile_blocks=True)  # fmt: skip
+        assert ("fp32 MoE experts" in caplog.text) == warns, name

@@ -18,6 +18,7 @@ import torch
 
 from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
+from olmo.data import DataConfig
 from olmo.metric_names import layer_router_entropy
 from olmo.train_module import MoETrainModule
 from tests.cuda_rules import record_cuda_syncs, unexpected
@@ -86,8 +87,6 @@ def build_module(**changes) -> MoETrainModule:
         "n_heads": 2, "max_sequence_length": SEQ, "activation_type": "polynorm",
         "mlp_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2, **changes,
     })  # fmt: skip
-    from olmo.data import DataConfig
-
     sources = {n: {"paths": ["unused.npy"], "fraction": 0.5} for n in ("web", "code")}
     cfg = TrainConfig(
         model=config, precision="fp32", global_train_batch_size=4,
