@@ -51,6 +51,8 @@ class EPDispatched:
     """Rows received from each rank of the EP group."""
     regroup_R: torch.Tensor
     """Received row of each local-expert-grouped row."""
+    padded: bool = False
+    """Always False: only kept rows travel, the experts' input has no trailing dropped rows."""
 
 
 class AllToAllDispatcher:
@@ -73,11 +75,17 @@ class AllToAllDispatcher:
         return range(self.first, self.first + self.num_local)
 
     def dispatch(
-        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        experts_TK: torch.Tensor,
+        rows_per_expert_E: torch.Tensor,
+        keep_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, EPDispatched]:
+        """``rows_per_expert_E``: this rank's (kept) rows of each of the E experts, as the router
+        counted them; with ``keep_TK`` the dropped rows stay here (they sort last)."""
         p, x = self.ep_size, self.num_local
-        token_R, inverse_R = sort_by_expert(experts_TK)
-        sent_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+        sent_E = rows_per_expert_E
+        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
         # received_PX[j, e]: rows rank j of the group sends to this rank's local expert e.
         received_PX = torch.empty_like(sent_E)
         dist.all_to_all_single(received_PX, sent_E, group=self.group)
@@ -86,7 +94,8 @@ class AllToAllDispatcher:
         send_splits, recv_splits = torch.stack(
             [sent_E.view(p, x).sum(dim=1), received_PX.sum(dim=1)]
         ).tolist()
-        x_sent_RD = x_TD[token_R]
+        # Dropped rows sort after every kept one: the first sum(send_splits) rows are sent.
+        x_sent_RD = x_TD[token_R[: sum(send_splits)]]
         x_recv_RD = all_to_all_single_autograd(x_sent_RD, recv_splits, send_splits, self.group)
         regroup_R = _sender_major_to_expert_major(received_PX, sum(recv_splits))
         rows_per_expert_X = received_PX.sum(dim=0)
@@ -104,6 +113,10 @@ class AllToAllDispatcher:
         y_sent_RD = all_to_all_single_autograd(
             y_recv_RD, dispatched.send_splits, dispatched.recv_splits, self.group
         )
+        # Dropped rows (capacity) read zero rows appended after the sent ones.
+        num_dropped = dispatched.inverse_R.numel() - y_sent_RD.shape[0]
+        if num_dropped:
+            y_sent_RD = torch.nn.functional.pad(y_sent_RD, (0, 0, 0, num_dropped))
         return combine(y_sent_RD, weights_TK, dispatched.inverse_R)
 
 

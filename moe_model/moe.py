@@ -3,6 +3,9 @@
 Shape suffixes on tensor names:
     B batch, S sequence, T tokens (B*S), D d_model, H expert hidden size, E experts, K top-k,
     L layers, R routed rows (T*K, or the kept ones), N kept (token, k) pairs.
+    No op in the forward reads a device value back to the host (a CUDA sync) except the
+    split sizes of expert parallelism, of per-expert activation sets and of the 'loop'
+    experts: counts come from fixed-shape scatters (tests/cuda_rules.py checks it).
     ``w_in_EDH`` is D x H, or D x 2H for a gated activation (its fused w1|w3 output: gate half
     first, up half second). Inside ``experts`` and ``activate``, E and R count this rank's
     experts and the rows they compute: all of them, or under expert parallelism
@@ -65,8 +68,10 @@ Variants, each a ModelConfig option (defaults reproduce OLMoE bit for bit):
   routing with such token dropping. An expert chosen by more rows keeps the C with the highest
   router score g_tk (before renormalisation; ties: lower token first) and drops the rest
   (:func:`capacity_keep`); a dropped row adds nothing to its token. Evaluation and inference
-  stay dropless. The drop is a mask on the routing (``keep_TK``): the dispatcher sees only the
-  kept rows, each as a one-expert token, so any dispatcher works.
+  stay dropless. The drop is a mask on the routing (``keep_TK``) with the kept rows per expert
+  (min(count_e, C)). Shapes stay fixed (no host read of how many rows survive): the local
+  dispatcher sorts the dropped rows after every expert's and the experts give them zeros; the
+  expert-parallel one, which reads split sizes anyway, sends only the kept rows.
 * ``moe_shared_experts``: always-on FFNs (:class:`FeedForward`, the layer's activation, their
   own coefficient sets) whose outputs are added to the routed output: y = sum_s FFN_s(x) +
   sum_k g_k FFN_{e_k}(x) (DeepSeek-V3 eq. 12; torchtitan models/common/moe.py). olmo-core
@@ -118,6 +123,7 @@ __all__ = [
     "capacity_keep",
     "combine",
     "COMBINE_CHUNK_BYTES",
+    "count_per_expert",
     "expert_capacity",
     "global_load_balancing_loss",
     "grouped_mm",
@@ -149,8 +155,25 @@ class Routing:
     """Combine weight of each token's k-th expert (fp32)."""
     experts_TK: torch.Tensor
     """Index of each token's k-th expert (long)."""
+    tokens_per_expert_E: torch.Tensor
+    """Rows routed to each expert (long, :func:`count_per_expert` of experts_TK): counted once
+    and passed along to the losses, the capacity limit and the dispatcher."""
     keep_TK: torch.Tensor | None = None
     """Which (token, k) rows the experts compute (bool); None = all of them (dropless)."""
+    kept_per_expert_E: torch.Tensor | None = None
+    """Rows each expert computes under the capacity limit, min(count_e, C); None when
+    dropless."""
+
+
+def count_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows routed to each of the E experts (long): ``bincount`` with a fixed output shape.
+
+    ``torch.bincount`` reads the input's min and max back to the host on CUDA (SummaryOps.cu), a
+    device->host sync, and torch.compile breaks its graph at it (a data-dependent output size).
+    A scatter-add into E zeros gives the same counts with neither.
+    """
+    experts_R = experts_TK.reshape(-1)
+    return experts_R.new_zeros(num_experts).scatter_add_(0, experts_R, torch.ones_like(experts_R))
 
 
 COMBINE_CHUNK_BYTES = 128 * 2**20
@@ -222,8 +245,8 @@ class _Combine(torch.autograd.Function):
             g_C1D = grad_TD[chunk].float().unsqueeze(1)
             if grad_y_RD is not None:
                 # A row is one token's k-th choice: one add into zeros, so no sum is rounded.
-                # (routed_kept's appended zero row is the one row chosen repeatedly; its
-                # gradient is dropped.)
+                # (A dropped choice's row trails the experts' rows; the dispatcher zeroes
+                # what flows back into it.)
                 grad_CKD = (g_C1D * weights_TK[chunk].unsqueeze(-1)).to(y_TKD.dtype)
                 grad_y_RD.index_add_(0, inverse_TK[chunk].reshape(-1), grad_CKD.view(-1, d))
             if grad_w_TK is not None:
@@ -237,12 +260,20 @@ class Dispatched:
 
     inverse_R: torch.Tensor
     """Row of y_RD (sorted by expert) holding each flattened (token, k) choice."""
+    padded: bool = False
+    """Whether rows past the last expert's (the dropped ones) trail the expert rows."""
 
 
-def sort_by_expert(experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert(
+    experts_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_R, inverse_R)`` of the T*K (token, expert) rows sorted by expert, a stable sort
     (equal experts keep token order): the token of each sorted row, and the sorted row of each
-    flattened (token, k) choice (what :func:`combine` reads)."""
+    flattened (token, k) choice (what :func:`combine` reads). With ``keep_TK`` the dropped rows
+    sort last (as if routed to an expert past the last), so the kept ones keep the positions a
+    sort of the kept rows alone gives them, and every shape stays T*K (no host sync for N)."""
+    if keep_TK is not None:
+        experts_TK = torch.where(keep_TK, experts_TK, torch.iinfo(experts_TK.dtype).max)
     order_R = experts_TK.reshape(-1).argsort(stable=True)
     return order_R // experts_TK.shape[-1], order_R.argsort()
 
@@ -250,9 +281,11 @@ def sort_by_expert(experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 class LocalDispatcher:
     """Sends each (token, expert) row to its expert on this rank: a stable sort by expert.
 
-    ``dispatch`` returns the rows grouped by expert (``tokens_per_expert_E`` rows each, in
-    expert order, equal experts keeping token order) and ``combine`` sums each token's K expert
+    ``dispatch`` returns the rows grouped by expert (``rows_per_expert_E`` rows each, in expert
+    order, equal experts keeping token order) and ``combine`` sums each token's K expert
     outputs, weighted, back into token order (:func:`combine`: fp32, rounded once, no atomics).
+    With ``keep_TK`` (capacity drops) the dropped rows trail the expert rows (``padded``): the
+    experts give them zeros, which add nothing to their tokens.
     """
 
     def local_experts(self, num_experts: int) -> range:
@@ -260,11 +293,16 @@ class LocalDispatcher:
         return range(num_experts)
 
     def dispatch(
-        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        experts_TK: torch.Tensor,
+        rows_per_expert_E: torch.Tensor,
+        keep_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        token_R, inverse_R = sort_by_expert(experts_TK)
-        tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
-        return x_TD[token_R], tokens_per_expert_E, Dispatched(inverse_R=inverse_R)
+        """``rows_per_expert_E``: the (kept) rows of each expert, as the router counted them."""
+        token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
+        dispatched = Dispatched(inverse_R=inverse_R, padded=keep_TK is not None)
+        return x_TD[token_R], rows_per_expert_E, dispatched
 
     def combine(
         self, y_RD: torch.Tensor, weights_TK: torch.Tensor, dispatched: Dispatched
@@ -404,15 +442,19 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float
 
 
 def capacity_keep(
-    experts_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int, capacity: int
+    experts_TK: torch.Tensor,
+    priority_TK: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    capacity: int,
 ) -> torch.Tensor:
     """keep_TK: for every expert, its ``capacity`` rows of highest priority (ties: the earlier
-    token, then the earlier k) are True, the rest False."""
+    token, then the earlier k) are True, the rest False. ``tokens_per_expert_E``: the rows
+    routed to each expert (:func:`count_per_expert` of ``experts_TK``)."""
     experts_R = experts_TK.reshape(-1)
     by_priority_R = priority_TK.detach().reshape(-1).argsort(descending=True, stable=True)
     # Stable sort by expert of the priority order: rows grouped by expert, best first.
     grouped_R = by_priority_R[experts_R[by_priority_R].argsort(stable=True)]
-    counts_E = torch.bincount(experts_R, minlength=num_experts)
+    counts_E = tokens_per_expert_E
     first_row_E = counts_E.cumsum(0) - counts_E
     rank_R = torch.arange(experts_R.numel(), device=experts_R.device) - first_row_E[
         experts_R[grouped_R]
@@ -569,17 +611,24 @@ class MoELayer(nn.Module):
                 biased_TE = scores_TE + self.expert_bias_E.to(scores_TE.dtype)
                 experts_TK = biased_TE.topk(self.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(-1, experts_TK)
-        keep_TK = None
+        # Counted once, here, for the capacity limit, the losses, the load metrics and the
+        # dispatcher; before any capacity drop.
+        tokens_per_expert_E = count_per_expert(experts_TK, self.num_experts)
+        keep_TK = kept_per_expert_E = None
         if self.capacity_factor is not None and self.training:
             capacity = expert_capacity(
                 x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor
             )
-            keep_TK = capacity_keep(experts_TK, weights_TK, self.num_experts, capacity)
+            keep_TK = capacity_keep(experts_TK, weights_TK, tokens_per_expert_E, capacity)
+            kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if self.route_scale != 1.0:
             weights_TK = weights_TK * self.route_scale
-        return Routing(logits_TE, probs_TE, weights_TK, experts_TK, keep_TK)
+        return Routing(
+            logits_TE, probs_TE, weights_TK, experts_TK, tokens_per_expert_E, keep_TK,
+            kept_per_expert_E,
+        )  # fmt: skip
 
     def _impl(self, x_RD: torch.Tensor) -> str:
         """'grouped_mm' or 'loop' for rows ``x_RD`` (already in the compute dtype)."""
@@ -607,60 +656,68 @@ class MoELayer(nn.Module):
     # ---- experts -----------------------------------------------------------------------------
 
     def experts(
-        self, x_RD: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str
+        self,
+        x_RD: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        impl: str,
+        padded: bool = False,
     ) -> torch.Tensor:
         """Expert FFNs over rows sorted by expert (``tokens_per_expert_E`` rows each, for the
-        experts this rank holds)."""
+        experts this rank holds). ``padded``: rows past the experts' (dropped by the capacity
+        limit) follow them; they give zeros, and no gradient reaches them or comes from them."""
         dtype = x_RD.dtype
         w_in_EDH = local_weight(self.w_in_EDH, dtype)
         w_out_EHD = local_weight(self.w_out_EHD, dtype)
         if impl == "grouped_mm":
             # offs[e] = end row of expert e; empty experts repeat the previous offset.
             offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            # grouped_mm leaves output rows past offs[-1] unwritten (torch.empty, on CPU and in
+            # CUDA's kernels) and so, in backward, the input gradients of those rows: masking
+            # both sides keeps them out of the activation, its coefficients' gradients, the
+            # combine and x's gradient. Fixed shapes: no host read of the kept-row count.
+            if padded:
+                valid_R1 = torch.arange(x_RD.shape[0], device=x_RD.device) < offs_E[-1]
+                valid_R1 = valid_R1.unsqueeze(-1)
+                x_RD = torch.where(valid_R1, x_RD, 0)
             h_RH = grouped_mm(x_RD, w_in_EDH, offs=offs_E)
-            return grouped_mm(self.activate(h_RH, tokens_per_expert_E), w_out_EHD, offs=offs_E)
+            if padded:
+                h_RH = torch.where(valid_R1, h_RH, 0)
+            a_RH = self.activate(h_RH, tokens_per_expert_E)
+            if padded:
+                a_RH = torch.where(valid_R1, a_RH, 0)
+            y_RD = grouped_mm(a_RH, w_out_EHD, offs=offs_E)
+            return torch.where(valid_R1, y_RD, 0) if padded else y_RD
         if impl == "loop":
-            # One host sync for the split sizes; empty experts get empty slices.
+            # The per-expert reference: one host sync for the split sizes; empty experts get
+            # empty slices, trailing dropped rows zeros.
             counts = tokens_per_expert_E.tolist()
+            rows = sum(counts)
+            x_RD, num_padding = x_RD[:rows], x_RD.shape[0] - rows
             h_RH = torch.cat([x_ND @ w_in_EDH[e] for e, x_ND in enumerate(x_RD.split(counts))])
             a_RH = self.activate(h_RH, tokens_per_expert_E)
-            return torch.cat([a_NH @ w_out_EHD[e] for e, a_NH in enumerate(a_RH.split(counts))])
+            y_RD = torch.cat([a_NH @ w_out_EHD[e] for e, a_NH in enumerate(a_RH.split(counts))])
+            return F.pad(y_RD, (0, 0, 0, num_padding)) if num_padding else y_RD
         raise ValueError(f"unknown moe_expert_impl {impl!r}; expected 'grouped_mm' or 'loop'")
 
     def activate(self, h_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """The activation over rows sorted by expert.
+        """The activation over rows sorted by expert (and any trailing dropped rows).
 
         A shared activation runs once over all rows (it is row-wise). Per-expert coefficient sets
-        run expert by expert (one host sync for the split sizes), empty experts included, and
-        under expert parallelism the other ranks' experts too, on no rows: their coefficients
-        then get a zero gradient rather than none, so every FSDP rank reduces the same set of
-        gradients.
+        run expert by expert (one host sync for the split sizes: the documented cost of
+        ``moe_activation_per_expert``), empty experts included, and under expert parallelism the
+        other ranks' experts too, on no rows: their coefficients then get a zero gradient rather
+        than none, so every FSDP rank reduces the same set of gradients. Trailing dropped rows
+        come back as zeros.
         """
         if not isinstance(self.act, nn.ModuleList):
             return self.act(h_RH)
         local = self.dispatcher.local_experts(self.num_experts)
-        h_by_expert = dict(zip(local, h_RH.split(tokens_per_expert_E.tolist()), strict=True))
-        return torch.cat(
-            [act(h_by_expert.get(e, h_RH[:0])) for e, act in enumerate(self.act)]
-        )
-
-    def routed_kept(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The routed output when some rows are dropped: only the kept (token, k) rows go to the
-        dispatcher, each as a token of its own with one expert, so the dispatcher needs no notion
-        of drops. It combines them with weight 1 (an exact copy back into kept-row order); then
-        :func:`combine` weights and sums each token's K rows, a dropped row reading a zero row."""
-        token_N, slot_N = routing.keep_TK.nonzero(as_tuple=True)
-        experts_N1 = routing.experts_TK[token_N, slot_N].unsqueeze(-1)
-        x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
-            x_TD[token_N], experts_N1, self.num_experts
-        )
-        y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD))
-        ones_N1 = torch.ones(experts_N1.shape, dtype=torch.float32, device=x_TD.device)
-        y_ND = self.dispatcher.combine(y_RD, ones_N1, dispatched)
-        keep_R = routing.keep_TK.reshape(-1)
-        inverse_R = torch.where(keep_R, keep_R.cumsum(0) - 1, token_N.numel())
-        y_zero_ND = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
-        return combine(y_zero_ND, routing.weights_TK, inverse_R)
+        counts = tokens_per_expert_E.tolist()
+        rows = sum(counts)
+        h_by_expert = dict(zip(local, h_RH[:rows].split(counts), strict=True))
+        a_RH = torch.cat([act(h_by_expert.get(e, h_RH[:0])) for e, act in enumerate(self.act)])
+        num_padding = h_RH.shape[0] - rows
+        return F.pad(a_RH, (0, 0, 0, num_padding)) if num_padding else a_RH
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         """``x`` (..., D) -> (y shaped like x, MoEAux): route, dispatch, experts, combine, plus
@@ -672,19 +729,17 @@ class MoELayer(nn.Module):
         # The auxiliary loss and the load metrics count this rank's tokens per expert (all E),
         # as the router chose them (before any capacity drop); the experts count the rows they
         # compute, which under expert parallelism are other ranks' tokens for this rank's experts.
-        tokens_per_expert_E = torch.bincount(
-            routing.experts_TK.reshape(-1), minlength=self.num_experts
-        )
+        tokens_per_expert_E = routing.tokens_per_expert_E
         dropped_rows = None
-        if routing.keep_TK is None:
-            x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
-                x_TD.to(compute_dtype(x)), routing.experts_TK, self.num_experts
-            )
-            y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD))
-            y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
-        else:
-            y_TD = self.routed_kept(x_TD.to(compute_dtype(x)), routing)
+        rows_per_expert_E = tokens_per_expert_E
+        if routing.keep_TK is not None:
+            rows_per_expert_E = routing.kept_per_expert_E
             dropped_rows = (~routing.keep_TK).sum()
+        x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
+            x_TD.to(compute_dtype(x)), routing.experts_TK, rows_per_expert_E, routing.keep_TK
+        )
+        y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD), dispatched.padded)
+        y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
         for ffn in self.shared_experts or ():
             y_TD = y_TD + ffn(x_TD)
         group = None

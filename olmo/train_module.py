@@ -94,6 +94,14 @@ def parallelize_model(
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile_blocks:
+        config = getattr(model, "config", None)
+        if param_dtype != torch.bfloat16 and config is not None and config.moe_layer_ids:
+            # grouped_mm's fake-tensor rule (what torch.compile traces with) takes only bf16.
+            log.warning(
+                "compile with fp32 MoE experts: they run the per-expert loop, which reads split "
+                "sizes on the host, so each MoE block has a graph break (and runs eagerly under "
+                "activation checkpointing); precision bf16 compiles them"
+            )
         for block in model.blocks:
             block.compile(dynamic=False)
 
@@ -434,7 +442,8 @@ class MoETrainModule(TrainModule):
         sums = torch.stack([
             torch.zeros(n, device=logits.device).index_add_(0, source_T, ce_T.detach()),
             torch.zeros(n, device=logits.device).index_add_(0, source_T, valid_T),
-            torch.bincount(source_T, minlength=n).float(),
+            # Not bincount: on CUDA it reads the input's min and max back to the host.
+            torch.zeros(n, device=logits.device).index_add_(0, source_T, torch.ones_like(valid_T)),
         ], dim=1)  # fmt: skip
         self._source_sums = sums if self._source_sums is None else self._source_sums + sums
         return ce_T.sum() / num_loss_tokens
@@ -442,7 +451,9 @@ class MoETrainModule(TrainModule):
     def _record_source_metrics(self) -> None:
         if self._source_sums is None:
             return
-        for name, row in zip(self.source_names, self._source_sums.cpu()):
+        # Device tensors: olmo-core reduces metrics on the device at its log interval, so
+        # nothing here waits for the device (no host copy in the step).
+        for name, row in zip(self.source_names, self._source_sums):
             for kind, value in zip(SOURCE_SUM_KINDS, row):
                 self.record_metric(source_sum(name, kind), value, ReduceType.sum)
         self._source_sums = None
@@ -503,19 +514,20 @@ class MoETrainModule(TrainModule):
         self._step_load_LE = load_LE
         self._record_source_metrics()
         if load_LE is not None:
-            # Raw counts, summed over ranks; MetricsCallback turns them into fractions. One
-            # device-to-host copy here instead of one per (layer, expert) metric at log time.
-            for layer, counts_E in zip(self.moe_layer_ids, load_LE.float().cpu(), strict=True):
+            # Raw counts, summed over ranks; MetricsCallback turns them into fractions. Views of
+            # one device tensor: no host copy in the step (olmo-core reduces them on the device
+            # at its log interval).
+            for layer, counts_E in zip(self.moe_layer_ids, load_LE.float(), strict=True):
                 for expert, count in enumerate(counts_E):
                     self.record_metric(expert_count(layer, expert), count, ReduceType.sum)
         if self._routing_metrics_due():
             # Entropy (mean over ranks) and dropped rows (summed; MetricsCallback divides by
-            # the routed rows): one more host copy, at the console interval only.
+            # the routed rows): more metrics, at the console interval only; device views too.
             if entropy_L is not None:
-                for layer, value in zip(self.moe_layer_ids, entropy_L.cpu(), strict=True):
+                for layer, value in zip(self.moe_layer_ids, entropy_L, strict=True):
                     self.record_metric(layer_router_entropy(layer), value, ReduceType.mean)
             if dropped_L is not None:
-                for layer, value in zip(self.moe_layer_ids, dropped_L.float().cpu(), strict=True):
+                for layer, value in zip(self.moe_layer_ids, dropped_L.float(), strict=True):
                     self.record_metric(dropped_count(layer), value, ReduceType.sum)
         del batch, input_ids
 
@@ -534,7 +546,7 @@ class MoETrainModule(TrainModule):
             dist.all_reduce(load_LE)
         self.model.update_expert_bias(load_LE)
         if self._routing_metrics_due():
-            bias_LE = torch.stack([m.expert_bias_E for m in self.model.moe_layers()]).cpu()
+            bias_LE = torch.stack([m.expert_bias_E for m in self.model.moe_layers()])
             for layer, bias_E in zip(self.moe_layer_ids, bias_LE, strict=True):
                 self.record_metric(layer_bias_range(layer), bias_E.max() - bias_E.min(), None)
 
@@ -558,6 +570,9 @@ class MoETrainModule(TrainModule):
         )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        # The step's one host sync (tests/olmo/test_cuda_syncs.py allows it): stop or skip is
+        # decided before the update. By then forward and backward are queued, so it costs the
+        # optimizer's launch latency once per step, not a stall inside the model.
         bad_loss, bad_grad = (bool(v) for v in bad.tolist())
         if bad_loss or bad_grad:
             what = " and ".join(

@@ -73,12 +73,13 @@ def _staged_phases(layer, x_TD: torch.Tensor, g_TD: torch.Tensor, traffic: dict)
         def route():
             r = layer.route(x_TD)
             s["experts_TK"] = r.experts_TK
+            s["counts_E"] = r.tokens_per_expert_E
             s["weights_TK"] = r.weights_TK.detach().requires_grad_()
 
         def dispatch_fwd():
             s["x_in"] = x_TD.detach().to(compute_dtype(x_TD)).requires_grad_()
             s["x_RD"], s["rows"], s["dispatched"] = layer.dispatcher.dispatch(
-                s["x_in"], s["experts_TK"], layer.num_experts
+                s["x_in"], s["experts_TK"], s["counts_E"]
             )
 
         def experts_fwd():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from moe_model.expert_parallel import AllToAllDispatcher, shard_experts
-from moe_model.moe import LocalDispatcher, Routing
+from moe_model.moe import LocalDispatcher, Routing, count_per_expert
 from tests.moe_model.test_transformer import tiny_config
 
 E, K, T, D = 4, 2, 6, 8
@@ -49,9 +49,10 @@ def check_dispatcher(ep_group: dist.ProcessGroup, experts_TK: torch.Tensor, labe
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(dist.get_rank()))
     weights_TK = torch.rand(T, K, generator=torch.Generator().manual_seed(7))
     local, ep = LocalDispatcher(), AllToAllDispatcher(ep_group, E)
-    x_RD, rows_E, done = local.dispatch(x_TD, experts_TK, E)
+    counts_E = count_per_expert(experts_TK, E)
+    x_RD, rows_E, done = local.dispatch(x_TD, experts_TK, counts_E)
     want = local.combine(scale_by_expert(x_RD, rows_E, range(E)), weights_TK, done)
-    x_RD, rows_X, done = ep.dispatch(x_TD, experts_TK, E)
+    x_RD, rows_X, done = ep.dispatch(x_TD, experts_TK, counts_E)
     if rows_X.shape != (E // dist.get_world_size(ep_group),):
         fail(f"{label}: counts for {tuple(rows_X.shape)} experts")
     if int(rows_X.sum()) != x_RD.shape[0]:
@@ -67,7 +68,8 @@ def forced_routing(layer, experts_TK: torch.Tensor):
     def routed(x_TD: torch.Tensor) -> Routing:
         r = route(x_TD)
         chosen = experts_TK.expand(x_TD.shape[0], -1)
-        return Routing(r.logits_TE, r.probs_TE, r.probs_TE.gather(1, chosen), chosen)
+        counts_E = count_per_expert(chosen, r.probs_TE.shape[-1])
+        return Routing(r.logits_TE, r.probs_TE, r.probs_TE.gather(1, chosen), chosen, counts_E)
 
     layer.route = routed
 

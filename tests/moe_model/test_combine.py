@@ -89,8 +89,9 @@ def test_combine_within_rounding_of_float64_and_of_the_one_shot_form(dtype, chun
 
 
 def test_combine_zero_row_chosen_repeatedly():
-    """routed_kept's layout: dropped choices read one appended zero row; kept rows get their
-    gradient, the zero row's is the sum of the dropped choices' (and is discarded there)."""
+    """A row read by several choices (dropped choices reading one appended zero row, as an
+    earlier capacity path laid them out): kept rows get their gradient, the shared row the sum
+    of its readers'."""
     y_RD, weights_TK, _, g_TD = inputs(num_tokens=6, top_k=2, d=8)
     keep_R = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
     kept = int(keep_R.sum())

@@ -18,6 +18,7 @@ from moe_model.config import ModelConfig
 from moe_model.moe import (
     MoELayer,
     capacity_keep,
+    count_per_expert,
     expert_capacity,
     load_balancing_loss,
     sequence_load_balancing_loss,
@@ -281,7 +282,7 @@ def test_capacity_keep_against_a_sorting_loop():
     priority_TK = torch.rand(T, K).round(decimals=1)  # many ties
     capacity = expert_capacity(T, K, E, 1.0)
     assert capacity == math.ceil(T * K / E)
-    keep = capacity_keep(experts_TK, priority_TK, E, capacity)
+    keep = capacity_keep(experts_TK, priority_TK, count_per_expert(experts_TK, E), capacity)
     for e in range(E):
         rows = [(t, k) for t in range(T) for k in range(K) if experts_TK[t, k] == e]
         rows.sort(key=lambda tk: (-float(priority_TK[tk]), tk))
@@ -302,6 +303,45 @@ def test_capacity_drops_only_in_training():
     torch.testing.assert_close(y_eval, dropless.eval()(x)[0], rtol=0, atol=0)
     layer.train()
     assert layer(x)[1].dropped_rows > 0
+
+
+def nan_past_offs(grouped_mm):
+    """grouped_mm as CUDA's kernels leave it: output rows past offs[-1] unwritten (NaN here),
+    and in backward the input gradient of those rows too."""
+
+    def wrapped(x_RD, w_EDH, offs):
+        tail_R1 = (torch.arange(x_RD.shape[0]) >= offs[-1]).unsqueeze(-1)
+        if x_RD.requires_grad:
+            x_RD.register_hook(lambda g: torch.where(tail_R1, float("nan"), g))
+        return torch.where(tail_R1, float("nan"), grouped_mm(x_RD, w_EDH, offs=offs))
+
+    return wrapped
+
+
+@pytest.mark.parametrize("activation", ["polynorm", "swiglu"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["shared set", "per-expert sets"])
+def test_dropped_rows_past_the_experts_reach_nothing(activation, per_expert, monkeypatch):
+    """Capacity drops keep fixed shapes: the dropped rows trail the experts' rows and grouped_mm
+    never writes them. Output and every gradient equal the per-expert loop's (which never sees
+    those rows), even when grouped_mm leaves NaN there, forward and backward."""
+    import moe_model.moe as moe
+
+    kw = dict(moe_capacity_factor=0.5, moe_activation_per_expert=per_expert)
+    loop = make_layer(activation, "loop", **kw)
+    grouped = make_layer(activation, "grouped_mm", **kw)
+    x = skewed_inputs(loop)
+    skewed_inputs(grouped)
+    monkeypatch.setattr(moe, "grouped_mm", nan_past_offs(moe.grouped_mm))
+    results = []
+    for layer in (loop, grouped):
+        x_in = x.clone().requires_grad_()
+        y, aux = layer(x_in)
+        assert aux.dropped_rows > 0
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append({"y": y, "dx": x_in.grad, **{n: p.grad for n, p in layer.named_parameters()}})
+    for name, want in results[0].items():
+        assert torch.isfinite(results[1][name]).all(), name
+        torch.testing.assert_close(results[1][name], want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_sequence_lb_is_the_per_sequence_formula_and_w_at_balance():
