@@ -10,6 +10,8 @@ from moe_model.activations import ACTIVATIONS
 from moe_model.config import ModelConfig
 from moe_model.transformer import ModelOutput, MoETransformer, apply_rope, rope_cos_sin
 
+pytestmark = pytest.mark.numerics
+
 VOCAB = 64
 
 
