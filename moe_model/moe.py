@@ -106,6 +106,7 @@ from torch.distributed.tensor import DTensor
 
 from moe_model.activations import build_activation
 from moe_model.init import trunc_normal_
+from moe_model.precision import upcast
 
 if TYPE_CHECKING:
     from moe_model.config import ModelConfig
@@ -336,14 +337,14 @@ def load_balancing_loss(
 ) -> torch.Tensor:
     """w * E/(T*K) * sum_e count_e * mean_t probs_TE[t, e]; the gradient flows through probs."""
     num_tokens, num_experts = probs_TE.shape
-    mean_prob_E = probs_TE.float().mean(dim=0)
+    mean_prob_E = upcast(probs_TE).mean(dim=0)
     scale = weight * num_experts / (num_tokens * top_k)
     return scale * torch.dot(tokens_per_expert_E.to(mean_prob_E.dtype), mean_prob_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor, top_k: int, weight: float) -> torch.Tensor:
     """w * sum_t logsumexp(logits_t)^2 / (T*K); logsumexp in fp32 (stable: it subtracts the max)."""
-    lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    lse_T = torch.logsumexp(upcast(logits_TE), dim=-1)
     return weight * lse_T.square().sum() / (logits_TE.shape[0] * top_k)
 
 
@@ -371,7 +372,7 @@ def sequence_load_balancing_loss(
     """Mean over sequences b of w * E/(S*K) * sum_e count_be * mean_s probs_BSE[b, s, e], count_be
     the rows of sequence b routed to e (DeepSeek-V3's sequence-wise balance loss, eqs. 17-20)."""
     num_seqs, seq_len, num_experts = probs_BSE.shape
-    mean_prob_BE = probs_BSE.float().mean(dim=1)
+    mean_prob_BE = upcast(probs_BSE).mean(dim=1)
     counts_BE = mean_prob_BE.new_zeros(num_seqs, num_experts).scatter_add_(
         1, experts_BSK.reshape(num_seqs, -1), mean_prob_BE.new_ones(num_seqs, seq_len * top_k)
     )
@@ -397,7 +398,7 @@ def global_load_balancing_loss(
         [num_tokens], dtype=torch.long)])
     dist.all_reduce(totals, group=group)
     counts_E, all_tokens = totals[:-1], totals[-1]
-    mean_prob_E = probs_TE.float().mean(dim=0)
+    mean_prob_E = upcast(probs_TE).mean(dim=0)
     scale = weight * num_experts / (all_tokens.to(mean_prob_E.dtype) * top_k)
     return scale * torch.dot(counts_E.to(mean_prob_E.dtype), mean_prob_E)
 
@@ -602,7 +603,7 @@ class MoELayer(nn.Module):
         # Scores and top-k in fp32: bf16 probabilities tie often and skew the choice. The router
         # runs as a module: under expert parallelism it is an FSDP unit of its own, gathered by
         # its forward hook.
-        logits_TE = self.router(x_TD).float()
+        logits_TE = upcast(self.router(x_TD))
         scores_TE, probs_TE = ROUTER_SCORES[self.router_score](logits_TE)
         if self.expert_bias_E is None:
             weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
@@ -649,7 +650,9 @@ class MoELayer(nn.Module):
             return "loop"
         if x_RD.dtype == torch.bfloat16:
             return "grouped_mm"
-        if x_RD.device.type == "cpu" and not torch.compiler.is_compiling():
+        # grouped_mm has no float64 kernel: float64 (golden traces, gradient checks) loops.
+        cpu_eager = x_RD.device.type == "cpu" and not torch.compiler.is_compiling()
+        if cpu_eager and x_RD.dtype != torch.float64:
             return "grouped_mm"
         return "loop"
 

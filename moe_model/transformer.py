@@ -19,6 +19,7 @@ from moe_model.attention import DocumentMask, build_document_mask
 from moe_model.config import ModelConfig
 from moe_model.init import trunc_normal_
 from moe_model.moe import FeedForward, MoELayer
+from moe_model.precision import at_least_fp32, upcast
 
 __all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "apply_rope"]
 
@@ -45,33 +46,38 @@ def _trunc_normal_(w: torch.Tensor, config: ModelConfig) -> None:
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (S, Dh) in fp32 for the rotate-half RoPE layout (GPT-NeoX/OLMo).
+    """cos, sin of shape (S, Dh) in ``dtype`` (fp32; float64 for a float64 model) for the
+    rotate-half RoPE layout (GPT-NeoX/OLMo).
 
     Recomputed every forward instead of cached in a buffer: it costs S*Dh/2 trig ops, and a
     buffer made on the meta device would hold garbage after ``to_empty`` until someone
     remembered to rebuild it.
     """
-    return rope_cos_sin_at(torch.arange(seq_len, device=device), head_dim, theta)
+    return rope_cos_sin_at(torch.arange(seq_len, device=device), head_dim, theta, dtype)
 
 
 def rope_cos_sin_at(
-    positions: torch.Tensor, head_dim: int, theta: float
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (*positions.shape, Dh) in fp32 at the given token positions."""
+    """cos, sin of shape (*positions.shape, Dh) in ``dtype`` at the given token positions."""
     device = positions.device
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
     )
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    freqs = positions.to(dtype).unsqueeze(-1) * inv_freq
     freqs = torch.cat((freqs, freqs), dim=-1)
     return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x_BNSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k (B, N, S, Dh) by position, in fp32, returning x's dtype."""
-    x = x_BNSDh.float()
+    """Rotate q or k (B, N, S, Dh) by position, in fp32 (float64 stays), returning x's dtype."""
+    x = upcast(x_BNSDh)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos_SDh + rotated * sin_SDh).to(x_BNSDh.dtype)
@@ -113,11 +119,14 @@ class Attention(nn.Module):
         def heads(t_BSD: torch.Tensor) -> torch.Tensor:
             return t_BSD.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
 
+        rope_dtype = at_least_fp32(x_BSD.dtype)
         if doc_mask is None:
-            cos, sin = rope_cos_sin(s, self.head_dim, self.config.rope_theta, x_BSD.device)
+            cos, sin = rope_cos_sin(
+                s, self.head_dim, self.config.rope_theta, x_BSD.device, rope_dtype
+            )
         else:
             cos_BSDh, sin_BSDh = rope_cos_sin_at(
-                doc_mask.positions_BS, self.head_dim, self.config.rope_theta
+                doc_mask.positions_BS, self.head_dim, self.config.rope_theta, rope_dtype
             )
             cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)  # broadcast over heads
         q_BNSDh = apply_rope(heads(q_BSD), cos, sin)

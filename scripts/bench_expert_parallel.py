@@ -315,9 +315,12 @@ def measure(run: Run):
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in run.args.nproc:
             result = Path(tmp) / f"{nproc}.json"
+            # --tee prefixes each rank's lines ("[default1]:"): a rank's own error (a C++
+            # "terminate called ...", printed before torchrun's closing traceback) stays
+            # attributable when several ranks write to one stderr.
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", __file__, "--worker", "--result", str(result),
-                   *worker_args]  # fmt: skip
+                   f"--nproc_per_node={nproc}", f"--log-dir={tmp}/logs", "--tee=3",
+                   __file__, "--worker", "--result", str(result), *worker_args]  # fmt: skip
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
             yield from json.loads(result.read_text())
 

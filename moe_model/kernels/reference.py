@@ -1,14 +1,17 @@
 """Reference math of the paper's activations (PolyCom): the formulas every kernel is tested against.
 
-Plain PyTorch, differentiable by autograd, any device and dtype (fp32 inside). The ``eager``
-backend runs these; the ``compile`` backend compiles them; the fused and Triton kernels
-(``polynorm_fused.py``, ``polynorm_triton.py``) implement the same math with analytic backwards.
+Plain PyTorch, differentiable by autograd, any device and dtype (fp32 inside; float64 stays
+float64). The ``eager`` backend runs these; the ``compile`` backend compiles them; the fused and
+Triton kernels (``polynorm_fused.py``, ``polynorm_triton.py``) implement the same math with
+analytic backwards.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moe_model.precision import upcast
 
 __all__ = ["poly_norm_eager", "poly_relu_eager", "rms_norm_no_gain"]
 
@@ -41,9 +44,9 @@ def poly_norm_eager(
     finite for r <= 4 (mean of x^8 ~ 1e24 << 3e38).
     """
     order = weight.numel()
-    x_f = x.float()
-    w_f = weight.float()
-    y = bias.float().expand_as(x_f)
+    x_f = upcast(x)
+    w_f = weight.to(x_f.dtype)
+    y = bias.to(x_f.dtype).expand_as(x_f)
     for i in range(order):
         y = y + w_f[i] * rms_norm_no_gain(x_f.pow(order - i), eps)
     return y.to(x.dtype)
@@ -52,9 +55,9 @@ def poly_norm_eager(
 def poly_relu_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """PolyReLU: sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight); fp32 inside."""
     order = weight.numel()
-    r_f = F.relu(x.float())
-    w_f = weight.float()
-    y = bias.float().expand_as(r_f)
+    r_f = F.relu(upcast(x))
+    w_f = weight.to(r_f.dtype)
+    y = bias.to(r_f.dtype).expand_as(r_f)
     for i in range(order):
         y = y + w_f[i] * r_f.pow(order - i)
     return y.to(x.dtype)

@@ -22,6 +22,8 @@ from moe_model.activations import (
     poly_relu_eager,
 )
 
+pytestmark = pytest.mark.numerics
+
 SHAPES = [(7,), (3, 16), (2, 5, 24)]
 
 

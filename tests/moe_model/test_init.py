@@ -15,6 +15,8 @@ from moe_model.init import _DRAW_CHUNK, draw_on, trunc_normal_
 from tests.moe_model.test_transformer import tiny_config
 from tests.olmo.helpers import REPO, free_port
 
+pytestmark = pytest.mark.numerics
+
 # Every option that adds tensors: dense first block, shared experts, the expert bias buffer.
 ROUTING_VARIANTS = dict(n_layers=3, moe_first_dense_layers=1, moe_shared_experts=2,
                         moe_bias_update_rate=1e-3)

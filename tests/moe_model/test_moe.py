@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from moe_model.config import ModelConfig
 from moe_model.moe import MoELayer, combine, load_balancing_loss, router_z_loss
 
+pytestmark = pytest.mark.numerics
+
 D, H, E, K = 16, 8, 6, 2
 
 

@@ -26,6 +26,8 @@ from moe_model.moe import (
 )
 from tests.olmo.helpers import REPO, free_port
 
+pytestmark = pytest.mark.numerics
+
 D, H, E, K = 16, 8, 6, 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -193,6 +194,14 @@ def test_the_glob_finds_the_benchmarks():
     assert not {"bench_common.py", "bench_profile.py"} & set(SCRIPTS)
 
 
+def failure_report(stderr: str) -> str:
+    """A failed run's stderr for the assertion message: the lines torchrun's workers wrote
+    (``--tee`` prefixes them ``[default1]:``), which its closing traceback pushes out of a plain
+    tail, then that tail."""
+    rank_lines = [line for line in stderr.splitlines() if re.match(r"\[\w+\d+\]:", line)]
+    return "\n".join([*rank_lines[-40:], "..."]) + "\n" + stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
@@ -205,7 +214,7 @@ def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, failure_report(proc.stderr)
     name = (bench.result_name or f"{bench.name}_cpu") + "_quick"
     assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]
     payload = json.loads((tmp_path / f"{name}.json").read_text())

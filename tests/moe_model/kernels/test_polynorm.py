@@ -29,6 +29,8 @@ import torch
 from moe_model.kernels import dispatch as kernels
 from moe_model.kernels.polynorm_fused import poly_norm_fused, poly_relu_fused
 
+pytestmark = pytest.mark.numerics
+
 REPO = Path(__file__).resolve().parents[3]
 EPS = 1e-6
 ORDERS = [1, 2, 3, 4]
