@@ -8,7 +8,7 @@ num_warps, registers, spill bytes, stack frame, dynamic shared memory, and the c
 32-bit multiplies of program-id-derived values in the PTX (row offsets that could wrap).
 
 Default widths: the configs' (384, 1536), 1024-8192 in powers of two, ragged ones (1000, 1500,
-3000, 6000: not multiples of 16) -- every width ``auto`` sends to Triton is one of these
+3000, 6008: not multiples of 16) -- every width ``auto`` sends to Triton is one of these
 launch shapes -- and 16384, 65536 (above ``SPILL_FREE_ROW``: ``auto`` sends them to the fused
 path; recorded to show why). The run fails (exit 1) if any build ``auto`` would launch spills
 or has a 32-bit row offset. Builds are cached (Triton's cache): a rerun takes seconds.
@@ -26,7 +26,7 @@ from moe_model.kernels import polynorm_triton as pt
 from moe_model.kernels.triton_build import ARCHS, KERNELS, build_kernel
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-WIDTHS = (384, 1000, 1024, 1500, 1536, 2048, 3000, 4096, 6000, 8192, 16384, 65536)
+WIDTHS = (384, 1000, 1024, 1500, 1536, 2048, 3000, 4096, 6008, 8192, 16384, 65536)
 
 
 def add_arguments(p) -> None:

@@ -4,11 +4,11 @@ Each case compiles a kernel with the signature and launch parameters its launche
 (``moe_model.kernels.triton_build``: PTX and cubin with the ptxas Triton ships, no driver) and
 asserts that it builds, spills no register, and computes row offsets in 64 bits.
 
-The suite builds a representative subset (36 builds, cached by Triton after the first run):
+The suite builds a representative subset (38 builds, cached by Triton after the first run):
 every kernel x order 1-4 in bf16 at the paper's width on sm_90a; every dtype at order 3 on
 sm_100a; on sm_90a at the heaviest case (order 4, fp32) the configs' small width (384), the
-widest row ``auto`` launches (8192) and ragged rows (1000, 1500: widths not a multiple of 16
-use another launch table). ``scripts/bench_triton_build.py`` builds the
+widest row ``auto`` launches (8192) and ragged rows (1000, 1500, 6008: widths not a multiple
+of 16 use another launch table). ``scripts/bench_triton_build.py`` builds the
 full matrix (every kernel x order x dtype x width, both GPUs) and fails on the same rules.
 """
 
@@ -37,7 +37,7 @@ CASES = sorted(
     | {(k, 100, dtype, 3, PAPER_WIDTH) for k in KERNELS for dtype in DTYPES}
     | {(k, 90, "fp32", 4, width)
        for k in ("poly_norm_fwd", "poly_norm_bwd")
-       for width in (384, 8192, 1000, 1500)}  # fmt: skip
+       for width in (384, 8192, 1000, 1500, 6008)}  # fmt: skip
 )
 
 
