@@ -24,6 +24,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -197,8 +198,10 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     if os.path.exists(cached):
         with open(cached) as f:
             return json.load(f)
-    ptx_file = os.path.join(_cache_dir(), key + ".ptx")
-    with open(ptx_file, "w") as f:
+    # A file of its own per call: two processes (a test run and the script) may build the
+    # same kernel at once.
+    fd, ptx_file = tempfile.mkstemp(suffix=".ptx", dir=_cache_dir())
+    with os.fdopen(fd, "w") as f:
         f.write(ptx)
     try:
         proc = subprocess.run(
@@ -214,9 +217,10 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
         if m is None:
             raise RuntimeError(f"ptxas -v for sm_{arch}a printed no '{name}' line:\n{log}")
         usage[name] = int(m.group(1))
-    with open(cached + ".tmp", "w") as f:
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=_cache_dir())
+    with os.fdopen(fd, "w") as f:
         json.dump(usage, f)
-    os.replace(cached + ".tmp", cached)
+    os.replace(tmp, cached)
     return usage
 
 
