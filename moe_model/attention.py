@@ -18,8 +18,11 @@ Backends, chosen by ``model.document_masking_backend`` from :data:`DOCUMENT_MASK
   device and dtype, forward and backward; costs the full causal S x S work whatever the
   document lengths.
 - ``flex``: FlexAttention with a ``BlockMask``; 128 x 128 tiles that lie entirely outside every
-  document are skipped, so short documents cost less. Compiled; torch runs its backward on
-  CUDA only.
+  document are skipped, so short documents cost less. Compiled, and so is the mask builder:
+  uncompiled, ``create_block_mask`` evaluates the rule into a dense B x S x S boolean tensor
+  every forward (256 MiB at 16 x 4096) before reducing it to tiles; compiled, the rule is
+  fused into the tile reduction and only (B, S/128, S/128) tile tables are written. Torch runs
+  FlexAttention's backward on CUDA only.
 - ``auto``: ``flex`` on CUDA, ``sdpa`` elsewhere.
 
 Shape suffixes: B batch, S sequence, N heads, Dh head dim.
@@ -41,6 +44,7 @@ __all__ = [
     "DocumentMask",
     "build_document_mask",
     "check_flex_trainable",
+    "compiled_create_block_mask",
     "document_ids",
     "document_positions",
     "resolve_document_mask_backend",
@@ -88,6 +92,17 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.cache
+def compiled_create_block_mask():
+    """``create_block_mask`` compiled once per process: it never materialises the dense mask.
+
+    The mask rule closes over each batch's document ids; Dynamo treats them as an input, so new
+    batches of the same shape reuse one graph (no recompilation per forward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=False)
+
+
 def check_flex_trainable(device_type: str) -> None:
     """ConfigError where FlexAttention cannot train: torch implements its backward on CUDA only."""
     if device_type == "cpu":
@@ -101,12 +116,10 @@ class FlexDocumentMask:
     """FlexAttention block mask: tiles outside every document are never computed."""
 
     def build(self, doc_BS: torch.Tensor) -> Any:
-        from torch.nn.attention.flex_attention import create_block_mask
-
         if torch.is_grad_enabled():
             check_flex_trainable(doc_BS.device.type)
         b, s = doc_BS.shape
-        return create_block_mask(self.mask_mod(doc_BS), b, None, s, s, device=doc_BS.device)
+        return compiled_create_block_mask()(self.mask_mod(doc_BS), b, None, s, s, device=doc_BS.device)
 
     @staticmethod
     def mask_mod(doc_BS: torch.Tensor):

@@ -12,8 +12,10 @@ Backends (``BACKENDS``):
 * ``compile`` -- ``torch.compile`` of the reference formula (inductor fuses it and derives the
   backward). The first call per shape, dtype and order compiles, which dominates tests and
   short CPU runs; choose it for long CPU runs (``benchmarks/RESULTS.md`` has the numbers);
-* ``auto``    -- ``triton`` on CUDA when Triton imports (order <= 4, row <= 65536), else
-  ``fused`` (no warm-up on any device).
+* ``auto``    -- ``triton`` on CUDA when Triton imports, order <= 4 and (PolyNorm) the row is
+  at most ``polynorm_triton.SPILL_FREE_ROW`` (8192) long, else ``fused`` (no warm-up on any
+  device). Longer PolyNorm rows spill registers in the Triton kernels (kilobytes a thread at
+  65536); ``triton`` asked for by name still takes them, up to 65536.
 
 All take inputs of any leading shape (the last dim is the normalised row), bf16/fp16/fp32, and
 compute in fp32, returning the input dtype. Backends import lazily: Triton is optional.
@@ -87,8 +89,11 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, x: torch.Tensor, order: int) -> str:
-    """The concrete backend that runs ``x`` for the requested name (``auto`` resolved)."""
+def resolve_backend(backend: str, x: torch.Tensor, order: int, *, whole_rows: bool = True) -> str:
+    """The concrete backend that runs ``x`` for the requested name (``auto`` resolved).
+
+    ``whole_rows``: the kernel holds a row in registers (PolyNorm), so ``auto`` sends only rows
+    up to ``SPILL_FREE_ROW`` to Triton; PolyReLU is elementwise and takes any width."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown activation backend {backend!r}; expected one of {list(BACKENDS)}")
     if x.numel() == 0:
@@ -98,9 +103,9 @@ def resolve_backend(backend: str, x: torch.Tensor, order: int) -> str:
     if backend != "auto":
         return backend
     if x.is_cuda and triton_available():
-        from moe_model.kernels.polynorm_triton import MAX_ORDER, MAX_ROW
+        from moe_model.kernels.polynorm_triton import MAX_ORDER, SPILL_FREE_ROW
 
-        if order <= MAX_ORDER and x.shape[-1] <= MAX_ROW:
+        if order <= MAX_ORDER and (not whole_rows or x.shape[-1] <= SPILL_FREE_ROW):
             return "triton"
     return "fused"
 
@@ -117,5 +122,5 @@ def poly_relu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight)."""
-    name = resolve_backend(backend, x, weight.numel())
+    name = resolve_backend(backend, x, weight.numel(), whole_rows=False)
     return _BACKENDS[name].poly_relu()(x, weight, bias)

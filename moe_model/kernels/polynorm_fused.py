@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_model.kernels.precision import autocast_off
+
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
     order = weight.numel()
@@ -56,11 +58,13 @@ def _powers(x32: torch.Tensor, order: int) -> list[torch.Tensor]:
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) as an (N, 1) column without materialising a * b."""
     # Why einsum: it lowers to a batched dot product; (a * b).sum(-1) writes a full temporary.
+    # A bmm is what autocast casts to bf16: the callers run with autocast off (precision.py).
     return torch.einsum("nd,nd->n", a, b).unsqueeze(-1)
 
 
 class PolyNormFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         order = _check(x, weight, bias)
         x32 = _rows(x)
@@ -81,6 +85,7 @@ class PolyNormFunction(torch.autograd.Function):
         return y.to(x.dtype).reshape(x.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         order = weight.numel()
@@ -115,6 +120,7 @@ class PolyNormFunction(torch.autograd.Function):
 
 class PolyReLUFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         order = _check(x, weight, bias)
         w32 = weight.detach().to(_acc(x))
@@ -130,6 +136,7 @@ class PolyReLUFunction(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         order = weight.numel()

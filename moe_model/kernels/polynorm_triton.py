@@ -30,22 +30,51 @@ import torch
 import triton
 import triton.language as tl
 
-# One program holds a whole row: beyond this the row no longer fits in registers. The
-# dispatcher falls back to the torch implementation for longer rows.
+from moe_model.kernels.precision import autocast_off
+
+# One program holds a whole row in registers. Up to SPILL_FREE_ROW every kernel builds without
+# register spills for sm_90a and sm_100a at every order and dtype (ptxas -v; the build tests and
+# scripts/bench_triton_build.py check it), so ``auto`` sends rows up to there to Triton and longer
+# ones to the fused torch path. Longer rows still launch when asked for (backend ``triton``) up
+# to MAX_ROW, but spill: at 65536, 32 warps cap ptxas at 64 registers a thread and the backward
+# spills 0.5-4 KB a thread (benchmarks/results/triton_build_sm90.json, ``--widths``).
+SPILL_FREE_ROW = 8192
 MAX_ROW = 65536
 MAX_ORDER = 4
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# num_warps by BLOCK (the row length rounded up to a power of two), first match from the top:
+# enough threads that each holds few elements of the row, so that ptxas fits them without
+# spilling (it caps registers well below the 255 a thread may have: 48-64 at 4-8 warps).
+# Ragged rows (a width not a multiple of 16) have tables of their own: Triton cannot prove
+# their loads aligned and issues them one element at a time, with an address register each.
+# What moved from the old single table (one rule for both kernels), by ptxas -v on sm_90a:
+# - forward 4096: 8 -> 16 warps (8 elements a thread, as 2048 at 8): 48 registers and a
+#   4-byte spill at order 3 (bf16, fp16) before;
+# - ragged forward 1024: 4 -> 8 warps (4-byte spill at order 4, fp32, 520 and 1000 wide);
+# - ragged backward 2048: 8 -> 16 warps, 4096: 8 -> 32 (16 spilled 8 B at order 3 on sm_100a,
+#   3000 wide); 8192 stays at 16 (32 cap ptxas at 64 registers: 8 B spilled at order 4, 6008).
+# scripts/bench_triton_build.py prints the whole table; the build tests hold it spill-free.
+_FWD_WARPS = ((32768, 32), (4096, 16), (2048, 8), (1, 4))
+_FWD_WARPS_RAGGED = ((32768, 32), (4096, 16), (1024, 8), (1, 4))
+_BWD_WARPS = ((32768, 32), (8192, 16), (2048, 8), (1, 4))
+_BWD_WARPS_RAGGED = ((16384, 32), (8192, 16), (4096, 32), (2048, 16), (1, 4))
 
-def _num_warps(block: int) -> int:
-    # Enough threads that each holds a handful of elements of the row (fewer spills).
-    if block >= 32768:
-        return 32
-    if block >= 8192:
-        return 16
-    if block >= 2048:
-        return 8
-    return 4
+
+def _block_and_warps(aligned: tuple, ragged: tuple, n_cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n_cols)
+    table = ragged if n_cols % 16 else aligned
+    return block, next(warps for min_block, warps in table if block >= min_block)
+
+
+def poly_norm_fwd_launch(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the PolyNorm forward for rows of ``n_cols``."""
+    return _block_and_warps(_FWD_WARPS, _FWD_WARPS_RAGGED, n_cols)
+
+
+def poly_norm_bwd_launch(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the PolyNorm backward for rows of ``n_cols``."""
+    return _block_and_warps(_BWD_WARPS, _BWD_WARPS_RAGGED, n_cols)
 
 
 def _num_programs(device: torch.device, n_work: int, per_sm: int) -> int:
@@ -113,8 +142,9 @@ def _poly_norm_bwd(
             dx += term
             dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
         tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    # Store in weight order: power p goes to column ORDER - p.
-    tl.store(DW_PART + pid * ORDER + (ORDER - 1 - slots), dw_acc, mask=slots < ORDER)
+    # Store in weight order: power p goes to column ORDER - p. The offset in int64 like every
+    # offset from the program id (triton_build.row_offset_32bit_ops checks the PTX for it).
+    tl.store(DW_PART + (pid + zero64) * ORDER + (ORDER - 1 - slots), dw_acc, mask=slots < ORDER)
     tl.store(DB_PART + pid + tl.arange(0, 1), db_acc)
 
 
@@ -170,7 +200,7 @@ def _poly_relu_bwd(
             gp = gp * rx
             acc4 += gp
     # DW_PART row layout follows weight: slot order - p holds power p.
-    out = DW_PART + pid * ORDER
+    out = DW_PART + (pid + zero64) * ORDER
     tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
     if ORDER >= 2:
         tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
@@ -205,11 +235,11 @@ def launch_poly_norm_fwd(
         raise ValueError(f"triton PolyNorm supports order 1..{MAX_ORDER} and rows <= {MAX_ROW}")
     y = torch.empty_like(x2)
     rstd = torch.empty(n_rows, order, dtype=torch.float32, device=x2.device)
-    block = triton.next_power_of_2(n_cols)
+    block, default_warps = poly_norm_fwd_launch(n_cols)
     if n_rows > 0:
         _poly_norm_fwd[(n_rows,)](
             x2, weight.contiguous(), bias.contiguous(), y, rstd, n_cols, eps,
-            ORDER=order, BLOCK=block, num_warps=num_warps or _num_warps(block),
+            ORDER=order, BLOCK=block, num_warps=num_warps or default_warps,
         )  # fmt: skip
     return y, rstd
 
@@ -222,20 +252,21 @@ def launch_poly_norm_bwd(
     order = weight.numel()
     n_rows, n_cols = x2.shape
     dx = torch.empty_like(x2)
-    block = triton.next_power_of_2(n_cols)
+    block, default_warps = poly_norm_bwd_launch(n_cols)
     progs = _num_programs(x2.device, n_rows, per_sm=programs_per_sm)
     dw_part = torch.zeros(progs, order, dtype=torch.float32, device=x2.device)
     db_part = torch.zeros(progs, dtype=torch.float32, device=x2.device)
     if n_rows > 0:
         _poly_norm_bwd[(progs,)](
             x2, g, weight.contiguous(), rstd, dx, dw_part, db_part, n_rows, n_cols,
-            ORDER=order, BLOCK=block, num_warps=num_warps or _num_warps(block),
+            ORDER=order, BLOCK=block, num_warps=num_warps or default_warps,
         )  # fmt: skip
     return dx, dw_part.sum(0), db_part.sum()
 
 
 class TritonPolyNorm(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         _check_device(x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
@@ -246,6 +277,7 @@ class TritonPolyNorm(torch.autograd.Function):
         return y.reshape(x.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         g = grad_out.reshape(x2.shape).contiguous()
@@ -255,11 +287,13 @@ class TritonPolyNorm(torch.autograd.Function):
 
 
 # Elements per program of the flat PolyReLU kernels: 16 B/thread loads at 4 warps for bf16.
-_RELU_BLOCK = 2048
+RELU_BLOCK = 2048
+RELU_NUM_WARPS = 4
 
 
 class TritonPolyReLU(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         _check_device(x)
         order = weight.numel()
@@ -269,26 +303,27 @@ class TritonPolyReLU(torch.autograd.Function):
         y = torch.empty_like(xc)
         n = xc.numel()
         if n > 0:
-            _poly_relu_fwd[(triton.cdiv(n, _RELU_BLOCK),)](
-                xc, weight.contiguous(), bias.contiguous(), y, n, ORDER=order, BLOCK=_RELU_BLOCK
+            _poly_relu_fwd[(triton.cdiv(n, RELU_BLOCK),)](
+                xc, weight.contiguous(), bias.contiguous(), y, n, ORDER=order, BLOCK=RELU_BLOCK
             )
         ctx.save_for_backward(xc, weight)
         ctx.bias_meta = (bias.shape, bias.dtype)
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out: torch.Tensor):
         xc, weight = ctx.saved_tensors
         order = weight.numel()
         g = grad_out.contiguous()
         dx = torch.empty_like(xc)
         n = xc.numel()
-        progs = _num_programs(xc.device, triton.cdiv(max(n, 1), _RELU_BLOCK), per_sm=8)
+        progs = _num_programs(xc.device, triton.cdiv(max(n, 1), RELU_BLOCK), per_sm=8)
         dw_part = torch.zeros(progs, order, dtype=torch.float32, device=xc.device)
         db_part = torch.zeros(progs, dtype=torch.float32, device=xc.device)
         if n > 0:
             _poly_relu_bwd[(progs,)](
-                xc, g, weight.contiguous(), dx, dw_part, db_part, n, ORDER=order, BLOCK=_RELU_BLOCK
+                xc, g, weight.contiguous(), dx, dw_part, db_part, n, ORDER=order, BLOCK=RELU_BLOCK
             )
         bias_shape, bias_dtype = ctx.bias_meta
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum().reshape(bias_shape).to(bias_dtype)

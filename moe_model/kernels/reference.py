@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_model.kernels.precision import no_autocast
 from moe_model.precision import upcast
 
 __all__ = ["poly_norm_eager", "poly_relu_eager", "rms_norm_no_gain"]
@@ -43,21 +44,23 @@ def poly_norm_eager(
     only 8 mantissa bits and fp16 x**3 overflows for |x| > 40. In fp32, |x| up to 1e3 stays
     finite for r <= 4 (mean of x^8 ~ 1e24 << 3e38).
     """
-    order = weight.numel()
-    x_f = upcast(x)
-    w_f = weight.to(x_f.dtype)
-    y = bias.to(x_f.dtype).expand_as(x_f)
-    for i in range(order):
-        y = y + w_f[i] * rms_norm_no_gain(x_f.pow(order - i), eps)
-    return y.to(x.dtype)
+    with no_autocast(x):
+        order = weight.numel()
+        x_f = upcast(x)
+        w_f = weight.to(x_f.dtype)
+        y = bias.to(x_f.dtype).expand_as(x_f)
+        for i in range(order):
+            y = y + w_f[i] * rms_norm_no_gain(x_f.pow(order - i), eps)
+        return y.to(x.dtype)
 
 
 def poly_relu_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """PolyReLU: sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight); fp32 inside."""
-    order = weight.numel()
-    r_f = F.relu(upcast(x))
-    w_f = weight.to(r_f.dtype)
-    y = bias.to(r_f.dtype).expand_as(r_f)
-    for i in range(order):
-        y = y + w_f[i] * r_f.pow(order - i)
-    return y.to(x.dtype)
+    with no_autocast(x):
+        order = weight.numel()
+        r_f = F.relu(upcast(x))
+        w_f = weight.to(r_f.dtype)
+        y = bias.to(r_f.dtype).expand_as(r_f)
+        for i in range(order):
+            y = y + w_f[i] * r_f.pow(order - i)
+        return y.to(x.dtype)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,49 @@ def test_backend_masks_match_the_definition():
     assert torch.equal(SdpaDocumentMask().build(doc), expected)
     flex_dense = create_mask(FlexDocumentMask.mask_mod(doc), 3, 1, 20, 20, device="cpu")
     assert torch.equal(flex_dense, expected)
+
+
+def _tile_table(num_blocks_BHQ: torch.Tensor, indices_BHQK: torch.Tensor) -> torch.Tensor:
+    """A BlockMask's (num_blocks, indices) pair as a (B, Q tiles, KV tiles) boolean table."""
+    b, _, q_tiles, kv_tiles = indices_BHQK.shape
+    table = torch.zeros(b, q_tiles, kv_tiles, dtype=torch.bool)
+    for r in range(b):
+        for q in range(q_tiles):
+            table[r, q, indices_BHQK[r, 0, q, : num_blocks_BHQ[r, 0, q]]] = True
+    return table
+
+
+@pytest.mark.slow
+def test_flex_block_mask_is_built_compiled_and_never_dense():
+    """The flex backend's mask comes from compiled code whose every buffer is a tile table:
+    nothing of B x S x S (nor one S x S) is allocated. Its tiles are those of the dense
+    definition: full where every element attends, partial where some do, absent otherwise."""
+    from torch._inductor.utils import run_and_get_code
+
+    b, s, tile = 2, 512, 128
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, EOS, (b, s), generator=gen)
+    ids[0, 300] = EOS  # row 0: a 301-token document (full tiles) and the rest of a second one
+    ids[1, torch.randint(0, s, (20,), generator=gen)] = EOS  # row 1: short documents
+    doc = document_ids(ids, EOS)
+    with torch.no_grad():  # flex runs on CPU forward-only
+        block_mask, codes = run_and_get_code(lambda: FlexDocumentMask().build(doc))
+    shapes = [
+        tuple(int(d) for d in m.split(",") if d.strip())
+        for code in codes
+        for m in re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)
+    ]
+    # No generated code (an uncompiled builder) or no allocation found would pass vacuously.
+    assert shapes, "the mask was not built by compiled code"
+    largest = max(math.prod(shape) for shape in shapes)
+    assert largest < s * s, f"compiled mask builder allocates {largest} elements (S*S = {s * s})"
+
+    dense_BSS = SdpaDocumentMask().build(doc)[:, 0]
+    tiles = dense_BSS.reshape(b, s // tile, tile, s // tile, tile)
+    full, some = tiles.all(4).all(2), tiles.any(4).any(2)
+    assert full.any() and (some & ~full).any()  # both kinds of tile occur
+    assert torch.equal(_tile_table(block_mask.full_kv_num_blocks, block_mask.full_kv_indices), full)
+    assert torch.equal(_tile_table(block_mask.kv_num_blocks, block_mask.kv_indices), some & ~full)
 
 
 def test_one_document_equals_plain_causal_attention():

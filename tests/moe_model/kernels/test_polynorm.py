@@ -8,6 +8,8 @@
   so those cases run in one subprocess (inputs and outputs travel through a file) and are
   compared here. Triton is a dev dependency on Linux: there a missing Triton fails these
   tests; elsewhere they skip.
+* autocast: every backend under CPU bf16 autocast (forward and backward inside it) gives what
+  the same call gives without it (statistics in fp32 either way); triton in the subprocess.
 * empty inputs (an expert without rows): the dispatcher sends them to ``eager`` whatever the
   backend, and each backend's own function still handles them.
 * ``gpu``-marked: the Triton kernels on CUDA at the real shape (131072 x 1536 bf16) and ragged
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -239,6 +242,58 @@ def test_compile_backend_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# autocast: the same numbers with and without it
+# ---------------------------------------------------------------------------------------------
+
+AUTOCAST_SHAPE = (64, 1536)  # where the fused PolyNorm's bf16 bmm row sums lost 0.06 in dy
+
+
+def run_autocast(fn, x, w, b, g, autocast: bool):
+    """``run_impl`` with forward and backward inside CPU bf16 autocast (or not)."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        return run_impl(fn, x, w, b, g)
+
+
+def assert_autocast_invariant(with_ac, without_ac, x_dtype, what):
+    """Outputs within one rounding of their dtype (bf16's when that is the input's; fp32
+    otherwise), dweight/dbias within fp32 summation noise: autocast changed no statistic."""
+    out_tol = 2.0**-8 if x_dtype == torch.bfloat16 else 1e-6
+    for name, a, b, tol in zip(("y", "dx", "dweight", "dbias"), with_ac, without_ac,
+                               (out_tol, out_tol, 1e-6, 1e-6)):  # fmt: skip
+        assert a.dtype == b.dtype, f"{what} {name}: autocast changed the dtype to {a.dtype}"
+        assert_close(a, b.double(), tol, f"{what} {name} under autocast")
+
+
+def poly_norm_backend(backend):
+    return lambda x, w, b: kernels.poly_norm(x, w, b, EPS, backend=backend)
+
+
+def poly_relu_backend(backend):
+    return lambda x, w, b: kernels.poly_relu(x, w, b, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_backends_ignore_autocast(backend, dtype):
+    x, w, b, g = make_inputs(AUTOCAST_SHAPE, 3, dtype)
+    for kind, fn in [("polynorm", poly_norm_backend(backend)), ("polyrelu", poly_relu_backend(backend))]:
+        got = run_autocast(fn, x, w, b, g, autocast=True)
+        want = run_autocast(fn, x, w, b, g, autocast=False)
+        assert_autocast_invariant(got, want, dtype, f"{backend} {kind} {dtype}")
+
+
+@pytest.mark.slow
+def test_compile_backend_ignores_autocast():
+    # One shape and dtype: each new one compiles again (seconds each).
+    x, w, b, g = make_inputs((8, 1536), 3, torch.float32)
+    for kind, fn in [("polynorm", poly_norm_backend("compile")), ("polyrelu", poly_relu_backend("compile"))]:
+        got = run_autocast(fn, x, w, b, g, autocast=True)
+        want = run_autocast(fn, x, w, b, g, autocast=False)
+        assert_autocast_invariant(got, want, torch.float32, f"compile {kind}")
+
+
+# ---------------------------------------------------------------------------------------------
 # triton under the CPU interpreter (subprocess)
 # ---------------------------------------------------------------------------------------------
 
@@ -250,6 +305,15 @@ INTERP_CASES = [
     for shape in INTERP_SHAPES
     for order in ORDERS
     for dtype in INTERP_DTYPES
+]
+# The same inputs run with and without CPU bf16 autocast (cases: (kind, dtype, autocast)); few
+# rows of the paper's width keep the interpreter quick.
+INTERP_AUTOCAST_SHAPE = (4, 1536)
+INTERP_AUTOCAST = [
+    (kind, dtype, autocast)
+    for kind in ("polynorm", "polyrelu")
+    for dtype in INTERP_DTYPES
+    for autocast in (False, True)
 ]
 # The kernels called directly on an expert without rows (they skip the launch).
 INTERP_EMPTY = [(kind, shape) for kind in ("polynorm", "polyrelu") for shape in EMPTY_SHAPES]
@@ -263,18 +327,19 @@ _INTERP_SCRIPT = textwrap.dedent(
     assert INTERPRET, "TRITON_INTERPRET was not seen"
     cases = torch.load(sys.argv[1])
     out = []
-    for kind, x, w, b, g in cases:
+    for kind, x, w, b, g, autocast in cases:
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         saved = []
         def pack(t):
             saved.append(t.numel() * t.element_size())
             return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if kind == "polynorm":
-                y = poly_norm_triton(*leaves, 1e-6)
-            else:
-                y = poly_relu_triton(*leaves)
-        y.backward(g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if kind == "polynorm":
+                    y = poly_norm_triton(*leaves, 1e-6)
+                else:
+                    y = poly_relu_triton(*leaves)
+            y.backward(g)
         out.append((y.detach(), *(t.grad for t in leaves), sum(saved)))
     torch.save(out, sys.argv[2])
     """
@@ -288,10 +353,13 @@ def interp_results(tmp_path_factory):
     cases = []
     for i, (kind, shape, order, dtype) in enumerate(INTERP_CASES):
         x, w, b, g = make_inputs(shape, order, dtype, seed=i)
-        cases.append((kind, x, w, b, g))
+        cases.append((kind, x, w, b, g, False))
     for kind, shape in INTERP_EMPTY:
         x, w, b = (t.detach() for t in empty_leaves(shape))
-        cases.append((kind, x, w, b, torch.zeros(shape)))
+        cases.append((kind, x, w, b, torch.zeros(shape), False))
+    for kind, dtype, autocast in INTERP_AUTOCAST:
+        x, w, b, g = make_inputs(INTERP_AUTOCAST_SHAPE, 3, dtype, seed=7)
+        cases.append((kind, x, w, b, g, autocast))
     torch.save(cases, tmp / "in.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
@@ -305,7 +373,7 @@ def interp_results(tmp_path_factory):
 @pytest.mark.parametrize("case", range(len(INTERP_CASES)), ids=lambda i: "-".join(map(str, INTERP_CASES[i])))
 def test_triton_interpreter_matches_reference(interp_results, case):
     cases, results = interp_results
-    kind, x, w, b, g = cases[case]
+    kind, x, w, b, g, _ = cases[case]
     y, dx, dw, db, saved = results[case]
     ref = ref_poly_norm if kind == "polynorm" else ref_poly_relu
     check_all((y, dx, dw, db), reference_grads(ref, x, w, b, g), x.dtype, f"triton {kind}")
@@ -313,6 +381,16 @@ def test_triton_interpreter_matches_reference(interp_results, case):
     # Saved for backward: x in its dtype, the weight, and (PolyNorm) one fp32 per row and power.
     extra = n_rows * w.numel() * 4 if kind == "polynorm" else 0
     assert saved == x.numel() * x.element_size() + w.numel() * 4 + extra
+
+
+@pytest.mark.parametrize("kind", ["polynorm", "polyrelu"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_triton_interpreter_ignores_autocast(interp_results, kind, dtype):
+    _, results = interp_results
+    first = len(INTERP_CASES) + len(INTERP_EMPTY)
+    by_case = dict(zip(INTERP_AUTOCAST, results[first:]))
+    got, want = by_case[(kind, dtype, True)][:4], by_case[(kind, dtype, False)][:4]
+    assert_autocast_invariant(got, want, dtype, f"triton {kind} {dtype}")
 
 
 @pytest.mark.parametrize("case", range(len(INTERP_EMPTY)), ids=lambda i: "-".join(map(str, INTERP_EMPTY[i])))
