@@ -461,6 +461,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like --key=value")
+        try:
+            OmegaConf.from_dotlist([item])  # values are YAML: parse one at a time to name it
+        except yaml.YAMLError as err:
+            message = _yaml_error_message(err)
+            hint = " (a mapping needs a space after each ':', e.g. {name: [a, b]})" if "':'" in message else ""
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML{message}{hint}"
+            ) from None
+        except OmegaConfBaseException:
+            pass  # reported below, with the schema's key names
         dotlist.append(item)
     try:
         if dotlist:

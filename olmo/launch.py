@@ -95,9 +95,12 @@ def check_save_folder(cfg: TrainConfig) -> None:
     reason = None if cfg.save_overwrite else other_run_reason(cfg)
     if reason is not None:
         folder = cfg.save_folder.rstrip("/")
+        number = 2
+        while Path(f"{folder}-{number}").exists():
+            number += 1
         raise LaunchError(
             f"save_folder {cfg.save_folder!r} {reason}; train into a new folder, e.g. "
-            f"--save_folder={folder}-2, or add --save_overwrite=true to move that run's files to "
+            f"--save_folder={folder}-{number}, or add --save_overwrite=true to move that run's files to "
             f"{folder}.old-<date-time>/ and start over"
         )
 

@@ -9,9 +9,10 @@
    for that many processes, before torchrun starts any: bad input is one ``error:`` line and
    exit 2 instead of a line per worker followed by torchrun's ChildFailedError traceback. A run
    already finished in its save folder says so in one line and exits 0, starting nothing.
-3. ``exec`` torchrun. On one node without ``MASTER_PORT``, ``--standalone``: torchrun's c10d
-   rendezvous binds a free port itself, so two runs on one machine do not collide on a fixed
-   port (29500 did: EADDRINUSE). ``MASTER_PORT`` when set, and every multi-node run
+3. torchrun, in this process (torch is imported already, so the check adds no second
+   interpreter start and torch import). On one node without ``MASTER_PORT``, ``--standalone``:
+   torchrun's c10d rendezvous binds a free port itself, so two runs on one machine do not
+   collide on a fixed port (29500 did: EADDRINUSE). ``MASTER_PORT`` when set, and every multi-node run
    (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, default 29500), keep the
    static rendezvous.
 
@@ -83,12 +84,9 @@ def rendezvous_args(env: Mapping[str, str]) -> list[str]:
     ]
 
 
-def torchrun_command(argv: list[str], env: Mapping[str, str], nproc: int) -> list[str]:
-    """The command line that starts ``scripts/train.py ARGV`` on ``nproc`` processes here."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", *rendezvous_args(env),
-        f"--nproc_per_node={nproc}", TRAIN_SCRIPT, *argv,
-    ]  # fmt: skip
+def torchrun_args(argv: list[str], env: Mapping[str, str], nproc: int) -> list[str]:
+    """torchrun's arguments that start ``scripts/train.py ARGV`` on ``nproc`` processes here."""
+    return [*rendezvous_args(env), f"--nproc_per_node={nproc}", TRAIN_SCRIPT, *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.execv(sys.executable, [sys.executable, TRAIN_SCRIPT, *argv])
 
-    def check() -> int | None:
+    torchrun_argv: list[str] = []
+
+    def check() -> int:
+        """Fill torchrun_argv, or say that the run is already finished (stdout)."""
         env = os.environ
         try:
             nproc = processes_per_node(env, gpus_on_machine())
@@ -116,11 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg, world_size=nproc * nnodes)
         if (finished := finished_run_message(cfg)) is not None:
             print(finished, flush=True)
-            return 0
-        os.execv(sys.executable, torchrun_command(argv, env, nproc))
-        return None  # not reached: execv replaces this process
+        else:
+            torchrun_argv.extend(torchrun_args(argv, env, nproc))
+        return 0
 
-    return run_cli(check)
+    status = run_cli(check)
+    if status or not torchrun_argv:
+        return status
+    # torchrun in this process: torch is imported already, so the check costs only the
+    # project's own imports and checks, not a second interpreter and torch import.
+    from torch.distributed.run import main as torchrun
+
+    torchrun(torchrun_argv)
+    return 0
 
 
 if __name__ == "__main__":

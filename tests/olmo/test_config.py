@@ -53,6 +53,9 @@ def test_overrides_apply_and_interpolate():
         (["--optimizer.learning_rate=-1"], "optimizer.learning_rate"),
         (["--wandb.mode=sometimes"], "wandb.mode"),
         (["d_model"], "override 'd_model' must look like --key=value"),
+        (["--data.validation={val:[x.npy]}"],
+         "override 'data.validation={val:[x.npy]}': the value is not valid YAML (line 1, column 5): "
+         "found unexpected ':' (a mapping needs a space after each ':', e.g. {name: [a, b]})"),
         (["--parallel.expert_parallel_degree=0"], "parallel.expert_parallel_degree=0 must be > 0"),
         (["--parallel.expert_parallel_degree=3"],
          "parallel.expert_parallel_degree=3 must divide model.moe_num_experts=8"),

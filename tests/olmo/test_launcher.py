@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from olmo.config import load_config
+from olmo.launch import run_target_step
 from olmo.launcher import gpus_on_machine, processes_per_node, rendezvous_args, visible_gpus
 from olmo.run_files import find_checkpoints
 
@@ -175,3 +177,17 @@ def test_another_run_in_the_folder_is_one_line_naming_the_changes(finished):
     assert err.index(f"--save_folder={save}-2") < err.index("--save_overwrite=true")
     assert f"{save}.old-" in err
     assert _files(save) == before
+
+
+def test_the_step_a_run_stops_at(tmp_path):
+    """What a finished run is measured against: steps, tokens (whole steps, rounded up, as
+    olmo-core counts them) and an earlier stop_at."""
+    def target(*overrides):
+        cfg = load_config(TEST_CONFIG, list(overrides))  # global batch 8 x 32 tokens
+        return run_target_step(cfg, tmp_path, cfg)
+
+    assert target("--max_duration=8") == 8
+    assert target("--max_duration=2048T") == 8
+    assert target("--max_duration=2049T") == 9
+    assert target("--max_duration=8", "--stop_at=4") == 4
+    assert target("--max_duration=8", "--stop_at=20") == 8
