@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Launch training with torchrun: one process per GPU (or one CPU process), several nodes when
-# NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT are set.
+# Launch training with torchrun: one process per GPU (or one CPU process; NPROC_PER_NODE sets the
+# count), several nodes when NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT are set.
 #
 #   bash run_pretrain.sh [CONFIG] [--key=value ...]
 #
@@ -31,18 +31,8 @@ if [ "$CONFIG" = configs/tiny.yaml ]; then
   PYTHON="$PYTHON" bash scripts/prepare_sample_data.sh
 fi
 
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
-  else
-    NPROC_PER_NODE=1
-  fi
-fi
-
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes="${NNODES:-1}" \
-  --node_rank="${NODE_RANK:-0}" \
-  --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-  --master_port="${MASTER_PORT:-29500}" \
-  --nproc_per_node="$NPROC_PER_NODE" \
-  scripts/train.py "$CONFIG" "$@"
+# One process per GPU this job may use (CUDA_VISIBLE_DEVICES narrows nvidia-smi's list; none:
+# one CPU process; NPROC_PER_NODE overrides), a free rendezvous port on one node (MASTER_PORT
+# overrides; several nodes keep 29500 by default), and the run checked once before torchrun
+# starts any worker: see olmo/launcher.py.
+exec "$PYTHON" -m olmo.launcher "$CONFIG" "$@"

@@ -9,6 +9,7 @@ strict: an unknown key, a value of the wrong type or an out-of-range value raise
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import netrc
 import os
 import re
@@ -196,9 +197,9 @@ class TrainConfig:
     save_interval: int = 1000
     """Save a sharded checkpoint every this many steps (and at the end)."""
     save_num_checkpoints_to_keep: int = 3
-    """Keep the last k checkpoints; older ones are removed (-1 keeps all)."""
+    """Keep the newest k checkpoints, the final one included; older ones are removed (-1 keeps all)."""
     save_overwrite: bool = False
-    """Allow training into a save_folder that holds another run's checkpoints."""
+    """Train into a save_folder holding another run: its files move to <save_folder>.old-<date-time>/ first (nothing is deleted)."""
     load_path: str | None = None
     """Checkpoint directory to start from when save_folder has none."""
     reset_data_position: bool = False
@@ -344,12 +345,23 @@ def parse_duration(value: str | int) -> tuple[str, int]:
     return unit, int(number)
 
 
+def _did_you_mean(err: OmegaConfBaseException, key: str) -> str:
+    """``; did you mean 'model.d_model'?`` for an unknown key close to a field of its section."""
+    section = getattr(err, "object_type", None)
+    if not dataclasses.is_dataclass(section):
+        return ""
+    parent, _, name = key.rpartition(".")
+    fields = [f.name for f in dataclasses.fields(section) if not f.name.startswith("_")]
+    close = difflib.get_close_matches(name, fields, n=1)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
     """OmegaConf errors span several lines; keep the key and the reason."""
     key = getattr(err, "full_key", None)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "not in" in first and key:
-        return f"unknown config key '{key}'"
+        return f"unknown config key '{key}'{_did_you_mean(err, key)}"
     if key:
         return f"bad value for '{key}': {first}"
     return first
@@ -359,37 +371,99 @@ BASE_KEY = "base"
 """Top-level YAML key naming a config file (relative to this one) to load first and overlay."""
 
 
-def _read_yaml(path: Path, overlay: Path | None) -> dict:
+# Contexts in which PyYAML notices a missing closing bracket, quote or colon only at the next
+# token that cannot continue the construct, often a line later; the line to fix is where the
+# construct opened (its context mark).
+_OPENED_CONTEXTS = ("flow sequence", "flow mapping", "quoted scalar", "simple key")
+
+
+def _yaml_error_message(err: yaml.YAMLError) -> str:
+    """``(line L, column C): <problem>`` for a YAML syntax error, at the line to fix."""
+    problem = getattr(err, "problem", None) or "invalid YAML"
+    problem_mark = getattr(err, "problem_mark", None)
+    context = getattr(err, "context", None) or ""
+    context_mark = getattr(err, "context_mark", None)
+    if context_mark is not None and any(c in context for c in _OPENED_CONTEXTS):
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ")
+        noticed = f" at line {problem_mark.line + 1}" if problem_mark is not None else ""
+        return (
+            f" (line {context_mark.line + 1}, column {context_mark.column + 1}): {what} "
+            f"started here is not closed ({problem}{noticed})"
+        )
+    where = f" (line {problem_mark.line + 1}, column {problem_mark.column + 1})" if problem_mark else ""
+    return f"{where}: {problem}"
+
+
+def _key_line(text: str, full_key: str) -> int | None:
+    """The 1-based line of ``full_key`` (``model.d_model``, ``optimizer.betas[1]``) in a YAML
+    text, or of its deepest part present there; None when not even the first part is."""
+    node = yaml.compose(text)
+    line = None
+    for part in re.findall(r"[^.\[\]]+", full_key):
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+@dataclass
+class _YamlFile:
+    """One config file as read: its path, its keys (``base`` removed) and its text."""
+
+    path: Path
+    raw: dict
+    text: str
+
+    def check_keys(self, schema: DictConfig) -> None:
+        """Unknown keys and values of the wrong type, named with this file and the line."""
+        try:
+            OmegaConf.merge(schema, OmegaConf.create(self.raw))
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None)
+            line = _key_line(self.text, key) if key else None
+            where = f", line {line}" if line is not None else ""
+            raise ConfigError(
+                f"config file {str(self.path)!r}{where}: {_omegaconf_message(err)}"
+            ) from None
+
+
+def _read_yaml(path: Path, overlay: Path | None) -> _YamlFile:
     """One YAML file as a mapping; ``overlay`` is the file that named it as its base, if any."""
     named_by = f" (the base of {str(overlay)!r})" if overlay is not None else ""
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r}{named_by} does not exist")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(
-            f"config file {str(path)!r}{named_by} is not valid YAML{where}: {problem}"
+            f"config file {str(path)!r}{named_by} is not valid YAML{_yaml_error_message(err)}"
         ) from None
     if raw is None:
-        return {}
+        return _YamlFile(path, {}, text)
     if not isinstance(raw, dict):
         kind = type(raw).__name__
         raise ConfigError(
             f"config file {str(path)!r}{named_by} must hold a mapping of keys, not {kind}"
         )
-    return raw
+    return _YamlFile(path, raw, text)
 
 
-def _yaml_layers(path: Path) -> list[dict]:
+def _yaml_layers(path: Path) -> list[_YamlFile]:
     """The file at ``path`` and the chain of ``base`` files under it, the deepest base first.
 
     Each file's ``base`` key is removed: it names where a file's defaults come from, it is not a
     setting, so the resolved config (and a run's saved config.yaml) holds only merged values.
     """
-    layers: list[dict] = []
+    layers: list[_YamlFile] = []
     chain: list[Path] = []
     overlay: Path | None = None
     while True:
@@ -397,9 +471,9 @@ def _yaml_layers(path: Path) -> list[dict]:
             cycle = " -> ".join(str(p) for p in [*chain, path])
             raise ConfigError(f"config file {str(overlay)!r}: base files form a cycle: {cycle}")
         chain.append(path)
-        raw = _read_yaml(path, overlay)
-        base = raw.pop(BASE_KEY, None)
-        layers.append(raw)
+        layer = _read_yaml(path, overlay)
+        base = layer.raw.pop(BASE_KEY, None)
+        layers.append(layer)
         if base is None:
             return layers[::-1]
         if not isinstance(base, str) or not base.strip():
@@ -421,12 +495,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     schema = OmegaConf.structured(TrainConfig)
     layers: list[DictConfig] = [schema]
     if path is not None:
-        layers.extend(OmegaConf.create(raw) for raw in _yaml_layers(Path(path)))
+        for layer in _yaml_layers(Path(path)):
+            layer.check_keys(schema)
+            layers.append(OmegaConf.create(layer.raw))
     dotlist = []
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like --key=value")
+        try:
+            OmegaConf.from_dotlist([item])  # values are YAML: parse one at a time to name it
+        except yaml.YAMLError as err:
+            message = _yaml_error_message(err)
+            hint = " (a mapping needs a space after each ':', e.g. {name: [a, b]})" if "':'" in message else ""
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML{message}{hint}"
+            ) from None
+        except OmegaConfBaseException:
+            pass  # reported below, with the schema's key names
         dotlist.append(item)
     try:
         if dotlist:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,10 @@ from olmo.run_files import (
     CONFIG_FNAME,
     DATA_WORK_DIR,
     METRICS_FNAME,
-    WANDB_RUN_ID_FNAME,
+    checkpoint_step,
     find_checkpoints,
-    save_dirs,
+    run_entries,
+    wandb_run_dirs,
 )
 
 log = logging.getLogger("olmo.train")
@@ -47,15 +48,28 @@ RUN_IDENTITY_KEYS = (
 )  # fmt: skip
 
 
-def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
-    """The first setting that makes ``cfg`` a different run from ``saved``, or None."""
+def _changes(key: str, old, new) -> list[str]:
+    """``key.sub: old -> new`` for every leaf that differs between two config values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for sub in dict.fromkeys([*old, *new])
+            for line in _changes(f"{key}.{sub}", old.get(sub, "<unset>"), new.get(sub, "<unset>"))
+        ]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def changed_settings(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """Each setting that makes ``cfg`` a different run from ``saved``, as ``model.d_model: 128 ->
+    256``; empty when it is the same run."""
+    changes = []
+    old_all, new_all = saved.to_dict(), cfg.to_dict()
     for key in RUN_IDENTITY_KEYS:
-        old, new = saved.to_dict(), cfg.to_dict()
+        old, new = old_all, new_all
         for part in key.split("."):
             old, new = old[part], new[part]
-        if old != new:
-            return key
-    return None
+        changes += _changes(key, old, new)
+    return changes
 
 
 def other_run_reason(cfg: TrainConfig) -> str | None:
@@ -70,9 +84,9 @@ def other_run_reason(cfg: TrainConfig) -> str | None:
     saved_path = save_folder / CONFIG_FNAME
     if not saved_path.is_file():
         return f"holds checkpoints but no {CONFIG_FNAME}"
-    key = differing_key(load_config(saved_path), cfg)
-    if key is not None:
-        return f"holds checkpoints of another run ({key} differs from its {CONFIG_FNAME})"
+    changes = changed_settings(load_config(saved_path), cfg)
+    if changes:
+        return f"holds checkpoints of another run (its {CONFIG_FNAME} differs: {', '.join(changes)})"
     return None
 
 
@@ -80,33 +94,97 @@ def check_save_folder(cfg: TrainConfig) -> None:
     """Refuse to write into a folder holding another run's checkpoints (unless save_overwrite)."""
     reason = None if cfg.save_overwrite else other_run_reason(cfg)
     if reason is not None:
+        folder = cfg.save_folder.rstrip("/")
+        number = 2
+        while Path(f"{folder}-{number}").exists():
+            number += 1
         raise LaunchError(
-            f"save_folder {cfg.save_folder!r} {reason}; use a new save_folder or "
-            "--save_overwrite=true"
+            f"save_folder {cfg.save_folder!r} {reason}; train into a new folder, e.g. "
+            f"--save_folder={folder}-{number}, or add --save_overwrite=true to move that run's files to "
+            f"{folder}.old-<date-time>/ and start over"
         )
 
 
-def clear_other_run(cfg: TrainConfig) -> None:
-    """With save_overwrite: remove another run's checkpoints and logs from save_folder (rank 0).
+def move_other_run_aside(cfg: TrainConfig) -> Path | None:
+    """With save_overwrite: move another run's files out of save_folder (rank 0); return where.
 
-    olmo-core would otherwise resume from them. A folder holding this same run is left alone
-    and resumes.
+    olmo-core would otherwise resume from that run's checkpoints. Its checkpoints, metrics,
+    config and W&B files go, whole and renamed only, to a sibling folder
+    ``<save_folder>.old-<date-time>/``, so nothing of it is lost; files that are not a run's
+    stay. A folder holding this same run is left alone and resumes.
     """
     save_folder = Path(cfg.save_folder)
     if not cfg.save_overwrite or not save_folder.is_dir():
-        return
+        return None
     checkpoints = find_checkpoints(save_folder)
     if checkpoints and other_run_reason(cfg) is None:
-        return
-    doomed = save_dirs(save_folder)
-    doomed += [save_folder / n for n in (METRICS_FNAME, WANDB_RUN_ID_FNAME, DATA_WORK_DIR)]
-    for path in doomed:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    if checkpoints:
-        log.warning(f"save_overwrite: removed {len(checkpoints)} checkpoint(s) of another run from {save_folder}")
+        return None
+    moving = [p for p in run_entries(save_folder) if p.exists()]
+    if not moving:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = save_folder.with_name(f"{save_folder.name}.old-{stamp}")
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = save_folder.with_name(f"{save_folder.name}.old-{stamp}-{suffix}")
+    aside.mkdir(parents=True)
+    for path in moving:
+        path.rename(aside / path.name)
+    log.warning(
+        f"save_overwrite: moved the previous run in {save_folder} ({len(checkpoints)} "
+        f"checkpoint(s), {len(moving)} file(s)/folder(s)) to {aside}; nothing was deleted"
+    )
+    return aside
+
+
+def run_target_step(cfg: TrainConfig, save_folder: Path, saved: TrainConfig) -> int | None:
+    """The step this run stops at (max_duration, or stop_at when earlier); None when only the
+    trainer can tell (an epoch count other than the saved run's)."""
+    unit, amount = parse_duration(cfg.max_duration)
+    if unit == "steps":
+        target = amount
+    elif unit == "tokens":
+        target = -(-amount // (cfg.global_train_batch_size * cfg.model.max_sequence_length))
+    elif saved.max_duration == cfg.max_duration:
+        # Epochs: the trainer stored the step count it derived from the data in each checkpoint.
+        newest = find_checkpoints(save_folder)[-1]
+        target = torch.load(newest / "train" / "rank0.pt", weights_only=False)["max_steps"]
+    else:
+        target = None
+    if cfg.stop_at is not None:
+        target = cfg.stop_at if target is None else min(target, cfg.stop_at)
+    return target
+
+
+def finished_run_message(cfg: TrainConfig) -> str | None:
+    """One line saying that save_folder holds this run already finished (or stopped at
+    stop_at) and where its files are; None when there is training to do."""
+    save_folder = Path(cfg.save_folder)
+    checkpoints = find_checkpoints(save_folder)
+    if not checkpoints or not (save_folder / CONFIG_FNAME).is_file():
+        return None
+    saved = load_config(save_folder / CONFIG_FNAME)
+    if changed_settings(saved, cfg):
+        return None
+    step = checkpoint_step(checkpoints[-1])
+    target = run_target_step(cfg, save_folder, saved)
+    if target is None or step < target:
+        return None
+    if cfg.stop_at is not None and step >= cfg.stop_at:
+        how, more = f"stopped at stop_at={cfg.stop_at}", "raise or drop --stop_at"
+    else:
+        how, more = f"finished (max_duration={cfg.max_duration})", "raise --max_duration"
+    files = [f"checkpoint {checkpoints[-1]}", f"metrics {save_folder / METRICS_FNAME}"]
+    wandb_runs = wandb_run_dirs(save_folder)
+    if wandb_runs:
+        where = str(wandb_runs[0]) if len(wandb_runs) == 1 else " ".join(map(str, wandb_runs))
+        sync = f" (upload: wandb sync {where})" if wandb_runs[0].name.startswith("offline-") else ""
+        files.append(f"W&B {where}{sync}")
+    return (
+        f"{cfg.run_name}: already {how} at step {step}; nothing to do, nothing written. "
+        f"{'; '.join(files)}. To train further, {more}."
+    )
 
 
 def check_load_path(cfg: TrainConfig) -> None:
@@ -138,10 +216,15 @@ def check_attention_backend(cfg: TrainConfig, device_type: str) -> None:
         check_flex_trainable(device_type)
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """All cheap checks on user input; raise ConfigError/DataError/LaunchError."""
-    cfg.validate_batch_sizes(world_size_from_env())
-    cfg.validate_parallel(world_size_from_env())
+def preflight(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """All cheap checks on user input; raise ConfigError/DataError/LaunchError.
+
+    ``world_size``: the number of processes the run will have (default: this process's
+    torchrun environment); the launcher passes it before torchrun starts them.
+    """
+    world_size = world_size_from_env() if world_size is None else world_size
+    cfg.validate_batch_sizes(world_size)
+    cfg.validate_parallel(world_size)
     check_attention_backend(cfg, training_device_type())
     check_wandb(cfg)
     validate_data(
@@ -195,10 +278,10 @@ def _barrier() -> None:
 
 
 def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path:
-    """Rank 0 clears another run's files (save_overwrite) and writes the resolved config."""
+    """Rank 0 moves another run's files aside (save_overwrite) and writes the resolved config."""
     save_folder = Path(cfg.save_folder)
     if env.rank == 0:
-        clear_other_run(cfg)
+        move_other_run_aside(cfg)
         save_folder.mkdir(parents=True, exist_ok=True)
         (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
     _barrier()
@@ -248,6 +331,7 @@ def build_callbacks(
         ValidationCallback,
         WandbCallback,
     )
+    from olmo.checkpoint_retention import CheckpointRetentionCallback
     from olmo.faults import fault_injection_callback
 
     seq_len = cfg.model.max_sequence_length
@@ -256,6 +340,7 @@ def build_callbacks(
         "checkpointer": FinalCheckpointerCallback(
             save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep, save_async=False
         ),
+        "checkpoint_retention": CheckpointRetentionCallback(keep=keep),
         "console_logger": ConsoleCallback(log_interval=cfg.console_log_interval),
         "speed_monitor": SpeedMonitorCallback(
             num_flops_per_token=cfg.model.num_flops_per_token(seq_len),
@@ -338,17 +423,27 @@ def train(cfg: TrainConfig, config_path: str | None = None) -> None:
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
+    """(argparse namespace with ``config`` and ``dry_run``, the ``--key=value`` overrides)."""
     import argparse
-
-    from olmo.cli import run_cli
 
     parser = argparse.ArgumentParser(
         description="Train an OLMoE-style MoE. Overrides: --model.d_model=256 --save_folder=runs/x",
     )
     parser.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, parameter counts and the data mixture (data.sources: per pass and over the run), then exit")
-    args, overrides = parser.parse_known_args(argv)
+    return parser.parse_known_args(argv)
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a process started without torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from olmo.cli import run_cli
+
+    args, overrides = parse_args(argv)
 
     def run() -> int:
         cfg = load_config(args.config, overrides)
@@ -371,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
                 mixture.check_run(run)
             return 0
         preflight(cfg)
+        if (finished := finished_run_message(cfg)) is not None:
+            if is_rank_zero():
+                print(finished, flush=True)
+            return 0
         # Data files changed in place or a diverged run surface only once training runs; they
         # are reported the same way.
         train(cfg, config_path=args.config)

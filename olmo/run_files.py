@@ -13,6 +13,7 @@ olmo-core's Checkpointer writes ``stepN-tmp/``, renames it to ``stepN/`` and wri
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "WANDB_RUN_ID_FNAME",
     "checkpoint_step",
     "find_checkpoints",
+    "prune_checkpoints",
+    "run_entries",
     "save_dirs",
     "step_dirs",
+    "wandb_run_dirs",
 ]
 
 CONFIG_FNAME = "config.yaml"
@@ -68,3 +72,42 @@ def find_checkpoints(save_folder: str | Path) -> list[Path]:
     from olmo_core.train.checkpoint import Checkpointer
 
     return [p for p in step_dirs(save_folder) if Checkpointer.dir_is_checkpoint(str(p))]
+
+
+def run_entries(save_folder: str | Path) -> list[Path]:
+    """What a run writes into ``save_folder`` (the layout above), whether present or not.
+
+    save_overwrite moves exactly these aside; anything else in the folder is not a run's.
+    """
+    save_folder = Path(save_folder)
+    names = (CONFIG_FNAME, METRICS_FNAME, WANDB_DIR, WANDB_RUN_ID_FNAME, DATA_WORK_DIR)
+    return save_dirs(save_folder) + [save_folder / name for name in names]
+
+
+def wandb_run_dirs(save_folder: str | Path) -> list[Path]:
+    """The W&B directories of the run in ``save_folder`` (its id in ``wandb_run_id``), oldest first.
+
+    Each session of a resumed run opens a directory of its own with the same id; together they
+    hold the run's history.
+    """
+    save_folder = Path(save_folder)
+    id_file = save_folder / WANDB_RUN_ID_FNAME
+    if not id_file.is_file():
+        return []
+    run_id = id_file.read_text().strip()
+    return sorted(p for p in (save_folder / WANDB_DIR).glob(f"*run-*-{run_id}") if p.is_dir())
+
+
+def prune_checkpoints(save_folder: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints; return the removed ones.
+
+    The metadata file goes first, as olmo-core does, so a removal cut short never leaves a
+    directory that looks like a complete checkpoint.
+    """
+    from olmo_core.train.checkpoint import Checkpointer
+
+    doomed = find_checkpoints(save_folder)[:-keep] if keep > 0 else []
+    for path in doomed:
+        (path / Checkpointer.METADATA_FNAME).unlink(missing_ok=True)
+        shutil.rmtree(path)
+    return doomed

@@ -41,6 +41,8 @@ def test_overrides_apply_and_interpolate():
     "overrides, message",
     [
         (["--model.not_a_key=1"], "unknown config key 'model.not_a_key'"),
+        (["--model.d_modle=256"], "unknown config key 'model.d_modle'; did you mean 'model.d_model'?"),
+        (["--sav_folder=x"], "unknown config key 'sav_folder'; did you mean 'save_folder'?"),
         (["--nope=1"], "unknown config key 'nope'"),
         (["--model.d_model=abc"], "model.d_model"),
         (["--model.activation_type=tanh"], "tanh"),
@@ -51,6 +53,9 @@ def test_overrides_apply_and_interpolate():
         (["--optimizer.learning_rate=-1"], "optimizer.learning_rate"),
         (["--wandb.mode=sometimes"], "wandb.mode"),
         (["d_model"], "override 'd_model' must look like --key=value"),
+        (["--data.validation={val:[x.npy]}"],
+         "override 'data.validation={val:[x.npy]}': the value is not valid YAML (line 1, column 5): "
+         "found unexpected ':' (a mapping needs a space after each ':', e.g. {name: [a, b]})"),
         (["--parallel.expert_parallel_degree=0"], "parallel.expert_parallel_degree=0 must be > 0"),
         (["--parallel.expert_parallel_degree=3"],
          "parallel.expert_parallel_degree=3 must divide model.moe_num_experts=8"),
@@ -76,6 +81,65 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(listy)
+
+
+def _tiny_with(tmp_path: Path, old: str, new: str) -> tuple[Path, int]:
+    """configs/tiny.yaml with one line changed; (its path, the 1-based number of that line)."""
+    lines = (REPO / "configs/tiny.yaml").read_text().splitlines(keepends=True)
+    number = next(i for i, line in enumerate(lines, 1) if line.strip() == old)
+    lines[number - 1] = lines[number - 1].replace(old, new)
+    path = tmp_path / "tiny.yaml"
+    path.write_text("".join(lines))
+    return path, number
+
+
+def test_yaml_syntax_error_names_the_line_to_fix(tmp_path):
+    # PyYAML notices the missing ']' at the next line's ':'; the line to fix is the one before.
+    path, number = _tiny_with(tmp_path, "betas: [0.9, 0.95]", "betas: [0.9, 0.95")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(
+        f"config file '{path}' is not valid YAML (line {number}, column 10): a flow sequence "
+        f"started here is not closed (expected ',' or ']', but got ':' at line {number + 1})"
+    )
+    # An unclosed quote: the line where it opened, not the end of the file.
+    path, number = _tiny_with(tmp_path, "name: cosine_with_warmup", 'name: "cosine_with_warmup')
+    with pytest.raises(ConfigError, match=rf"\(line {number}, column 9\): a quoted scalar"):
+        load_config(path)
+    # Errors noticed where they are keep that line (here a bad indent).
+    path, number = _tiny_with(tmp_path, "seed: 6198", " seed: 6198")
+    with pytest.raises(ConfigError, match=rf"\(line {number}, column 6\): mapping values"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("d_model: 128", "d_modle: 128",
+         "unknown config key 'model.d_modle'; did you mean 'model.d_model'?"),
+        ("d_model: 128", "d_model: wide", "bad value for 'model.d_model'"),
+        ("betas: [0.9, 0.95]", "betas: [0.9, fast]", "bad value for 'optimizer.betas[1]'"),
+        ("save_interval: 50", "save_intervall: 50",
+         "unknown config key 'save_intervall'; did you mean 'save_interval'?"),
+    ],
+)
+def test_a_typo_in_a_yaml_file_names_the_file_and_line(tmp_path, old, new, message):
+    path, number = _tiny_with(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config file '{path}', line {number}: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_a_typo_in_a_base_file_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_name: a\nmodel:\n  n_layers: 2\n  moe_topk: 2\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "top.yaml")
+    assert str(info.value).startswith(
+        f"config file '{tmp_path / 'base.yaml'}', line 4: unknown config key 'model.moe_topk'; "
+        "did you mean 'model.moe_top_k'?"
+    )
 
 
 def test_base_file_is_loaded_first_and_overlaid(tmp_path):

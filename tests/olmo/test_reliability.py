@@ -282,14 +282,12 @@ def test_killed_process_leaves_last_checkpoint_and_resumes_exactly(tmp_path, dat
 def test_keep_last_k(tmp_path, data):
     save = tmp_path / "keep"
     _ok(_run(save, data, save_interval=2, save_num_checkpoints_to_keep=2))
-    # olmo-core's CheckpointerCallback counts the step0 checkpoint too and deletes an old
-    # checkpoint one step *after* saving the next (post_train_batch of the following step).
-    # Saves at 0,2,4,6,8 with k=2: step0 goes at step 5, step2 at step 7, and step4 (scheduled
-    # at step 8) is never deleted because no step follows. So k+1 remain at the end; the
-    # newest complete checkpoint is never the one deleted.
+    # olmo-core's CheckpointerCallback deletes an old checkpoint one step *after* saving the
+    # next, so the last save's surplus (step4 here) stayed; CheckpointRetentionCallback removes
+    # it once the final checkpoint is written: k remain, the final one counted.
     steps = sorted(int(p.name[4:]) for p in save.iterdir() if p.name.startswith("step"))
-    assert steps == [4, 6, 8]
-    assert [p.name for p in find_checkpoints(save)] == ["step4", "step6", "step8"]
+    assert steps == [6, 8]
+    assert [p.name for p in find_checkpoints(save)] == ["step6", "step8"]
     load_state_dict(save / "step8")
 
 
@@ -305,21 +303,22 @@ def finished(tmp_path, straight1):
 
 
 @pytest.mark.parametrize(
-    "override, key",
+    "override, change",
     [
-        ("--model.d_model=64", "model"),
-        ("--model.max_sequence_length=16", "model"),
-        ("--global_train_batch_size=16", "global_train_batch_size"),
-        ("--data.paths=[{data}/train-0.npy]", "data.paths"),
+        ("--model.d_model=64", "model.d_model: 32 -> 64"),
+        ("--model.max_sequence_length=16", "model.max_sequence_length: 32 -> 16"),
+        ("--global_train_batch_size=16", "global_train_batch_size: 8 -> 16"),
+        ("--data.paths=[{data}/train-0.npy]", "data.paths: ['{data}/train*.npy'] -> ['{data}/train-0.npy']"),
     ],
 )
-def test_resume_with_changed_setup_is_refused(finished, data, capsys, override, key):
+def test_resume_with_changed_setup_is_refused(finished, data, capsys, override, change):
     save, snapshot = finished
     code = main([TEST_CONFIG, *tiny_overrides(save, data), override.format(data=data)])
     err = capsys.readouterr().err
     assert code == 2
     lines = _error_lines(err)
-    assert len(lines) == 1 and f"({key} differs" in lines[0] and str(save) in lines[0], err
+    assert len(lines) == 1 and str(save) in lines[0], err
+    assert f"its config.yaml differs: {change.format(data=data)});" in lines[0], err
     assert "Traceback" not in err
     assert _snapshot(save) == snapshot  # nothing in the save folder touched
 
@@ -354,18 +353,27 @@ def test_resume_onto_changed_data_files_is_one_error_line(tmp_path, data, finish
 
 @pytest.mark.slow
 def test_save_overwrite_starts_a_new_run(finished, data):
-    """The guardrail's advice, --save_overwrite=true, starts a new run in that folder.
+    """The guardrail's advice, --save_overwrite=true, starts a new run in that folder, and the
+    other run's files are moved aside whole, not deleted.
 
     olmo-core's Trainer resumes from the latest checkpoint in save_folder whatever
-    save_overwrite says, so the other run's checkpoints must be removed first (it once loaded
-    the d_model=32 checkpoint into the d_model=64 model and crashed).
+    save_overwrite says, so the other run's checkpoints must leave the folder first (it once
+    loaded the d_model=32 checkpoint into the d_model=64 model and crashed).
     """
     save, snapshot = finished
+    (save / "notes.txt").write_text("not a run's file")
     proc = _run(save, data, **{"model.d_model": 64, "save_overwrite": "true"})
-    original_config = snapshot["config.yaml"]
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
     # ... and then the run is a fresh one: it trained from step 1.
-    assert _steps(save)[0] == 1 and _snapshot(save)["config.yaml"] != original_config
+    assert _steps(save)[0] == 1 and _snapshot(save)["config.yaml"] != snapshot["config.yaml"]
+    # Nothing of the other run is lost: every file, same size and time, in one folder beside.
+    aside = [p for p in save.parent.iterdir() if p.name.startswith(f"{save.name}.old-")]
+    assert len(aside) == 1
+    assert _snapshot(aside[0]) == snapshot
+    checkpoints = len({name.split("/")[0] for name in snapshot if name.startswith("step")})
+    assert f"moved the previous run in {save} ({checkpoints} checkpoint(s)" in proc.stdout + proc.stderr
+    assert f"to {aside[0]}; nothing was deleted" in proc.stdout + proc.stderr
+    assert (save / "notes.txt").read_text() == "not a run's file"  # not a run's: stays
 
 
 @pytest.mark.slow
