@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "LaunchError",
     "NonFiniteError",
+    "ObjectStoreError",
     "OutputExistsError",
     "PolycomError",
 ]
@@ -56,3 +57,8 @@ class NonFiniteError(PolycomError, RuntimeError):
     """A non-finite loss or gradient norm; raised on every rank before the optimizer update."""
 
     exit_code = 1  # the inputs were fine; the run itself diverged
+
+
+class ObjectStoreError(PolycomError, OSError):
+    """An object-storage URL that cannot be read or written (credentials, bucket, permission,
+    network after retries); the message names the URL and the cause."""

@@ -23,8 +23,10 @@ from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLog
 
 from moe_model.errors import LaunchError
 from olmo import metric_names as names
+from olmo import object_store
 from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
-from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
+from olmo.object_store import is_remote
+from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME, local_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,10 @@ class MetricsCallback(Callback):
     def pre_train(self):
         if get_rank() != 0:
             return
-        self._path = Path(self.trainer.save_folder) / self.fname
+        self._path = local_run_dir(self.trainer.save_folder) / self.fname
+        remote = object_store.join(self.trainer.save_folder, self.fname)
+        if is_remote(remote) and not self._path.exists() and object_store.exists(remote):
+            object_store.download_file(remote, self._path)  # resuming on another node
         if self._path.exists():
             # A resumed run drops lines past the checkpoint so the file reads as one run.
             keep = []
@@ -109,6 +114,18 @@ class MetricsCallback(Callback):
             self._source_tokens_seen[name] = seen
             metrics[names.source_tokens(name)] = tokens
             metrics[names.source_tokens_seen(name)] = seen
+
+    def _upload(self) -> None:
+        """A URL save folder gets metrics.jsonl beside its checkpoints (rank 0 appends locally)."""
+        if self._path is not None and self._path.exists() and is_remote(self.trainer.save_folder):
+            object_store.upload_file(self._path, object_store.join(self.trainer.save_folder, self.fname))
+
+    def post_checkpoint_saved(self, path):
+        del path
+        self._upload()
+
+    def post_train(self):
+        self._upload()
 
     def state_dict(self) -> dict[str, Any]:
         return {"source_tokens_seen": dict(self._source_tokens_seen)}
@@ -207,7 +224,8 @@ class WandbCallback(Callback):
         import wandb
         from wandb.sdk.lib import runid
 
-        save_folder = Path(self.trainer.save_folder)
+        # A URL save folder keeps W&B's files on the node (wandb writes a local directory).
+        save_folder = local_run_dir(self.trainer.save_folder)
         id_file = save_folder / WANDB_RUN_ID_FNAME
         run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
@@ -305,9 +323,23 @@ class FinalCheckpointerCallback(CheckpointerCallback):
     def post_train(self):
         from olmo_core.train.checkpoint import Checkpointer
 
-        if Checkpointer.dir_is_checkpoint(str(Path(self.trainer.save_folder) / f"step{self.step}")):
+        if Checkpointer.dir_is_checkpoint(object_store.join(str(self.trainer.save_folder), f"step{self.step}")):
             self._latest_checkpoint_step = max(self._latest_checkpoint_step, self.step)
         super().post_train()
+
+    def _remove_checkpoint(self, path: str):
+        if not is_remote(path):
+            return super()._remove_checkpoint(path)
+        from olmo_core.train.checkpoint import Checkpointer
+
+        # olmo-core's remote clear_directory deletes one listing page (1,000 objects); this
+        # deletes all of them, the completion marker first.
+        if get_rank() == 0:
+            log.info(f"Removing old checkpoint at '{path}'...")
+            self.trainer.run_bookkeeping_op(
+                object_store.delete_prefix, path, first=(Checkpointer.METADATA_FNAME,),
+                op_name=f"delete {path}", distributed=False,
+            )  # fmt: skip
 
 
 def format_duration(seconds: float) -> str:
@@ -406,12 +438,13 @@ class RunSummaryCallback(Callback):
     def post_train(self):
         if get_rank() != 0:
             return
-        print(run_summary(Path(self.trainer.save_folder), self.trainer.global_step,
+        folder = self.trainer.save_folder
+        print(run_summary(folder if is_remote(folder) else Path(folder), self.trainer.global_step,
                           self.trainer.max_steps, self.config_path), flush=True)
 
 
 def run_summary(
-    save_folder: Path, step: int, max_steps: int | None, config_path: str | None
+    save_folder: Path | str, step: int, max_steps: int | None, config_path: str | None
 ) -> str:
     """Outputs of the run in ``save_folder`` and what to do next, as printed text."""
     from olmo.run_files import CONFIG_FNAME, WANDB_DIR, find_checkpoints
@@ -422,14 +455,14 @@ def run_summary(
     checkpoints = find_checkpoints(save_folder)
     if checkpoints:
         lines.append(f"  checkpoint    {checkpoints[-1]}  (latest of {len(checkpoints)} on disk)")
-    lines.append(f"  metrics       {save_folder / METRICS_FNAME}")
-    lines.append(f"  config        {save_folder / CONFIG_FNAME}")
-    wandb_runs = sorted((save_folder / WANDB_DIR).glob("*run-*"))
+    lines.append(f"  metrics       {object_store.join(folder, METRICS_FNAME)}")
+    lines.append(f"  config        {object_store.join(folder, CONFIG_FNAME)}")
+    wandb_runs = sorted((local_run_dir(save_folder) / WANDB_DIR).glob("*run-*"))
     if wandb_runs:
         newest = wandb_runs[-1]
         sync = f"  (upload: wandb sync {newest})" if newest.name.startswith("offline-") else ""
         lines.append(f"  W&B           {newest}{sync}")
-    config = config_path or str(save_folder / CONFIG_FNAME)
+    config = config_path or object_store.join(folder, CONFIG_FNAME)
     lines += [
         "Next:",
         f"  continue      bash run_pretrain.sh {config} --save_folder={folder} --max_duration=N",

@@ -40,6 +40,7 @@ from moe_model.hf.files import (
     write_safetensors,
 )
 from moe_model.transformer import MoETransformer
+from olmo.object_store import is_remote
 from olmo.run_files import CONFIG_FNAME, DCP_DIR, step_dirs
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ def _is_dcp(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The DCP directory or unsharded directory that ``path`` designates."""
-    path = Path(path)
+    """The DCP directory or unsharded directory that ``path`` designates (an s3:// URL: of a
+    local copy, fetched once)."""
+    path = _localize(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
     if _is_dcp(path) or (path / WEIGHTS_FNAME).is_file():
@@ -91,9 +93,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _localize(path: str | Path) -> Path:
+    if is_remote(str(path)):
+        from olmo.remote_checkpoint import fetch_checkpoint
+
+        return fetch_checkpoint(str(path))
+    return Path(path)
+
+
 def find_config(path: str | Path) -> Path:
     """The config.yaml of a checkpoint: in the directory or up to three levels above it."""
-    start = Path(path).resolve()
+    start = _localize(path).resolve()
     for parent in [start, *list(start.parents)[:3]]:
         candidate = parent / CONFIG_FNAME
         if candidate.is_file():

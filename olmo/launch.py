@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,18 @@ from olmo.config import (
 )
 from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
 from olmo.flops import device_peak_flops
+from olmo.object_store import check_access, is_remote
 from olmo.run_files import (
     CONFIG_FNAME,
     DATA_WORK_DIR,
     METRICS_FNAME,
     WANDB_RUN_ID_FNAME,
     find_checkpoints,
+    local_run_dir,
+    read_run_file,
+    remove_run_files,
     save_dirs,
+    write_run_file,
 )
 
 log = logging.getLogger("olmo.train")
@@ -58,19 +64,33 @@ def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
     return None
 
 
+def saved_config(save_folder: Path | str) -> TrainConfig | None:
+    """The config.yaml a save folder (a directory or a URL) holds, None if it has none."""
+    if not is_remote(save_folder):
+        path = Path(save_folder) / CONFIG_FNAME
+        return load_config(path) if path.is_file() else None
+    text = read_run_file(save_folder, CONFIG_FNAME)
+    if text is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name)
+
+
 def other_run_reason(cfg: TrainConfig) -> str | None:
     """Why save_folder's checkpoints belong to another run, or None (none there, or this run).
 
     A folder whose saved config has the same model, data and batch settings is the same run and
     is resumed; anything else would silently mix two runs' checkpoints.
     """
-    save_folder = Path(cfg.save_folder)
+    save_folder = cfg.save_folder if is_remote(cfg.save_folder) else Path(cfg.save_folder)
     if not find_checkpoints(save_folder):
         return None
-    saved_path = save_folder / CONFIG_FNAME
-    if not saved_path.is_file():
+    saved = saved_config(save_folder)
+    if saved is None:
         return f"holds checkpoints but no {CONFIG_FNAME}"
-    key = differing_key(load_config(saved_path), cfg)
+    key = differing_key(saved, cfg)
     if key is not None:
         return f"holds checkpoints of another run ({key} differs from its {CONFIG_FNAME})"
     return None
@@ -92,6 +112,10 @@ def clear_other_run(cfg: TrainConfig) -> None:
     olmo-core would otherwise resume from them. A folder holding this same run is left alone
     and resumes.
     """
+    if is_remote(cfg.save_folder) and cfg.save_overwrite:
+        if not find_checkpoints(cfg.save_folder) or other_run_reason(cfg) is not None:
+            remove_run_files(cfg.save_folder, [METRICS_FNAME, CONFIG_FNAME])
+        return
     save_folder = Path(cfg.save_folder)
     if not cfg.save_overwrite or not save_folder.is_dir():
         return
@@ -115,7 +139,12 @@ def check_load_path(cfg: TrainConfig) -> None:
     from olmo_core.train.checkpoint import Checkpointer
 
     path = Path(cfg.load_path)
-    if not path.is_dir() or not Checkpointer.dir_is_checkpoint(str(path)):
+    if is_remote(cfg.load_path):
+        check_access(cfg.load_path, write=False, what="load_path")
+        complete = Checkpointer.dir_is_checkpoint(cfg.load_path)
+    else:
+        complete = path.is_dir() and Checkpointer.dir_is_checkpoint(str(path))
+    if not complete:
         raise LaunchError(
             f"load_path {cfg.load_path!r} is not a complete checkpoint (expected a stepN "
             "directory with model_and_optim/, train/ and .metadata.json)"
@@ -152,6 +181,8 @@ def preflight(cfg: TrainConfig) -> None:
         duration=parse_duration(cfg.max_duration),
     )
     check_load_path(cfg)
+    if is_remote(cfg.save_folder):
+        check_access(cfg.save_folder, write=True, what="save_folder")
     check_save_folder(cfg)
 
 
@@ -194,13 +225,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path:
+def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path | str:
     """Rank 0 clears another run's files (save_overwrite) and writes the resolved config."""
-    save_folder = Path(cfg.save_folder)
+    save_folder = cfg.save_folder if is_remote(cfg.save_folder) else Path(cfg.save_folder)
     if env.rank == 0:
         clear_other_run(cfg)
-        save_folder.mkdir(parents=True, exist_ok=True)
-        (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+        local_run_dir(save_folder).mkdir(parents=True, exist_ok=True)
+        write_run_file(save_folder, CONFIG_FNAME, cfg.to_yaml())
     _barrier()
     return save_folder
 
@@ -253,7 +284,9 @@ def build_callbacks(
     keep = cfg.save_num_checkpoints_to_keep
     callbacks = {
         "checkpointer": FinalCheckpointerCallback(
-            save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep, save_async=False
+            save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep,
+            # To a URL: staged locally in the step, uploaded in the background (RemoteCheckpointer).
+            save_async=is_remote(cfg.save_folder),
         ),
         "console_logger": ConsoleCallback(log_interval=cfg.console_log_interval),
         "speed_monitor": SpeedMonitorCallback(
@@ -289,11 +322,13 @@ def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module
     """olmo-core's Trainer over our train module, loader and callbacks."""
     from olmo_core.train import Duration, TrainerConfig
 
+    from olmo.remote_checkpoint import RemoteCheckpointer
+
     unit, amount = parse_duration(cfg.max_duration)
     duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit]
-    return TrainerConfig(
+    trainer = TrainerConfig(
         save_folder=str(save_folder),
-        work_dir=str(save_folder / DATA_WORK_DIR),
+        work_dir=str(local_run_dir(save_folder) / DATA_WORK_DIR),
         load_path=cfg.load_path,
         load_trainer_state=False if cfg.reset_data_position else None,
         save_overwrite=cfg.save_overwrite,
@@ -307,6 +342,10 @@ def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module
         callbacks=callbacks,
         device=str(env.device),
     ).build(train_module, train_loader)
+    # Checkpoints to a URL: complete-only visibility and background uploads (a local save_folder
+    # saves exactly as olmo-core's Checkpointer does).
+    trainer.checkpointer = RemoteCheckpointer.replacing(trainer.checkpointer)
+    return trainer
 
 
 def train(cfg: TrainConfig, config_path: str | None = None) -> None:
@@ -322,7 +361,7 @@ def train(cfg: TrainConfig, config_path: str | None = None) -> None:
     # rank ever holds the whole model; the weights still do not depend on the number of ranks.
     seed_all(cfg.seed)
     train_module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, env.device)
-    train_loader, eval_loaders = build_data_loaders(cfg, env, save_folder / DATA_WORK_DIR)
+    train_loader, eval_loaders = build_data_loaders(cfg, env, local_run_dir(save_folder) / DATA_WORK_DIR)
     callbacks = build_callbacks(cfg, env, train_module, eval_loaders, config_path)
     trainer = build_trainer(cfg, env, save_folder, train_module, train_loader, callbacks)
     log.info(

@@ -8,12 +8,22 @@
 
 olmo-core's Checkpointer writes ``stepN-tmp/``, renames it to ``stepN/`` and writes
 ``.metadata.json`` last, so a directory without it (a crash mid-save) is not a checkpoint.
+
+A save folder may also be an object-storage URL (``s3://bucket/run``; see
+:mod:`olmo.remote_checkpoint`): the same names are object keys under it, each ``stepN/`` gets
+its ``.metadata.json`` only after every rank's files are uploaded, and the files a run appends
+to (metrics.jsonl, W&B) are written in :func:`local_run_dir` on the node and uploaded.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
+
+from olmo import object_store
+from olmo.object_store import is_remote
 
 __all__ = [
     "CONFIG_FNAME",
@@ -24,6 +34,10 @@ __all__ = [
     "WANDB_RUN_ID_FNAME",
     "checkpoint_step",
     "find_checkpoints",
+    "local_run_dir",
+    "read_run_file",
+    "remove_run_files",
+    "write_run_file",
     "save_dirs",
     "step_dirs",
 ]
@@ -63,8 +77,60 @@ def save_dirs(save_folder: str | Path) -> list[Path]:
     return sorted(p for p in save_folder.iterdir() if p.is_dir() and _SAVE_DIR.fullmatch(p.name))
 
 
-def find_checkpoints(save_folder: str | Path) -> list[Path]:
-    """Checkpoints training can resume from (olmo-core's metadata written last), oldest first."""
+def find_checkpoints(save_folder: str | Path) -> list:
+    """Checkpoints training can resume from (olmo-core's metadata written last), oldest first:
+    Paths, or URLs (str) for an object-storage save folder."""
     from olmo_core.train.checkpoint import Checkpointer
 
+    if is_remote(save_folder):
+        return [object_store.join(str(save_folder), f"step{n}") for n in remote_steps(str(save_folder), complete=True)]
     return [p for p in step_dirs(save_folder) if Checkpointer.dir_is_checkpoint(str(p))]
+
+
+def remote_steps(save_folder: str, *, complete: bool) -> list[int]:
+    """Steps N with objects under ``save_folder/stepN/`` (``complete``: with its marker), sorted."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    prefix = object_store.ObjectURL.parse(object_store.join(save_folder, "")).key
+    steps: dict[int, bool] = {}
+    for obj in object_store.list_objects(object_store.join(save_folder, "")):
+        top, _, rest = object_store.ObjectURL.parse(obj.url).key[len(prefix):].partition("/")
+        if (n := checkpoint_step(top)) is not None:
+            steps[n] = steps.get(n, False) or rest == Checkpointer.METADATA_FNAME
+    return sorted(n for n, done in steps.items() if done or not complete)
+
+
+def local_run_dir(save_folder: str | Path) -> Path:
+    """Where this node keeps a run's working files: the save folder itself when it is local;
+    for a URL, ``$MOE_LOCAL_RUN_DIR`` (default: the temp dir) / scheme / bucket / prefix."""
+    if not is_remote(save_folder):
+        return Path(save_folder)
+    u = object_store.ObjectURL.parse(str(save_folder))
+    root = os.environ.get("MOE_LOCAL_RUN_DIR") or os.path.join(tempfile.gettempdir(), "moe-polycom-runs")
+    return Path(root) / u.scheme / u.bucket / u.key.strip("/")
+
+
+def read_run_file(save_folder: str | Path, name: str) -> str | None:
+    """Text of ``save_folder/name`` (a file or an object), None if absent."""
+    if is_remote(save_folder):
+        url = object_store.join(str(save_folder), name)
+        return object_store.get_bytes(url).decode() if object_store.exists(url) else None
+    path = Path(save_folder) / name
+    return path.read_text() if path.is_file() else None
+
+
+def write_run_file(save_folder: str | Path, name: str, text: str) -> None:
+    if is_remote(save_folder):
+        object_store.put_bytes(object_store.join(str(save_folder), name), text.encode())
+    else:
+        (Path(save_folder) / name).write_text(text)
+
+
+def remove_run_files(save_folder: str, names: list[str]) -> None:
+    """Delete a remote save folder's checkpoints (marker first) and the named objects."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    for n in remote_steps(save_folder, complete=False):
+        object_store.delete_prefix(object_store.join(save_folder, f"step{n}"), first=(Checkpointer.METADATA_FNAME,))
+    for name in names:
+        object_store.delete_object(object_store.join(save_folder, name))
