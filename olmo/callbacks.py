@@ -318,7 +318,8 @@ class SpikeDetectorCallback(Callback):
 @dataclass
 class FinalCheckpointerCallback(CheckpointerCallback):
     """olmo-core's checkpointer, except that a run resumed from its final checkpoint (a finished
-    run started again) does not try to write that same ``stepN`` again, which would fail."""
+    run started again) does not try to write that same ``stepN`` again, which would fail, and
+    that with a URL save folder keep-last-k deletes remotely and deterministically."""
 
     def post_train(self):
         from olmo_core.train.checkpoint import Checkpointer
@@ -326,6 +327,18 @@ class FinalCheckpointerCallback(CheckpointerCallback):
         if Checkpointer.dir_is_checkpoint(object_store.join(str(self.trainer.save_folder), f"step{self.step}")):
             self._latest_checkpoint_step = max(self._latest_checkpoint_step, self.step)
         super().post_train()
+        if is_remote(self.trainer.save_folder):
+            # The last upload is complete now: delete what keep-last-k scheduled (olmo-core
+            # deletes only at a step boundary with no upload in flight, which background uploads
+            # slower than the save interval never reach).
+            self._remove_old_checkpoints()
+
+    def _save_checkpoint(self, save_async=None, ephemeral: bool = False) -> str:
+        if is_remote(self.trainer.save_folder):
+            # The previous checkpoint is complete once awaited: older ones may go (see post_train).
+            self._await_last_checkpoint()
+            self._remove_old_checkpoints()
+        return super()._save_checkpoint(save_async=save_async, ephemeral=ephemeral)
 
     def _remove_checkpoint(self, path: str):
         if not is_remote(path):

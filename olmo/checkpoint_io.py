@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_model.config import ModelConfig
-from moe_model.errors import CheckpointError, OutputExistsError, PolycomError
+from moe_model.errors import CheckpointError, OutputExistsError, project_error_behind
 from moe_model.hf.files import (
     DictSource,
     PlannedTensor,
@@ -123,24 +123,6 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return load_train_config(path).model
 
 
-def _project_error(err: BaseException) -> PolycomError | None:
-    """The first project error behind ``err``: in its cause/context chain or, for DCP's
-    CheckpointException, among the per-rank failures it collected."""
-    stack, seen = [err], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PolycomError):
-            return e
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            stack += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
-        stack += [e.__context__, e.__cause__]
-    return None
-
-
 @contextlib.contextmanager
 def _project_errors_from_dcp():
     """Re-raise a project error that DCP wrapped, so the CLI prints it as its one line.
@@ -155,7 +137,7 @@ def _project_errors_from_dcp():
     try:
         yield
     except CheckpointException as err:
-        found = _project_error(err)
+        found = project_error_behind(err)
         if found is None:
             raise
         raise found from None

@@ -895,6 +895,18 @@ def _build_dataset(
     return dataset
 
 
+REMOTE_READER_THREADS = 16
+"""Reader threads per loader when token files are objects: each sequence is one ranged GET, so
+reading is bound by request latency, not CPU; olmo-core's default (None: 4 threads) stays for
+local files."""
+
+
+def _reader_threads(dataset: NumpyFSLDataset) -> int | None:
+    if dataset.cache_dir is None and any(object_store.is_remote(p) for p in dataset.paths):
+        return REMOTE_READER_THREADS
+    return None
+
+
 def _check_split(batch_size: int, dp_world_size: int, name: str) -> None:
     if batch_size % dp_world_size != 0:
         raise DataError(
@@ -960,6 +972,7 @@ def build_train_loader(
     return TrainDataLoader(
         dataset,
         collator=collator,
+        num_threads=_reader_threads(dataset),
         # olmo-core counts batches in tokens; our configs count sequences.
         global_batch_size=global_batch_size * sequence_length,
         work_dir=work_dir,
@@ -1004,6 +1017,7 @@ def build_eval_loaders(
             )
         loaders[label] = EvalDataLoader(
             dataset,
+            num_threads=_reader_threads(dataset),
             collator=DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size),
             global_batch_size=batch_size * sequence_length,
             work_dir=work_dir,

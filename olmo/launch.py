@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moe_model.attention import check_flex_trainable
-from moe_model.errors import LaunchError
+from moe_model.errors import LaunchError, project_error_behind
 from olmo.config import (
     WANDB_NO_CREDENTIALS,
     TrainConfig,
@@ -369,7 +369,15 @@ def train(cfg: TrainConfig, config_path: str | None = None) -> None:
         f"active), {env.world_size} process(es) on {env.device}, "
         f"precision {resolve_precision(cfg.precision, env.device)}"
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        # An object-storage or data error raised in a reader or upload thread arrives wrapped
+        # (olmo-core's OLMoThreadError): report it as its own one line.
+        found = project_error_behind(err)
+        if found is None or found is err:
+            raise
+        raise found from None
     _barrier()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -127,7 +127,7 @@ class RemoteCheckpointer(Checkpointer):
         (stage / "model_and_optim").mkdir()
         save_state_dict(stage / "model_and_optim", train_module.state_dict_to_save(),
                         process_group=self.process_group, thread_count=self.save_thread_count,
-                        _skip_prepare=True)  # fmt: skip
+                        enable_plan_caching=True, _skip_prepare=True)  # fmt: skip
         return stage
 
     def _upload(self, dir: str, stage: Path, ephemeral: bool) -> None:

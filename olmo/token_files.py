@@ -68,12 +68,18 @@ def _cached_copy(url: str, cache_dir: str) -> Path:
     return local
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_memmap(url: str, dtype: Any, cache_dir: str) -> np.memmap:
+    # Opened once per process: a memmap per sequence read would cost more than the read.
+    return np.memmap(_cached_copy(url, cache_dir), dtype=dtype, mode="r")
+
+
 def open_tokens(path: str, dtype: Any, cache_dir: str | None = None) -> Any:
     """``tokens[a:b]``-sliceable array of a token file (memmap, cached copy or ranged reads)."""
     if not is_remote(path):
         return np.memmap(path, dtype=dtype, mode="r")
     if cache_dir:
-        return np.memmap(_cached_copy(path, cache_dir), dtype=dtype, mode="r")
+        return _cached_memmap(path, np.dtype(dtype), cache_dir)
     return RemoteTokens(path, dtype)
 
 

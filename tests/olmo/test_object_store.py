@@ -193,6 +193,8 @@ def test_training_batches_from_a_bucket_equal_local_ones(env, token_dir, tmp_pat
     _, fresh = batches(["s3://tokens/data/train-*.npy"], "fresh")
     with pytest.raises(DataError, match=r"1 object\(s\) rewritten \(e.g. train-1.npy: ETag "):
         fresh.load_state_dict(state)
+    env.client().upload_file(str(token_dir / "train-1.npy"), "tokens", "data/train-1.npy")  # as it was
+    _remote_info.cache_clear()
 
 
 def test_data_errors_name_the_url(env, token_dir, tmp_path):
@@ -213,3 +215,20 @@ def test_data_errors_name_the_url(env, token_dir, tmp_path):
     with pytest.raises(DataError, match=r"'s3://tokens/bad/wide.npy' has token id [\d,]+ at position"):
         validate_data(_cfg(["s3://tokens/bad/wide.npy"]), vocab_size=512, sequence_length=32,
                       global_batch_size=8)  # fmt: skip
+
+
+def test_mixture_sources_from_a_bucket_equal_local_ones(env, token_dir, tmp_path):
+    def first_batches(prefix: str, work: str):
+        sources = {
+            "a": {"paths": [f"{prefix}/train-0.npy"], "fraction": 0.5},
+            "b": {"paths": [f"{prefix}/train-1.npy"], "fraction": 0.5},
+        }
+        loader = build_train_loader(DataConfig(sources=sources, eos_token_id=511), sequence_length=32,
+                                    vocab_size=512, global_batch_size=8, seed=3, work_dir=tmp_path / work)  # fmt: skip
+        loader.reshuffle(epoch=1)
+        out = [(b["input_ids"].clone(), b["source"].clone()) for _, b in zip(range(3), loader)]
+        loader.reset()
+        return out
+
+    for (ids_l, src_l), (ids_r, src_r) in zip(first_batches(str(token_dir), "l"), first_batches("s3://tokens/data", "r")):
+        assert np.array_equal(ids_l.numpy(), ids_r.numpy()) and np.array_equal(src_l.numpy(), src_r.numpy())

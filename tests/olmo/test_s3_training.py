@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from olmo.checkpoint_io import load_state_dict
+from olmo.checkpoint_io import load_model_config, load_state_dict
 from olmo.launch import main
 from olmo.run_files import find_checkpoints, remote_steps
 
@@ -114,6 +114,9 @@ def test_killed_during_upload_resumes_from_last_complete_checkpoint(
     assert _remote_losses(server, run, tmp_path) == _losses_at(local)
     assert find_checkpoints(save) == [f"{save}/step0", f"{save}/step4", f"{save}/step8"]
     _assert_same_weights(f"{save}/step8", local / "step8", monkeypatch, server, tmp_path)
+    # The checkpoint readers (HF export, generation) take the save folder's URL: its newest
+    # complete step and the run's config, fetched once.
+    assert load_model_config(save) == load_model_config(local)
     config = server.client().get_object(Bucket="ckpt", Key=f"{run}/config.yaml")["Body"].read().decode()
     assert "s3://tokens/data/train*.npy" in config
 
@@ -132,24 +135,27 @@ def test_keep_last_k_deletes_remotely_and_survives_cut_connections(tmp_path, ser
     _use_server(monkeypatch, server, tmp_path)
     present = remote_steps(f"s3://ckpt/{run}", complete=False)
     complete = remote_steps(f"s3://ckpt/{run}", complete=True)
-    # Deleted checkpoints are gone whole (no objects left), the newest k are complete.
-    # olmo-core deletes an old checkpoint once the next save has finished uploading, so one
-    # more than k may remain at the end (see tests/olmo/test_reliability.py::test_keep_last_k).
-    assert present == complete
-    assert complete[-2:] == [6, 8] and len(complete) <= 3 and 0 not in complete
+    # Deleted checkpoints are gone whole (no objects left); exactly the newest k remain, each
+    # deleted only once a newer one was complete.
+    assert present == complete == [6, 8]
 
 
 def test_upload_that_keeps_failing_is_reported_and_never_visible(tmp_path, server):
     run, port = "dead", int(server.endpoint.rsplit(":", 1)[1])
-    # From step 4's first upload request on, every connection is cut.
+    # From step 4's first upload request on, every connection through the proxy is cut. The
+    # token files are read as r2:// (OLMo-core's R2 convention: its own endpoint variable)
+    # straight from the server, so it is the upload that fails.
     proxy = CuttingProxy(port, cut_from=f"PUT /ckpt/{run}/step4/".encode())
+    args = _s3_args(f"s3://ckpt/{run}", **{"data.paths": "[r2://tokens/data/train*.npy]",
+                                           "data.validation": "{val: [r2://tokens/data/val*.npy]}"})
     try:
-        proc = run_train(_s3_args(f"s3://ckpt/{run}"), env=_env(server, tmp_path, endpoint=proxy.endpoint))
+        proc = run_train(args, env=_env(server, tmp_path, endpoint=proxy.endpoint, R2_ENDPOINT_URL=server.endpoint))
     finally:
         proxy.close()
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "s3://" in errors[0] and "failed after 3 attempts" in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: s3://ckpt/{run}/step4/") and "upload failed after 3 attempts" in errors[0]
     keys = server.keys("ckpt", f"{run}/")
     assert f"{run}/step0/.metadata.json" in keys
     assert f"{run}/step4/.metadata.json" not in keys  # whatever got through, step4 is not a checkpoint
