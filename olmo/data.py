@@ -44,7 +44,7 @@ from olmo_core.data.data_loader import DataLoaderBase
 from moe_model.errors import ConfigError, DataError, ObjectStoreError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
 from olmo import object_store
-from olmo.token_files import ObjectStoreReads, file_info, file_size, open_tokens
+from olmo.token_files import ObjectStoreReads, file_size, open_tokens
 
 __all__ = [
     "DataError",
@@ -700,7 +700,7 @@ class MixtureDataset(FSLDataset):
             sha.update(f"source={src.name},selected={src.selected},".encode())
             for path, size in zip(src.paths, src.file_bytes):
                 sha.update(f"path={os.path.basename(path)},size={size},".encode())
-                if etag := file_info(path).etag:  # objects only: local fingerprints unchanged
+                if etag := self.object_info(path).etag:  # objects only: local fingerprints unchanged
                     sha.update(f"etag={etag},".encode())
         return sha.hexdigest()
 
@@ -733,7 +733,7 @@ class MixtureCollator(DataCollator):
         return batch
 
 
-def _file_list(dataset: NumpyFSLDataset) -> list[list[Any]]:
+def _file_list(dataset: "FSLDataset") -> list[list[Any]]:
     """[basename, bytes] per file (plus the ETag of an object), as the fingerprint sees them;
     kept to explain a mismatch.
 
@@ -744,7 +744,7 @@ def _file_list(dataset: NumpyFSLDataset) -> list[list[Any]]:
                  for src in dataset.mixture.sources for p, b in zip(src.paths, src.file_bytes)]  # fmt: skip
     else:
         named = [(os.path.basename(str(p)), str(p), int(s)) for p, s in zip(dataset.paths, dataset.file_sizes)]
-    return [[name, size, *([etag] if (etag := file_info(p).etag) else [])] for name, p, size in named]
+    return [[name, size, *([etag] if (etag := dataset.object_info(p).etag) else [])] for name, p, size in named]
 
 
 def _describe_mixture_change(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

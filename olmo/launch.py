@@ -36,6 +36,7 @@ from olmo.run_files import (
     find_checkpoints,
     local_run_dir,
     read_run_file,
+    remote_checkpoint_complete,
     remove_run_files,
     save_dirs,
     write_run_file,
@@ -141,7 +142,7 @@ def check_load_path(cfg: TrainConfig) -> None:
     path = Path(cfg.load_path)
     if is_remote(cfg.load_path):
         check_access(cfg.load_path, write=False, what="load_path")
-        complete = Checkpointer.dir_is_checkpoint(cfg.load_path)
+        complete = remote_checkpoint_complete(cfg.load_path)
     else:
         complete = path.is_dir() and Checkpointer.dir_is_checkpoint(str(path))
     if not complete:

@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_step",
     "find_checkpoints",
     "local_run_dir",
+    "remote_checkpoint_complete",
     "read_run_file",
     "remove_run_files",
     "write_run_file",
@@ -98,6 +99,17 @@ def remote_steps(save_folder: str, *, complete: bool) -> list[int]:
         if (n := checkpoint_step(top)) is not None:
             steps[n] = steps.get(n, False) or rest == Checkpointer.METADATA_FNAME
     return sorted(n for n, done in steps.items() if done or not complete)
+
+
+def remote_checkpoint_complete(url: str) -> bool:
+    """olmo-core's ``dir_is_checkpoint`` for a URL, through :mod:`olmo.object_store` (its own
+    client is built once per process and keeps the first endpoint it saw)."""
+    from olmo_core.train.checkpoint import Checkpointer
+
+    if object_store.exists(object_store.join(url, ".metadata")):  # model (and optimizer) only
+        return True
+    needed = ("train/rank0.pt", f"{DCP_DIR}/.metadata", Checkpointer.METADATA_FNAME)
+    return all(object_store.exists(object_store.join(url, name)) for name in needed)
 
 
 def local_run_dir(save_folder: str | Path) -> Path:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_model.errors import DataError, ObjectStoreError
+from moe_model.errors import DataError, ObjectStoreError, project_error_behind
 from olmo import object_store
 from olmo.data import DataConfig, build_train_loader, resolve_paths, validate_data
-from olmo.token_files import _remote_info
 
 from .helpers import write_token_file
 from .s3_server import CuttingProxy, moto_server
@@ -188,13 +187,19 @@ def test_training_batches_from_a_bucket_equal_local_ones(env, token_dir, tmp_pat
     assert state["data_files"][0][:2] == ["train-0.npy", 12_000] and len(state["data_files"][0][2]) == 32
     body = np.fromfile(token_dir / "train-1.npy", dtype=np.uint16)[::-1].copy()
     env.client().put_object(Bucket="tokens", Key="data/train-1.npy", Body=body.tobytes())
-    # A new process would HEAD the objects afresh; this one forgets what it saw.
-    _remote_info.cache_clear()
     _, fresh = batches(["s3://tokens/data/train-*.npy"], "fresh")
     with pytest.raises(DataError, match=r"1 object\(s\) rewritten \(e.g. train-1.npy: ETag "):
         fresh.load_state_dict(state)
+    # The loader built before the rewrite reads only the version it started on.
+    # (Raised in a reader thread, it arrives wrapped; the launcher unwraps it the same way.)
+    loader.reshuffle(epoch=1)
+    with pytest.raises(Exception) as err:
+        for _ in loader:
+            pass
+    behind = project_error_behind(err.value)
+    assert isinstance(behind, DataError)
+    assert "data/train-1.npy: the object changed during the run (ETag is no longer " in str(behind)
     env.client().upload_file(str(token_dir / "train-1.npy"), "tokens", "data/train-1.npy")  # as it was
-    _remote_info.cache_clear()
 
 
 def test_data_errors_name_the_url(env, token_dir, tmp_path):
