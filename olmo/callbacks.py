@@ -26,7 +26,7 @@ from olmo import metric_names as names
 from olmo import object_store
 from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
 from olmo.object_store import is_remote
-from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME, local_run_dir
+from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME, as_folder, local_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ class RunSummaryCallback(Callback):
         if get_rank() != 0:
             return
         folder = self.trainer.save_folder
-        print(run_summary(folder if is_remote(folder) else Path(folder), self.trainer.global_step,
+        print(run_summary(as_folder(folder), self.trainer.global_step,
                           self.trainer.max_steps, self.config_path), flush=True)
 
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +32,13 @@ from olmo.run_files import (
     DATA_WORK_DIR,
     METRICS_FNAME,
     WANDB_RUN_ID_FNAME,
+    as_folder,
     find_checkpoints,
     local_run_dir,
-    read_run_file,
     remote_checkpoint_complete,
     remove_run_files,
     save_dirs,
+    saved_config,
     write_run_file,
 )
 
@@ -65,27 +65,13 @@ def differing_key(saved: TrainConfig, cfg: TrainConfig) -> str | None:
     return None
 
 
-def saved_config(save_folder: Path | str) -> TrainConfig | None:
-    """The config.yaml a save folder (a directory or a URL) holds, None if it has none."""
-    if not is_remote(save_folder):
-        path = Path(save_folder) / CONFIG_FNAME
-        return load_config(path) if path.is_file() else None
-    text = read_run_file(save_folder, CONFIG_FNAME)
-    if text is None:
-        return None
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(text)
-        f.flush()
-        return load_config(f.name)
-
-
 def other_run_reason(cfg: TrainConfig) -> str | None:
     """Why save_folder's checkpoints belong to another run, or None (none there, or this run).
 
     A folder whose saved config has the same model, data and batch settings is the same run and
     is resumed; anything else would silently mix two runs' checkpoints.
     """
-    save_folder = cfg.save_folder if is_remote(cfg.save_folder) else Path(cfg.save_folder)
+    save_folder = as_folder(cfg.save_folder)
     if not find_checkpoints(save_folder):
         return None
     saved = saved_config(save_folder)
@@ -228,7 +214,7 @@ def _barrier() -> None:
 
 def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path | str:
     """Rank 0 clears another run's files (save_overwrite) and writes the resolved config."""
-    save_folder = cfg.save_folder if is_remote(cfg.save_folder) else Path(cfg.save_folder)
+    save_folder = as_folder(cfg.save_folder)
     if env.rank == 0:
         clear_other_run(cfg)
         local_run_dir(save_folder).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ __all__ = [
     "WANDB_DIR",
     "WANDB_RUN_ID_FNAME",
     "checkpoint_step",
+    "as_folder",
     "find_checkpoints",
     "local_run_dir",
     "remote_checkpoint_complete",
@@ -40,6 +41,7 @@ __all__ = [
     "remove_run_files",
     "write_run_file",
     "save_dirs",
+    "saved_config",
     "step_dirs",
 ]
 
@@ -120,6 +122,28 @@ def local_run_dir(save_folder: str | Path) -> Path:
     u = object_store.ObjectURL.parse(str(save_folder))
     root = os.environ.get("MOE_LOCAL_RUN_DIR") or os.path.join(tempfile.gettempdir(), "moe-polycom-runs")
     return Path(root) / u.scheme / u.bucket / u.key.strip("/")
+
+
+def as_folder(save_folder: str | Path) -> Path | str:
+    """A save folder as the functions here take it: a Path, or a URL string (a Path would fold
+    the URL's ``//``)."""
+    return str(save_folder) if is_remote(save_folder) else Path(save_folder)
+
+
+def saved_config(save_folder: str | Path):
+    """The TrainConfig in a save folder's config.yaml (a directory or a URL), None if absent."""
+    from olmo.config import load_config
+
+    if not is_remote(save_folder):
+        path = Path(save_folder) / CONFIG_FNAME
+        return load_config(path) if path.is_file() else None
+    text = read_run_file(save_folder, CONFIG_FNAME)
+    if text is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name)
 
 
 def read_run_file(save_folder: str | Path, name: str) -> str | None:
