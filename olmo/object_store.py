@@ -26,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,10 +41,11 @@ __all__ = [
     "check_access",
     "delete_object",
     "delete_prefix",
-    "download_prefix",
+    "download_file",
     "exists",
     "get_bytes",
     "glob_objects",
+    "has_magic",
     "is_remote",
     "join",
     "list_objects",
@@ -404,15 +405,6 @@ def download_file(url: str, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def download_prefix(url: str, local_dir: str | os.PathLike) -> Path:
-    """Every object under ``url/`` into ``local_dir`` (same relative keys); returns ``local_dir``."""
-    prefix = ObjectURL.parse(url).key.rstrip("/") + "/"
-    for obj in list_objects(join(url, "") if prefix != "/" else url):
-        rel = ObjectURL.parse(obj.url).key[len(prefix):]
-        download_file(obj.url, Path(local_dir) / rel)
-    return Path(local_dir)
-
-
 def delete_object(url: str) -> None:
     """Delete one object (no error if it is absent: S3 deletes are idempotent)."""
     u = ObjectURL.parse(url)
@@ -433,10 +425,6 @@ def delete_prefix(url: str, first: tuple[str, ...] = ()) -> int:
     for key in ordered:
         delete_object(str(u.child(key)))
     return len(ordered)
-
-
-def iter_lines(url: str) -> Iterator[str]:
-    yield from get_bytes(url).decode().splitlines()
 
 
 # --- preflight -------------------------------------------------------------------------------
