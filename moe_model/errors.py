@@ -16,8 +16,10 @@ __all__ = [
     "DataError",
     "LaunchError",
     "NonFiniteError",
+    "ObjectStoreError",
     "OutputExistsError",
     "PolycomError",
+    "project_error_behind",
 ]
 
 
@@ -56,3 +58,27 @@ class NonFiniteError(PolycomError, RuntimeError):
     """A non-finite loss or gradient norm; raised on every rank before the optimizer update."""
 
     exit_code = 1  # the inputs were fine; the run itself diverged
+
+
+class ObjectStoreError(PolycomError, OSError):
+    """An object-storage URL that cannot be read or written (credentials, bucket, permission,
+    network after retries); the message names the URL and the cause."""
+
+
+def project_error_behind(err: BaseException) -> PolycomError | None:
+    """The first project error behind ``err``: itself, in its cause/context chain or, for DCP's
+    CheckpointException, among the per-rank failures it collected (errors raised in worker
+    threads reach the caller wrapped this way)."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PolycomError):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+        stack += [e.__context__, e.__cause__]
+    return None

@@ -25,9 +25,11 @@ from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLog
 
 from moe_model.errors import LaunchError
 from olmo import metric_names as names
+from olmo import object_store
 from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
+from olmo.object_store import is_remote
 from olmo.progress import Progress, format_duration  # noqa: F401  (format_duration: public here too)
-from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME
+from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME, as_folder, local_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,10 @@ class MetricsCallback(Callback):
     def pre_train(self):
         if get_rank() != 0:
             return
-        self._path = Path(self.trainer.save_folder) / self.fname
+        self._path = local_run_dir(self.trainer.save_folder) / self.fname
+        remote = object_store.join(self.trainer.save_folder, self.fname)
+        if is_remote(remote) and not self._path.exists() and object_store.exists(remote):
+            object_store.download_file(remote, self._path)  # resuming on another node
         if self._path.exists():
             # A resumed run drops lines past the checkpoint so the file reads as one run.
             keep = []
@@ -113,6 +118,18 @@ class MetricsCallback(Callback):
             self._source_tokens_seen[name] = seen
             metrics[names.source_tokens(name)] = tokens
             metrics[names.source_tokens_seen(name)] = seen
+
+    def _upload(self) -> None:
+        """A URL save folder gets metrics.jsonl beside its checkpoints (rank 0 appends locally)."""
+        if self._path is not None and self._path.exists() and is_remote(self.trainer.save_folder):
+            object_store.upload_file(self._path, object_store.join(self.trainer.save_folder, self.fname))
+
+    def post_checkpoint_saved(self, path):
+        del path
+        self._upload()
+
+    def post_train(self):
+        self._upload()
 
     def state_dict(self) -> dict[str, Any]:
         return {"source_tokens_seen": dict(self._source_tokens_seen)}
@@ -220,7 +237,8 @@ class WandbCallback(Callback):
         import wandb
         from wandb.sdk.lib import runid
 
-        save_folder = Path(self.trainer.save_folder)
+        # A URL save folder keeps W&B's files on the node (wandb writes a local directory).
+        save_folder = local_run_dir(self.trainer.save_folder)
         id_file = save_folder / WANDB_RUN_ID_FNAME
         run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
@@ -313,14 +331,41 @@ class SpikeDetectorCallback(Callback):
 @dataclass
 class FinalCheckpointerCallback(CheckpointerCallback):
     """olmo-core's checkpointer, except that a run resumed from its final checkpoint (a finished
-    run started again) does not try to write that same ``stepN`` again, which would fail."""
+    run started again) does not try to write that same ``stepN`` again, which would fail, and
+    that with a URL save folder keep-last-k deletes remotely and deterministically."""
 
     def post_train(self):
         from olmo_core.train.checkpoint import Checkpointer
 
-        if Checkpointer.dir_is_checkpoint(str(Path(self.trainer.save_folder) / f"step{self.step}")):
+        if Checkpointer.dir_is_checkpoint(object_store.join(str(self.trainer.save_folder), f"step{self.step}")):
             self._latest_checkpoint_step = max(self._latest_checkpoint_step, self.step)
         super().post_train()
+        if is_remote(self.trainer.save_folder):
+            # The last upload is complete now: delete what keep-last-k scheduled (olmo-core
+            # deletes only at a step boundary with no upload in flight, which background uploads
+            # slower than the save interval never reach).
+            self._remove_old_checkpoints()
+
+    def _save_checkpoint(self, save_async=None, ephemeral: bool = False) -> str:
+        if is_remote(self.trainer.save_folder):
+            # The previous checkpoint is complete once awaited: older ones may go (see post_train).
+            self._await_last_checkpoint()
+            self._remove_old_checkpoints()
+        return super()._save_checkpoint(save_async=save_async, ephemeral=ephemeral)
+
+    def _remove_checkpoint(self, path: str):
+        if not is_remote(path):
+            return super()._remove_checkpoint(path)
+        from olmo_core.train.checkpoint import Checkpointer
+
+        # olmo-core's remote clear_directory deletes one listing page (1,000 objects); this
+        # deletes all of them, the completion marker first.
+        if get_rank() == 0:
+            log.info(f"Removing old checkpoint at '{path}'...")
+            self.trainer.run_bookkeeping_op(
+                object_store.delete_prefix, path, first=(Checkpointer.METADATA_FNAME,),
+                op_name=f"delete {path}", distributed=False,
+            )  # fmt: skip
 
 
 @dataclass
@@ -456,7 +501,8 @@ class RunSummaryCallback(Callback):
     def post_train(self):
         if get_rank() != 0:
             return
-        print(run_summary(Path(self.trainer.save_folder), self.trainer.global_step,
+        folder = self.trainer.save_folder
+        print(run_summary(as_folder(folder), self.trainer.global_step,
                           self.trainer.max_steps, self.config_path), flush=True)
 
 
@@ -472,7 +518,7 @@ def runnable_path(path: str | Path) -> str:
 
 
 def run_summary(
-    save_folder: Path, step: int, max_steps: int | None, config_path: str | None
+    save_folder: Path | str, step: int, max_steps: int | None, config_path: str | None
 ) -> str:
     """Outputs of the run in ``save_folder`` and what to do next, as printed text.
 
@@ -488,11 +534,11 @@ def run_summary(
     checkpoints = find_checkpoints(save_folder)
     if checkpoints:
         lines.append(f"  checkpoint    {checkpoints[-1]}  (latest of {len(checkpoints)} on disk)")
-    lines.append(f"  metrics       {save_folder / METRICS_FNAME}")
-    lines.append(f"  config        {save_folder / CONFIG_FNAME}")
+    lines.append(f"  metrics       {object_store.join(folder, METRICS_FNAME)}")
+    lines.append(f"  config        {object_store.join(folder, CONFIG_FNAME)}")
     python = runnable_path(sys.executable)
     bin_dir = Path(sys.executable).parent
-    wandb_runs = sorted((save_folder / WANDB_DIR).glob("*run-*"))
+    wandb_runs = sorted((local_run_dir(save_folder) / WANDB_DIR).glob("*run-*"))
     if wandb_runs:
         newest = wandb_runs[-1]
         wandb_cli = runnable_path(bin_dir / "wandb") if (bin_dir / "wandb").exists() else "wandb"
@@ -501,9 +547,13 @@ def run_summary(
     repo = Path(__file__).resolve().parents[1]
     # The saved config holds the command line's overrides too (data paths, sizes), which the
     # YAML the run was launched with lacks.
-    saved = save_folder / CONFIG_FNAME
-    config = runnable_path(saved if saved.is_file() or not config_path else config_path)
-    run = runnable_path(folder)
+    if is_remote(folder):
+        config = object_store.join(folder, CONFIG_FNAME) if not config_path else runnable_path(config_path)
+        run = shlex.quote(folder)
+    else:
+        saved = Path(folder) / CONFIG_FNAME
+        config = runnable_path(saved if saved.is_file() or not config_path else config_path)
+        run = runnable_path(folder)
 
     def script(name: str) -> str:
         return f"{python} {runnable_path(repo / 'scripts' / name)}"

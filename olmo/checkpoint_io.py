@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_model.config import ModelConfig
-from moe_model.errors import CheckpointError, OutputExistsError, PolycomError
+from moe_model.errors import CheckpointError, OutputExistsError, project_error_behind
 from moe_model.hf.files import (
     DictSource,
     PlannedTensor,
@@ -40,6 +40,7 @@ from moe_model.hf.files import (
     write_safetensors,
 )
 from moe_model.transformer import MoETransformer
+from olmo.object_store import is_remote
 from olmo.run_files import CONFIG_FNAME, DCP_DIR, step_dirs
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ def _is_dcp(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The DCP directory or unsharded directory that ``path`` designates."""
-    path = Path(path)
+    """The DCP directory or unsharded directory that ``path`` designates (an s3:// URL: of a
+    local copy, fetched once)."""
+    path = _localize(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
     if _is_dcp(path) or (path / WEIGHTS_FNAME).is_file():
@@ -91,9 +93,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _localize(path: str | Path) -> Path:
+    if is_remote(str(path)):
+        from olmo.remote_checkpoint import fetch_checkpoint
+
+        return fetch_checkpoint(str(path))
+    return Path(path)
+
+
 def find_config(path: str | Path) -> Path:
     """The config.yaml of a checkpoint: in the directory or up to three levels above it."""
-    start = Path(path).resolve()
+    start = _localize(path).resolve()
     for parent in [start, *list(start.parents)[:3]]:
         candidate = parent / CONFIG_FNAME
         if candidate.is_file():
@@ -113,24 +123,6 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return load_train_config(path).model
 
 
-def _project_error(err: BaseException) -> PolycomError | None:
-    """The first project error behind ``err``: in its cause/context chain or, for DCP's
-    CheckpointException, among the per-rank failures it collected."""
-    stack, seen = [err], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, PolycomError):
-            return e
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            stack += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
-        stack += [e.__context__, e.__cause__]
-    return None
-
-
 @contextlib.contextmanager
 def _project_errors_from_dcp():
     """Re-raise a project error that DCP wrapped, so the CLI prints it as its one line.
@@ -145,7 +137,7 @@ def _project_errors_from_dcp():
     try:
         yield
     except CheckpointException as err:
-        found = _project_error(err)
+        found = project_error_behind(err)
         if found is None:
             raise
         raise found from None

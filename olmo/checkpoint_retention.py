@@ -16,6 +16,7 @@ from typing import ClassVar
 from olmo_core.distributed.utils import get_fs_local_rank
 from olmo_core.train.callbacks import Callback
 
+from olmo.object_store import is_remote
 from olmo.run_files import prune_checkpoints
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class CheckpointRetentionCallback(Callback):
     keep: int = 3
 
     def post_train(self):
-        if get_fs_local_rank() == 0:
+        # A URL's keep-last-k is the remote checkpointer's (FinalCheckpointerCallback).
+        if get_fs_local_rank() == 0 and not is_remote(self.trainer.save_folder):
             for path in prune_checkpoints(self.trainer.save_folder, self.keep):
                 log.info(f"Removed old checkpoint {path} (save_num_checkpoints_to_keep={self.keep})")

@@ -41,8 +41,10 @@ import torch
 from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.data.data_loader import DataLoaderBase
 
-from moe_model.errors import ConfigError, DataError
+from moe_model.errors import ConfigError, DataError, ObjectStoreError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
+from olmo import object_store
+from olmo.token_files import ObjectStoreReads, file_size, open_tokens
 
 __all__ = [
     "DataError",
@@ -117,6 +119,8 @@ class DataConfig:
     """End-of-document token the files were written with (gpt-neox-olmo-dolma-v1_5: 50279)."""
     pad_token_id: int = PAD_TOKEN_ID
     """Padding token id (gpt-neox-olmo-dolma-v1_5: 1); used only for eval padding rows."""
+    cache_dir: Optional[str] = None  # noqa: UP045 (omegaconf reads typing.Optional)
+    """Local directory that keeps a copy of each s3:// token file (fetched once); null = read objects by byte ranges."""
 
     def __post_init__(self) -> None:
         self.sources = {
@@ -185,7 +189,9 @@ def resolve_paths(patterns: "list[str] | str", key: str = "data.paths") -> list[
     out: list[str] = []
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
-        if glob.has_magic(pattern):
+        if object_store.is_remote(pattern):
+            matches = _resolve_objects(pattern, key)
+        elif glob.has_magic(pattern):
             # Sorted: glob order is filesystem order, and the data order and the resume
             # fingerprint must not depend on it.
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -203,6 +209,24 @@ def resolve_paths(patterns: "list[str] | str", key: str = "data.paths") -> list[
             )
         out.extend(m for m in matches if m not in out)
     return out
+
+
+def _resolve_objects(pattern: str, key: str) -> list[str]:
+    """Object URLs a `s3://bucket/prefix/*.npy` pattern (or one object's URL) names, sorted."""
+    try:
+        # Bucket and credentials first: their one-line causes beat "matches no files".
+        object_store.check_access(pattern, write=False, what=key)
+        matches = [o.url for o in object_store.glob_objects(pattern)]
+        if not matches and not object_store.has_magic(pattern):
+            if object_store.list_objects(object_store.join(pattern, "")):
+                raise DataError(
+                    f"{key}: '{pattern}' is a prefix; expected objects or a glob such as "
+                    f"'{object_store.join(pattern, '*.npy')}'"
+                )
+    except ObjectStoreError as err:
+        message = str(err)
+        raise DataError(message if message.startswith(key) else f"{key}: {message}") from None
+    return matches
 
 
 def resolve_dtype(dtype: str | None, vocab_size: int, key: str = "data.dtype") -> type:
@@ -225,7 +249,7 @@ def _check_token_file(path: str, np_dtype: type, vocab_size: int, key: str) -> i
     """Cheap checks of one token file (size, sampled ids); returns its number of tokens."""
     itemsize = np.dtype(np_dtype).itemsize
     dtype_name = np.dtype(np_dtype).name
-    size = os.path.getsize(path)
+    size = file_size(path)
     if size == 0:
         raise DataError(f"{key}: '{path}' is empty (0 bytes); expected a dolma token file")
     if size % itemsize != 0:
@@ -234,7 +258,8 @@ def _check_token_file(path: str, np_dtype: type, vocab_size: int, key: str) -> i
             f"expected a {dtype_name} token file (is data.dtype right, is this a token file?)"
         )
     n_tokens = size // itemsize
-    tokens = np.memmap(path, dtype=np_dtype, mode="r")
+    # Object URLs are sampled by byte ranges; nothing is downloaded whole.
+    tokens = open_tokens(path, np_dtype)
     # First and last chunk plus a few random ones: a wrong dtype or tokenizer shows up
     # everywhere, so a sample finds it without reading the whole file. The seed is fixed so
     # a check that passed once passes again.
@@ -456,7 +481,7 @@ def _source_files(
         key = f"data.sources.{name}.paths"
         paths = resolve_paths(src.paths, key)
         for path in paths:
-            real = os.path.realpath(path)
+            real = path if object_store.is_remote(path) else os.path.realpath(path)
             if real in owner:
                 raise DataError(
                     f"{key}: '{path}' is also in data.sources.{owner[real]}; expected each file "
@@ -466,7 +491,7 @@ def _source_files(
         if check_tokens:
             sizes = [_check_token_file(p, np_dtype, vocab_size, key) * np.dtype(np_dtype).itemsize for p in paths]
         else:
-            sizes = [os.path.getsize(p) for p in paths]
+            sizes = [file_size(p) for p in paths]
         out[name] = (paths, sizes)
     return out
 
@@ -617,7 +642,11 @@ def validate_data(
     return mixture
 
 
-class MixtureDataset(NumpyFSLDataset):
+class FSLDataset(ObjectStoreReads, NumpyFSLDataset):
+    """olmo-core's fixed-length dataset over local files and object URLs."""
+
+
+class MixtureDataset(FSLDataset):
     """Fixed-length sequences of a planned :class:`Mixture`, each tagged with its source index.
 
     Indices run source by source (config order); within a source, over its selected sequences
@@ -632,7 +661,7 @@ class MixtureDataset(NumpyFSLDataset):
 
     def __init__(
         self, mixture: Mixture, *, pad_token_id: int, eos_token_id: int, vocab_size: int,
-        dtype: type, seed: int = 0,
+        dtype: type, seed: int = 0, cache_dir: str | None = None,
     ):  # fmt: skip
         super().__init__(
             *(p for src in mixture.sources for p in src.paths),
@@ -645,6 +674,7 @@ class MixtureDataset(NumpyFSLDataset):
         )
         self.mixture = mixture
         self.seed = seed
+        self.cache_dir = cache_dir
         self._source_starts = np.cumsum([0] + [src.selected for src in mixture.sources])
         self._file_starts = [np.cumsum([0, *src.file_sequences]) for src in mixture.sources]
 
@@ -670,6 +700,8 @@ class MixtureDataset(NumpyFSLDataset):
             sha.update(f"source={src.name},selected={src.selected},".encode())
             for path, size in zip(src.paths, src.file_bytes):
                 sha.update(f"path={os.path.basename(path)},size={size},".encode())
+                if etag := self.object_info(path).etag:  # objects only: local fingerprints unchanged
+                    sha.update(f"etag={etag},".encode())
         return sha.hexdigest()
 
     def __len__(self) -> int:
@@ -701,18 +733,18 @@ class MixtureCollator(DataCollator):
         return batch
 
 
-def _file_list(dataset: NumpyFSLDataset) -> list[list[Any]]:
-    """[basename, bytes] per file, as olmo-core's fingerprint sees them; kept to explain a mismatch.
+def _file_list(dataset: "FSLDataset") -> list[list[Any]]:
+    """[basename, bytes] per file (plus the ETag of an object), as the fingerprint sees them;
+    kept to explain a mismatch.
 
     A mixture's files are named `source/basename`.
     """
     if isinstance(dataset, MixtureDataset):
-        return [
-            [f"{src.name}/{os.path.basename(p)}", int(b)]
-            for src in dataset.mixture.sources
-            for p, b in zip(src.paths, src.file_bytes)
-        ]
-    return [[os.path.basename(str(p)), int(s)] for p, s in zip(dataset.paths, dataset.file_sizes)]
+        named = [(f"{src.name}/{os.path.basename(p)}", p, int(b))
+                 for src in dataset.mixture.sources for p, b in zip(src.paths, src.file_bytes)]  # fmt: skip
+    else:
+        named = [(os.path.basename(str(p)), str(p), int(s)) for p, s in zip(dataset.paths, dataset.file_sizes)]
+    return [[name, size, *([etag] if (etag := dataset.object_info(p).etag) else [])] for name, p, size in named]
 
 
 def _describe_mixture_change(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -734,7 +766,9 @@ def _describe_change(
     saved_mixture: dict[str, Any] | None = None,
     now_mixture: dict[str, Any] | None = None,
 ) -> str:
-    saved_d, now_d = dict(map(tuple, saved)), dict(map(tuple, now))
+    # name -> bytes, and name -> ETag for objects (checkpoints before ETags have none).
+    saved_d, now_d = {e[0]: e[1] for e in saved}, {e[0]: e[1] for e in now}
+    saved_tags, now_tags = {e[0]: e[2] for e in saved if len(e) > 2}, {e[0]: e[2] for e in now if len(e) > 2}
     parts = _describe_mixture_change(saved_mixture or {}, now_mixture or {})
     if removed := [n for n in saved_d if n not in now_d]:
         parts.append(f"{len(removed)} file(s) gone (e.g. {removed[0]})")
@@ -745,6 +779,10 @@ def _describe_change(
         parts.append(
             f"{len(resized)} file(s) resized (e.g. {n}: {saved_d[n]:,d} -> {now_d[n]:,d} bytes)"
         )
+    if rewritten := [n for n in now_tags if n in saved_tags and now_d[n] == saved_d.get(n)
+                     and now_tags[n] != saved_tags[n]]:  # fmt: skip
+        n = rewritten[0]
+        parts.append(f"{len(rewritten)} object(s) rewritten (e.g. {n}: ETag {saved_tags[n]} -> {now_tags[n]})")
     if not parts:
         parts.append(
             "same files and sizes in a different order, different token ids/dtype, or a mixture "
@@ -841,7 +879,7 @@ class EvalDataLoader(NumpyFSLDataLoader):
 def _build_dataset(
     cfg: DataConfig, paths: list[str], *, sequence_length: int, vocab_size: int, work_dir: Path
 ) -> NumpyFSLDataset:
-    dataset = NumpyFSLDataset(
+    dataset = FSLDataset(
         *paths,
         sequence_length=sequence_length,
         pad_token_id=cfg.pad_token_id,
@@ -852,8 +890,21 @@ def _build_dataset(
         include_instance_metadata=False,
     )
     dataset.work_dir = work_dir
+    dataset.cache_dir = cfg.cache_dir
     dataset.prepare()
     return dataset
+
+
+REMOTE_READER_THREADS = 16
+"""Reader threads per loader when token files are objects: each sequence is one ranged GET, so
+reading is bound by request latency, not CPU; olmo-core's default (None: 4 threads) stays for
+local files."""
+
+
+def _reader_threads(dataset: NumpyFSLDataset) -> int | None:
+    if dataset.cache_dir is None and any(object_store.is_remote(p) for p in dataset.paths):
+        return REMOTE_READER_THREADS
+    return None
 
 
 def _check_split(batch_size: int, dp_world_size: int, name: str) -> None:
@@ -903,6 +954,7 @@ def build_train_loader(
         dataset = MixtureDataset(
             mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
             vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size), seed=seed,
+            cache_dir=cfg.cache_dir,
         )  # fmt: skip
         dataset.work_dir = work_dir
         collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
@@ -920,6 +972,7 @@ def build_train_loader(
     return TrainDataLoader(
         dataset,
         collator=collator,
+        num_threads=_reader_threads(dataset),
         # olmo-core counts batches in tokens; our configs count sequences.
         global_batch_size=global_batch_size * sequence_length,
         work_dir=work_dir,
@@ -964,6 +1017,7 @@ def build_eval_loaders(
             )
         loaders[label] = EvalDataLoader(
             dataset,
+            num_threads=_reader_threads(dataset),
             collator=DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size),
             global_batch_size=batch_size * sequence_length,
             work_dir=work_dir,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_model.attention import check_flex_trainable
-from moe_model.errors import LaunchError
+from moe_model.errors import LaunchError, project_error_behind
 from olmo.config import (
     WANDB_NO_CREDENTIALS,
     TrainConfig,
@@ -26,14 +26,21 @@ from olmo.config import (
 )
 from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
 from olmo.flops import device_peak_flops
+from olmo.object_store import check_access, is_remote
 from olmo.run_files import (
     CONFIG_FNAME,
     DATA_WORK_DIR,
     METRICS_FNAME,
+    as_folder,
     checkpoint_step,
     find_checkpoints,
+    local_run_dir,
+    remote_checkpoint_complete,
+    remove_run_files,
     run_entries,
+    saved_config,
     wandb_run_dirs,
+    write_run_file,
 )
 
 log = logging.getLogger("olmo.train")
@@ -78,13 +85,13 @@ def other_run_reason(cfg: TrainConfig) -> str | None:
     A folder whose saved config has the same model, data and batch settings is the same run and
     is resumed; anything else would silently mix two runs' checkpoints.
     """
-    save_folder = Path(cfg.save_folder)
+    save_folder = as_folder(cfg.save_folder)
     if not find_checkpoints(save_folder):
         return None
-    saved_path = save_folder / CONFIG_FNAME
-    if not saved_path.is_file():
+    saved = saved_config(save_folder)
+    if saved is None:
         return f"holds checkpoints but no {CONFIG_FNAME}"
-    changes = changed_settings(load_config(saved_path), cfg)
+    changes = changed_settings(saved, cfg)
     if changes:
         return f"holds checkpoints of another run (its {CONFIG_FNAME} differs: {', '.join(changes)})"
     return None
@@ -113,6 +120,10 @@ def move_other_run_aside(cfg: TrainConfig) -> Path | None:
     ``<save_folder>.old-<date-time>/``, so nothing of it is lost; files that are not a run's
     stay. A folder holding this same run is left alone and resumes.
     """
+    if is_remote(cfg.save_folder) and cfg.save_overwrite:
+        if not find_checkpoints(cfg.save_folder) or other_run_reason(cfg) is not None:
+            remove_run_files(cfg.save_folder, [METRICS_FNAME, CONFIG_FNAME])
+        return
     save_folder = Path(cfg.save_folder)
     if not cfg.save_overwrite or not save_folder.is_dir():
         return None
@@ -159,7 +170,10 @@ def run_target_step(cfg: TrainConfig, save_folder: Path, saved: TrainConfig) -> 
 
 def finished_run_message(cfg: TrainConfig) -> str | None:
     """One line saying that save_folder holds this run already finished (or stopped at
-    stop_at) and where its files are; None when there is training to do."""
+    stop_at) and where its files are; None when there is training to do (or save_folder is a
+    URL: the trainer then finds the run complete itself)."""
+    if is_remote(cfg.save_folder):
+        return None
     save_folder = Path(cfg.save_folder)
     checkpoints = find_checkpoints(save_folder)
     if not checkpoints or not (save_folder / CONFIG_FNAME).is_file():
@@ -193,7 +207,12 @@ def check_load_path(cfg: TrainConfig) -> None:
     from olmo_core.train.checkpoint import Checkpointer
 
     path = Path(cfg.load_path)
-    if not path.is_dir() or not Checkpointer.dir_is_checkpoint(str(path)):
+    if is_remote(cfg.load_path):
+        check_access(cfg.load_path, write=False, what="load_path")
+        complete = remote_checkpoint_complete(cfg.load_path)
+    else:
+        complete = path.is_dir() and Checkpointer.dir_is_checkpoint(str(path))
+    if not complete:
         raise LaunchError(
             f"load_path {cfg.load_path!r} is not a complete checkpoint (expected a stepN "
             "directory with model_and_optim/, train/ and .metadata.json)"
@@ -235,6 +254,8 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> None:
         duration=parse_duration(cfg.max_duration),
     )
     check_load_path(cfg)
+    if is_remote(cfg.save_folder):
+        check_access(cfg.save_folder, write=True, what="save_folder")
     check_save_folder(cfg)
 
 
@@ -277,13 +298,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path:
-    """Rank 0 moves another run's files aside (save_overwrite) and writes the resolved config."""
-    save_folder = Path(cfg.save_folder)
+def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path | str:
+    """Rank 0 moves another run's files aside (save_overwrite; a URL's are deleted) and writes
+    the resolved config."""
+    save_folder = as_folder(cfg.save_folder)
     if env.rank == 0:
         move_other_run_aside(cfg)
-        save_folder.mkdir(parents=True, exist_ok=True)
-        (save_folder / CONFIG_FNAME).write_text(cfg.to_yaml())
+        local_run_dir(save_folder).mkdir(parents=True, exist_ok=True)
+        write_run_file(save_folder, CONFIG_FNAME, cfg.to_yaml())
     _barrier()
     return save_folder
 
@@ -338,7 +360,9 @@ def build_callbacks(
     keep = cfg.save_num_checkpoints_to_keep
     callbacks = {
         "checkpointer": FinalCheckpointerCallback(
-            save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep, save_async=False
+            save_interval=cfg.save_interval, max_checkpoints=None if keep < 0 else keep,
+            # To a URL: staged locally in the step, uploaded in the background (RemoteCheckpointer).
+            save_async=is_remote(cfg.save_folder),
         ),
         "checkpoint_retention": CheckpointRetentionCallback(keep=keep),
         "console_logger": ConsoleCallback(log_interval=cfg.console_log_interval),
@@ -376,11 +400,13 @@ def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module
     """olmo-core's Trainer over our train module, loader and callbacks."""
     from olmo_core.train import Duration, TrainerConfig
 
+    from olmo.remote_checkpoint import RemoteCheckpointer
+
     unit, amount = parse_duration(cfg.max_duration)
     duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit]
-    return TrainerConfig(
+    trainer = TrainerConfig(
         save_folder=str(save_folder),
-        work_dir=str(save_folder / DATA_WORK_DIR),
+        work_dir=str(local_run_dir(save_folder) / DATA_WORK_DIR),
         load_path=cfg.load_path,
         load_trainer_state=False if cfg.reset_data_position else None,
         save_overwrite=cfg.save_overwrite,
@@ -394,6 +420,10 @@ def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module
         callbacks=callbacks,
         device=str(env.device),
     ).build(train_module, train_loader)
+    # Checkpoints to a URL: complete-only visibility and background uploads (a local save_folder
+    # saves exactly as olmo-core's Checkpointer does).
+    trainer.checkpointer = RemoteCheckpointer.replacing(trainer.checkpointer)
+    return trainer
 
 
 def train(cfg: TrainConfig, config_path: str | None = None) -> None:
@@ -409,7 +439,7 @@ def train(cfg: TrainConfig, config_path: str | None = None) -> None:
     # rank ever holds the whole model; the weights still do not depend on the number of ranks.
     seed_all(cfg.seed)
     train_module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, env.device)
-    train_loader, eval_loaders = build_data_loaders(cfg, env, save_folder / DATA_WORK_DIR)
+    train_loader, eval_loaders = build_data_loaders(cfg, env, local_run_dir(save_folder) / DATA_WORK_DIR)
     callbacks = build_callbacks(cfg, env, train_module, eval_loaders, config_path)
     trainer = build_trainer(cfg, env, save_folder, train_module, train_loader, callbacks)
     log.info(
@@ -417,7 +447,15 @@ def train(cfg: TrainConfig, config_path: str | None = None) -> None:
         f"active), {env.world_size} process(es) on {env.device}, "
         f"precision {resolve_precision(cfg.precision, env.device)}"
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        # An object-storage or data error raised in a reader or upload thread arrives wrapped
+        # (olmo-core's OLMoThreadError): report it as its own one line.
+        found = project_error_behind(err)
+        if found is None or found is err:
+            raise
+        raise found from None
     _barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
