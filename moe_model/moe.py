@@ -243,7 +243,7 @@ class _Combine(torch.autograd.Function):
         inverse_TK = inverse_R.view(num_tokens, top_k)
         for start in range(0, num_tokens, ctx.chunk_tokens):
             chunk = slice(start, start + ctx.chunk_tokens)
-            g_C1D = grad_TD[chunk].float().unsqueeze(1)
+            g_C1D = upcast(grad_TD[chunk]).unsqueeze(1)
             if grad_y_RD is not None:
                 # A row is one token's k-th choice: one add into zeros, so no sum is rounded.
                 # (A dropped choice's row trails the experts' rows; the dispatcher zeroes

@@ -645,6 +645,18 @@ def validate_data(
 class FSLDataset(ObjectStoreReads, NumpyFSLDataset):
     """olmo-core's fixed-length dataset over local files and object URLs."""
 
+    @property
+    def fingerprint(self) -> str:
+        """olmo-core's fingerprint as NumpyFSLDataset computes it (it hashes the class name
+        first: this subclass keeps that name so that checkpoints of runs made before it resume),
+        plus the objects' ETags."""
+        sha = hashlib.sha256(f"class={NumpyFSLDataset.__name__}".encode())
+        for name in self.fingerprint_fields:
+            sha.update(f"{name}={getattr(self, name)},".encode())
+        for path, size in zip(self.paths, self.file_sizes, strict=True):
+            sha.update(f"path={os.path.basename(path)},size={size},".encode())
+        return self.with_etags(sha.hexdigest())
+
 
 class MixtureDataset(FSLDataset):
     """Fixed-length sequences of a planned :class:`Mixture`, each tagged with its source index.

@@ -137,7 +137,10 @@ class ObjectStoreReads:
     def fingerprint(self) -> str:
         """olmo-core's (or the mixture's) fingerprint, plus each object's ETag when any file is
         remote: an object rewritten with the same size is a different dataset."""
-        base = super().fingerprint  # type: ignore[misc]
+        return self.with_etags(super().fingerprint)  # type: ignore[misc]
+
+    def with_etags(self, base: str) -> str:
+        """``base`` (a fingerprint), extended by the objects' ETags when any file is remote."""
         etags = self.etags()
         if not any(etags):
             return base

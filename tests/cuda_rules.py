@@ -112,9 +112,10 @@ def sync_reason(func, args, kwargs) -> str | None:
 
 def _frame_name(frame: traceback.FrameSummary) -> str:
     path = Path(frame.filename).resolve()
-    if path.is_relative_to(REPO):
-        return f"{path.relative_to(REPO).as_posix()}::{frame.name}"
     parts = path.parts
+    # A virtual environment inside the checkout (.venv) holds library code, not the project's.
+    if path.is_relative_to(REPO) and not {"site-packages", "dist-packages"} & set(parts):
+        return f"{path.relative_to(REPO).as_posix()}::{frame.name}"
     # Library code by its package path: torch/optim/adamw.py, not the site-packages prefix.
     top = max((i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")),
               default=len(parts) - 2)  # fmt: skip

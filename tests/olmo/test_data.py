@@ -676,7 +676,8 @@ def test_mixture_config_errors_through_load_config():
 
     base = ["--data.paths=[]", "--data.sources.web.paths=[a.npy]", "--data.sources.web.fraction=1"]
     assert list(load_config(REPO / "configs/tiny.yaml", base).data.sources) == ["web"]
-    with pytest.raises(ConfigError, match=r"^unknown config key 'data\.sources\.web\.fractoin'$"):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'data\.sources\.web\.fractoin'; did you mean "
+                       r"'data\.sources\.web\.fraction'\?$"):
         load_config(REPO / "configs/tiny.yaml", [*base, "--data.sources.web.fractoin=1"])
     with pytest.raises(ConfigError, match=r"data\.mix_tokens is set but data\.sources is empty"):
         load_config(REPO / "configs/tiny.yaml", ["--data.mix_tokens=1000"])
