@@ -337,7 +337,8 @@ def test_resume_onto_changed_data_files_is_one_error_line(tmp_path, data, finish
     config.write_text(config.read_text().replace(f"{data}/", f"{new_data}/"))
     write_token_file(new_data / "train-0.npy", 30_000, seed=7)
     snapshot = _snapshot(save)
-    proc = _run(save, new_data)
+    # Asked to train further: a finished run asked for nothing more says so before any data is read.
+    proc = _run(save, new_data, max_duration=12)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "the training data differs from the checkpoint's" in output

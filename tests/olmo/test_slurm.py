@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_model.errors import LaunchError
+from olmo.launcher import TRAIN_SCRIPT, torchrun_args
 from olmo.slurm import expand_nodelist, launch_env
 
 from .helpers import REPO
@@ -56,7 +57,8 @@ def test_launch_env_errors_are_one_line():
 
 def test_sbatch_script_reaches_torchrun_with_the_derived_settings(tmp_path):
     """run_pretrain.sbatch -> srun (a stub that runs node 1's task) -> olmo.slurm ->
-    run_pretrain.sh -> torchrun (a stub PYTHON that prints torchrun's arguments)."""
+    run_pretrain.sh -> olmo.launcher (a stub PYTHON that prints the settings it is given) ->
+    torchrun's arguments (olmo.launcher.torchrun_args of those settings)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     srun = bin_dir / "srun"
@@ -65,7 +67,8 @@ def test_sbatch_script_reaches_torchrun_with_the_derived_settings(tmp_path):
     python = bin_dir / "python"
     python.write_text(
         "#!/usr/bin/env bash\n"
-        'if [ "$1 $2" = "-m torch.distributed.run" ]; then shift 2; echo "torchrun $*"; exit 0; fi\n'
+        'if [ "$1 $2" = "-m olmo.launcher" ]; then shift 2; echo "NNODES=$NNODES NODE_RANK=$NODE_RANK'
+        ' MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NPROC_PER_NODE=$NPROC_PER_NODE $*"; exit 0; fi\n'
         f'exec {sys.executable} "$@"\n'
     )
     for stub in (srun, python):
@@ -78,10 +81,14 @@ def test_sbatch_script_reaches_torchrun_with_the_derived_settings(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "run_pretrain.sbatch"), "configs/x.yaml", "--save_folder=s3://b/r"],
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (
-        "torchrun --nnodes=3 --node_rank=1 --master_addr=h100-003 --master_port=23456 "
-        "--nproc_per_node=2 scripts/train.py configs/x.yaml --save_folder=s3://b/r"
-    )
+    *settings, config, save = proc.stdout.split()
+    assert (config, save) == ("configs/x.yaml", "--save_folder=s3://b/r")
+    derived = dict(item.split("=", 1) for item in settings)
+    assert derived == {"NNODES": "3", "NODE_RANK": "1", "MASTER_ADDR": "h100-003",
+                       "MASTER_PORT": "23456", "NPROC_PER_NODE": "2"}
+    assert torchrun_args([config, save], derived, int(derived["NPROC_PER_NODE"])) == [
+        "--nnodes=3", "--node_rank=1", "--master_addr=h100-003", "--master_port=23456",
+        "--nproc_per_node=2", TRAIN_SCRIPT, "configs/x.yaml", "--save_folder=s3://b/r"]
     # Outside an allocation the derivation fails and run_pretrain.sh is never reached.
     bad = {k: v for k, v in env.items() if k != "SLURM_JOB_NODELIST"}
     proc = subprocess.run(["bash", str(REPO / "run_pretrain.sbatch"), "configs/x.yaml"], env=bad,
