@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from moe_model.activations import ACTIVATIONS
 from moe_model.config import ModelConfig
 from moe_model.transformer import ModelOutput, MoETransformer, apply_rope, rope_cos_sin
+from tests.cpu_capability import INDUCTOR_CPU
 
 pytestmark = pytest.mark.numerics
 
@@ -257,13 +258,8 @@ def test_dense_first_blocks_and_shared_experts():
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-# Inductor's CPU FlexAttention template calls at::vec::transpose_block and pack_vnni2, which
-# ATen's scalar (ATEN_CPU_CAPABILITY=default) build of its vector header lacks: the C++ compile
-# fails (torch 2.13), whatever the model does.
-VECTORIZED_CPU = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() == "DEFAULT",
-    reason="inductor's CPU FlexAttention does not compile under ATEN_CPU_CAPABILITY=default",
-)
+# Inductor's CPU FlexAttention template does not compile under ATEN_CPU_CAPABILITY=default.
+VECTORIZED_CPU = INDUCTOR_CPU
 
 
 @pytest.mark.parametrize("backend, device", [

@@ -31,6 +31,7 @@ import torch
 
 from moe_model.kernels import dispatch as kernels
 from moe_model.kernels.polynorm_fused import poly_norm_fused, poly_relu_fused
+from tests.cpu_capability import INDUCTOR_CPU
 
 pytestmark = pytest.mark.numerics
 
@@ -232,6 +233,7 @@ def test_auto_on_cpu_is_fused():
 
 
 @pytest.mark.slow
+@INDUCTOR_CPU
 def test_compile_backend_matches_reference():
     # One shape, fp32, order 3: every new shape, dtype or order compiles again (seconds each).
     x, w, b, g = make_inputs((8, 64), 3, torch.float32)
@@ -284,6 +286,7 @@ def test_backends_ignore_autocast(backend, dtype):
 
 
 @pytest.mark.slow
+@INDUCTOR_CPU
 def test_compile_backend_ignores_autocast():
     # One shape and dtype: each new one compiles again (seconds each).
     x, w, b, g = make_inputs((8, 1536), 3, torch.float32)
