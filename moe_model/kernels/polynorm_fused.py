@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_model.kernels.precision import autocast_off
+from moe_model.precision import autocast_off
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_model.kernels.precision import autocast_off
+from moe_model.precision import autocast_off
 
 # One program holds a whole row in registers. Up to SPILL_FREE_ROW every kernel builds without
 # register spills for sm_90a and sm_100a at every order and dtype (ptxas -v; the build tests and

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_model.kernels.precision import no_autocast
-from moe_model.precision import upcast
+from moe_model.precision import no_autocast, upcast
 
 __all__ = ["poly_norm_eager", "poly_relu_eager", "rms_norm_no_gain"]
 
