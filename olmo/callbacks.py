@@ -23,13 +23,13 @@ import torch.distributed as dist
 from olmo_core.distributed.utils import get_rank
 from olmo_core.train.callbacks import Callback, CheckpointerCallback, ConsoleLoggerCallback
 
-from moe_model.errors import LaunchError
+from moe_model.errors import LaunchError, ObjectStoreError
 from olmo import metric_names as names
 from olmo import object_store
 from olmo.config import WANDB_NO_CREDENTIALS, WandbConfig, wandb_credentials_found
 from olmo.object_store import is_remote
 from olmo.progress import Progress, format_duration  # noqa: F401  (format_duration: public here too)
-from olmo.run_files import METRICS_FNAME, WANDB_RUN_ID_FNAME, as_folder, local_run_dir
+from olmo.run_files import METRICS_FNAME, WANDB_DIR, WANDB_RUN_ID_FNAME, as_folder, local_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ def _num_batches(loader: Any) -> int | None:
 class WandbCallback(Callback):
     """Weights & Biases logging; offline by default, so no API key is needed.
 
-    The run id is kept in the save folder so a resumed run continues the same W&B run.
+    The run id is kept in the save folder so a resumed run continues the same W&B run. With a
+    URL save folder the id and wandb's run directory are also kept in the bucket.
     """
 
     priority: ClassVar[int] = 3
@@ -225,6 +226,8 @@ class WandbCallback(Callback):
     config: dict[str, Any] | None = None
     """The resolved training config, stored with the W&B run."""
     _run: Any = None
+    _run_dir: Path | None = None
+    """wandb's directory for this run (``wandb/<offline-|>run-<time>-<id>``), on rank 0."""
 
     def pre_train(self):
         s = self.settings
@@ -237,11 +240,18 @@ class WandbCallback(Callback):
         import wandb
         from wandb.sdk.lib import runid
 
-        # A URL save folder keeps W&B's files on the node (wandb writes a local directory).
+        # A URL save folder keeps W&B's files on the node (wandb writes a local directory); the
+        # run id travels through the bucket, so a run resumed on another node continues the
+        # same W&B run, and the files are uploaded beside the checkpoints (_upload).
         save_folder = local_run_dir(self.trainer.save_folder)
         id_file = save_folder / WANDB_RUN_ID_FNAME
+        remote_id = object_store.join(str(self.trainer.save_folder), WANDB_RUN_ID_FNAME)
+        if is_remote(remote_id) and not id_file.exists() and object_store.exists(remote_id):
+            object_store.download_file(remote_id, id_file)
         run_id = id_file.read_text().strip() if id_file.exists() else runid.generate_id()
         id_file.write_text(run_id)
+        if is_remote(remote_id):
+            object_store.put_bytes(remote_id, run_id.encode())
         self._run = wandb.init(
             mode=s.mode,
             dir=str(save_folder),
@@ -255,22 +265,39 @@ class WandbCallback(Callback):
             resume="allow",
             settings=wandb.Settings(console="off", silent=True),
         )
+        self._run_dir = Path(self._run.dir).parent  # run.dir is the run's files/ folder
 
     def log_metrics(self, step: int, metrics: dict[str, float]):
         if self._run is not None:
             self._run.log(dict(metrics), step=step)
 
+    def _upload(self) -> None:
+        """With a URL save folder, this run's W&B directory (for an offline run, what ``wandb
+        sync`` uploads later) goes to ``{save_folder}/wandb/``: the node's copy may not outlive
+        the job."""
+        if self._run_dir is not None and is_remote(self.trainer.save_folder):
+            url = object_store.join(str(self.trainer.save_folder), WANDB_DIR, self._run_dir.name)
+            object_store.upload_tree(self._run_dir, url)
+
+    def post_checkpoint_saved(self, path):
+        del path
+        self._upload()
+
     def _finish(self, exit_code: int):
         if self._run is not None:
-            self._run.finish(exit_code=exit_code)
+            self._run.finish(exit_code=exit_code)  # flushes the files _upload sends
             self._run = None
+            self._upload()
 
     def post_train(self):
         self._finish(0)
 
     def on_error(self, exc: BaseException):
         del exc
-        self._finish(1)
+        try:
+            self._finish(1)
+        except ObjectStoreError as err:  # the training error is the one to report
+            log.warning(f"W&B files not uploaded: {err}")
 
 
 @dataclass

@@ -394,6 +394,18 @@ def upload_file(path: str | os.PathLike, url: str) -> None:
     retrying("upload", url, lambda: client(u.scheme).upload_file(str(path), u.bucket, u.key))
 
 
+def upload_tree(local_dir: str | os.PathLike, url: str, last: tuple[str, ...] = ()) -> int:
+    """Upload every file under ``local_dir`` to ``url/<relative path>``; the relative paths in
+    ``last`` go after all others (a reader that looks for them first then finds the rest
+    there). Returns the number of files uploaded."""
+    root = Path(local_dir)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    ordered = [f for f in files if f not in last] + [f for f in last if f in files]
+    for rel in ordered:
+        upload_file(root / rel, join(url, rel))
+    return len(ordered)
+
+
 def download_file(url: str, path: str | os.PathLike) -> None:
     u = ObjectURL.parse(url)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -18,20 +18,27 @@ Every parameter is kept, including each layer's PolyNorm/PolyReLU coefficients. 
 read and written one at a time, so exporting needs about one layer's expert tensor of memory,
 not a copy of the model. ``--verify`` reloads the export through transformers (the whole model,
 twice: ours and theirs) and compares logits before the directory is moved into place.
+
+Both ends take object-storage URLs (``s3://``, ``r2://``, ``weka://``; olmo/object_store.py):
+the checkpoint is fetched once, and an ``out_dir`` URL gets the export written locally (in the
+temp dir), verified, then uploaded with ``config.json`` last -- transformers looks for it
+first, so a cut-short upload never looks like a model. The prefix must hold nothing yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moe_model.errors import ConversionError  # noqa: E402
+from moe_model.errors import ConversionError, OutputExistsError  # noqa: E402
 from moe_model.hf import FORMATS, choose_format, export_hf  # noqa: E402
+from olmo import object_store  # noqa: E402
 from olmo.checkpoint_io import load_model, load_model_config, open_checkpoint  # noqa: E402
 from olmo.cli import run_cli  # noqa: E402
 
@@ -75,16 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="reload through transformers and compare logits (loads the model twice)")
     args = parser.parse_args(argv)
+    remote_out = object_store.is_remote(args.out_dir)
+    if remote_out:  # before the (long) export: the bucket is writable and the prefix unused
+        object_store.check_access(args.out_dir, write=True, what="out_dir")
+        if object_store.list_objects(object_store.join(args.out_dir, "")):
+            raise OutputExistsError(f"output {args.out_dir!r} already holds objects; pick a new one")
     source = open_checkpoint(args.checkpoint)
     config = load_model_config(args.checkpoint)
     layout = choose_format(config, args.format)  # a PolyNorm model asked for olmoe fails here
     diffs = []
-    out = export_hf(
-        source, config, args.out_dir, format=layout.name,
-        tokenizer_json=None if args.tokenizer == "none" else args.tokenizer,
-        dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
-        check=(lambda tmp: diffs.append(verify(args.checkpoint, tmp))) if args.verify else None,
-    )
+    with tempfile.TemporaryDirectory(prefix="hf-export-") as staging:
+        out = export_hf(
+            source, config, Path(staging) / "export" if remote_out else args.out_dir,
+            format=layout.name, tokenizer_json=None if args.tokenizer == "none" else args.tokenizer,
+            dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+            check=(lambda tmp: diffs.append(verify(args.checkpoint, tmp))) if args.verify else None,
+        )  # fmt: skip
+        if remote_out:
+            object_store.upload_tree(out, args.out_dir, last=("config.json",))
+            out = args.out_dir
     print(f"exported {args.checkpoint} ({config.activation_type}, {config.num_params():,d} params) "
           f"-> {out} [{layout.name}: {layout.description}]")
     if diffs:

@@ -101,15 +101,22 @@ def test_killed_during_upload_resumes_from_last_complete_checkpoint(
     run = f"killed{nproc}"
     save = f"s3://ckpt/{run}"
     # Every rank dies after uploading the first file of step4: step4 is partly there.
-    proc = run_train(_s3_args(save), nproc=nproc, env=_env(server, tmp_path, MOE_FAULT_UPLOAD="4"))
+    args = [*_s3_args(save), "--wandb.mode=offline"]
+    proc = run_train(args, nproc=nproc, env=_env(server, tmp_path, MOE_FAULT_UPLOAD="4"))
     assert proc.returncode != 0
+    wandb_id = (tmp_path / "node" / "s3" / "ckpt" / run / "wandb_run_id").read_text()
     _use_server(monkeypatch, server, tmp_path)
     assert remote_steps(save, complete=False) == [0, 4]
     assert find_checkpoints(save) == [f"{save}/step0"]
     assert any(k.startswith(f"{run}/step4/") for k in server.keys("ckpt", run))
-    # The resumed run loads step0 (the last complete one), clears the partial step4 and ends
-    # where the uninterrupted local run does, loss for loss and weight for weight.
-    _ok(run_train(_s3_args(save), nproc=nproc, env=_env(server, tmp_path)))
+    # The resumed run, on another node (a fresh local run dir), loads step0 (the last complete
+    # one), clears the partial step4 and ends where the uninterrupted local run does, loss for
+    # loss and weight for weight; it continues the same W&B run, whose files reach the bucket.
+    other_node = {"MOE_LOCAL_RUN_DIR": str(tmp_path / "node2")}
+    _ok(run_train(args, nproc=nproc, env={**_env(server, tmp_path), **other_node}))
+    wandb_keys = [k for k in server.keys("ckpt", f"{run}/wandb/")]
+    assert any(k.endswith(f"/run-{wandb_id}.wandb") and "/offline-run-" in k for k in wandb_keys), wandb_keys
+    assert (tmp_path / "node2" / "s3" / "ckpt" / run / "wandb_run_id").read_text() == wandb_id
     local = local1 if nproc == 1 else local2
     assert _remote_losses(server, run, tmp_path) == _losses_at(local)
     assert find_checkpoints(save) == [f"{save}/step0", f"{save}/step4", f"{save}/step8"]
@@ -194,3 +201,33 @@ def test_preflight_errors_are_one_line(tmp_path, server, monkeypatch, capsys, na
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(line), lines[0]
     assert "Traceback" not in err
+
+
+def test_load_path_url_and_hf_export_between_buckets(tmp_path, server, local1, local_data, monkeypatch, capsys):
+    from tests.scripts.helpers import run_script
+
+    # A complete checkpoint in a bucket (the local run's step4 and config, uploaded as is).
+    server.upload_dir(local1 / "step4", "s3://ckpt/uploaded/step4")
+    server.client().upload_file(str(local1 / "config.yaml"), "ckpt", "uploaded/config.yaml")
+    url = "s3://ckpt/uploaded/step4"
+    # Training from it (load_path a URL, local save folder) goes on where the local run went on.
+    save = tmp_path / "from-url"
+    _ok(run_train([TEST_CONFIG, *tiny_overrides(save, local_data, load_path=url)],
+                  env=_env(server, tmp_path)))  # fmt: skip
+    assert _losses_at(save) == [(s, loss) for s, loss in _losses_at(local1) if s > 4]
+    # Export from the bucket to the bucket: the same files, byte for byte, as a local export of
+    # the local checkpoint.
+    _use_server(monkeypatch, server, tmp_path)
+    assert run_script("convert_to_hf", [str(local1 / "step4"), str(tmp_path / "hf"), "--tokenizer=none"]) == 0
+    assert run_script("convert_to_hf", [url, "s3://ckpt/uploaded-hf", "--tokenizer=none"]) == 0, capsys.readouterr().err
+    local_files = sorted(str(p.relative_to(tmp_path / "hf")) for p in (tmp_path / "hf").rglob("*") if p.is_file())
+    assert server.keys("ckpt", "uploaded-hf/") == [f"uploaded-hf/{f}" for f in local_files]
+    for f in local_files:
+        body = server.client().get_object(Bucket="ckpt", Key=f"uploaded-hf/{f}")["Body"].read()
+        assert body == (tmp_path / "hf" / f).read_bytes(), f
+    # A prefix that already holds objects is refused before any work, in one line.
+    capsys.readouterr()
+    assert run_script("convert_to_hf", [url, "s3://ckpt/uploaded-hf", "--tokenizer=none"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: output 's3://ckpt/uploaded-hf' already holds objects; pick a new one"
+    )
