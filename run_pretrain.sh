@@ -26,6 +26,10 @@ else
 fi
 
 if [ "$CONFIG" = configs/tiny.yaml ]; then
+  if ! compgen -G "data/sample/tokens/train/*.npy" > /dev/null; then
+    # The config and its overrides first: a typo is one line now, not after the sample data.
+    "$PYTHON" -m olmo.launcher --check-config "$CONFIG" "$@" || exit $?
+  fi
   # Idempotent: a second run only checks that the token files are there. dolma runs from its
   # own environment (.venv-dolma, made on first use); PYTHON finds the tokenizer file.
   PYTHON="$PYTHON" bash scripts/prepare_sample_data.sh

@@ -17,6 +17,9 @@
    static rendezvous.
 
 ``--dry-run`` runs ``scripts/train.py`` directly: it prints and starts no training.
+``--check-config`` (first argument) checks only the config, its overrides and the batch sizes
+for the process count -- what needs no data -- and exits: ``run_pretrain.sh`` runs it before it
+spends minutes making the sample data, so a typo is still one line at once.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from olmo.launch import finished_run_message, parse_args, preflight
 
     argv = sys.argv[1:] if argv is None else argv
+    config_only = bool(argv) and argv[0] == "--check-config"
+    argv = argv[1:] if config_only else argv
     args, overrides = parse_args(argv)
     if args.dry_run:
         os.execv(sys.executable, [sys.executable, TRAIN_SCRIPT, *argv])
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 "must be whole numbers"
             ) from None
         cfg = load_config(args.config, overrides)
+        if config_only:
+            cfg.validate_batch_sizes(nproc * nnodes)
+            cfg.validate_parallel(nproc * nnodes)
+            return 0
         preflight(cfg, world_size=nproc * nnodes)
         if (finished := finished_run_message(cfg)) is not None:
             print(finished, flush=True)

@@ -112,6 +112,23 @@ def test_bad_input_through_run_pretrain_is_one_line_and_exit_2(tmp_path, data, a
     assert "ChildFailedError" not in out + err and not save.exists()
 
 
+def test_check_config_needs_no_data_and_catches_typos(tmp_path):
+    """What run_pretrain.sh runs before it makes the sample data: the config alone."""
+    missing = ["--data.paths=[/nonexistent/train*.npy]", f"--save_folder={tmp_path / 'run'}"]
+    check = [sys.executable, "-m", "olmo.launcher", "--check-config", TEST_CONFIG]
+    ok = subprocess.run([*check, *missing], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and not ok.stderr.strip(), ok.stderr
+    bad = subprocess.run([*check, *missing, "--model.d_modle=256"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown config key 'model.d_modle'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    # The full check does look at the data.
+    full = subprocess.run([sys.executable, "-m", "olmo.launcher", TEST_CONFIG, *missing], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert full.returncode == 2 and "/nonexistent/train*.npy" in full.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_machine_both_start(tmp_path, data):
     """Two single-node runs at once: each rendezvous binds its own free port (a fixed 29500
