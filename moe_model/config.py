@@ -9,17 +9,25 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from moe_model.activations import ACTIVATIONS
 from moe_model.attention import DOCUMENT_MASK_BACKENDS
 from moe_model.errors import ConfigError
+from moe_model.init import WeightInit
 from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
-from moe_model.moe import GROUPED_MM_ALIGN, LB_GRANULARITIES, ROUTER_SCORES
+from moe_model.moe import (
+    GROUPED_MM_ALIGN,
+    LB_GRANULARITIES,
+    ROUTER_SCORES,
+    ActivationSpec,
+    MoEConfig,
+    MoELayer,
+)
 from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
-
-if TYPE_CHECKING:
-    from moe_model.transformer import MoETransformer
+from moe_model.transformer import Attention, Block, DenseFFN, MoETransformer
 
 __all__ = ["ConfigError", "ModelConfig", "equal_param_hidden_size"]
 
@@ -163,9 +171,67 @@ class ModelConfig:
 
     def build(self, init_device: str = "cpu") -> MoETransformer:
         """The model; on ``init_device="meta"`` call ``to_empty`` then ``init_weights`` after."""
-        from moe_model.transformer import MoETransformer
+        model = MoETransformer(
+            [self.build_block(layer, "meta") for layer in range(self.n_layers)],
+            embedding_size=self.embedding_size,
+            d_model=self.d_model,
+            norm_eps=self.layer_norm_eps,
+            init=self.weight_init,
+            document_masking=self.document_masking,
+            document_masking_backend=self.document_masking_backend,
+            init_device=init_device,
+        )
+        model.config = self
+        return model
 
-        return MoETransformer(self, init_device=init_device)
+    def build_block(self, layer: int, init_device: str | torch.device = "cpu") -> Block:
+        """Block ``layer`` (0-based): attention and its MoE layer or dense FFN."""
+        attn = Attention(
+            self.d_model,
+            self.n_heads,
+            qk_norm=self.qk_norm,
+            norm_eps=self.layer_norm_eps,
+            rope_theta=self.rope_theta,
+            init=self.weight_init,
+            init_device=init_device,
+        )
+        if self.is_moe_block(layer):
+            ffn = MoELayer(self.moe_layer_config(), init_device)
+        else:
+            ffn = DenseFFN(self.d_model, self.dense_hidden_size(layer), self.activation_spec(),
+                           self.weight_init, init_device)  # fmt: skip
+        return Block(attn, ffn, self.d_model, self.layer_norm_eps, init_device)
+
+    def moe_layer_config(self) -> MoEConfig:
+        """The settings of every MoE layer, from the ``moe_*`` keys."""
+        return MoEConfig(
+            d_model=self.d_model,
+            hidden_size=self.mlp_hidden_size,
+            num_experts=self.moe_num_experts,
+            top_k=self.moe_top_k,
+            activation=self.activation_spec(),
+            activation_per_expert=self.activation_sets_per_layer > 1,
+            init=self.weight_init,
+            router_score=self.moe_router_score,
+            renormalize=self.moe_renormalize,
+            route_scale=self.moe_route_scale,
+            bias_update_rate=self.moe_bias_update_rate,
+            capacity_factor=self.moe_capacity_factor,
+            lb_granularity=self.moe_lb_granularity,
+            lb_weight=self.moe_loss_weight,
+            z_weight=self.moe_zloss_weight,
+            expert_impl=self.moe_expert_impl,
+            shared_experts=self.moe_shared_experts,
+            shared_hidden_size=self.shared_hidden_size,
+        )
+
+    @property
+    def weight_init(self) -> WeightInit:
+        return WeightInit(self.init_std, self.init_cutoff_factor)
+
+    def activation_spec(self) -> ActivationSpec:
+        """The activation every FFN of the model builds."""
+        return ActivationSpec(self.activation_type, self.activation_kwargs())
 
     # ---- validation --------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,21 +104,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from moe_model.activations import build_activation
-from moe_model.init import trunc_normal_
+from moe_model.activations import ACTIVATIONS, build_activation
+from moe_model.init import WeightInit
 from moe_model.precision import upcast
-
-if TYPE_CHECKING:
-    from moe_model.config import ModelConfig
 
 __all__ = [
     "LB_GRANULARITIES",
     "ROUTER_SCORES",
+    "ActivationSpec",
     "Dispatched",
     "FeedForward",
     "local_weight",
     "LocalDispatcher",
     "MoEAux",
+    "MoEConfig",
     "MoELayer",
     "Routing",
     "capacity_keep",
@@ -498,25 +497,95 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@dataclass(frozen=True)
+class ActivationSpec:
+    """The activation an FFN builds: a registry name and the constructor settings it takes."""
+
+    name: str
+    """Key of moe_model.activations.ACTIVATIONS."""
+    kwargs: dict[str, Any]
+    """Constructor keywords, only those the class lists in ``options``."""
+
+    def build(self) -> nn.Module:
+        return build_activation(self.name, **self.kwargs)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the activation takes a fused 2H input (w1 and w3)."""
+        return ACTIVATIONS[self.name].gated
+
+    def in_size(self, hidden_size: int) -> int:
+        """Output width of an FFN input projection of hidden size ``hidden_size`` (2x if gated)."""
+        return 2 * hidden_size if self.gated else hidden_size
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """What one MoE layer is built from (``ModelConfig.moe_layer_config`` fills it from the
+    ``moe_*`` keys; see there for each option's meaning)."""
+
+    d_model: int
+    """Width D of the tokens in and out."""
+    hidden_size: int
+    """Expert hidden size H."""
+    num_experts: int
+    """Routed experts E."""
+    top_k: int
+    """Experts per token K."""
+    activation: ActivationSpec
+    """The experts' (and shared experts') activation."""
+    activation_per_expert: bool
+    """One coefficient set per expert (the activation has coefficients and the option is on)."""
+    init: WeightInit
+    """Init of the router, expert and shared-expert weights."""
+    router_score: str
+    """Key of :data:`ROUTER_SCORES`."""
+    renormalize: bool
+    """Renormalise the top-k weights to sum to 1."""
+    route_scale: float
+    """Factor on the combine weights."""
+    bias_update_rate: float | None
+    """Auxiliary-loss-free balancing step; None = off."""
+    capacity_factor: float | None
+    """Expert capacity factor in training; None = dropless."""
+    lb_granularity: str
+    """Key of :data:`LB_GRANULARITIES`."""
+    lb_weight: float
+    """Load-balancing loss weight."""
+    z_weight: float
+    """Router z-loss weight."""
+    expert_impl: str
+    """'grouped_mm', 'loop' or 'auto'."""
+    shared_experts: int
+    """Always-on experts."""
+    shared_hidden_size: int
+    """Hidden size of each shared expert."""
+
+
 class FeedForward(nn.Module):
     """One FFN ``act(x @ w_in) @ w_out`` with its own activation module: a shared expert, or
     the FFN of a dense block (transformer.DenseFFN)."""
 
     def __init__(
-        self, config: ModelConfig, hidden_size: int, init_device: str | torch.device = "cpu"
+        self,
+        d_model: int,
+        hidden_size: int,
+        activation: ActivationSpec,
+        init: WeightInit,
+        init_device: str | torch.device = "cpu",
     ):
         super().__init__()
-        self.config = config
-        d = config.d_model
-        self.w_in = nn.Linear(d, config.in_size(hidden_size), bias=False, device=init_device)
-        self.act = build_activation(config.activation_type, **config.activation_kwargs())
+        self.init = init
+        self.w_in = nn.Linear(d_model, activation.in_size(hidden_size), bias=False,
+                              device=init_device)  # fmt: skip
+        self.act = activation.build()
         self.act.to(init_device)
-        self.w_out = nn.Linear(hidden_size, d, bias=False, device=init_device)
+        self.w_out = nn.Linear(hidden_size, d_model, bias=False, device=init_device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for w in (self.w_in.weight, self.w_out.weight):
-            trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
+            self.init(w)
         if hasattr(self.act, "reset_parameters"):
             self.act.reset_parameters()
 
@@ -527,25 +596,25 @@ class FeedForward(nn.Module):
 class MoELayer(nn.Module):
     """Router + E experts, each FFN ``act(x @ w_in[e]) @ w_out[e]``; one activation per layer."""
 
-    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+    def __init__(self, config: MoEConfig, init_device: str | torch.device = "cpu"):
         super().__init__()
         self.config = config
-        d, h, e = config.d_model, config.mlp_hidden_size, config.moe_num_experts
+        d, h, e = config.d_model, config.hidden_size, config.num_experts
         self.num_experts = e
-        self.top_k = config.moe_top_k
-        self.renormalize = config.moe_renormalize
-        self.router_score = config.moe_router_score
-        self.route_scale = config.moe_route_scale
-        self.capacity_factor = config.moe_capacity_factor
-        self.lb_granularity = config.moe_lb_granularity
+        self.top_k = config.top_k
+        self.renormalize = config.renormalize
+        self.router_score = config.router_score
+        self.route_scale = config.route_scale
+        self.capacity_factor = config.capacity_factor
+        self.lb_granularity = config.lb_granularity
         # The ranks whose counts the 'global_batch' loss sums; None = the default group.
         self.lb_group: dist.ProcessGroup | None = None
-        self.lb_weight = config.moe_loss_weight
-        self.z_weight = config.moe_zloss_weight
-        self.expert_impl = config.moe_expert_impl
+        self.lb_weight = config.lb_weight
+        self.z_weight = config.z_weight
+        self.expert_impl = config.expert_impl
         self.dispatcher = LocalDispatcher()
         self.router = nn.Linear(d, e, bias=False, device=init_device)
-        self.bias_update_rate = config.moe_bias_update_rate
+        self.bias_update_rate = config.bias_update_rate
         if self.bias_update_rate is not None:
             # A buffer: in the state dict (checkpoints resume it) but not a parameter, so the
             # optimizer never sees it; fp32 whatever the parameter dtype.
@@ -556,21 +625,21 @@ class MoELayer(nn.Module):
             self.expert_bias_E = None
         # One activation module (one coefficient set) per layer shared by the experts, as in the
         # paper; or, with moe_activation_per_expert, one module per expert.
-        if config.activation_sets_per_layer > 1:
-            self.act = nn.ModuleList(
-                build_activation(config.activation_type, **config.activation_kwargs())
-                for _ in range(e)
-            )
+        if config.activation_per_expert:
+            self.act = nn.ModuleList(config.activation.build() for _ in range(e))
         else:
-            self.act = build_activation(config.activation_type, **config.activation_kwargs())
+            self.act = config.activation.build()
         self.act.to(init_device)
-        self.w_in_EDH = nn.Parameter(torch.empty(e, d, config.mlp_in_size, device=init_device))
+        self.w_in_EDH = nn.Parameter(
+            torch.empty(e, d, config.activation.in_size(h), device=init_device)
+        )
         self.w_out_EHD = nn.Parameter(torch.empty(e, h, d, device=init_device))
-        if config.moe_shared_experts:
+        if config.shared_experts:
             self.shared_experts = nn.ModuleList(
-                FeedForward(config, config.shared_hidden_size, init_device)
-                for _ in range(config.moe_shared_experts)
-            )
+                FeedForward(d, config.shared_hidden_size, config.activation, config.init,
+                            init_device)
+                for _ in range(config.shared_experts)
+            )  # fmt: skip
         else:
             self.shared_experts = None
         if torch.device(init_device).type != "meta":
@@ -579,7 +648,7 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for w in (self.router.weight, self.w_in_EDH, self.w_out_EHD):
-            trunc_normal_(w, std=self.config.init_std, cutoff_factor=self.config.init_cutoff_factor)
+            self.config.init(w)
         for act in self.act if isinstance(self.act, nn.ModuleList) else [self.act]:
             if hasattr(act, "reset_parameters"):
                 act.reset_parameters()

@@ -62,7 +62,7 @@ def _split(w_in: torch.Tensor, w_out: torch.Tensor, gated: bool, prefix: str = "
 def expert_matrices(ffn) -> dict[str, torch.Tensor]:
     """name -> (E, rows, cols) stack of one MoE layer's expert matrices (D x H in, H x D out),
     and of its shared experts (names prefixed 'shared ') when it has them."""
-    gated = getattr(ffn.config, "gated", False)
+    gated = ffn.config.activation.gated
     out = _split(ffn.w_in_EDH.detach().float().cpu(), ffn.w_out_EHD.detach().float().cpu(), gated)
     if ffn.shared_experts is not None:
         w_in = torch.stack([s.w_in.weight.detach().float().cpu().T for s in ffn.shared_experts])

@@ -141,7 +141,7 @@ def worker(args) -> None:
     rows = []
     for mode in ("local", "ep"):
         torch.manual_seed(0)  # the same weights on every rank and in both modes
-        layer = MoELayer(cfg, init_device="cpu").to(device, dtype)
+        layer = MoELayer(cfg.moe_layer_config(), init_device="cpu").to(device, dtype)
         if mode == "ep":
             shard_experts(layer, mesh["ep"])
         traffic: dict = {}

@@ -80,7 +80,7 @@ def moe_layer(**changes) -> moe.MoELayer:
         "mlp_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2, "activation_type": "relu",
         **changes,
     })  # fmt: skip
-    return moe.MoELayer(config)
+    return moe.MoELayer(config.moe_layer_config())
 
 
 @pytest.mark.parametrize("changes", [{}, {"moe_capacity_factor": 0.5}], ids=["dropless", "capacity"])

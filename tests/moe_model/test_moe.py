@@ -16,9 +16,8 @@ pytestmark = pytest.mark.numerics
 D, H, E, K = 16, 8, 6, 2
 
 
-def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = ModelConfig(
+def layer_config(activation="polynorm", impl="loop", renormalize=False, **kw) -> ModelConfig:
+    return ModelConfig(
         vocab_size=64,
         embedding_size=64,
         d_model=D,
@@ -32,7 +31,12 @@ def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **
         moe_renormalize=renormalize,
         **kw,
     )
-    layer = MoELayer(config)
+
+
+def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = layer_config(activation, impl, renormalize, **kw)
+    layer = MoELayer(config.moe_layer_config())
     if hasattr(layer.act, "weight"):  # non-default coefficients, so their gradients are real
         with torch.no_grad():
             layer.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3, 0.2][: layer.act.order]))
@@ -186,7 +190,7 @@ def grouped_vs_loop_bf16(device, *, d, h, e, k, tokens, activation):
         vocab_size=64, embedding_size=64, d_model=d, n_layers=1, n_heads=2, mlp_hidden_size=h,
         moe_num_experts=e, moe_top_k=k, activation_type=activation,
     )  # fmt: skip
-    layer = MoELayer(config, init_device="meta").to_empty(device=device)
+    layer = MoELayer(config.moe_layer_config(), init_device="meta").to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in (layer.router.weight, layer.w_in_EDH, layer.w_out_EHD):
@@ -230,7 +234,7 @@ def test_grouped_mm_matches_loop_bf16_gpu(activation, h):
 
 def test_auto_impl_falls_back_to_loop_when_unaligned():
     config = ModelConfig(d_model=12, n_heads=2, mlp_hidden_size=6, moe_num_experts=4, moe_top_k=2)
-    layer = MoELayer(config)
+    layer = MoELayer(config.moe_layer_config())
     x = torch.randn(5, 12)
     assert layer._impl(x) == "loop"
     y, _ = layer(x)
@@ -423,12 +427,13 @@ def test_per_expert_sets_all_equal_is_the_shared_layer():
 def test_per_expert_option_is_ignored_without_coefficients():
     layer = make_layer("swiglu", "loop", moe_activation_per_expert=True)
     assert not isinstance(layer.act, torch.nn.ModuleList)
-    assert layer.config.num_params() == layer.config.replace(moe_activation_per_expert=False).num_params()
+    config = layer_config("swiglu", "loop", moe_activation_per_expert=True)
+    assert config.num_params() == config.replace(moe_activation_per_expert=False).num_params()
 
 
 @pytest.mark.parametrize("per_expert", [False, True])
 def test_parameter_counts_with_per_expert_sets(per_expert):
-    config = make_layer("polynorm", moe_activation_per_expert=per_expert).config
+    config = layer_config("polynorm", moe_activation_per_expert=per_expert)
     model = config.build("meta")
     assert config.num_params() == sum(p.numel() for p in model.parameters())
     sets = E if per_expert else 1

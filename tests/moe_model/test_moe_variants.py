@@ -39,7 +39,7 @@ def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
         "mlp_hidden_size": H, "moe_num_experts": E, "moe_top_k": K,
         "activation_type": activation, "moe_expert_impl": impl, **kw,
     })  # fmt: skip
-    layer = MoELayer(config)
+    layer = MoELayer(config.moe_layer_config())
     with torch.no_grad():  # non-default coefficients, different in every FFN
         for i, act in enumerate(m for m in layer.modules() if hasattr(m, "order")):
             act.weight.copy_(torch.tensor([0.7, -0.4, 1.3])[: act.order] * (1 + 0.2 * i))
@@ -55,7 +55,7 @@ def skewed_inputs(layer, shape=(40,), seed=1):
     torch.manual_seed(seed)
     x = torch.randn(*shape, D)
     x[..., 0] = 1.0
-    num_experts = layer.config.moe_num_experts
+    num_experts = layer.config.num_experts
     skew = [1.5, 0.5, 0.0, 0.0, -0.5, -1.0]
     if num_experts != len(skew):  # other expert counts: expert 0 alone favoured
         skew = [1.5] + [0.0] * (num_experts - 1)
@@ -71,14 +71,14 @@ def ffn(act, x_D, w_in_DI, w_out_HD):
 def reference(layer, x, training=True):
     """The layer written out token by token from its config: (y, lb_loss, dropped rows, counts)."""
     cfg = layer.config
-    E, K = cfg.moe_num_experts, cfg.moe_top_k
+    E, K = cfg.num_experts, cfg.top_k
     x_TD = x.reshape(-1, D)
     T = x_TD.shape[0]
     choices = []  # per token: (experts, score of each, combine weight of each)
     probs = []
     for t in range(T):
         logits = (x_TD[t] @ layer.router.weight.T).float()
-        if cfg.moe_router_score == "softmax":
+        if cfg.router_score == "softmax":
             scores = logits.softmax(-1)
             dist_e = scores
         else:
@@ -90,11 +90,11 @@ def reference(layer, x, training=True):
         )
         experts = sorted(range(E), key=lambda e: -float(biased[e]))[:K]
         picked = torch.stack([scores[e] for e in experts])
-        weights = picked / picked.sum() if cfg.moe_renormalize else picked
-        choices.append((experts, picked.detach(), weights * cfg.moe_route_scale))
+        weights = picked / picked.sum() if cfg.renormalize else picked
+        choices.append((experts, picked.detach(), weights * cfg.route_scale))
     kept = {(t, k) for t in range(T) for k in range(K)}
-    if cfg.moe_capacity_factor is not None and training:
-        capacity = math.ceil(cfg.moe_capacity_factor * T * K / E)
+    if cfg.capacity_factor is not None and training:
+        capacity = math.ceil(cfg.capacity_factor * T * K / E)
         kept = set()
         for e in range(E):
             rows = [(t, k) for t in range(T) for k in range(K) if choices[t][0][k] == e]
@@ -116,8 +116,8 @@ def reference(layer, x, training=True):
         for e in experts:
             counts[e] += 1
     probs_TE = torch.stack(probs)
-    w = cfg.moe_loss_weight
-    if cfg.moe_lb_granularity == "sequence":
+    w = cfg.lb_weight
+    if cfg.lb_granularity == "sequence":
         S = x.shape[-2] if x.dim() >= 3 else T
         terms = []
         for b in range(T // S):
