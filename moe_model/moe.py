@@ -96,17 +96,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moe_model.activations import ACTIVATIONS, build_activation
 from moe_model.init import WeightInit
 from moe_model.precision import upcast
+
+if TYPE_CHECKING:
+    from moe_model.expert_parallel import AllToAllDispatcher
 
 __all__ = [
     "LB_GRANULARITIES",
@@ -600,22 +604,12 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         d, h, e = config.d_model, config.hidden_size, config.num_experts
-        self.num_experts = e
-        self.top_k = config.top_k
-        self.renormalize = config.renormalize
-        self.router_score = config.router_score
-        self.route_scale = config.route_scale
-        self.capacity_factor = config.capacity_factor
-        self.lb_granularity = config.lb_granularity
-        # The ranks whose counts the 'global_batch' loss sums; None = the default group.
+        # Where rows go (parallelize swaps in the expert-parallel one) and which ranks' counts
+        # the 'global_batch' balance loss sums (None: this rank's alone).
+        self.dispatcher: LocalDispatcher | AllToAllDispatcher = LocalDispatcher()
         self.lb_group: dist.ProcessGroup | None = None
-        self.lb_weight = config.lb_weight
-        self.z_weight = config.z_weight
-        self.expert_impl = config.expert_impl
-        self.dispatcher = LocalDispatcher()
         self.router = nn.Linear(d, e, bias=False, device=init_device)
-        self.bias_update_rate = config.bias_update_rate
-        if self.bias_update_rate is not None:
+        if config.bias_update_rate is not None:
             # A buffer: in the state dict (checkpoints resume it) but not a parameter, so the
             # optimizer never sees it; fp32 whatever the parameter dtype.
             self.register_buffer(
@@ -662,7 +656,33 @@ class MoELayer(nn.Module):
         """One auxiliary-loss-free step from a whole optimizer step's routed rows per expert
         (already summed over data-parallel ranks); a no-op without moe_bias_update_rate."""
         if self.expert_bias_E is not None:
-            update_expert_bias_(self.expert_bias_E, tokens_per_expert_E, self.bias_update_rate)
+            update_expert_bias_(self.expert_bias_E, tokens_per_expert_E,
+                                self.config.bias_update_rate)  # fmt: skip
+
+    def parallelize(
+        self, ep_mesh: DeviceMesh | None = None, lb_group: dist.ProcessGroup | None = None
+    ) -> None:
+        """Place the layer in a distributed run; call once, before FSDP wraps it.
+
+        ``ep_mesh`` (1-D, the EP group): each of its ranks keeps E/ep experts (the expert
+        weights become DTensors ``Shard(0)`` over it; on the meta device too, nothing is
+        communicated) and rows travel by all-to-all (``moe_model/expert_parallel.py``).
+        Per-expert activation coefficient sets are not split: like the other non-expert
+        parameters they stay FSDP-sharded over all ranks (a few floats per expert); each rank
+        runs its experts' sets and gives the others a zero gradient (:meth:`activate`).
+        ``lb_group``: the data-parallel ranks whose expert counts the 'global_batch'
+        load-balancing loss sums in training (the ranks that see different tokens).
+        """
+        # expert_parallel builds on this module's dispatch functions.
+        from moe_model.expert_parallel import EXPERT_WEIGHTS, AllToAllDispatcher
+
+        if ep_mesh is not None:
+            for name in EXPERT_WEIGHTS:
+                param = getattr(self, name)
+                sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+                self.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
+            self.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), self.config.num_experts)
+        self.lb_group = lb_group
 
     # ---- routing -----------------------------------------------------------------------------
 
@@ -673,28 +693,28 @@ class MoELayer(nn.Module):
         # runs as a module: under expert parallelism it is an FSDP unit of its own, gathered by
         # its forward hook.
         logits_TE = upcast(self.router(x_TD))
-        scores_TE, probs_TE = ROUTER_SCORES[self.router_score](logits_TE)
+        cfg = self.config
+        scores_TE, probs_TE = ROUTER_SCORES[cfg.router_score](logits_TE)
         if self.expert_bias_E is None:
-            weights_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
+            weights_TK, experts_TK = scores_TE.topk(cfg.top_k, dim=-1)
         else:
             with torch.no_grad():
                 biased_TE = scores_TE + self.expert_bias_E.to(scores_TE.dtype)
-                experts_TK = biased_TE.topk(self.top_k, dim=-1).indices
+                experts_TK = biased_TE.topk(cfg.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(-1, experts_TK)
         # Counted once, here, for the capacity limit, the losses, the load metrics and the
         # dispatcher; before any capacity drop.
-        tokens_per_expert_E = count_per_expert(experts_TK, self.num_experts)
+        tokens_per_expert_E = count_per_expert(experts_TK, cfg.num_experts)
         keep_TK = kept_per_expert_E = None
-        if self.capacity_factor is not None and self.training:
-            capacity = expert_capacity(
-                x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor
-            )
+        if cfg.capacity_factor is not None and self.training:
+            capacity = expert_capacity(x_TD.shape[0], cfg.top_k, cfg.num_experts,
+                                       cfg.capacity_factor)  # fmt: skip
             keep_TK = capacity_keep(experts_TK, weights_TK, tokens_per_expert_E, capacity)
             kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
-        if self.renormalize:
+        if cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if self.route_scale != 1.0:
-            weights_TK = weights_TK * self.route_scale
+        if cfg.route_scale != 1.0:
+            weights_TK = weights_TK * cfg.route_scale
         return Routing(
             logits_TE, probs_TE, weights_TK, experts_TK, tokens_per_expert_E, keep_TK,
             kept_per_expert_E,
@@ -706,8 +726,8 @@ class MoELayer(nn.Module):
             # An expert-parallel rank can receive no rows; grouped_mm's CPU backward rejects an
             # empty input, and the loop still gives its weights a (zero) gradient for FSDP.
             return "loop"
-        if self.expert_impl != "auto":
-            return self.expert_impl
+        if self.config.expert_impl != "auto":
+            return self.config.expert_impl
         # grouped_mm needs 16-byte aligned strides. Its CUDA kernels (CUTLASS, H100) and its
         # meta/fake-tensor rule (torch.compile) accept only bf16; CPU eager runs fp32 too.
         # On CPU fp32 it measured no slower than the per-expert loop (forward + backward, small
@@ -783,7 +803,7 @@ class MoELayer(nn.Module):
         """
         if not isinstance(self.act, nn.ModuleList):
             return self.act(h_RH)
-        local = self.dispatcher.local_experts(self.num_experts)
+        local = self.dispatcher.local_experts(self.config.num_experts)
         counts = tokens_per_expert_E.tolist()
         rows = sum(counts)
         h_by_expert = dict(zip(local, h_RH[:rows].split(counts), strict=True))
@@ -814,15 +834,15 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
         for ffn in self.shared_experts or ():
             y_TD = y_TD + ffn(x_TD)
-        group = None
-        if self.training and torch.is_grad_enabled() and dist.is_initialized():
-            group = self.lb_group or dist.group.WORLD
+        # Outside training the loss is only reported: this rank's tokens, no collective.
+        group = self.lb_group if self.training and torch.is_grad_enabled() else None
         seq_len = shape[-2] if x.dim() >= 3 else x_TD.shape[0]
+        cfg = self.config
         aux = MoEAux(
-            lb_loss=LB_GRANULARITIES[self.lb_granularity](
-                routing, tokens_per_expert_E, seq_len, self.top_k, self.lb_weight, group
+            lb_loss=LB_GRANULARITIES[cfg.lb_granularity](
+                routing, tokens_per_expert_E, seq_len, cfg.top_k, cfg.lb_weight, group
             ),
-            z_loss=router_z_loss(routing.logits_TE, self.top_k, self.z_weight),
+            z_loss=router_z_loss(routing.logits_TE, cfg.top_k, cfg.z_weight),
             tokens_per_expert_E=tokens_per_expert_E.detach(),
             router_entropy=router_entropy(routing.probs_TE),
             dropped_rows=dropped_rows,

@@ -118,7 +118,7 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, An
                 ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
                 entropy_sum[li] = entropy_sum.get(li, 0.0) + float(ent.sum())
                 tokens[li] = tokens.get(li, 0) + probs.shape[0]
-                c = torch.bincount(experts.reshape(-1), minlength=ffn.num_experts).cpu()
+                c = torch.bincount(experts.reshape(-1), minlength=ffn.config.num_experts).cpu()
                 counts[li] = counts.get(li, 0) + c
                 probs_sum[li] = probs_sum.get(li, 0) + probs.sum(0).cpu()
             hooks.append(block.ffn.register_forward_pre_hook(route_hook))

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from moe_model.activations import ACTIVATIONS
 from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
-from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
+from moe_model.expert_parallel import EXPERT_WEIGHTS
 from moe_model.init import draw_on
 from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
@@ -128,7 +128,10 @@ def parallelize_model(
     )
     expert_mesh = None
     if expert_parallel_degree > 1:
-        expert_mesh = expert_parallel_mesh(model, mesh, expert_parallel_degree)
+        expert_mesh = expert_parallel_mesh(mesh, expert_parallel_degree)
+    for layer in model.moe_layers():
+        ep_mesh = None if expert_mesh is None else expert_mesh["ep"]
+        layer.parallelize(ep_mesh, lb_group=mesh.get_group())
     for block in model.blocks:
         coefficient_sets = activation_modules_with_params(block)
         if coefficient_sets:
@@ -146,8 +149,8 @@ def parallelize_model(
     return model, True
 
 
-def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> DeviceMesh:
-    """Shard each MoE layer's experts over EP groups of ``degree`` ranks; returns their mesh.
+def expert_parallel_mesh(mesh: DeviceMesh, degree: int) -> DeviceMesh:
+    """The mesh of EP groups of ``degree`` ranks, over which each MoE layer's experts shard.
 
     The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
     consecutive ranks, each holding E/degree experts of every layer, which
@@ -158,7 +161,6 @@ def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> Dev
     expert_mesh = init_device_mesh(
         mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
     )
-    shard_experts(model, expert_mesh["ep"])
     return expert_mesh
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -113,11 +114,9 @@ def test_experts_match_reference(activation, impl, renormalize):
 
 
 def test_grouped_and_loop_agree_3d_input():
-    layer = make_layer("swiglu", "loop")
     x = torch.randn(2, 7, D)
-    y_loop, aux_loop = layer(x)
-    layer.expert_impl = "grouped_mm"
-    y_grouped, aux_grouped = layer(x)
+    y_loop, aux_loop = make_layer("swiglu", "loop")(x)
+    y_grouped, aux_grouped = make_layer("swiglu", "grouped_mm")(x)  # the same seed, weights
     assert y_loop.shape == x.shape
     torch.testing.assert_close(y_loop, y_grouped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux_loop.tokens_per_expert_E, aux_grouped.tokens_per_expert_E)
@@ -198,12 +197,15 @@ def grouped_vs_loop_bf16(device, *, d, h, e, k, tokens, activation):
         if hasattr(layer.act, "weight"):
             layer.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3, 0.2][: layer.act.order]))
             layer.act.bias.fill_(0.1)
-    layer = layer.to(torch.bfloat16)
+    weights = layer.to(torch.bfloat16).state_dict()
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=gen)
     g = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=gen)
     got = {}
+    built = layer.config
     for impl in ("grouped_mm", "loop"):
-        layer.expert_impl = impl
+        config = dataclasses.replace(built, expert_impl=impl)
+        layer = MoELayer(config, init_device="meta").to_empty(device=device).to(torch.bfloat16)
+        layer.load_state_dict(weights)
         x_in = x.clone().requires_grad_(True)
         y, aux = layer(x_in)
         y.backward(g)

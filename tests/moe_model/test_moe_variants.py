@@ -187,7 +187,7 @@ def test_variant_matches_per_token_reference(num_experts, top_k, variant, activa
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux.lb_loss, lb_ref, rtol=1e-5, atol=1e-9)
     assert aux.tokens_per_expert_E.tolist() == counts_ref.tolist()
-    if layer.capacity_factor is None:
+    if layer.config.capacity_factor is None:
         assert aux.dropped_rows is None
     else:
         assert int(aux.dropped_rows) == dropped_ref > 0  # the inputs are skewed enough to drop
@@ -387,6 +387,7 @@ _TWO_RANKS = textwrap.dedent(
 
     # Global-batch balancing: this rank's half of 80 tokens, counts summed over both ranks.
     layer = make_layer("relu", moe_lb_granularity="global_batch")
+    layer.parallelize(lb_group=dist.group.WORLD)
     x = skewed_inputs(layer, shape=(80,)).chunk(2)[rank]
     _, aux = layer(x)
     aux.lb_loss.backward()
