@@ -35,7 +35,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe_model.activations import ACTIVATIONS
 from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
 from moe_model.expert_parallel import EXPERT_WEIGHTS
@@ -213,12 +212,7 @@ def unsharded_submodules(module: nn.Module) -> list[nn.Module]:
 
 def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
     """The activation modules under ``module`` that own parameters (PolyNorm/PolyReLU sets)."""
-    act_types = tuple(ACTIVATIONS.values())
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, act_types) and next(m.parameters(recurse=False), None) is not None
-    ]
+    return [m for m in module.modules() if getattr(m, "has_coefficients", False)]
 
 
 def adamw_groups(
@@ -226,10 +220,9 @@ def adamw_groups(
 ) -> list[dict]:
     """AdamW's parameter groups (those in ``skip`` left out): activation coefficients (and
     optionally norms, embeddings) excluded from decay."""
-    act_types = tuple(ACTIVATIONS.values())
     no_decay: set[int] = set()
     for module in model.modules():
-        if isinstance(module, act_types):
+        if getattr(module, "has_coefficients", False):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
         elif isinstance(module, nn.RMSNorm | nn.LayerNorm) and not cfg.decay_norm_and_bias:
             no_decay.update(id(p) for p in module.parameters(recurse=False))
