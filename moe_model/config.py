@@ -21,14 +21,9 @@ from moe_model.attention import DOCUMENT_MASK_BACKENDS
 from moe_model.errors import ConfigError
 from moe_model.init import WeightInit
 from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
-from moe_model.moe import (
-    GROUPED_MM_ALIGN,
-    LB_GRANULARITIES,
-    ROUTER_SCORES,
-    ActivationSpec,
-    MoEConfig,
-    MoELayer,
-)
+from moe_model.moe import GROUPED_MM_ALIGN, ActivationSpec, MoEConfig, MoELayer
+from moe_model.moe_losses import LB_GRANULARITIES
+from moe_model.routing import ROUTER_SCORES
 from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
 from moe_model.transformer import Attention, Block, DenseFFN, MoETransformer
 

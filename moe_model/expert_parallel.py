@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moe_model.moe import combine, sort_by_expert
+from moe_model.dispatch import combine, sort_by_expert
 
 __all__ = ["EXPERT_WEIGHTS", "AllToAllDispatcher", "EPDispatched"]
 

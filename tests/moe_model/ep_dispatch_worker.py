@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from moe_model.dispatch import LocalDispatcher
 from moe_model.expert_parallel import AllToAllDispatcher
-from moe_model.moe import LocalDispatcher, Routing, count_per_expert
+from moe_model.routing import Routing, count_per_expert
 from tests.moe_model.test_transformer import tiny_config
 
 E, K, T, D = 4, 2, 6, 8

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
-from moe_model.moe import MoELayer, combine, load_balancing_loss, router_z_loss
+from moe_model.dispatch import combine
+from moe_model.moe import MoELayer
+from moe_model.moe_losses import load_balancing_loss, router_z_loss
 
 pytestmark = pytest.mark.numerics
 

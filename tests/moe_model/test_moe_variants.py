@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
-from moe_model.moe import (
-    MoELayer,
-    capacity_keep,
-    count_per_expert,
-    expert_capacity,
-    load_balancing_loss,
-    sequence_load_balancing_loss,
-    update_expert_bias_,
-)
+from moe_model.moe import MoELayer
+from moe_model.moe_losses import load_balancing_loss, sequence_load_balancing_loss
+from moe_model.routing import capacity_keep, count_per_expert, expert_capacity, update_expert_bias_
 from tests.olmo.helpers import REPO, free_port
 
 pytestmark = pytest.mark.numerics
