@@ -1,6 +1,8 @@
 """Expert activations, one registry by name.
 
-Every activation is an ``nn.Module`` with a class attribute ``gated``:
+Every activation is an ``nn.Module`` with class attributes ``gated`` and ``has_coefficients``
+(trainable coefficient parameters: one set per MoE layer or expert, kept out of weight decay).
+``gated``:
 
 * non-gated (ReLU, GELU, ReLU2, PolyReLU, PolyNorm) map ``(..., H) -> (..., H)``;
 * gated (SwiGLU) take the fused input ``(..., 2H)`` -- first half the gate input (w1), second
@@ -44,6 +46,7 @@ class ReLU(nn.Module):
     """relu(x)."""
 
     gated = False
+    has_coefficients = False
     options: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +57,7 @@ class GELU(nn.Module):
     """gelu(x); exact erf form by default (``approximate="tanh"`` for the tanh form)."""
 
     gated = False
+    has_coefficients = False
     options: tuple[str, ...] = ("approximate",)
 
     def __init__(self, approximate: str = "none"):
@@ -71,6 +75,7 @@ class ReLU2(nn.Module):
     """Squared ReLU, relu(x)^2 (Primer)."""
 
     gated = False
+    has_coefficients = False
     options: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +86,7 @@ class SwiGLU(nn.Module):
     """silu(a) * b on the fused input [a | b] of last dim 2H (a from w1, b from w3)."""
 
     gated = True
+    has_coefficients = False
     options: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,7 @@ class _Polynomial(nn.Module):
     """
 
     gated = False
+    has_coefficients = True
 
     def __init__(self, order: int = 3, backend: str = "auto"):
         super().__init__()

@@ -7,24 +7,37 @@ The YAML ``model:`` section maps one-to-one onto :class:`ModelConfig`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
+
+import torch
 
 from moe_model.activations import ACTIVATIONS
 from moe_model.attention import DOCUMENT_MASK_BACKENDS
 from moe_model.errors import ConfigError
+from moe_model.init import WeightInit
 from moe_model.kernels.dispatch import BACKENDS as ACTIVATION_BACKENDS
-from moe_model.moe import GROUPED_MM_ALIGN, LB_GRANULARITIES, ROUTER_SCORES
+from moe_model.moe import GROUPED_MM_ALIGN, ActivationSpec, MoEConfig, MoELayer
+from moe_model.moe_losses import LB_GRANULARITIES
+from moe_model.routing import ROUTER_SCORES
 from moe_model.tokenizer import EMBEDDING_SIZE, VOCAB_SIZE
-
-if TYPE_CHECKING:
-    from moe_model.transformer import MoETransformer
+from moe_model.transformer import Attention, Block, DenseFFN, MoETransformer
 
 __all__ = ["ConfigError", "ModelConfig", "equal_param_hidden_size"]
 
-BLOCK_TYPES = ("moe", "dense")
-EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+# The options a string key takes, as Literal types the one validator (_check_types) reads; the
+# registries' names, so a new registry entry is a new valid value.
+BlockType = Literal["moe", "dense"]
+ExpertImpl = Literal["auto", "grouped_mm", "loop"]
+ActivationType = Literal[tuple(ACTIVATIONS)]
+ActivationBackend = Literal[tuple(ACTIVATION_BACKENDS)]
+DocumentMaskBackend = Literal[("auto", *DOCUMENT_MASK_BACKENDS)]
+RouterScore = Literal[tuple(ROUTER_SCORES)]
+LbGranularity = Literal[tuple(LB_GRANULARITIES)]
 
 
 def _num_matrices(activation: str) -> int:
@@ -76,20 +89,20 @@ class ModelConfig:
     document_masking: bool = False
     """Attend only within each document of a packed sequence (split after data.eos_token_id) and
     restart RoPE positions at each document; OLMoE (false) attends across documents."""
-    document_masking_backend: str = "auto"
+    document_masking_backend: DocumentMaskBackend = "auto"
     """'sdpa' (dense mask, any device), 'flex' (FlexAttention, skips masked tiles; trains on
     CUDA only) or 'auto' (flex on CUDA, sdpa elsewhere); see moe_model/attention.py."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every RMSNorm (block norms, QK-norm, final norm)."""
-    block_type: str = "moe"
+    block_type: BlockType = "moe"
     """'moe' (router + experts in every block) or 'dense' (one FFN per block)."""
-    activation_type: str = "swiglu"
+    activation_type: ActivationType = "swiglu"
     """Expert activation, a key of moe_model.activations.ACTIVATIONS."""
     activation_order: int = 3
     """Polynomial order of polyrelu/polynorm (ignored by the others)."""
     activation_eps: float = 1e-6
     """Epsilon of polynorm's per-row RMS norm (ignored by the others)."""
-    activation_backend: str = "auto"
+    activation_backend: ActivationBackend = "auto"
     """Kernel backend of polyrelu/polynorm (see moe_model.kernels)."""
     mlp_hidden_size: int = 1024
     """Per-expert hidden size H; for gated activations each of w1, w3 is D -> H."""
@@ -105,13 +118,13 @@ class ModelConfig:
     moe_renormalize: bool = False
     """Renormalise the top-k routing weights to sum to 1 (OLMoE: no); needs moe_top_k > 1, as
     one renormalised weight is the constant 1."""
-    moe_expert_impl: str = "auto"
+    moe_expert_impl: ExpertImpl = "auto"
     """'grouped_mm', 'loop', or 'auto': grouped_mm when d_model and H are multiples of 8 and it
     supports the dtype (bf16 anywhere; fp32 on CPU without torch.compile), else the loop."""
     moe_activation_per_expert: bool = False
     """One polyrelu/polynorm coefficient set per expert instead of one per MoE layer shared by its
     experts (the paper); ignored by activations without coefficients and by dense blocks."""
-    moe_router_score: str = "softmax"
+    moe_router_score: RouterScore = "softmax"
     """Router gate: 'softmax' over all E experts (OLMoE) or 'sigmoid' per expert (DeepSeek-V3);
     the load-balancing loss then averages the sigmoid scores normalised over E."""
     moe_route_scale: float = 1.0
@@ -120,7 +133,7 @@ class ModelConfig:
     """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores, used for the
     top-k choice only, moved by this step after every optimizer step towards the mean load
     (DeepSeek-V3: 0.001); None = off."""
-    moe_lb_granularity: str = "micro_batch"
+    moe_lb_granularity: LbGranularity = "micro_batch"
     """Token set of the load-balancing loss: 'micro_batch' (OLMoE), 'sequence' (each sequence
     on its own, DeepSeek-V3) or 'global_batch' (expert counts all-reduced over data-parallel
     ranks per micro-batch, not pooled over gradient-accumulation micro-batches; Qiu et al.,
@@ -163,9 +176,67 @@ class ModelConfig:
 
     def build(self, init_device: str = "cpu") -> MoETransformer:
         """The model; on ``init_device="meta"`` call ``to_empty`` then ``init_weights`` after."""
-        from moe_model.transformer import MoETransformer
+        model = MoETransformer(
+            [self.build_block(layer, "meta") for layer in range(self.n_layers)],
+            embedding_size=self.embedding_size,
+            d_model=self.d_model,
+            norm_eps=self.layer_norm_eps,
+            init=self.weight_init,
+            document_masking=self.document_masking,
+            document_masking_backend=self.document_masking_backend,
+            init_device=init_device,
+        )
+        model.config = self
+        return model
 
-        return MoETransformer(self, init_device=init_device)
+    def build_block(self, layer: int, init_device: str | torch.device = "cpu") -> Block:
+        """Block ``layer`` (0-based): attention and its MoE layer or dense FFN."""
+        attn = Attention(
+            self.d_model,
+            self.n_heads,
+            qk_norm=self.qk_norm,
+            norm_eps=self.layer_norm_eps,
+            rope_theta=self.rope_theta,
+            init=self.weight_init,
+            init_device=init_device,
+        )
+        if self.is_moe_block(layer):
+            ffn = MoELayer(self.moe_layer_config(), init_device)
+        else:
+            ffn = DenseFFN(self.d_model, self.dense_hidden_size(layer), self.activation_spec(),
+                           self.weight_init, init_device)  # fmt: skip
+        return Block(attn, ffn, self.d_model, self.layer_norm_eps, init_device)
+
+    def moe_layer_config(self) -> MoEConfig:
+        """The settings of every MoE layer, from the ``moe_*`` keys."""
+        return MoEConfig(
+            d_model=self.d_model,
+            hidden_size=self.mlp_hidden_size,
+            num_experts=self.moe_num_experts,
+            top_k=self.moe_top_k,
+            activation=self.activation_spec(),
+            activation_per_expert=self.activation_sets_per_layer > 1,
+            init=self.weight_init,
+            router_score=self.moe_router_score,
+            renormalize=self.moe_renormalize,
+            route_scale=self.moe_route_scale,
+            bias_update_rate=self.moe_bias_update_rate,
+            capacity_factor=self.moe_capacity_factor,
+            lb_granularity=self.moe_lb_granularity,
+            lb_weight=self.moe_loss_weight,
+            z_weight=self.moe_zloss_weight,
+            expert_impl=self.moe_expert_impl,
+            shared_experts=self.moe_shared_experts,
+            shared_hidden_size=self.shared_hidden_size,
+        )
+
+    @property
+    def weight_init(self) -> WeightInit:
+        return WeightInit(self.init_std, self.init_cutoff_factor)
+
+    def activation_spec(self) -> ActivationSpec:
+        """The activation every FFN of the model builds."""
+        return ActivationSpec(self.activation_type, self.activation_kwargs())
 
     # ---- validation --------------------------------------------------------------------------
 
@@ -211,33 +282,10 @@ class ModelConfig:
                 f"model.d_model/model.n_heads={self.d_model // self.n_heads} (head dim) must be "
                 "even for RoPE"
             )
-        if self.block_type not in BLOCK_TYPES:
-            raise ConfigError(
-                f"model.block_type={self.block_type!r} must be one of {list(BLOCK_TYPES)}"
-            )
-        if self.activation_type not in ACTIVATIONS:
-            raise ConfigError(
-                f"model.activation_type={self.activation_type!r} is unknown; known activations: "
-                f"{sorted(ACTIVATIONS)}"
-            )
-        if self.activation_backend not in ACTIVATION_BACKENDS:
-            raise ConfigError(
-                f"model.activation_backend={self.activation_backend!r} must be one of "
-                f"{list(ACTIVATION_BACKENDS)}"
-            )
         if self.moe_top_k > self.moe_num_experts:
             raise ConfigError(
                 f"model.moe_top_k={self.moe_top_k} must be <= "
                 f"model.moe_num_experts={self.moe_num_experts}"
-            )
-        if self.document_masking_backend not in ("auto", *DOCUMENT_MASK_BACKENDS):
-            raise ConfigError(
-                f"model.document_masking_backend={self.document_masking_backend!r} must be one of "
-                f"{['auto', *DOCUMENT_MASK_BACKENDS]}"
-            )
-        if self.moe_expert_impl not in EXPERT_IMPLS:
-            raise ConfigError(
-                f"model.moe_expert_impl={self.moe_expert_impl!r} must be one of {list(EXPERT_IMPLS)}"
             )
         if self.moe_expert_impl == "grouped_mm":
             for key in ("d_model", "mlp_hidden_size"):
@@ -251,16 +299,6 @@ class ModelConfig:
 
     def _check_moe_options(self) -> None:
         """The routing and balancing variants: each value, then the combinations."""
-        if self.moe_router_score not in ROUTER_SCORES:
-            raise ConfigError(
-                f"model.moe_router_score={self.moe_router_score!r} must be one of "
-                f"{list(ROUTER_SCORES)}"
-            )
-        if self.moe_lb_granularity not in LB_GRANULARITIES:
-            raise ConfigError(
-                f"model.moe_lb_granularity={self.moe_lb_granularity!r} must be one of "
-                f"{list(LB_GRANULARITIES)}"
-            )
         if not self.moe_route_scale > 0:
             raise ConfigError(f"model.moe_route_scale={self.moe_route_scale} must be > 0")
         for key in ("moe_bias_update_rate", "moe_capacity_factor", "moe_shared_hidden_size",
@@ -320,37 +358,13 @@ class ModelConfig:
             )
 
     def _check_types(self) -> None:
-        """Type-check every field; ints become floats where a float is expected.
+        """Check every field against its annotation (int, float, bool, str, a Literal of the
+        allowed values, or one of them | None); ints become floats where a float is expected.
 
         PyYAML reads ``1e-5`` (no dot) as a string, so numeric strings are accepted for floats.
         """
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = f.type
-            if isinstance(kind, str) and kind.endswith(" | None"):
-                if value is None:
-                    continue
-                kind = kind.removesuffix(" | None")
-            if kind in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"model.{f.name}={value!r} must be an int")
-            elif kind in ("float", float):
-                if isinstance(value, str):
-                    try:
-                        value = float(value)
-                    except ValueError:
-                        raise ConfigError(f"model.{f.name}={value!r} must be a number") from None
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"model.{f.name}={value!r} must be a number")
-                if not math.isfinite(value):
-                    raise ConfigError(f"model.{f.name}={value!r} must be finite")
-                setattr(self, f.name, float(value))
-            elif kind in ("bool", bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"model.{f.name}={value!r} must be true or false")
-            elif kind in ("str", str):
-                if not isinstance(value, str):
-                    raise ConfigError(f"model.{f.name}={value!r} must be a string")
+        for name, kind in _field_types(type(self)).items():
+            setattr(self, name, _checked(f"model.{name}", getattr(self, name), kind))
 
     # ---- derived sizes -----------------------------------------------------------------------
 
@@ -409,7 +423,7 @@ class ModelConfig:
     @property
     def has_activation_coefficients(self) -> bool:
         """Whether the activation has trainable coefficients (polyrelu, polynorm)."""
-        return "order" in ACTIVATIONS[self.activation_type].options
+        return ACTIVATIONS[self.activation_type].has_coefficients
 
     @property
     def activation_sets_per_layer(self) -> int:
@@ -503,3 +517,48 @@ class ModelConfig:
         """
         n = self.num_active_params() - self._embedding_params()
         return 6 * n + 12 * self.n_layers * self.d_model * seq_len
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> its annotation evaluated (the module has postponed annotations)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _checked(key: str, value: Any, kind: Any) -> Any:
+    """``value`` if it fits the annotation ``kind`` (a float for a number), else a ConfigError
+    naming ``key``, the value and what was expected."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, Optional[X]
+        if value is None:
+            return None
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} must be one of {list(choices)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an int")
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be finite")
+        return float(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"{key}: no check for the annotation {kind!r}")

@@ -9,8 +9,9 @@ An EP group is P consecutive ranks (the ``ep`` dim of a (world/P, P) device mesh
 no larger than the GPUs of a node, and dividing them, the all-to-all stays inside a node. Rank j
 of a group holds experts [j*X, (j+1)*X): its slice of ``w_in_EDH``/``w_out_EHD`` sharded on
 dim 0 (a DTensor ``Shard(0)`` over the ``ep`` dim; FSDP shards that slice again over the other
-dim). Checkpoints (DCP) record the global shapes, so a run saved with one EP degree loads with
-any other.
+dim). ``MoELayer.parallelize(ep_mesh)`` cuts the slices and gives the layer an
+:class:`AllToAllDispatcher`. Checkpoints (DCP) record the global shapes, so a run saved with one
+EP degree loads with any other.
 
 Per forward of one MoE layer: one all-to-all of the X*P counts, one host sync for the split
 sizes, one all-to-all of the rows out and one back; backward runs the two row exchanges
@@ -26,14 +27,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
 
-from moe_model.moe import MoELayer, combine, sort_by_expert
+from moe_model.dispatch import combine, sort_by_expert
 
-__all__ = ["EXPERT_WEIGHTS", "AllToAllDispatcher", "EPDispatched", "shard_experts"]
+__all__ = ["EXPERT_WEIGHTS", "AllToAllDispatcher", "EPDispatched"]
 
 EXPERT_WEIGHTS = ("w_in_EDH", "w_out_EHD")
 """The MoELayer parameters sharded on their expert dim (0) over the EP group."""
@@ -136,22 +134,3 @@ def _sender_major_to_expert_major(counts_PX: torch.Tensor, total: int) -> torch.
     )
     offset_R = torch.arange(total, device=counts_PX.device) - out_start_XP[block_R]
     return start_XP[block_R] + offset_R
-
-
-def shard_experts(module: nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Give each rank of ``ep_mesh`` (1-D) its E/ep experts of every MoE layer in ``module``.
-
-    The expert weights become DTensors ``Shard(0)`` over the EP group (on the meta device too:
-    nothing is communicated, each rank keeps its slice) and each layer dispatches by all-to-all.
-    Per-expert activation coefficient sets are not split by expert: like the other non-expert
-    parameters they stay FSDP-sharded over all ranks (a few floats per expert); each rank runs
-    its experts' sets and gives the others a zero gradient (``MoELayer.activate``).
-    """
-    for layer in module.modules():
-        if not isinstance(layer, MoELayer):
-            continue
-        for name in EXPERT_WEIGHTS:
-            param = getattr(layer, name)
-            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
-            layer.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
-        layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), layer.num_experts)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["draw_on", "trunc_normal_"]
+__all__ = ["WeightInit", "draw_on", "trunc_normal_"]
 
 _DRAW_CHUNK = 1 << 22  # elements drawn at a time (16 MiB in fp32)
 _draw_device = torch.device("cpu")
@@ -85,3 +86,16 @@ def trunc_normal_(param: torch.Tensor, *, std: float, cutoff_factor: float) -> N
     for piece in full.view(-1).split(_DRAW_CHUNK):
         _trunc_normal_piece_(piece, std, cutoff_factor * std)
     _copy_full_(param, full)
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """The truncated-normal init of every linear, embedding and expert weight."""
+
+    std: float
+    """Standard deviation of N(0, std^2)."""
+    cutoff_factor: float
+    """Truncate at +-cutoff_factor * std."""
+
+    def __call__(self, param: torch.Tensor) -> None:
+        trunc_normal_(param, std=self.std, cutoff_factor=self.cutoff_factor)

@@ -10,14 +10,14 @@ Build on the meta device for large models, then materialise:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_model.attention import DocumentMask, build_document_mask
-from moe_model.config import ModelConfig
-from moe_model.init import trunc_normal_
+from moe_model.init import WeightInit
 from moe_model.moe import FeedForward, MoELayer
 from moe_model.precision import at_least_fp32, upcast
 
@@ -39,10 +39,6 @@ class ModelOutput:
     """Mean router entropy per MoE layer (fp32, detached)."""
     dropped_rows_L: torch.Tensor | None = None
     """Rows dropped by the capacity limit per MoE layer (long); None when dropless."""
-
-
-def _trunc_normal_(w: torch.Tensor, config: ModelConfig) -> None:
-    trunc_normal_(w, std=config.init_std, cutoff_factor=config.init_cutoff_factor)
 
 
 def rope_cos_sin(
@@ -86,26 +82,37 @@ def apply_rope(x_BNSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tens
 class Attention(nn.Module):
     """Causal multi-head attention, no biases, QK-norm over the full D-wide q and k (OLMoE)."""
 
-    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        qk_norm: bool,
+        norm_eps: float,
+        rope_theta: float,
+        init: WeightInit,
+        init_device: str | torch.device = "cpu",
+    ):
         super().__init__()
-        self.config = config
-        d = config.d_model
-        self.n_heads = config.n_heads
-        self.head_dim = config.head_dim
+        d = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.rope_theta = rope_theta
+        self.init = init
         self.q_proj = nn.Linear(d, d, bias=False, device=init_device)
         self.k_proj = nn.Linear(d, d, bias=False, device=init_device)
         self.v_proj = nn.Linear(d, d, bias=False, device=init_device)
         self.o_proj = nn.Linear(d, d, bias=False, device=init_device)
-        if config.qk_norm:
-            self.q_norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
-            self.k_norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device=init_device)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(d, eps=norm_eps, device=init_device)
+            self.k_norm = nn.RMSNorm(d, eps=norm_eps, device=init_device)
         else:
             self.q_norm = self.k_norm = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            _trunc_normal_(proj.weight, self.config)
+            self.init(proj.weight)
         if self.q_norm is not None:
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()
@@ -122,11 +129,11 @@ class Attention(nn.Module):
         rope_dtype = at_least_fp32(x_BSD.dtype)
         if doc_mask is None:
             cos, sin = rope_cos_sin(
-                s, self.head_dim, self.config.rope_theta, x_BSD.device, rope_dtype
+                s, self.head_dim, self.rope_theta, x_BSD.device, rope_dtype
             )
         else:
             cos_BSDh, sin_BSDh = rope_cos_sin_at(
-                doc_mask.positions_BS, self.head_dim, self.config.rope_theta, rope_dtype
+                doc_mask.positions_BS, self.head_dim, self.rope_theta, rope_dtype
             )
             cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)  # broadcast over heads
         q_BNSDh = apply_rope(heads(q_BSD), cos, sin)
@@ -147,14 +154,6 @@ class DenseFFN(FeedForward):
     token). DeepSeek-V3 keeps its first 3 blocks dense (``n_dense_layers`` in
     inference/configs/config_671B.json of deepseek-ai/DeepSeek-V3); see moe_model/moe.py."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        init_device: str | torch.device = "cpu",
-        hidden_size: int | None = None,
-    ):
-        super().__init__(config, hidden_size or config.mlp_hidden_size, init_device)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
 
@@ -163,18 +162,18 @@ class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h)); the unit FSDP wraps."""
 
     def __init__(
-        self, config: ModelConfig, init_device: str | torch.device = "cpu", layer: int = 0
+        self,
+        attn: Attention,
+        ffn: MoELayer | DenseFFN,
+        d_model: int,
+        norm_eps: float,
+        init_device: str | torch.device = "cpu",
     ):
         super().__init__()
-        eps = config.layer_norm_eps
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
-        self.attn = Attention(config, init_device)
-        self.ffn_norm = nn.RMSNorm(config.d_model, eps=eps, device=init_device)
-        self.ffn = (
-            MoELayer(config, init_device)
-            if config.is_moe_block(layer)
-            else DenseFFN(config, init_device, config.dense_hidden_size(layer))
-        )
+        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps, device=init_device)
+        self.attn = attn
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps, device=init_device)
+        self.ffn = ffn
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -192,17 +191,34 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Token embedding -> n_layers blocks -> final RMSNorm -> untied LM head."""
 
-    def __init__(self, config: ModelConfig, init_device: str | torch.device = "cpu"):
+    config: Any = None
+    """The config this model was built from (set by ``ModelConfig.build``), for the training
+    stack, checkpoints and exports; the model itself never reads it."""
+
+    def __init__(
+        self,
+        blocks: list[Block],
+        *,
+        embedding_size: int,
+        d_model: int,
+        norm_eps: float,
+        init: WeightInit,
+        document_masking: bool = False,
+        document_masking_backend: str = "auto",
+        init_device: str | torch.device = "cpu",
+    ):
+        """``blocks`` built on the meta device; the rest is laid out there too and, unless
+        ``init_device`` is meta, materialised and initialised once, in init_weights' order: a
+        whole build then draws exactly the random numbers of a meta build materialised later
+        (sharded or not), instead of also those of each submodule's default init."""
         super().__init__()
-        self.config = config
-        d = config.d_model
-        # Always laid out on meta and initialised once, in init_weights' order: a whole build
-        # then draws exactly the random numbers of a meta build materialised later (sharded or
-        # not), instead of also those of each submodule's default init.
-        self.embedding = nn.Embedding(config.embedding_size, d, device="meta")
-        self.blocks = nn.ModuleList(Block(config, "meta", i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(d, eps=config.layer_norm_eps, device="meta")
-        self.lm_head = nn.Linear(d, config.embedding_size, bias=False, device="meta")
+        self.init = init
+        self.document_masking = document_masking
+        self.document_masking_backend = document_masking_backend
+        self.embedding = nn.Embedding(embedding_size, d_model, device="meta")
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps, device="meta")
+        self.lm_head = nn.Linear(d_model, embedding_size, bias=False, device="meta")
         if torch.device(init_device).type != "meta":
             self.to_empty(device=init_device)
             self.init_weights()
@@ -211,11 +227,11 @@ class MoETransformer(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter: truncated normal weights, norms 1, activation
         coefficients to their defaults. Call after ``to_empty`` on a meta-built model."""
-        _trunc_normal_(self.embedding.weight, self.config)
+        self.init(self.embedding.weight)
         for block in self.blocks:
             block.reset_parameters()
         self.norm.reset_parameters()
-        _trunc_normal_(self.lm_head.weight, self.config)
+        self.init(self.lm_head.weight)
 
     reset_parameters = init_weights
 
@@ -243,12 +259,12 @@ class MoETransformer(nn.Module):
         document."""
         doc_mask = None
         if doc_ids_BS is not None:
-            if not self.config.document_masking:
+            if not self.document_masking:
                 raise ValueError(
                     "doc_ids_BS was given but model.document_masking is off; the model would "
                     "attend across documents"
                 )
-            doc_mask = build_document_mask(doc_ids_BS, self.config.document_masking_backend)
+            doc_mask = build_document_mask(doc_ids_BS, self.document_masking_backend)
         x_BSD = self.embedding(input_ids_BS)
         auxes = []
         for block in self.blocks:

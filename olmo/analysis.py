@@ -62,7 +62,7 @@ def _split(w_in: torch.Tensor, w_out: torch.Tensor, gated: bool, prefix: str = "
 def expert_matrices(ffn) -> dict[str, torch.Tensor]:
     """name -> (E, rows, cols) stack of one MoE layer's expert matrices (D x H in, H x D out),
     and of its shared experts (names prefixed 'shared ') when it has them."""
-    gated = getattr(ffn.config, "gated", False)
+    gated = ffn.config.activation.gated
     out = _split(ffn.w_in_EDH.detach().float().cpu(), ffn.w_out_EHD.detach().float().cpu(), gated)
     if ffn.shared_experts is not None:
         w_in = torch.stack([s.w_in.weight.detach().float().cpu().T for s in ffn.shared_experts])
@@ -72,7 +72,9 @@ def expert_matrices(ffn) -> dict[str, torch.Tensor]:
 
 
 def moe_layers(model) -> list[tuple[int, Any]]:
-    return [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "w_in_EDH")]
+    """(block index, layer) of each of ``model.moe_layers()``, in block order."""
+    block_of = {id(block.ffn): i for i, block in enumerate(model.blocks)}
+    return [(block_of[id(layer)], layer) for layer in model.moe_layers()]
 
 
 def effective_ranks(model) -> dict[str, list[list[float]]]:
@@ -98,48 +100,38 @@ def layer_similarity(hidden_states: list[torch.Tensor]) -> np.ndarray:
 
 @torch.no_grad()
 def collect(model, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
-    """Hidden states after the embedding and each block, and per-layer routing statistics."""
+    """Hidden states after the embedding and each block, and per-layer routing statistics: the
+    expert counts and router entropies the model's forward returns (``ModelOutput``)."""
     hidden: list[list[torch.Tensor]] = [[] for _ in range(len(model.blocks) + 1)]
-    probs_sum: dict[int, torch.Tensor] = {}
-    entropy_sum: dict[int, float] = {}
-    counts: dict[int, torch.Tensor] = {}
-    tokens: dict[int, int] = {}
     hooks = [model.embedding.register_forward_hook(
         lambda m, i, o: hidden[0].append(o.float().cpu()))]
     for li, block in enumerate(model.blocks):
         hooks.append(block.register_forward_hook(
             lambda m, i, o, li=li: hidden[li + 1].append(o[0].float().cpu())))
-        if hasattr(block.ffn, "route"):
-            def route_hook(ffn, inputs, li=li):
-                x = inputs[0]
-                routing = ffn.route(x.reshape(-1, x.shape[-1]))
-                probs, experts = routing.probs_TE, routing.experts_TK
-                probs = probs.float()
-                ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-                entropy_sum[li] = entropy_sum.get(li, 0.0) + float(ent.sum())
-                tokens[li] = tokens.get(li, 0) + probs.shape[0]
-                c = torch.bincount(experts.reshape(-1), minlength=ffn.num_experts).cpu()
-                counts[li] = counts.get(li, 0) + c
-                probs_sum[li] = probs_sum.get(li, 0) + probs.sum(0).cpu()
-            hooks.append(block.ffn.register_forward_pre_hook(route_hook))
+    counts_LE = entropy_sum_L = 0
+    num_tokens = 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids[start:start + batch_size].to(device))
+            batch = input_ids[start:start + batch_size]
+            out = model(batch.to(device))
+            counts_LE = counts_LE + out.tokens_per_expert_LE.cpu()
+            if out.router_entropy_L is not None:  # a per-batch mean: weight it by the tokens
+                entropy_sum_L = entropy_sum_L + out.router_entropy_L.double().cpu() * batch.numel()
+            num_tokens += batch.numel()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    layers = sorted(counts)
+    layers = [i for i, _ in moe_layers(model)]
     return {
         "hidden": [torch.cat(h) for h in hidden],
         "moe_layers": layers,
-        "expert_load": [(counts[li] / counts[li].sum()).tolist() for li in layers],
-        "routing_entropy": [entropy_sum[li] / tokens[li] for li in layers],
-        "mean_router_prob": [(probs_sum[li] / tokens[li]).tolist() for li in layers],
-        "num_experts": int(len(counts[layers[0]])) if layers else 0,
+        "expert_load": [(counts_E / counts_E.sum()).tolist() for counts_E in counts_LE],
+        "routing_entropy": (entropy_sum_L / num_tokens).tolist() if layers else [],
+        "num_experts": int(counts_LE.shape[1]) if layers else 0,
     }
 
 

@@ -13,9 +13,10 @@ import difflib
 import netrc
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -362,6 +363,10 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "not in" in first and key:
         return f"unknown config key '{key}'{_did_you_mean(err, key)}"
+    node = getattr(err, "child_node", None)
+    ref_type = getattr(getattr(node, "_metadata", None), "ref_type", None)
+    if key and typing.get_origin(ref_type) is Literal:  # an option field: the model's wording
+        return f"{key}={err.value!r} must be one of {list(typing.get_args(ref_type))}"
     if key:
         return f"bad value for '{key}': {first}"
     return first

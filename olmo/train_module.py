@@ -35,10 +35,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe_model.activations import ACTIVATIONS
 from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
-from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
+from moe_model.expert_parallel import EXPERT_WEIGHTS
 from moe_model.init import draw_on
 from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
@@ -128,7 +127,10 @@ def parallelize_model(
     )
     expert_mesh = None
     if expert_parallel_degree > 1:
-        expert_mesh = expert_parallel_mesh(model, mesh, expert_parallel_degree)
+        expert_mesh = expert_parallel_mesh(mesh, expert_parallel_degree)
+    for layer in model.moe_layers():
+        ep_mesh = None if expert_mesh is None else expert_mesh["ep"]
+        layer.parallelize(ep_mesh, lb_group=mesh.get_group())
     for block in model.blocks:
         coefficient_sets = activation_modules_with_params(block)
         if coefficient_sets:
@@ -146,8 +148,8 @@ def parallelize_model(
     return model, True
 
 
-def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> DeviceMesh:
-    """Shard each MoE layer's experts over EP groups of ``degree`` ranks; returns their mesh.
+def expert_parallel_mesh(mesh: DeviceMesh, degree: int) -> DeviceMesh:
+    """The mesh of EP groups of ``degree`` ranks, over which each MoE layer's experts shard.
 
     The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
     consecutive ranks, each holding E/degree experts of every layer, which
@@ -158,7 +160,6 @@ def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> Dev
     expert_mesh = init_device_mesh(
         mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
     )
-    shard_experts(model, expert_mesh["ep"])
     return expert_mesh
 
 
@@ -211,12 +212,7 @@ def unsharded_submodules(module: nn.Module) -> list[nn.Module]:
 
 def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
     """The activation modules under ``module`` that own parameters (PolyNorm/PolyReLU sets)."""
-    act_types = tuple(ACTIVATIONS.values())
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, act_types) and next(m.parameters(recurse=False), None) is not None
-    ]
+    return [m for m in module.modules() if getattr(m, "has_coefficients", False)]
 
 
 def adamw_groups(
@@ -224,10 +220,9 @@ def adamw_groups(
 ) -> list[dict]:
     """AdamW's parameter groups (those in ``skip`` left out): activation coefficients (and
     optionally norms, embeddings) excluded from decay."""
-    act_types = tuple(ACTIVATIONS.values())
     no_decay: set[int] = set()
     for module in model.modules():
-        if isinstance(module, act_types):
+        if getattr(module, "has_coefficients", False):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
         elif isinstance(module, nn.RMSNorm | nn.LayerNorm) and not cfg.decay_norm_and_bias:
             no_decay.update(id(p) for p in module.parameters(recurse=False))

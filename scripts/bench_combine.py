@@ -34,7 +34,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from moe_model.moe import combine
+from moe_model.dispatch import combine
 
 OLMOE_SHAPE = (16384, 8, 2048)
 """(tokens, top-k, d_model) of one OLMoE-1B-7B MoE layer at micro-batch 4 x 4096."""

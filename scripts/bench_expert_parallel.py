@@ -119,7 +119,6 @@ def worker(args) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from moe_model.config import ModelConfig
-    from moe_model.expert_parallel import shard_experts
     from moe_model.moe import MoELayer
 
     device = pick_device(args.device)
@@ -141,9 +140,9 @@ def worker(args) -> None:
     rows = []
     for mode in ("local", "ep"):
         torch.manual_seed(0)  # the same weights on every rank and in both modes
-        layer = MoELayer(cfg, init_device="cpu").to(device, dtype)
+        layer = MoELayer(cfg.moe_layer_config(), init_device="cpu").to(device, dtype)
         if mode == "ep":
-            shard_experts(layer, mesh["ep"])
+            layer.parallelize(mesh["ep"])
         traffic: dict = {}
         times = time_phases(_staged_phases(layer, x_TD, g_TD, traffic), device=device,
                             warmup=args.warmup, iters=args.iters)  # fmt: skip

@@ -52,7 +52,7 @@ def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters, profil
         activation_backend=backend, moe_expert_impl=args.expert_impl,
     )  # fmt: skip
     with draw_on(device):  # seconds, not the CPU's serial draw of 400M values
-        layer = MoELayer(cfg, init_device=device).to(dtype)
+        layer = MoELayer(cfg.moe_layer_config(), init_device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(
         args.tokens, args.d_model, device=device, dtype=dtype, generator=gen

@@ -8,6 +8,7 @@ import torch
 
 import moe_model.moe as moe
 from moe_model.config import ModelConfig
+from moe_model.routing import count_per_expert
 from tests.cuda_rules import record_cuda_syncs
 
 x = torch.tensor([0.5, -1.0, 2.0, -0.25])
@@ -80,7 +81,7 @@ def moe_layer(**changes) -> moe.MoELayer:
         "mlp_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2, "activation_type": "relu",
         **changes,
     })  # fmt: skip
-    return moe.MoELayer(config)
+    return moe.MoELayer(config.moe_layer_config())
 
 
 @pytest.mark.parametrize("changes", [{}, {"moe_capacity_factor": 0.5}], ids=["dropless", "capacity"])
@@ -109,4 +110,4 @@ def test_count_per_expert_is_bincount():
     experts_TK = torch.randint(0, 7, (50, 3), generator=gen)
     experts_TK[:, 0] = 2  # a crowded expert; expert 6 may be empty
     want = torch.bincount(experts_TK.reshape(-1), minlength=9)
-    assert torch.equal(moe.count_per_expert(experts_TK, 9), want)
+    assert torch.equal(count_per_expert(experts_TK, 9), want)

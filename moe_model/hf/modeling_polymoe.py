@@ -35,7 +35,7 @@ Dense models (``block_type="dense"``) and the first ``moe_first_dense_layers`` b
 ``mlp.w_in.weight`` (H or 2H, D) and ``mlp.w_out.weight`` (D, H) instead of the router and
 experts.
 
-Routing as in training (moe_model/moe.py): softmax or sigmoid scores in fp32, the top-k chosen
+Routing as in training (moe_model/routing.py): softmax or sigmoid scores in fp32, the top-k chosen
 on scores + bias (when stored), weighted by the unbiased scores, renormalised
 (``norm_topk_prob``), times ``moe_route_scale``; the shared experts' outputs added. Inference
 never drops tokens (a capacity factor acts in training only).
@@ -262,7 +262,7 @@ class PolyMoESparseMoeBlock(nn.Module):
         else:
             a_RH = self.act_fn(h_RH)
         y_RD = torch.cat([a_NH @ w_out[e] for e, a_NH in enumerate(a_RH.split(counts))])
-        # Each token's K rows weighted and summed in fp32, rounded once (moe.py's combine).
+        # Each token's K rows weighted and summed in fp32, rounded once (moe_model/dispatch.py's combine).
         y_TKD = y_RD[order_R.argsort()].view(-1, self.top_k, shape[-1])
         y_TD = (y_TKD * weights_TK.unsqueeze(-1)).sum(dim=1).to(y_RD.dtype)
         for shared in self.shared_experts:

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_model.expert_parallel import AllToAllDispatcher, shard_experts
-from moe_model.moe import LocalDispatcher, Routing, count_per_expert
+from moe_model.dispatch import LocalDispatcher
+from moe_model.expert_parallel import AllToAllDispatcher
+from moe_model.routing import Routing, count_per_expert
 from tests.moe_model.test_transformer import tiny_config
 
 E, K, T, D = 4, 2, 6, 8
@@ -81,8 +82,8 @@ def check_layer(mesh, config, label: str, experts_TK: torch.Tensor | None = None
     whole = config.build().blocks[0].ffn
     torch.manual_seed(3)
     model = config.build()
-    shard_experts(model, mesh["ep"])
     layer = model.blocks[0].ffn
+    layer.parallelize(mesh["ep"])
     if experts_TK is not None:
         forced_routing(whole, experts_TK)
         forced_routing(layer, experts_TK)

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_model.expert_parallel import shard_experts
 from tests.grouped_mm_rules import GroupedMMRules
 from tests.moe_model.ep_dispatch_worker import forced_routing
 from tests.moe_model.test_transformer import tiny_config
@@ -25,10 +24,9 @@ E, K = 4, 2
 
 def check(mesh, config, label: str, experts_TK: torch.Tensor | None, min_calls: int) -> None:
     torch.manual_seed(3)
-    model = config.build().to(torch.bfloat16)
-    shard_experts(model, mesh["ep"])
+    model = config.replace(moe_expert_impl="grouped_mm").build().to(torch.bfloat16)
     layer = model.blocks[0].ffn
-    layer.expert_impl = "grouped_mm"
+    layer.parallelize(mesh["ep"])
     if experts_TK is not None:
         forced_routing(layer, experts_TK)
     gen = torch.Generator().manual_seed(dist.get_rank())

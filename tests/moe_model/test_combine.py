@@ -1,4 +1,4 @@
-"""The chunked combine (moe.combine): values and gradients against float64 and against the
+"""The chunked combine (dispatch.combine): values and gradients against float64 and against the
 one-shot (T, K, D) form it replaced, chunk boundaries, the memory it does not allocate, and a
 graph-break-free trace.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_model import moe
-from moe_model.moe import combine
+from moe_model import dispatch
+from moe_model.dispatch import combine
 from tests.moe_model.test_moe import D, K, make_layer, skewed_inputs
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -171,8 +171,8 @@ def test_layer_in_chunks_equals_layer_in_one_chunk(monkeypatch, variant):
     layer = make_layer("swiglu", "grouped_mm", **variant).train()
     x = skewed_inputs(layer, num_tokens=20)
     got = {}
-    for budget in (moe.COMBINE_CHUNK_BYTES, 3 * 4 * K * D):
-        monkeypatch.setattr(moe, "COMBINE_CHUNK_BYTES", budget)
+    for budget in (dispatch.COMBINE_CHUNK_BYTES, 3 * 4 * K * D):
+        monkeypatch.setattr(dispatch, "COMBINE_CHUNK_BYTES", budget)
         layer.zero_grad(set_to_none=True)
         x_in = x.clone().requires_grad_(True)
         y, aux = layer(x_in)

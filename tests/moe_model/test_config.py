@@ -202,3 +202,41 @@ def test_variant_validation_errors(kwargs, message):
         ModelConfig(**kwargs)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"moe_shared_experts": 1, "moe_shared_hidden_size": "64"},
+         "model.moe_shared_hidden_size='64' must be an int"),
+        ({"moe_first_dense_layers": 1, "moe_first_dense_hidden_size": 2.5},
+         "model.moe_first_dense_hidden_size=2.5 must be an int"),
+        ({"activation_backend": "cuda"}, "model.activation_backend='cuda' must be one of ['auto'"),
+        ({"document_masking_backend": "xformers"},
+         "model.document_masking_backend='xformers' must be one of ['auto', 'sdpa', 'flex']"),
+        ({"block_type": 1}, "model.block_type=1 must be one of ['moe', 'dense']"),
+    ],
+)  # fmt: skip
+def test_optional_and_literal_fields_are_checked(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_validator_reads_typing_forms():
+    """Optional[int] (typing.Union) and int | None check alike; a Literal lists its values; an
+    annotation without a rule is a programming error, not a silently unchecked field."""
+    from typing import Literal, Optional
+
+    from moe_model.config import _checked
+
+    for kind in (Optional[int], int | None):  # noqa: UP045 (the older spelling on purpose)
+        assert _checked("k", None, kind) is None
+        assert _checked("k", 3, kind) == 3
+        with pytest.raises(ConfigError, match=r"^k='3' must be an int$"):
+            _checked("k", "3", kind)
+    assert _checked("k", "1e-5", float | None) == 1e-5
+    with pytest.raises(ConfigError, match=r"^k='c' must be one of \['a', 'b'\]$"):
+        _checked("k", "c", Literal["a", "b"])
+    with pytest.raises(TypeError, match="no check"):
+        _checked("k", [1], list[int])

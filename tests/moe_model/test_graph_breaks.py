@@ -44,7 +44,7 @@ def block(**changes) -> Block:
         "max_sequence_length": 16, "activation_type": "polynorm", "mlp_hidden_size": 24,
         "moe_num_experts": 4, "moe_top_k": 2, **changes,
     })  # fmt: skip
-    return Block(config).train()
+    return config.build_block(0).train()
 
 
 def explain(module: torch.nn.Module):

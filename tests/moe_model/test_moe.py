@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
-from moe_model.moe import MoELayer, combine, load_balancing_loss, router_z_loss
+from moe_model.dispatch import combine
+from moe_model.moe import MoELayer
+from moe_model.moe_losses import load_balancing_loss, router_z_loss
 
 pytestmark = pytest.mark.numerics
 
 D, H, E, K = 16, 8, 6, 2
 
 
-def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = ModelConfig(
+def layer_config(activation="polynorm", impl="loop", renormalize=False, **kw) -> ModelConfig:
+    return ModelConfig(
         vocab_size=64,
         embedding_size=64,
         d_model=D,
@@ -32,7 +34,12 @@ def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **
         moe_renormalize=renormalize,
         **kw,
     )
-    layer = MoELayer(config)
+
+
+def make_layer(activation="polynorm", impl="loop", renormalize=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = layer_config(activation, impl, renormalize, **kw)
+    layer = MoELayer(config.moe_layer_config())
     if hasattr(layer.act, "weight"):  # non-default coefficients, so their gradients are real
         with torch.no_grad():
             layer.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3, 0.2][: layer.act.order]))
@@ -109,11 +116,9 @@ def test_experts_match_reference(activation, impl, renormalize):
 
 
 def test_grouped_and_loop_agree_3d_input():
-    layer = make_layer("swiglu", "loop")
     x = torch.randn(2, 7, D)
-    y_loop, aux_loop = layer(x)
-    layer.expert_impl = "grouped_mm"
-    y_grouped, aux_grouped = layer(x)
+    y_loop, aux_loop = make_layer("swiglu", "loop")(x)
+    y_grouped, aux_grouped = make_layer("swiglu", "grouped_mm")(x)  # the same seed, weights
     assert y_loop.shape == x.shape
     torch.testing.assert_close(y_loop, y_grouped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux_loop.tokens_per_expert_E, aux_grouped.tokens_per_expert_E)
@@ -186,7 +191,7 @@ def grouped_vs_loop_bf16(device, *, d, h, e, k, tokens, activation):
         vocab_size=64, embedding_size=64, d_model=d, n_layers=1, n_heads=2, mlp_hidden_size=h,
         moe_num_experts=e, moe_top_k=k, activation_type=activation,
     )  # fmt: skip
-    layer = MoELayer(config, init_device="meta").to_empty(device=device)
+    layer = MoELayer(config.moe_layer_config(), init_device="meta").to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in (layer.router.weight, layer.w_in_EDH, layer.w_out_EHD):
@@ -194,12 +199,15 @@ def grouped_vs_loop_bf16(device, *, d, h, e, k, tokens, activation):
         if hasattr(layer.act, "weight"):
             layer.act.weight.copy_(torch.tensor([0.7, -0.4, 1.3, 0.2][: layer.act.order]))
             layer.act.bias.fill_(0.1)
-    layer = layer.to(torch.bfloat16)
+    weights = layer.to(torch.bfloat16).state_dict()
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=gen)
     g = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, generator=gen)
     got = {}
+    built = layer.config
     for impl in ("grouped_mm", "loop"):
-        layer.expert_impl = impl
+        config = dataclasses.replace(built, expert_impl=impl)
+        layer = MoELayer(config, init_device="meta").to_empty(device=device).to(torch.bfloat16)
+        layer.load_state_dict(weights)
         x_in = x.clone().requires_grad_(True)
         y, aux = layer(x_in)
         y.backward(g)
@@ -230,7 +238,7 @@ def test_grouped_mm_matches_loop_bf16_gpu(activation, h):
 
 def test_auto_impl_falls_back_to_loop_when_unaligned():
     config = ModelConfig(d_model=12, n_heads=2, mlp_hidden_size=6, moe_num_experts=4, moe_top_k=2)
-    layer = MoELayer(config)
+    layer = MoELayer(config.moe_layer_config())
     x = torch.randn(5, 12)
     assert layer._impl(x) == "loop"
     y, _ = layer(x)
@@ -423,12 +431,13 @@ def test_per_expert_sets_all_equal_is_the_shared_layer():
 def test_per_expert_option_is_ignored_without_coefficients():
     layer = make_layer("swiglu", "loop", moe_activation_per_expert=True)
     assert not isinstance(layer.act, torch.nn.ModuleList)
-    assert layer.config.num_params() == layer.config.replace(moe_activation_per_expert=False).num_params()
+    config = layer_config("swiglu", "loop", moe_activation_per_expert=True)
+    assert config.num_params() == config.replace(moe_activation_per_expert=False).num_params()
 
 
 @pytest.mark.parametrize("per_expert", [False, True])
 def test_parameter_counts_with_per_expert_sets(per_expert):
-    config = make_layer("polynorm", moe_activation_per_expert=per_expert).config
+    config = layer_config("polynorm", moe_activation_per_expert=per_expert)
     model = config.build("meta")
     assert config.num_params() == sum(p.numel() for p in model.parameters())
     sets = E if per_expert else 1

@@ -15,15 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_model.config import ModelConfig
-from moe_model.moe import (
-    MoELayer,
-    capacity_keep,
-    count_per_expert,
-    expert_capacity,
-    load_balancing_loss,
-    sequence_load_balancing_loss,
-    update_expert_bias_,
-)
+from moe_model.moe import MoELayer
+from moe_model.moe_losses import load_balancing_loss, sequence_load_balancing_loss
+from moe_model.routing import capacity_keep, count_per_expert, expert_capacity, update_expert_bias_
 from tests.olmo.helpers import REPO, free_port
 
 pytestmark = pytest.mark.numerics
@@ -39,7 +33,7 @@ def make_layer(activation="polynorm", impl="loop", seed=0, **kw):
         "mlp_hidden_size": H, "moe_num_experts": E, "moe_top_k": K,
         "activation_type": activation, "moe_expert_impl": impl, **kw,
     })  # fmt: skip
-    layer = MoELayer(config)
+    layer = MoELayer(config.moe_layer_config())
     with torch.no_grad():  # non-default coefficients, different in every FFN
         for i, act in enumerate(m for m in layer.modules() if hasattr(m, "order")):
             act.weight.copy_(torch.tensor([0.7, -0.4, 1.3])[: act.order] * (1 + 0.2 * i))
@@ -55,7 +49,7 @@ def skewed_inputs(layer, shape=(40,), seed=1):
     torch.manual_seed(seed)
     x = torch.randn(*shape, D)
     x[..., 0] = 1.0
-    num_experts = layer.config.moe_num_experts
+    num_experts = layer.config.num_experts
     skew = [1.5, 0.5, 0.0, 0.0, -0.5, -1.0]
     if num_experts != len(skew):  # other expert counts: expert 0 alone favoured
         skew = [1.5] + [0.0] * (num_experts - 1)
@@ -71,14 +65,14 @@ def ffn(act, x_D, w_in_DI, w_out_HD):
 def reference(layer, x, training=True):
     """The layer written out token by token from its config: (y, lb_loss, dropped rows, counts)."""
     cfg = layer.config
-    E, K = cfg.moe_num_experts, cfg.moe_top_k
+    E, K = cfg.num_experts, cfg.top_k
     x_TD = x.reshape(-1, D)
     T = x_TD.shape[0]
     choices = []  # per token: (experts, score of each, combine weight of each)
     probs = []
     for t in range(T):
         logits = (x_TD[t] @ layer.router.weight.T).float()
-        if cfg.moe_router_score == "softmax":
+        if cfg.router_score == "softmax":
             scores = logits.softmax(-1)
             dist_e = scores
         else:
@@ -90,11 +84,11 @@ def reference(layer, x, training=True):
         )
         experts = sorted(range(E), key=lambda e: -float(biased[e]))[:K]
         picked = torch.stack([scores[e] for e in experts])
-        weights = picked / picked.sum() if cfg.moe_renormalize else picked
-        choices.append((experts, picked.detach(), weights * cfg.moe_route_scale))
+        weights = picked / picked.sum() if cfg.renormalize else picked
+        choices.append((experts, picked.detach(), weights * cfg.route_scale))
     kept = {(t, k) for t in range(T) for k in range(K)}
-    if cfg.moe_capacity_factor is not None and training:
-        capacity = math.ceil(cfg.moe_capacity_factor * T * K / E)
+    if cfg.capacity_factor is not None and training:
+        capacity = math.ceil(cfg.capacity_factor * T * K / E)
         kept = set()
         for e in range(E):
             rows = [(t, k) for t in range(T) for k in range(K) if choices[t][0][k] == e]
@@ -116,8 +110,8 @@ def reference(layer, x, training=True):
         for e in experts:
             counts[e] += 1
     probs_TE = torch.stack(probs)
-    w = cfg.moe_loss_weight
-    if cfg.moe_lb_granularity == "sequence":
+    w = cfg.lb_weight
+    if cfg.lb_granularity == "sequence":
         S = x.shape[-2] if x.dim() >= 3 else T
         terms = []
         for b in range(T // S):
@@ -187,7 +181,7 @@ def test_variant_matches_per_token_reference(num_experts, top_k, variant, activa
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux.lb_loss, lb_ref, rtol=1e-5, atol=1e-9)
     assert aux.tokens_per_expert_E.tolist() == counts_ref.tolist()
-    if layer.capacity_factor is None:
+    if layer.config.capacity_factor is None:
         assert aux.dropped_rows is None
     else:
         assert int(aux.dropped_rows) == dropped_ref > 0  # the inputs are skewed enough to drop
@@ -387,6 +381,7 @@ _TWO_RANKS = textwrap.dedent(
 
     # Global-batch balancing: this rank's half of 80 tokens, counts summed over both ranks.
     layer = make_layer("relu", moe_lb_granularity="global_batch")
+    layer.parallelize(lb_group=dist.group.WORLD)
     x = skewed_inputs(layer, shape=(80,)).chunk(2)[rank]
     _, aux = layer(x)
     aux.lb_loss.backward()

@@ -12,6 +12,7 @@ import torch
 from olmo.analysis import (
     activation_coefficients,
     analyze,
+    collect,
     effective_rank,
     layer_similarity,
     validation_tokens,
@@ -236,3 +237,23 @@ def test_routing_variants_are_analysed_by_block(tmp_path):
     paths = write_figures(result, tmp_path / "figs")
     for name in ("routing", "effective_rank", "coefficients"):
         assert_png_drawn(paths[name])
+
+
+def test_collect_routes_each_token_once(monkeypatch):
+    """The routing statistics come from the forward's own output: the router runs once per MoE
+    layer per batch (no second pass in a hook), and the counts are the ones ModelOutput holds."""
+    from moe_model.moe import MoELayer
+    from tests.moe_model.test_transformer import tiny_config
+
+    torch.manual_seed(0)
+    model = tiny_config("relu", n_layers=3, moe_first_dense_layers=1).build()
+    ids = torch.randint(0, 64, (3, 16))
+    calls = []
+    route = MoELayer.route
+    monkeypatch.setattr(MoELayer, "route", lambda self, x: calls.append(x.shape) or route(self, x))
+    stats = collect(model, ids, batch_size=2)
+    assert len(calls) == 2 * 2  # two batches (2 + 1 sequences), two MoE layers
+    model.eval()
+    counts_LE = model(ids[:2]).tokens_per_expert_LE + model(ids[2:]).tokens_per_expert_LE
+    assert stats["moe_layers"] == [1, 2]
+    assert stats["expert_load"] == [(c / c.sum()).tolist() for c in counts_LE]

@@ -305,7 +305,7 @@ def test_bias_update_after_the_step_and_resume_from_state_dict():
     """Auxiliary-loss-free balancing: after each optimizer step every layer's bias moves by
     rate * sign(mean - load) of the step's routed rows (all micro-batches); the bias rides in
     the state dict, not the optimizer, and a module loaded from it continues identically."""
-    from moe_model.moe import update_expert_bias_
+    from moe_model.routing import update_expert_bias_
 
     config = model_config(moe_bias_update_rate=0.01, moe_first_dense_layers=1, n_layers=3)
     module, trainer = make_module(config)
