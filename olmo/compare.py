@@ -49,7 +49,7 @@ import numpy as np
 
 from moe_model.config import equal_param_hidden_size
 from olmo import metric_names
-from olmo.config import ConfigError, TrainConfig, load_config, parse_duration
+from olmo.config import ConfigError, TrainConfig, load_config
 from olmo.data import plan_data, run_sequences
 from olmo.run_files import METRICS_FNAME
 
@@ -108,7 +108,7 @@ class SweepPlan:
 def expected_final_step(cfg: TrainConfig) -> int:
     """The last optimizer step of a run with this config (``stop_at`` included): the steps the
     data plan gives its duration (an epoch needs the files: they are sized, not read)."""
-    duration = parse_duration(cfg.max_duration)
+    duration = cfg.duration
     epoch_sequences = None
     if duration[0] == "epochs":
         epoch_sequences = plan_data(

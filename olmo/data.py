@@ -572,12 +572,10 @@ def mixture_for(
     cfg: DataConfig, *, sequence_length: int, vocab_size: int, global_batch_size: int
 ) -> Mixture:
     """The mixture `cfg.sources` gives (files resolved and sized, not read)."""
-    np_dtype = resolve_dtype(cfg.dtype, vocab_size)
-    files = _source_files(cfg, np_dtype, vocab_size, check_tokens=False)
-    return plan_mixture(
-        cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
-        global_batch_size=global_batch_size,
-    )  # fmt: skip
+    return plan_data(
+        cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+        global_batch_size=global_batch_size, check_run=False,
+    ).mixture  # fmt: skip
 
 
 # --- the plan of one run's training data ----------------------------------------------------
@@ -709,12 +707,12 @@ def validate_data(
     sequence_length: int,
     global_batch_size: int,
     duration: tuple[str, int] | None = None,
-) -> Mixture | None:
+) -> DataPlan:
     """Check the configured data cheaply before training starts; raise DataError on the first problem.
 
     `global_batch_size` is in sequences. Every file is opened, but only a sample of each is read.
     With `duration` (the run's, as parse_duration gives it) a mixture's repetition over the
-    whole run is checked too. Returns the planned mixture (None for `data.paths`).
+    whole run is checked too. Returns the plan of the training data, for the loader.
     """
     _check_positive(
         vocab_size=vocab_size, sequence_length=sequence_length, global_batch_size=global_batch_size
@@ -726,26 +724,10 @@ def validate_data(
             raise DataError(
                 f"data.{name} is {value}; expected 0 <= id < vocab_size {vocab_size:,d}"
             )
-
-    mixture = None
-    if cfg.sources:
-        files = _source_files(cfg, np_dtype, vocab_size, check_tokens=True)
-        mixture = plan_mixture(
-            cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
-            global_batch_size=global_batch_size,
-        )  # fmt: skip
-        if duration is not None:
-            mixture.check_run(mixture.run_sequences(duration, global_batch_size=global_batch_size))
-    else:
-        paths, n_tokens, n_sequences = _check_file_set(
-            cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
-        )
-        if n_sequences < global_batch_size:
-            raise DataError(
-                f"data.paths: {len(paths)} file(s) hold {n_tokens:,d} tokens = {n_sequences:,d} "
-                f"sequences of {sequence_length:,d}, expected at least one global batch of "
-                f"{global_batch_size:,d} sequences (add data, or lower the batch size or sequence length)"
-            )
+    plan = plan_data(
+        cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+        global_batch_size=global_batch_size, duration=duration, check_tokens=True,
+    )  # fmt: skip
     for patterns, key in cfg.validation_sets().values():
         v_paths, v_tokens, v_sequences = _check_file_set(
             patterns, key, np_dtype, vocab_size, sequence_length
@@ -755,7 +737,7 @@ def validate_data(
                 f"{key}: {len(v_paths)} file(s) hold {v_tokens:,d} tokens, expected at least one "
                 f"whole sequence of {sequence_length:,d} tokens in one file"
             )
-    return mixture
+    return plan
 
 
 class FSLDataset(ObjectStoreReads, NumpyFSLDataset):
@@ -1054,48 +1036,39 @@ def build_train_loader(
     dp_rank: int = 0,
     dp_world_size: int = 1,
     duration: tuple[str, int] | None = None,
+    plan: DataPlan | None = None,
 ) -> DataLoaderBase:
     """The training loader: global shuffle from `seed`, `global_batch_size` sequences per step over all ranks.
 
     Each rank yields its disjoint `global_batch_size // dp_world_size` sequences per batch.
-    `work_dir` (shared by the ranks of a node) holds the cached shuffle order. With `duration`
-    (the run's), a mixture's logged table shows the passes and repetition over the run.
+    `work_dir` (shared by the ranks of a node) holds the cached shuffle order. `plan` is the
+    data plan preflight made (validate_data); without one the files are planned here, with
+    `duration` (the run's) for a mixture's repetition check and the logged table.
     """
-    _check_positive(
-        sequence_length=sequence_length, vocab_size=vocab_size, global_batch_size=global_batch_size
-    )
     _check_split(global_batch_size, dp_world_size, "global_batch_size")
+    if plan is None:
+        plan = plan_data(
+            cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+            global_batch_size=global_batch_size, duration=duration,
+        )  # fmt: skip
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     dataset: NumpyFSLDataset
-    if cfg.sources:
-        mixture = mixture_for(
-            cfg, sequence_length=sequence_length, vocab_size=vocab_size,
-            global_batch_size=global_batch_size,
-        )  # fmt: skip
-        run = None
-        if duration is not None:
-            run = mixture.run_sequences(duration, global_batch_size=global_batch_size)
-            mixture.check_run(run)
+    if plan.mixture is not None:
         if dp_rank == 0:
-            log.info(mixture.table(run))
+            log.info(plan.table())
         dataset = MixtureDataset(
-            mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+            plan.mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
             vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size), seed=seed,
             cache_dir=cfg.cache_dir,
         )  # fmt: skip
         dataset.work_dir = work_dir
         collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     else:
-        paths = resolve_paths(cfg.paths, "data.paths")
         dataset = _build_dataset(
-            cfg, paths, sequence_length=sequence_length, vocab_size=vocab_size, work_dir=work_dir
-        )
-        if len(dataset) < global_batch_size:
-            raise DataError(
-                f"data.paths: {len(paths)} file(s) hold {len(dataset):,d} sequences of "
-                f"{sequence_length:,d} tokens, expected at least one global batch of {global_batch_size:,d}"
-            )
+            cfg, list(plan.paths), sequence_length=sequence_length, vocab_size=vocab_size,
+            work_dir=work_dir,
+        )  # fmt: skip
         collator = DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     return TrainDataLoader(
         dataset,
