@@ -9,7 +9,8 @@ keeps its position in `state_dict()`. This module configures those two, checks t
 before training, and turns the mistakes a user can make into one-line `DataError`s.
 
 Batch contract (what the trainer receives): a dict with "input_ids" (LongTensor [B, S]) and
-"index" (LongTensor [B], the global sequence index). Eval batches also carry "instance_mask"
+"index" (LongTensor [B], the global sequence index); for document masking also "doc_ids"
+(LongTensor [B, S], each token's document, from the EOS the files were written with). Eval batches also carry "instance_mask"
 (BoolTensor [B]): False marks the padding rows that fill the last batch, so that every
 validation sequence is evaluated exactly once; `olmo_core.data.utils.get_labels` masks them.
 
@@ -41,6 +42,7 @@ import torch
 from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.data.data_loader import DataLoaderBase
 
+from moe_model import attention
 from moe_model.errors import ConfigError, DataError, ObjectStoreError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
 from olmo import object_store
@@ -834,12 +836,26 @@ class MixtureDataset(FSLDataset):
 
 
 @dataclass
-class MixtureCollator(DataCollator):
-    """olmo-core's collator plus the rows' source indices ("source", LongTensor [B])."""
+class BatchCollator(DataCollator):
+    """olmo-core's collator plus what the data layer knows about each row: with `with_source`,
+    its mixture source ("source", LongTensor [B]); with `eos_token_id`, the document of every
+    token ("doc_ids", LongTensor [B, S], moe_model.attention.document_ids: documents end at
+    the EOS the files were written with) for document masking, as olmo-core's loader puts
+    "doc_lens" in its batches."""
+
+    with_source: bool = False
+    eos_token_id: Optional[int] = None  # noqa: UP045 (a dataclass field like its parent's)
 
     def __call__(self, items):
         batch = super().__call__(items)
-        batch["source"] = torch.tensor([item["source"] for item in items], dtype=torch.long)
+        if self.with_source:
+            batch["source"] = torch.tensor([item["source"] for item in items], dtype=torch.long)
+        return self.add_documents(batch)
+
+    def add_documents(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with "doc_ids" when the collator marks documents (its eos_token_id is set)."""
+        if self.eos_token_id is not None:
+            batch["doc_ids"] = attention.document_ids(batch["input_ids"], self.eos_token_id)
         return batch
 
 
@@ -908,6 +924,11 @@ class TrainDataLoader(NumpyFSLDataLoader):
         if isinstance(self.dataset, MixtureDataset):
             return self.dataset.mixture.summary()
         return None
+
+    def get_mock_batch(self) -> dict[str, Any]:
+        # olmo-core's trainer runs one random batch before training, not through the collator;
+        # document masking needs its documents all the same.
+        return self.collator.add_documents(super().get_mock_batch())
 
     def _get_dataset_item(self, idx: int) -> dict[str, Any]:
         if isinstance(self.dataset, MixtureDataset):
@@ -1017,6 +1038,13 @@ def _reader_threads(dataset: NumpyFSLDataset) -> int | None:
     return None
 
 
+def _collator(cfg: DataConfig, vocab_size: int, *, document_ids: bool, with_source: bool = False) -> BatchCollator:
+    return BatchCollator(
+        pad_token_id=cfg.pad_token_id, vocab_size=vocab_size, with_source=with_source,
+        eos_token_id=cfg.eos_token_id if document_ids else None,
+    )  # fmt: skip
+
+
 def _check_split(batch_size: int, dp_world_size: int, name: str) -> None:
     if batch_size % dp_world_size != 0:
         raise DataError(
@@ -1037,13 +1065,15 @@ def build_train_loader(
     dp_world_size: int = 1,
     duration: tuple[str, int] | None = None,
     plan: DataPlan | None = None,
+    document_ids: bool = False,
 ) -> DataLoaderBase:
     """The training loader: global shuffle from `seed`, `global_batch_size` sequences per step over all ranks.
 
     Each rank yields its disjoint `global_batch_size // dp_world_size` sequences per batch.
     `work_dir` (shared by the ranks of a node) holds the cached shuffle order. `plan` is the
     data plan preflight made (validate_data); without one the files are planned here, with
-    `duration` (the run's) for a mixture's repetition check and the logged table.
+    `duration` (the run's) for a mixture's repetition check and the logged table. With
+    `document_ids` (model.document_masking) batches carry each token's document ("doc_ids").
     """
     _check_split(global_batch_size, dp_world_size, "global_batch_size")
     if plan is None:
@@ -1063,16 +1093,14 @@ def build_train_loader(
             cache_dir=cfg.cache_dir,
         )  # fmt: skip
         dataset.work_dir = work_dir
-        collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     else:
         dataset = _build_dataset(
             cfg, list(plan.paths), sequence_length=sequence_length, vocab_size=vocab_size,
             work_dir=work_dir,
         )  # fmt: skip
-        collator = DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     return TrainDataLoader(
         dataset,
-        collator=collator,
+        collator=_collator(cfg, vocab_size, with_source=plan.mixture is not None, document_ids=document_ids),
         num_threads=_reader_threads(dataset),
         # olmo-core counts batches in tokens; our configs count sequences.
         global_batch_size=global_batch_size * sequence_length,
@@ -1095,11 +1123,13 @@ def build_eval_loaders(
     work_dir: str | os.PathLike,
     dp_rank: int = 0,
     dp_world_size: int = 1,
+    document_ids: bool = False,
 ) -> dict[str, DataLoaderBase]:
     """One loader per validation set, in file order, each sequence exactly once over the ranks.
 
     `batch_size` is in sequences over all ranks (each rank gets batch_size // dp_world_size).
-    The last batch is padded with rows whose "instance_mask" is False. Call
+    The last batch is padded with rows whose "instance_mask" is False. With `document_ids`
+    batches carry each token's document ("doc_ids"), as in training. Call
     `reshuffle(epoch=1)` before each pass and `reset()` after it.
     """
     _check_positive(sequence_length=sequence_length, vocab_size=vocab_size, batch_size=batch_size)
@@ -1119,7 +1149,7 @@ def build_eval_loaders(
         loaders[label] = EvalDataLoader(
             dataset,
             num_threads=_reader_threads(dataset),
-            collator=DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size),
+            collator=_collator(cfg, vocab_size, document_ids=document_ids),
             global_batch_size=batch_size * sequence_length,
             work_dir=work_dir,
             seed=0,

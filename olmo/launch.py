@@ -332,6 +332,7 @@ def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path, plan: Data
         dp_rank=env.rank,
         dp_world_size=env.world_size,
         plan=plan,
+        document_ids=cfg.model.document_masking,
     )
     eval_loaders = build_eval_loaders(
         cfg.data,
@@ -342,6 +343,7 @@ def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path, plan: Data
         work_dir=str(work_dir),
         dp_rank=env.rank,
         dp_world_size=env.world_size,
+        document_ids=cfg.model.document_masking,
     )
     return train_loader, eval_loaders
 

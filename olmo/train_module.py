@@ -36,7 +36,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_model.activations import ACTIVATIONS
-from moe_model.attention import document_ids
 from moe_model.errors import NonFiniteError
 from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
 from moe_model.init import draw_on
@@ -415,14 +414,20 @@ class MoETrainModule(TrainModule):
 
     # ---- training ---------------------------------------------------------------------------
 
-    def _forward(self, input_ids: torch.Tensor):
+    def _forward(self, batch: dict[str, Any]):
+        """The model on a (micro-)batch; with document masking, attention stays inside the
+        documents the data layer marked ("doc_ids", olmo.data.BatchCollator)."""
+        doc_ids = None
+        if self.model_config.document_masking:
+            doc_ids = batch.get("doc_ids")
+            if doc_ids is None:
+                raise ValueError(
+                    "model.document_masking is on but the batch has no 'doc_ids'; expected "
+                    "batches from olmo.data's loaders built with document_ids=True"
+                )
         ctx = self._autocast if self._autocast is not None else nullcontext()
         with ctx:
-            if self.model_config.document_masking:
-                # Documents end at the data's EOS; the model keeps attention inside them.
-                doc_ids = document_ids(input_ids, self.cfg.data.eos_token_id)
-                return self.model(input_ids, doc_ids)
-            return self.model(input_ids)
+            return self.model(batch["input_ids"], doc_ids)
 
     def _micro_ce(
         self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
@@ -481,7 +486,7 @@ class MoETrainModule(TrainModule):
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
                 # micro-batch's backward: one collective per step instead of one per micro-batch.
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
-            out = self._forward(micro["input_ids"])
+            out = self._forward(micro)
             logits = out.logits
             ce = self._micro_ce(logits, micro, num_loss_tokens)
             lb = out.lb_loss.float() / num_micro
@@ -613,7 +618,7 @@ class MoETrainModule(TrainModule):
         batch = move_to_device(batch, self.device)
         if labels is None:
             labels = get_labels(batch, label_ignore_index=LABEL_IGNORE_INDEX)
-        out = self._forward(batch["input_ids"])
+        out = self._forward(batch)
         ce_sum = F.cross_entropy(
             out.logits.reshape(-1, out.logits.shape[-1]).float(),
             labels.reshape(-1),

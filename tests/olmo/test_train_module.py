@@ -101,13 +101,16 @@ AUX_SCALES = {
 assert BATCH // MICRO == 2
 
 
-def reference_step(model, batch, lb_scale: float, z_scale: float):
+def reference_step(model, batch, lb_scale: float, z_scale: float, eos_token_id: int | None = None):
     """The objective written out: per micro-batch, CE summed over its predicted tokens divided
     by the predicted tokens of the whole batch, plus ``lb_scale * lb_loss + z_scale * z_loss``.
 
     Backpropagates into ``model``; returns the losses as the trainer should record them (summed
-    over micro-batches, aux losses divided by their number) and the routed-row counts.
+    over micro-batches, aux losses divided by their number) and the routed-row counts. With
+    ``eos_token_id``, attention stays inside the documents it ends.
     """
+    from moe_model.attention import document_ids
+
     ids, mask = batch["input_ids"], batch["label_mask"]
     # Token t predicts token t + 1 where the mask allows; the last position predicts nothing.
     targets, keep = ids[:, 1:], mask[:, 1:]
@@ -116,7 +119,8 @@ def reference_step(model, batch, lb_scale: float, z_scale: float):
     totals = {"ce": 0.0, "lb": 0.0, "z": 0.0}
     counts_LE = 0
     for rows in torch.arange(BATCH).split(MICRO):
-        out = model(ids[rows])
+        docs = None if eos_token_id is None else document_ids(ids[rows], eos_token_id)
+        out = model(ids[rows], docs)
         logprobs = out.logits[:, :-1].float().log_softmax(-1)
         picked = logprobs.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
         ce = -(picked * keep[rows]).sum() / n_tokens
@@ -207,6 +211,36 @@ def test_per_source_sums_and_unchanged_objective_with_a_mixture_batch():
         assert trainer.metrics[source_sum(name, "loss_tokens")] == keep_BS[rows].sum().item()
         assert trainer.metrics[source_sum(name, "tokens")] == rows.sum().item() * SEQ
     assert not any(k.startswith(SOURCE_SUM_PREFIX) for k in plain_trainer.metrics)
+
+
+
+def test_document_masking_reads_the_batchs_document_ids():
+    """The train module takes document boundaries from the batch (the data layer's collator);
+    the gradients and losses equal those of the model given document_ids(input_ids, EOS), as the
+    train module computed them itself before; a batch without them is refused."""
+    from moe_model.attention import document_ids
+    from olmo.data import BatchCollator, DataConfig
+
+    eos = VOCAB - 1
+    config = model_config(document_masking=True)
+    module, trainer = make_module(config, data=DataConfig(eos_token_id=eos))
+    reference = copy.deepcopy(module.model)
+    batch = make_batch()
+    batch["input_ids"][:, 4] = eos  # a boundary in every row, and one more in the first
+    batch["input_ids"][0, 8] = eos
+    collated = BatchCollator(pad_token_id=1, vocab_size=VOCAB, eos_token_id=eos)(
+        [{"input_ids": row} for row in batch["input_ids"]]
+    )
+    # The boundaries the train module derived from the EOS id itself before.
+    assert torch.equal(collated["doc_ids"], document_ids(batch["input_ids"], eos))
+    module.train_batch({**{k: v.clone() for k, v in batch.items()}, "doc_ids": collated["doc_ids"]})
+    reference.train()
+    totals, _ = reference_step(reference, batch, 0.5, 0.5, eos_token_id=eos)
+    err, param = worst_relative_error(grads_of(module.model), grads_of(reference))
+    assert err <= GRAD_TOL, f"{param}: gradient differs from the document-masked model's by {err:.2e}"
+    assert trainer.metrics[CE_LOSS] == pytest.approx(totals["ce"], rel=1e-6)
+    with pytest.raises(ValueError, match="model.document_masking is on but the batch has no 'doc_ids'"):
+        module.train_batch(make_batch())
 
 
 def test_dry_run_leaves_no_gradient_and_records_nothing():
