@@ -442,14 +442,16 @@ def train(cfg: TrainConfig, plan: DataPlan, config_path: str | None = None) -> N
     import torch.distributed as dist
     from olmo_core.utils import seed_all
 
-    from olmo.train_module import MoETrainModule, resolve_precision
+    from olmo.train_module import MoETrainModule, resolve_precision, train_module_config
 
     env = init_distributed(cfg)
     save_folder = prepare_save_folder(cfg, env)
     # Built on the meta device and materialised shard by shard inside the train module, so no
     # rank ever holds the whole model; the weights still do not depend on the number of ranks.
     seed_all(cfg.seed)
-    train_module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, env.device)
+    train_module = MoETrainModule(
+        cfg.model.build(init_device="meta"), train_module_config(cfg), env.device
+    )
     train_loader, eval_loaders = build_data_loaders(
         cfg, env, local_run_dir(save_folder) / DATA_WORK_DIR, plan
     )

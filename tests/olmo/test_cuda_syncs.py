@@ -20,7 +20,7 @@ from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
 from olmo.data import BatchCollator, DataConfig
 from olmo.metric_names import layer_router_entropy
-from olmo.train_module import MoETrainModule
+from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 
 from .helpers import REPO, free_port
@@ -93,7 +93,7 @@ def build_module(**changes) -> MoETrainModule:
         device_train_microbatch_size=2, console_log_interval=1,
         data=DataConfig(sources=sources, eos_token_id=VOCAB - 1),
     )  # fmt: skip
-    module = MoETrainModule(config.build(), cfg, torch.device("cpu"))
+    module = MoETrainModule(config.build(), train_module_config(cfg), torch.device("cpu"))
     module._attach_trainer(TrainerStandIn())
     return module
 
@@ -112,7 +112,7 @@ def batch(document_ids: bool = False) -> dict[str, torch.Tensor]:
 def test_training_step_has_no_cuda_sync(variant):
     module = build_module(**VARIANTS[variant])
     # Outside the recorder: the loader's work, not the step's.
-    step_batch = batch(document_ids=module.model_config.document_masking)
+    step_batch = batch(document_ids=module.config.model.document_masking)
     with record_cuda_syncs() as syncs:
         module.train_batch(step_batch)
         module.optim_step()

@@ -28,7 +28,7 @@ import torch
 from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
-from olmo.train_module import MoETrainModule, lr_at
+from olmo.train_module import MoETrainModule, lr_at, train_module_config
 
 from .helpers import REPO, TEST_CONFIG, free_port, run_worker
 
@@ -72,7 +72,7 @@ def make_module(config: ModelConfig, seed: int = 0, **train) -> tuple[MoETrainMo
     settings = dict(precision="fp32", global_train_batch_size=BATCH,
                     device_train_microbatch_size=MICRO)
     cfg = TrainConfig(model=config, **{**settings, **train})
-    module = MoETrainModule(model, cfg, torch.device("cpu"))
+    module = MoETrainModule(model, train_module_config(cfg), torch.device("cpu"))
     trainer = TrainerStandIn()
     module._attach_trainer(trainer)  # what olmo-core's Trainer does when it is built
     return module, trainer
@@ -243,6 +243,30 @@ def test_document_masking_reads_the_batchs_document_ids():
         module.train_batch(make_batch())
 
 
+
+def test_train_module_config_takes_each_setting_from_the_run_config():
+    """The train module's own config: every field from its TrainConfig key, defaults resolved."""
+    from olmo.config import ParallelConfig
+    from olmo.data import DataConfig
+
+    sources = {n: {"paths": ["unused.npy"], "fraction": 0.5} for n in ("web", "code")}
+    cfg = TrainConfig(
+        model=model_config(), seed=3, precision="bf16", init_on_device=True, compile=True,
+        activation_checkpointing=True, device_train_microbatch_size=2, max_grad_norm=0.5,
+        reduce_grads_every_microbatch=True, nonfinite_policy="skip", console_log_interval=7,
+        parallel=ParallelConfig(expert_parallel_degree=2), data=DataConfig(sources=sources),
+    )  # fmt: skip
+    tm = train_module_config(cfg)
+    assert tm.model is cfg.model and tm.optimizer is cfg.optimizer and tm.scheduler is cfg.scheduler
+    assert (tm.seed, tm.precision, tm.init_on_device, tm.compile, tm.activation_checkpointing) == (
+        3, "bf16", True, True, True)
+    assert (tm.microbatch_size, tm.eval_batch_size, tm.max_grad_norm) == (2, 2, 0.5)
+    assert (tm.reduce_grads_every_microbatch, tm.nonfinite_policy, tm.expert_parallel_degree) == (
+        True, "skip", 2)
+    assert tm.source_names == ("web", "code") and tm.routing_metrics_interval == 7
+    cfg.eval_batch_size = 5
+    assert train_module_config(cfg).eval_batch_size == 5
+
 def test_dry_run_leaves_no_gradient_and_records_nothing():
     module, trainer = make_module(model_config())
     module.train_batch(make_batch(), dry_run=True)
@@ -312,7 +336,7 @@ def test_model_only_checkpoint_starts_with_a_fresh_optimizer_at_warmup_step_one(
     for key in state:
         if ".act." in key:  # make_module gives every model the same coefficients
             state[key] += 0.25
-    model_dir = save_model_dcp(state, source.cfg.to_yaml(), tmp_path / "imported")
+    model_dir = save_model_dcp(state, TrainConfig(model=source.config.model).to_yaml(), tmp_path / "imported")
 
     module, trainer = make_module(
         model_config(), seed=6, optimizer=OptimizerConfig(learning_rate=peak),
@@ -413,7 +437,7 @@ _SCRIPT = textwrap.dedent(
 
     import moe_model.activations as activations
     from olmo.config import load_config
-    from olmo.train_module import MoETrainModule, activation_modules_with_params
+    from olmo.train_module import MoETrainModule, activation_modules_with_params, train_module_config
 
     CONFIG = sys.argv[1]
     dist.init_process_group("gloo")
@@ -428,7 +452,7 @@ _SCRIPT = textwrap.dedent(
 
     def build(*overrides):
         cfg = load_config(CONFIG, list(overrides))
-        tm = MoETrainModule(cfg.model.build(init_device="meta"), cfg, torch.device("cpu"))
+        tm = MoETrainModule(cfg.model.build(init_device="meta"), train_module_config(cfg), torch.device("cpu"))
         # train_batch / optim_step read only these from olmo-core's Trainer.
         tm._trainer = SimpleNamespace(global_step=1, max_steps=8, record_metric=lambda *a, **k: None)
         return cfg, tm
