@@ -33,7 +33,6 @@ evaluations). 1.30 means SwiGLU needs 30% more tokens to match A; when SwiGLU ne
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
 import math
@@ -50,8 +49,8 @@ import numpy as np
 
 from moe_model.config import equal_param_hidden_size
 from olmo import metric_names
-from olmo.config import ConfigError, TrainConfig, load_config, parse_duration
-from olmo.data import resolve_dtype
+from olmo.config import ConfigError, TrainConfig, load_config
+from olmo.data import plan_data, run_sequences
 from olmo.run_files import METRICS_FNAME
 
 log = logging.getLogger(__name__)
@@ -106,25 +105,20 @@ class SweepPlan:
         return list(dict.fromkeys(r.variant for r in self.runs))
 
 
-def expected_final_step(cfg: TrainConfig) -> int | None:
-    """The last optimizer step of a run with this config (``stop_at`` included)."""
-    unit, amount = parse_duration(cfg.max_duration)
-    tokens_per_step = cfg.global_train_batch_size * cfg.model.max_sequence_length
-    if unit == "steps":
-        final = amount
-    elif unit == "tokens":
-        final = math.ceil(amount / tokens_per_step)
-    else:  # epochs: whole sequences per file (tails dropped), whole batches per epoch
-        seq = cfg.model.max_sequence_length
-        itemsize = np.dtype(resolve_dtype(cfg.data.dtype, cfg.model.vocab_size)).itemsize
-        sequences = 0
-        for pattern in cfg.data.paths:
-            for path in sorted(glob.glob(pattern)) or [pattern]:
-                if os.path.isfile(path):
-                    sequences += os.path.getsize(path) // itemsize // seq
-        if sequences == 0:
-            return None
-        final = amount * (sequences // cfg.global_train_batch_size)
+def expected_final_step(cfg: TrainConfig) -> int:
+    """The last optimizer step of a run with this config (``stop_at`` included): the steps the
+    data plan gives its duration (an epoch needs the files: they are sized, not read)."""
+    duration = cfg.duration
+    epoch_sequences = None
+    if duration[0] == "epochs":
+        epoch_sequences = plan_data(
+            cfg.data, vocab_size=cfg.model.vocab_size, sequence_length=cfg.model.max_sequence_length,
+            global_batch_size=cfg.global_train_batch_size, check_run=False,
+        ).epoch_sequences  # fmt: skip
+    final = run_sequences(
+        duration, epoch_sequences=epoch_sequences, global_batch_size=cfg.global_train_batch_size,
+        sequence_length=cfg.model.max_sequence_length,
+    ) // cfg.global_train_batch_size  # fmt: skip
     if cfg.stop_at is not None:
         final = min(final, cfg.stop_at)
     return final

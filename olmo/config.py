@@ -290,6 +290,11 @@ class TrainConfig:
                 f"model.moe_num_experts={self.model.moe_num_experts}"
             )
 
+    @property
+    def duration(self) -> tuple[str, int]:
+        """max_duration as (unit, amount), e.g. ("epochs", 2): what every consumer reads."""
+        return parse_duration(self.max_duration)
+
     def validate_parallel(self, world_size: int) -> None:
         """Check that the expert-parallel degree splits the processes into whole EP groups."""
         ep = self.parallel.expert_parallel_degree

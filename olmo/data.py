@@ -9,7 +9,8 @@ keeps its position in `state_dict()`. This module configures those two, checks t
 before training, and turns the mistakes a user can make into one-line `DataError`s.
 
 Batch contract (what the trainer receives): a dict with "input_ids" (LongTensor [B, S]) and
-"index" (LongTensor [B], the global sequence index). Eval batches also carry "instance_mask"
+"index" (LongTensor [B], the global sequence index); for document masking also "doc_ids"
+(LongTensor [B, S], each token's document, from the EOS the files were written with). Eval batches also carry "instance_mask"
 (BoolTensor [B]): False marks the padding rows that fill the last batch, so that every
 validation sequence is evaluated exactly once; `olmo_core.data.utils.get_labels` masks them.
 
@@ -41,6 +42,7 @@ import torch
 from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.data.data_loader import DataLoaderBase
 
+from moe_model import attention
 from moe_model.errors import ConfigError, DataError, ObjectStoreError
 from moe_model.tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID
 from olmo import object_store
@@ -49,9 +51,11 @@ from olmo.token_files import ObjectStoreReads, file_size, open_tokens
 __all__ = [
     "DataError",
     "DataConfig",
+    "DataPlan",
     "Mixture",
     "MixtureDataset",
     "SourceConfig",
+    "plan_data",
     "plan_mixture",
     "mixture_for",
     "resolve_paths",
@@ -395,19 +399,11 @@ class Mixture:
         }
 
     def run_sequences(self, duration: tuple[str, int], *, global_batch_size: int) -> int:
-        """Sequences a run of `duration` (olmo.config.parse_duration's (unit, amount)) trains on.
-
-        Tokens round up to whole steps, as olmo-core's trainer stops at the first step that
-        reaches them; an epoch is one pass over this mixture.
-        """
-        unit, amount = duration
-        if unit == "steps":
-            return amount * global_batch_size
-        if unit == "tokens":
-            return -(-amount // (global_batch_size * self.sequence_length)) * global_batch_size
-        if unit == "epochs":
-            return amount * self.num_sequences
-        raise ValueError(f"unknown duration unit {unit!r}")
+        """Sequences a run of `duration` trains on; an epoch is one pass over this mixture."""
+        return run_sequences(
+            duration, epoch_sequences=self.num_sequences, global_batch_size=global_batch_size,
+            sequence_length=self.sequence_length,
+        )  # fmt: skip
 
     def run_repetition(self, run_sequences: int) -> dict[str, float]:
         """Per source: how often each of its sequences is used, on average, over a run of
@@ -578,12 +574,132 @@ def mixture_for(
     cfg: DataConfig, *, sequence_length: int, vocab_size: int, global_batch_size: int
 ) -> Mixture:
     """The mixture `cfg.sources` gives (files resolved and sized, not read)."""
+    return plan_data(
+        cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+        global_batch_size=global_batch_size, check_run=False,
+    ).mixture  # fmt: skip
+
+
+# --- the plan of one run's training data ----------------------------------------------------
+
+
+def run_sequences(
+    duration: tuple[str, int], *, epoch_sequences: int | None, global_batch_size: int,
+    sequence_length: int,
+) -> int:  # fmt: skip
+    """Sequences a run of `duration` (olmo.config.parse_duration's (unit, amount)) trains on.
+
+    Tokens round up to whole steps, as olmo-core's trainer stops at the first step that reaches
+    them; an epoch is `epoch_sequences` (whole global batches), needed only for that unit.
+    """
+    unit, amount = duration
+    if unit == "steps":
+        return amount * global_batch_size
+    if unit == "tokens":
+        return -(-amount // (global_batch_size * sequence_length)) * global_batch_size
+    if unit == "epochs":
+        if epoch_sequences is None:
+            raise ValueError("a duration in epochs needs the data's sequences per epoch")
+        return amount * epoch_sequences
+    raise ValueError(f"unknown duration unit {unit!r}")
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """One run's training data, planned once before training: its files, the sequences one
+    epoch serves and how long the run's duration is. The loader, `--dry-run` and the sweep
+    planner (olmo.compare) all read the run's length from here."""
+
+    paths: tuple[str, ...]
+    """Training files, resolved and sorted (a mixture's: every source's, in config order)."""
+    mixture: Mixture | None
+    """The planned mixture (data.sources); None for data.paths."""
+    epoch_sequences: int
+    """Sequences in one epoch: whole global batches (olmo-core's loader drops the rest)."""
+    sequence_length: int
+    global_batch_size: int
+    """In sequences, over all ranks."""
+    duration: tuple[str, int] | None = None
+    """The run's max_duration as parse_duration gives it; None when only the data is planned."""
+
+    @property
+    def run_sequences(self) -> int | None:
+        """Sequences the whole run trains on (None without a duration)."""
+        if self.duration is None:
+            return None
+        return run_sequences(
+            self.duration, epoch_sequences=self.epoch_sequences,
+            global_batch_size=self.global_batch_size, sequence_length=self.sequence_length,
+        )  # fmt: skip
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps the duration allows (None without a duration)."""
+        run = self.run_sequences
+        return None if run is None else run // self.global_batch_size
+
+    def check_run(self) -> None:
+        """DataError when the run repeats a mixture's source beyond its max_repetition."""
+        if self.mixture is not None and self.duration is not None:
+            self.mixture.check_run(self.run_sequences)
+
+    def table(self) -> str | None:
+        """A mixture's per-source table, with the run's passes and repetition (None for data.paths)."""
+        return None if self.mixture is None else self.mixture.table(self.run_sequences)
+
+
+def plan_data(
+    cfg: DataConfig,
+    *,
+    vocab_size: int,
+    sequence_length: int,
+    global_batch_size: int,
+    duration: tuple[str, int] | None = None,
+    check_tokens: bool = False,
+    check_run: bool = True,
+) -> DataPlan:
+    """Resolve and size the training files and plan the epoch; DataError if the data cannot
+    fill one global batch (or, with `check_run`, a mixture's run exceeds a max_repetition).
+
+    Files are only sized; with `check_tokens` a sample of each file's ids is read too.
+    """
+    _check_positive(
+        vocab_size=vocab_size, sequence_length=sequence_length, global_batch_size=global_batch_size
+    )
     np_dtype = resolve_dtype(cfg.dtype, vocab_size)
-    files = _source_files(cfg, np_dtype, vocab_size, check_tokens=False)
-    return plan_mixture(
-        cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
-        global_batch_size=global_batch_size,
+    itemsize = np.dtype(np_dtype).itemsize
+    mixture = None
+    if cfg.sources:
+        files = _source_files(cfg, np_dtype, vocab_size, check_tokens=check_tokens)
+        mixture = plan_mixture(
+            cfg, files, sequence_length=sequence_length, itemsize=itemsize,
+            global_batch_size=global_batch_size,
+        )  # fmt: skip
+        paths = [p for src in mixture.sources for p in src.paths]
+        epoch_sequences = mixture.num_sequences
+    else:
+        key = "data.paths"
+        paths = resolve_paths(cfg.paths, key)
+        if check_tokens:
+            tokens = [_check_token_file(p, np_dtype, vocab_size, key) for p in paths]
+        else:
+            tokens = [file_size(p) // itemsize for p in paths]
+        # Per file, as NumpyFSLDataset counts: sequences never span two files.
+        n_sequences = sum(n // sequence_length for n in tokens)
+        if n_sequences < global_batch_size:
+            raise DataError(
+                f"{key}: {len(paths)} file(s) hold {sum(tokens):,d} tokens = {n_sequences:,d} "
+                f"sequences of {sequence_length:,d}, expected at least one global batch of "
+                f"{global_batch_size:,d} sequences (add data, or lower the batch size or sequence length)"
+            )
+        epoch_sequences = n_sequences // global_batch_size * global_batch_size
+    plan = DataPlan(
+        paths=tuple(paths), mixture=mixture, epoch_sequences=epoch_sequences,
+        sequence_length=sequence_length, global_batch_size=global_batch_size, duration=duration,
     )  # fmt: skip
+    if check_run:
+        plan.check_run()
+    return plan
 
 
 def validate_data(
@@ -593,12 +709,12 @@ def validate_data(
     sequence_length: int,
     global_batch_size: int,
     duration: tuple[str, int] | None = None,
-) -> Mixture | None:
+) -> DataPlan:
     """Check the configured data cheaply before training starts; raise DataError on the first problem.
 
     `global_batch_size` is in sequences. Every file is opened, but only a sample of each is read.
     With `duration` (the run's, as parse_duration gives it) a mixture's repetition over the
-    whole run is checked too. Returns the planned mixture (None for `data.paths`).
+    whole run is checked too. Returns the plan of the training data, for the loader.
     """
     _check_positive(
         vocab_size=vocab_size, sequence_length=sequence_length, global_batch_size=global_batch_size
@@ -610,26 +726,10 @@ def validate_data(
             raise DataError(
                 f"data.{name} is {value}; expected 0 <= id < vocab_size {vocab_size:,d}"
             )
-
-    mixture = None
-    if cfg.sources:
-        files = _source_files(cfg, np_dtype, vocab_size, check_tokens=True)
-        mixture = plan_mixture(
-            cfg, files, sequence_length=sequence_length, itemsize=np.dtype(np_dtype).itemsize,
-            global_batch_size=global_batch_size,
-        )  # fmt: skip
-        if duration is not None:
-            mixture.check_run(mixture.run_sequences(duration, global_batch_size=global_batch_size))
-    else:
-        paths, n_tokens, n_sequences = _check_file_set(
-            cfg.paths, "data.paths", np_dtype, vocab_size, sequence_length
-        )
-        if n_sequences < global_batch_size:
-            raise DataError(
-                f"data.paths: {len(paths)} file(s) hold {n_tokens:,d} tokens = {n_sequences:,d} "
-                f"sequences of {sequence_length:,d}, expected at least one global batch of "
-                f"{global_batch_size:,d} sequences (add data, or lower the batch size or sequence length)"
-            )
+    plan = plan_data(
+        cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+        global_batch_size=global_batch_size, duration=duration, check_tokens=True,
+    )  # fmt: skip
     for patterns, key in cfg.validation_sets().values():
         v_paths, v_tokens, v_sequences = _check_file_set(
             patterns, key, np_dtype, vocab_size, sequence_length
@@ -639,7 +739,7 @@ def validate_data(
                 f"{key}: {len(v_paths)} file(s) hold {v_tokens:,d} tokens, expected at least one "
                 f"whole sequence of {sequence_length:,d} tokens in one file"
             )
-    return mixture
+    return plan
 
 
 class FSLDataset(ObjectStoreReads, NumpyFSLDataset):
@@ -736,12 +836,26 @@ class MixtureDataset(FSLDataset):
 
 
 @dataclass
-class MixtureCollator(DataCollator):
-    """olmo-core's collator plus the rows' source indices ("source", LongTensor [B])."""
+class BatchCollator(DataCollator):
+    """olmo-core's collator plus what the data layer knows about each row: with `with_source`,
+    its mixture source ("source", LongTensor [B]); with `eos_token_id`, the document of every
+    token ("doc_ids", LongTensor [B, S], moe_model.attention.document_ids: documents end at
+    the EOS the files were written with) for document masking, as olmo-core's loader puts
+    "doc_lens" in its batches."""
+
+    with_source: bool = False
+    eos_token_id: Optional[int] = None  # noqa: UP045 (a dataclass field like its parent's)
 
     def __call__(self, items):
         batch = super().__call__(items)
-        batch["source"] = torch.tensor([item["source"] for item in items], dtype=torch.long)
+        if self.with_source:
+            batch["source"] = torch.tensor([item["source"] for item in items], dtype=torch.long)
+        return self.add_documents(batch)
+
+    def add_documents(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with "doc_ids" when the collator marks documents (its eos_token_id is set)."""
+        if self.eos_token_id is not None:
+            batch["doc_ids"] = attention.document_ids(batch["input_ids"], self.eos_token_id)
         return batch
 
 
@@ -810,6 +924,11 @@ class TrainDataLoader(NumpyFSLDataLoader):
         if isinstance(self.dataset, MixtureDataset):
             return self.dataset.mixture.summary()
         return None
+
+    def get_mock_batch(self) -> dict[str, Any]:
+        # olmo-core's trainer runs one random batch before training, not through the collator;
+        # document masking needs its documents all the same.
+        return self.collator.add_documents(super().get_mock_batch())
 
     def _get_dataset_item(self, idx: int) -> dict[str, Any]:
         if isinstance(self.dataset, MixtureDataset):
@@ -919,6 +1038,13 @@ def _reader_threads(dataset: NumpyFSLDataset) -> int | None:
     return None
 
 
+def _collator(cfg: DataConfig, vocab_size: int, *, document_ids: bool, with_source: bool = False) -> BatchCollator:
+    return BatchCollator(
+        pad_token_id=cfg.pad_token_id, vocab_size=vocab_size, with_source=with_source,
+        eos_token_id=cfg.eos_token_id if document_ids else None,
+    )  # fmt: skip
+
+
 def _check_split(batch_size: int, dp_world_size: int, name: str) -> None:
     if batch_size % dp_world_size != 0:
         raise DataError(
@@ -938,52 +1064,43 @@ def build_train_loader(
     dp_rank: int = 0,
     dp_world_size: int = 1,
     duration: tuple[str, int] | None = None,
+    plan: DataPlan | None = None,
+    document_ids: bool = False,
 ) -> DataLoaderBase:
     """The training loader: global shuffle from `seed`, `global_batch_size` sequences per step over all ranks.
 
     Each rank yields its disjoint `global_batch_size // dp_world_size` sequences per batch.
-    `work_dir` (shared by the ranks of a node) holds the cached shuffle order. With `duration`
-    (the run's), a mixture's logged table shows the passes and repetition over the run.
+    `work_dir` (shared by the ranks of a node) holds the cached shuffle order. `plan` is the
+    data plan preflight made (validate_data); without one the files are planned here, with
+    `duration` (the run's) for a mixture's repetition check and the logged table. With
+    `document_ids` (model.document_masking) batches carry each token's document ("doc_ids").
     """
-    _check_positive(
-        sequence_length=sequence_length, vocab_size=vocab_size, global_batch_size=global_batch_size
-    )
     _check_split(global_batch_size, dp_world_size, "global_batch_size")
+    if plan is None:
+        plan = plan_data(
+            cfg, vocab_size=vocab_size, sequence_length=sequence_length,
+            global_batch_size=global_batch_size, duration=duration,
+        )  # fmt: skip
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     dataset: NumpyFSLDataset
-    if cfg.sources:
-        mixture = mixture_for(
-            cfg, sequence_length=sequence_length, vocab_size=vocab_size,
-            global_batch_size=global_batch_size,
-        )  # fmt: skip
-        run = None
-        if duration is not None:
-            run = mixture.run_sequences(duration, global_batch_size=global_batch_size)
-            mixture.check_run(run)
+    if plan.mixture is not None:
         if dp_rank == 0:
-            log.info(mixture.table(run))
+            log.info(plan.table())
         dataset = MixtureDataset(
-            mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+            plan.mixture, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
             vocab_size=vocab_size, dtype=resolve_dtype(cfg.dtype, vocab_size), seed=seed,
             cache_dir=cfg.cache_dir,
         )  # fmt: skip
         dataset.work_dir = work_dir
-        collator: DataCollator = MixtureCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
     else:
-        paths = resolve_paths(cfg.paths, "data.paths")
         dataset = _build_dataset(
-            cfg, paths, sequence_length=sequence_length, vocab_size=vocab_size, work_dir=work_dir
-        )
-        if len(dataset) < global_batch_size:
-            raise DataError(
-                f"data.paths: {len(paths)} file(s) hold {len(dataset):,d} sequences of "
-                f"{sequence_length:,d} tokens, expected at least one global batch of {global_batch_size:,d}"
-            )
-        collator = DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size)
+            cfg, list(plan.paths), sequence_length=sequence_length, vocab_size=vocab_size,
+            work_dir=work_dir,
+        )  # fmt: skip
     return TrainDataLoader(
         dataset,
-        collator=collator,
+        collator=_collator(cfg, vocab_size, with_source=plan.mixture is not None, document_ids=document_ids),
         num_threads=_reader_threads(dataset),
         # olmo-core counts batches in tokens; our configs count sequences.
         global_batch_size=global_batch_size * sequence_length,
@@ -1006,11 +1123,13 @@ def build_eval_loaders(
     work_dir: str | os.PathLike,
     dp_rank: int = 0,
     dp_world_size: int = 1,
+    document_ids: bool = False,
 ) -> dict[str, DataLoaderBase]:
     """One loader per validation set, in file order, each sequence exactly once over the ranks.
 
     `batch_size` is in sequences over all ranks (each rank gets batch_size // dp_world_size).
-    The last batch is padded with rows whose "instance_mask" is False. Call
+    The last batch is padded with rows whose "instance_mask" is False. With `document_ids`
+    batches carry each token's document ("doc_ids"), as in training. Call
     `reshuffle(epoch=1)` before each pass and `reset()` after it.
     """
     _check_positive(sequence_length=sequence_length, vocab_size=vocab_size, batch_size=batch_size)
@@ -1030,7 +1149,7 @@ def build_eval_loaders(
         loaders[label] = EvalDataLoader(
             dataset,
             num_threads=_reader_threads(dataset),
-            collator=DataCollator(pad_token_id=cfg.pad_token_id, vocab_size=vocab_size),
+            collator=_collator(cfg, vocab_size, document_ids=document_ids),
             global_batch_size=batch_size * sequence_length,
             work_dir=work_dir,
             seed=0,

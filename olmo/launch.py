@@ -21,10 +21,16 @@ from olmo.config import (
     WANDB_NO_CREDENTIALS,
     TrainConfig,
     load_config,
-    parse_duration,
     wandb_credentials_found,
 )
-from olmo.data import build_eval_loaders, build_train_loader, mixture_for, validate_data
+from olmo.data import (
+    DataPlan,
+    build_eval_loaders,
+    build_train_loader,
+    plan_data,
+    run_sequences,
+    validate_data,
+)
 from olmo.flops import device_peak_flops
 from olmo.object_store import check_access, is_remote
 from olmo.run_files import (
@@ -152,11 +158,11 @@ def move_other_run_aside(cfg: TrainConfig) -> Path | None:
 def run_target_step(cfg: TrainConfig, save_folder: Path, saved: TrainConfig) -> int | None:
     """The step this run stops at (max_duration, or stop_at when earlier); None when only the
     trainer can tell (an epoch count other than the saved run's)."""
-    unit, amount = parse_duration(cfg.max_duration)
-    if unit == "steps":
-        target = amount
-    elif unit == "tokens":
-        target = -(-amount // (cfg.global_train_batch_size * cfg.model.max_sequence_length))
+    if cfg.duration[0] != "epochs":
+        target = run_sequences(
+            cfg.duration, epoch_sequences=None, global_batch_size=cfg.global_train_batch_size,
+            sequence_length=cfg.model.max_sequence_length,
+        ) // cfg.global_train_batch_size  # fmt: skip
     elif saved.max_duration == cfg.max_duration:
         # Epochs: the trainer stored the step count it derived from the data in each checkpoint.
         newest = find_checkpoints(save_folder)[-1]
@@ -235,8 +241,9 @@ def check_attention_backend(cfg: TrainConfig, device_type: str) -> None:
         check_flex_trainable(device_type)
 
 
-def preflight(cfg: TrainConfig, world_size: int | None = None) -> None:
-    """All cheap checks on user input; raise ConfigError/DataError/LaunchError.
+def preflight(cfg: TrainConfig, world_size: int | None = None) -> DataPlan:
+    """All cheap checks on user input; raise ConfigError/DataError/LaunchError. Returns the
+    plan of the training data, which the loader then uses.
 
     ``world_size``: the number of processes the run will have (default: this process's
     torchrun environment); the launcher passes it before torchrun starts them.
@@ -246,17 +253,18 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> None:
     cfg.validate_parallel(world_size)
     check_attention_backend(cfg, training_device_type())
     check_wandb(cfg)
-    validate_data(
+    plan = validate_data(
         cfg.data,
         vocab_size=cfg.model.vocab_size,
         sequence_length=cfg.model.max_sequence_length,
         global_batch_size=cfg.global_train_batch_size,
-        duration=parse_duration(cfg.max_duration),
+        duration=cfg.duration,
     )
     check_load_path(cfg)
     if is_remote(cfg.save_folder):
         check_access(cfg.save_folder, write=True, what="save_folder")
     check_save_folder(cfg)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -310,8 +318,9 @@ def prepare_save_folder(cfg: TrainConfig, env: RunEnv) -> Path | str:
     return save_folder
 
 
-def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path):
-    """(training loader, {label: validation loader}) for this rank."""
+def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path, plan: DataPlan):
+    """(training loader, {label: validation loader}) for this rank, the training loader from
+    preflight's plan of the data."""
     seq_len = cfg.model.max_sequence_length
     train_loader = build_train_loader(
         cfg.data,
@@ -322,7 +331,8 @@ def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path):
         work_dir=str(work_dir),
         dp_rank=env.rank,
         dp_world_size=env.world_size,
-        duration=parse_duration(cfg.max_duration),
+        plan=plan,
+        document_ids=cfg.model.document_masking,
     )
     eval_loaders = build_eval_loaders(
         cfg.data,
@@ -333,6 +343,7 @@ def build_data_loaders(cfg: TrainConfig, env: RunEnv, work_dir: Path):
         work_dir=str(work_dir),
         dp_rank=env.rank,
         dp_world_size=env.world_size,
+        document_ids=cfg.model.document_masking,
     )
     return train_loader, eval_loaders
 
@@ -396,21 +407,21 @@ def build_callbacks(
 
 
 def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module, train_loader,
-                  callbacks: dict):
+                  callbacks: dict, duration: tuple[str, int]):
     """olmo-core's Trainer over our train module, loader and callbacks."""
     from olmo_core.train import Duration, TrainerConfig
 
     from olmo.remote_checkpoint import RemoteCheckpointer
 
-    unit, amount = parse_duration(cfg.max_duration)
-    duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit]
+    unit, amount = duration
+    max_duration = {"steps": Duration.steps, "epochs": Duration.epochs, "tokens": Duration.tokens}[unit]
     trainer = TrainerConfig(
         save_folder=str(save_folder),
         work_dir=str(local_run_dir(save_folder) / DATA_WORK_DIR),
         load_path=cfg.load_path,
         load_trainer_state=False if cfg.reset_data_position else None,
         save_overwrite=cfg.save_overwrite,
-        max_duration=duration(amount),
+        max_duration=max_duration(amount),
         hard_stop=Duration.steps(cfg.stop_at) if cfg.stop_at is not None else None,
         metrics_collect_interval=cfg.metrics_collect_interval,
         cancel_check_interval=1,
@@ -426,22 +437,26 @@ def build_trainer(cfg: TrainConfig, env: RunEnv, save_folder: Path, train_module
     return trainer
 
 
-def train(cfg: TrainConfig, config_path: str | None = None) -> None:
-    """Run (or resume) training. Assumes :func:`preflight` passed."""
+def train(cfg: TrainConfig, plan: DataPlan, config_path: str | None = None) -> None:
+    """Run (or resume) training on ``plan``, what :func:`preflight` returned."""
     import torch.distributed as dist
     from olmo_core.utils import seed_all
 
-    from olmo.train_module import MoETrainModule, resolve_precision
+    from olmo.train_module import MoETrainModule, resolve_precision, train_module_config
 
     env = init_distributed(cfg)
     save_folder = prepare_save_folder(cfg, env)
     # Built on the meta device and materialised shard by shard inside the train module, so no
     # rank ever holds the whole model; the weights still do not depend on the number of ranks.
     seed_all(cfg.seed)
-    train_module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, env.device)
-    train_loader, eval_loaders = build_data_loaders(cfg, env, local_run_dir(save_folder) / DATA_WORK_DIR)
+    train_module = MoETrainModule(
+        cfg.model.build(init_device="meta"), train_module_config(cfg), env.device
+    )
+    train_loader, eval_loaders = build_data_loaders(
+        cfg, env, local_run_dir(save_folder) / DATA_WORK_DIR, plan
+    )
     callbacks = build_callbacks(cfg, env, train_module, eval_loaders, config_path)
-    trainer = build_trainer(cfg, env, save_folder, train_module, train_loader, callbacks)
+    trainer = build_trainer(cfg, env, save_folder, train_module, train_loader, callbacks, plan.duration)
     log.info(
         f"{cfg.run_name}: {cfg.model.num_params():,d} params ({cfg.model.num_active_params():,d} "
         f"active), {env.world_size} process(es) on {env.device}, "
@@ -493,24 +508,24 @@ def main(argv: list[str] | None = None) -> int:
                 "flops_per_token": cfg.model.num_flops_per_token(cfg.model.max_sequence_length),
             }))
             if cfg.data.sources:
-                seq, batch = cfg.model.max_sequence_length, cfg.global_train_batch_size
-                mixture = mixture_for(
-                    cfg.data, sequence_length=seq, vocab_size=cfg.model.vocab_size,
-                    global_batch_size=batch,
+                plan = plan_data(
+                    cfg.data, vocab_size=cfg.model.vocab_size,
+                    sequence_length=cfg.model.max_sequence_length,
+                    global_batch_size=cfg.global_train_batch_size, duration=cfg.duration,
+                    check_run=False,
                 )  # fmt: skip
-                run = mixture.run_sequences(parse_duration(cfg.max_duration), global_batch_size=batch)
-                print(mixture.table(run), flush=True)
+                print(plan.table(), flush=True)
                 # After the table, so that the repetition the error names is shown per source.
-                mixture.check_run(run)
+                plan.check_run()
             return 0
-        preflight(cfg)
+        plan = preflight(cfg)
         if (finished := finished_run_message(cfg)) is not None:
             if is_rank_zero():
                 print(finished, flush=True)
             return 0
         # Data files changed in place or a diverged run surface only once training runs; they
         # are reported the same way.
-        train(cfg, config_path=args.config)
+        train(cfg, plan, config_path=args.config)
         return 0
 
     return run_cli(run)

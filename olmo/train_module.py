@@ -19,6 +19,7 @@ import logging
 import math
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe_model.attention import document_ids
+from moe_model.config import ModelConfig
 from moe_model.errors import NonFiniteError
 from moe_model.expert_parallel import EXPERT_WEIGHTS
 from moe_model.init import draw_on
@@ -315,13 +316,69 @@ def lr_at(cfg: SchedulerConfig, peak_lr: float, step: int, max_steps: int) -> fl
     return final + (peak_lr - final) * (1 + math.cos(math.pi * progress)) / 2
 
 
+@dataclass(frozen=True)
+class TrainModuleConfig:
+    """What the train module reads, and nothing else (:func:`train_module_config` builds it
+    from a TrainConfig)."""
+
+    model: ModelConfig
+    """The model's config: FLOPs per token, MoE layers, document masking, expert-bias rate."""
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    seed: int
+    """Seed of the weights drawn for a model built on the meta device."""
+    microbatch_size: int
+    """Sequences per forward/backward (device_train_microbatch_size)."""
+    eval_batch_size: int
+    """Sequences per eval batch per rank (eval_batch_size, else the micro-batch size)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs, fp32 on CPUs), 'fp32' or 'bf16'."""
+    init_on_device: bool = False
+    """Draw the initial weights on the training device instead of the CPU."""
+    activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each block."""
+    expert_parallel_degree: int = 1
+    reduce_grads_every_microbatch: bool = False
+    """Reduce-scatter gradients after every micro-batch instead of once per step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (<= 0: no clipping)."""
+    nonfinite_policy: str = "stop"
+    """On a non-finite loss or gradient norm: 'stop' or 'skip' the update."""
+    source_names: tuple[str, ...] = ()
+    """Mixture source names in config order: a batch's "source" indexes them."""
+    routing_metrics_interval: int = 1
+    """Steps between records of the routing diagnostics (the console interval)."""
+
+
+def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
+    """The train module's settings from a run's config."""
+    return TrainModuleConfig(
+        model=cfg.model,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        seed=cfg.seed,
+        microbatch_size=cfg.device_train_microbatch_size,
+        eval_batch_size=cfg.eval_batch_size or cfg.device_train_microbatch_size,
+        precision=cfg.precision,
+        init_on_device=cfg.init_on_device,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile,
+        expert_parallel_degree=cfg.parallel.expert_parallel_degree,
+        reduce_grads_every_microbatch=cfg.reduce_grads_every_microbatch,
+        max_grad_norm=cfg.max_grad_norm,
+        nonfinite_policy=cfg.nonfinite_policy,
+        source_names=tuple(cfg.data.sources),
+        routing_metrics_interval=cfg.console_log_interval,
+    )
+
+
 class MoETrainModule(TrainModule):
-    def __init__(self, model: MoETransformer, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: MoETransformer, config: TrainModuleConfig, device: torch.device):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.device = device
-        self.model_config = model.config if hasattr(model, "config") else cfg.model
-        self.param_dtype = resolve_precision(cfg.precision, device)
+        self.param_dtype = resolve_precision(config.precision, device)
         on_meta = any(p.is_meta for p in model.parameters())
         if not on_meta:
             model.to(device)
@@ -329,25 +386,25 @@ class MoETrainModule(TrainModule):
             model,
             device=device,
             param_dtype=self.param_dtype,
-            activation_checkpointing=cfg.activation_checkpointing,
-            compile_blocks=cfg.compile,
-            expert_parallel_degree=cfg.parallel.expert_parallel_degree,
+            activation_checkpointing=config.activation_checkpointing,
+            compile_blocks=config.compile,
+            expert_parallel_degree=config.expert_parallel_degree,
         )
         if on_meta:
             # After sharding: each rank allocates and fills only its own shards (moe_model/init.py
             # draws every tensor whole from this seed, one parameter at a time).
             self.model.to_empty(device=device)
-            torch.manual_seed(cfg.seed)
-            with draw_on(device if cfg.init_on_device else "cpu"):
+            torch.manual_seed(config.seed)
+            with draw_on(device if config.init_on_device else "cpu"):
                 self.model.init_weights()
-        self.optim = build_optimizer(self.model, cfg.optimizer)
-        self.microbatch_size = cfg.device_train_microbatch_size
+        self.optim = build_optimizer(self.model, config.optimizer)
+        self.microbatch_size = config.microbatch_size
         self.skipped_steps = 0
         self._step_loss_sum: torch.Tensor | None = None
         self._step_load_LE: torch.Tensor | None = None
-        self.moe_layer_ids = self.model_config.moe_layer_ids
+        self.moe_layer_ids = config.model.moe_layer_ids
         # Mixture batches carry each row's source index into these names (config order).
-        self.source_names = list(cfg.data.sources)
+        self.source_names = list(config.source_names)
         self._source_sums: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
@@ -360,9 +417,9 @@ class MoETrainModule(TrainModule):
 
     @property
     def eval_batch_spec(self) -> EvalBatchSpec:
-        seq_len = self.cfg.model.max_sequence_length
+        seq_len = self.config.model.max_sequence_length
         return EvalBatchSpec(
-            rank_batch_size=(self.cfg.eval_batch_size or self.microbatch_size),
+            rank_batch_size=self.config.eval_batch_size,
             batch_size_unit=EvalBatchSizeUnit.instances,
             max_sequence_length=seq_len,
         )
@@ -400,7 +457,7 @@ class MoETrainModule(TrainModule):
 
     @lru_cache  # noqa: B019 - one model config per module; mirrors olmo-core's signature
     def num_flops_per_token(self, seq_len: int) -> int:
-        return self.cfg.model.num_flops_per_token(seq_len)
+        return self.config.model.num_flops_per_token(seq_len)
 
     def global_num_flops_in_batch(self, batch: dict[str, Any]) -> int | None:
         input_ids = batch["input_ids"]
@@ -410,14 +467,20 @@ class MoETrainModule(TrainModule):
 
     # ---- training ---------------------------------------------------------------------------
 
-    def _forward(self, input_ids: torch.Tensor):
+    def _forward(self, batch: dict[str, Any]):
+        """The model on a (micro-)batch; with document masking, attention stays inside the
+        documents the data layer marked ("doc_ids", olmo.data.BatchCollator)."""
+        doc_ids = None
+        if self.config.model.document_masking:
+            doc_ids = batch.get("doc_ids")
+            if doc_ids is None:
+                raise ValueError(
+                    "model.document_masking is on but the batch has no 'doc_ids'; expected "
+                    "batches from olmo.data's loaders built with document_ids=True"
+                )
         ctx = self._autocast if self._autocast is not None else nullcontext()
         with ctx:
-            if self.model_config.document_masking:
-                # Documents end at the data's EOS; the model keeps attention inside them.
-                doc_ids = document_ids(input_ids, self.cfg.data.eos_token_id)
-                return self.model(input_ids, doc_ids)
-            return self.model(input_ids)
+            return self.model(batch["input_ids"], doc_ids)
 
     def _micro_ce(
         self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
@@ -472,11 +535,11 @@ class MoETrainModule(TrainModule):
         entropy_L: torch.Tensor | None = None
         dropped_L: torch.Tensor | None = None
         for index, micro in enumerate(micro_batches):
-            if self.sharded and not self.cfg.reduce_grads_every_microbatch:
+            if self.sharded and not self.config.reduce_grads_every_microbatch:
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
                 # micro-batch's backward: one collective per step instead of one per micro-batch.
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
-            out = self._forward(micro["input_ids"])
+            out = self._forward(micro)
             logits = out.logits
             ce = self._micro_ce(logits, micro, num_loss_tokens)
             lb = out.lb_loss.float() / num_micro
@@ -529,12 +592,12 @@ class MoETrainModule(TrainModule):
     def _routing_metrics_due(self) -> bool:
         """Whether this step records the routing diagnostics: at the console interval."""
         step, max_steps = self.trainer.global_step, self.trainer.max_steps
-        return step % self.cfg.console_log_interval == 0 or step == max_steps
+        return step % self.config.routing_metrics_interval == 0 or step == max_steps
 
     def _update_expert_bias(self) -> None:
         """Auxiliary-loss-free balancing: the step's routed rows summed over data-parallel ranks
         (so every rank applies the same update), then one bias step in every MoE layer."""
-        if self.model_config.moe_bias_update_rate is None or self._step_load_LE is None:
+        if self.config.model.moe_bias_update_rate is None or self._step_load_LE is None:
             return
         load_LE = self._step_load_LE.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -546,8 +609,8 @@ class MoETrainModule(TrainModule):
                 self.record_metric(layer_bias_range(layer), bias_E.max() - bias_E.min(), None)
 
     def _grad_norm(self) -> torch.Tensor:
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        if self.cfg.parallel.expert_parallel_degree > 1:
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        if self.config.expert_parallel_degree > 1:
             return clip_grad_norm_over_meshes_(list(self.model.parameters()), max_norm)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if isinstance(norm, DTensor):
@@ -575,7 +638,7 @@ class MoETrainModule(TrainModule):
                 for name, flag in (("loss", bad_loss), ("gradient norm", bad_grad))
                 if flag
             )
-            if self.cfg.nonfinite_policy == "stop":
+            if self.config.nonfinite_policy == "stop":
                 raise NonFiniteError(
                     f"step {step}: non-finite {what} on at least one rank; stopped before the "
                     "optimizer update (the last saved checkpoint is intact)"
@@ -585,7 +648,8 @@ class MoETrainModule(TrainModule):
             self.zero_grads()
         else:
             lr = lr_at(
-                self.cfg.scheduler, self.cfg.optimizer.learning_rate, step, self.trainer.max_steps
+                self.config.scheduler, self.config.optimizer.learning_rate, step,
+                self.trainer.max_steps,
             )
             for group in self.optim.param_groups:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
@@ -608,7 +672,7 @@ class MoETrainModule(TrainModule):
         batch = move_to_device(batch, self.device)
         if labels is None:
             labels = get_labels(batch, label_ignore_index=LABEL_IGNORE_INDEX)
-        out = self._forward(batch["input_ids"])
+        out = self._forward(batch)
         ce_sum = F.cross_entropy(
             out.logits.reshape(-1, out.logits.shape[-1]).float(),
             labels.reshape(-1),

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from olmo.config import load_config
-from olmo.train_module import MoETrainModule
+from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 from tests.olmo.helpers import TEST_CONFIG
 from tests.olmo.test_cuda_syncs import EP_ALLOWED
@@ -40,7 +40,9 @@ def main() -> None:
     failures = []
     for label, overrides in OPTIONS.items():
         cfg = load_config(TEST_CONFIG, [f"--parallel.expert_parallel_degree={world}", *overrides])
-        module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, torch.device("cpu"))
+        module = MoETrainModule(
+            cfg.model.build(init_device="meta"), train_module_config(cfg), torch.device("cpu")
+        )
         # train_batch / optim_step read only these from olmo-core's Trainer.
         module._trainer = SimpleNamespace(
             global_step=1, max_steps=8, record_metric=lambda *a, **k: None

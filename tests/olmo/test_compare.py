@@ -98,6 +98,30 @@ def test_expected_final_step_of_epochs_reads_the_token_width(tmp_path, vocab, to
     assert expected_final_step(cfg) == epochs * (tokens // seq // batch) == 6
 
 
+
+def test_a_mixture_run_in_epochs_can_be_complete(tmp_path):
+    """Regression: expected_final_step globbed data.paths only (non-recursively), so a mixture
+    (data.sources) run had no final step and run_is_complete never held."""
+    seq, batch = 32, 8
+    for name, files in (("web", 6), ("code", 2)):
+        for i in range(files):  # one directory deeper than the glob's root: needs '**'
+            path = tmp_path / name / f"shard{i}" / "part-0.npy"
+            path.parent.mkdir(parents=True)
+            (np.arange(3 * seq + 7) % 512).astype(np.uint16).tofile(path)
+    cfg = load_config(TEST_CONFIG, [
+        f"--data.sources.web.paths=[{tmp_path}/web/**/*.npy]", "--data.sources.web.fraction=0.75",
+        f"--data.sources.code.paths=[{tmp_path}/code/**/*.npy]", "--data.sources.code.fraction=0.25",
+        "--model.vocab_size=512", "--model.embedding_size=512", f"--model.max_sequence_length={seq}",
+        f"--global_train_batch_size={batch}", "--max_duration=1ep",
+    ])  # fmt: skip
+    # One pass: web's 18 sequences at 75% (and code's 6 at 25%) -> 24 = 3 whole batches of 8.
+    assert expected_final_step(cfg) == 3
+    spec = RunSpec("gelu", 0, 8, "r", tmp_path / "run", [], expected_final_step(cfg))
+    spec.save_folder.mkdir()
+    lines = [{"step": s, "tokens": s, "train/CrossEntropyLoss": 1.0} for s in range(1, 4)]
+    (spec.save_folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert run_is_complete(spec)
+
 def _compare(tmp_path, out, data, *extra):
     overrides = [o for o in tiny_overrides(tmp_path / "unused", data, max_duration=STEPS,
                                            eval_interval=2, save_interval=2)

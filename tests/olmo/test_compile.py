@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
 from olmo.metric_names import CE_LOSS, LB_LOSS
-from olmo.train_module import MoETrainModule
+from olmo.train_module import MoETrainModule, train_module_config
 
 from .test_cuda_syncs import TrainerStandIn, batch
 
@@ -62,7 +62,7 @@ def step(
         model=config, precision=precision, global_train_batch_size=4,
         device_train_microbatch_size=2, compile=compile_blocks, activation_checkpointing=True,
     )  # fmt: skip
-    module = MoETrainModule(config.build(), cfg, torch.device("cpu"))
+    module = MoETrainModule(config.build(), train_module_config(cfg), torch.device("cpu"))
     module._attach_trainer(TrainerStandIn())
     step_batch = batch()
     step_batch.pop("source")

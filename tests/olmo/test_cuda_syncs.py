@@ -18,9 +18,9 @@ import torch
 
 from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
-from olmo.data import DataConfig
+from olmo.data import BatchCollator, DataConfig
 from olmo.metric_names import layer_router_entropy
-from olmo.train_module import MoETrainModule
+from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 
 from .helpers import REPO, free_port
@@ -93,22 +93,26 @@ def build_module(**changes) -> MoETrainModule:
         device_train_microbatch_size=2, console_log_interval=1,
         data=DataConfig(sources=sources, eos_token_id=VOCAB - 1),
     )  # fmt: skip
-    module = MoETrainModule(config.build(), cfg, torch.device("cpu"))
+    module = MoETrainModule(config.build(), train_module_config(cfg), torch.device("cpu"))
     module._attach_trainer(TrainerStandIn())
     return module
 
 
-def batch() -> dict[str, torch.Tensor]:
+def batch(document_ids: bool = False) -> dict[str, torch.Tensor]:
+    """A mixture batch as the loader collates it (with each token's document for masking)."""
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (4, SEQ), generator=gen)
     input_ids[:, 5] = VOCAB - 1  # a document boundary in every row
-    return {"input_ids": input_ids, "source": torch.tensor([0, 1, 1, 0])}
+    collate = BatchCollator(pad_token_id=1, vocab_size=VOCAB, with_source=True,
+                            eos_token_id=VOCAB - 1 if document_ids else None)  # fmt: skip
+    return collate([{"input_ids": row, "source": s} for row, s in zip(input_ids, (0, 1, 1, 0))])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_step_has_no_cuda_sync(variant):
     module = build_module(**VARIANTS[variant])
-    step_batch = batch()  # outside the recorder: the loader's work, not the step's
+    # Outside the recorder: the loader's work, not the step's.
+    step_batch = batch(document_ids=module.config.model.document_masking)
     with record_cuda_syncs() as syncs:
         module.train_batch(step_batch)
         module.optim_step()

@@ -66,6 +66,28 @@ def train_loader(cfg: DataConfig, work_dir: Path, **kw):
     return build_train_loader(cfg, work_dir=work_dir, **args)
 
 
+
+def test_batches_carry_each_tokens_document(tmp_path: Path):
+    """Document boundaries come from the data layer: with document_ids the collator adds
+    "doc_ids" (per row, the document of each token from 0; an EOS ends its document), in
+    training and validation batches alike."""
+    tokens = np.arange(16, dtype=np.uint16)
+    tokens[[2, 7, 8, 12]] = EOS
+    tokens.tofile(tmp_path / "doc.npy")
+    want = {0: [0, 0, 0, 1, 1, 1, 1, 1], 1: [0, 1, 1, 1, 1, 2, 2, 2]}
+    cfg = DataConfig(paths=[str(tmp_path / "doc.npy")], validation={"v": [str(tmp_path / "doc.npy")]})
+    kw = dict(sequence_length=8, vocab_size=VOCAB, work_dir=tmp_path / "work", document_ids=True)
+    (batch,) = all_rows(build_train_loader(cfg, global_batch_size=2, seed=0, **kw))
+    assert {int(i): d.tolist() for i, d in zip(batch["index"], batch["doc_ids"])} == want
+    # olmo-core's trainer runs a random batch first, not through the collator: marked too.
+    mock = build_train_loader(cfg, global_batch_size=2, seed=0, **kw).get_mock_batch()
+    assert mock["doc_ids"].shape == mock["input_ids"].shape == (2, 8)
+    (val,) = all_rows(build_eval_loaders(cfg, batch_size=2, **kw)["v"])
+    assert {int(i): d.tolist() for i, d in zip(val["index"], val["doc_ids"])} == want
+    kw["document_ids"] = False
+    (plain,) = all_rows(build_train_loader(cfg, global_batch_size=2, seed=0, **kw))
+    assert "doc_ids" not in plain
+
 # --- the real dolma CLI ------------------------------------------------------------------
 
 

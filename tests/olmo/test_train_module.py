@@ -28,7 +28,7 @@ import torch
 from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
-from olmo.train_module import MoETrainModule, lr_at
+from olmo.train_module import MoETrainModule, lr_at, train_module_config
 
 from .helpers import REPO, TEST_CONFIG, free_port, run_worker
 
@@ -72,7 +72,7 @@ def make_module(config: ModelConfig, seed: int = 0, **train) -> tuple[MoETrainMo
     settings = dict(precision="fp32", global_train_batch_size=BATCH,
                     device_train_microbatch_size=MICRO)
     cfg = TrainConfig(model=config, **{**settings, **train})
-    module = MoETrainModule(model, cfg, torch.device("cpu"))
+    module = MoETrainModule(model, train_module_config(cfg), torch.device("cpu"))
     trainer = TrainerStandIn()
     module._attach_trainer(trainer)  # what olmo-core's Trainer does when it is built
     return module, trainer
@@ -101,13 +101,16 @@ AUX_SCALES = {
 assert BATCH // MICRO == 2
 
 
-def reference_step(model, batch, lb_scale: float, z_scale: float):
+def reference_step(model, batch, lb_scale: float, z_scale: float, eos_token_id: int | None = None):
     """The objective written out: per micro-batch, CE summed over its predicted tokens divided
     by the predicted tokens of the whole batch, plus ``lb_scale * lb_loss + z_scale * z_loss``.
 
     Backpropagates into ``model``; returns the losses as the trainer should record them (summed
-    over micro-batches, aux losses divided by their number) and the routed-row counts.
+    over micro-batches, aux losses divided by their number) and the routed-row counts. With
+    ``eos_token_id``, attention stays inside the documents it ends.
     """
+    from moe_model.attention import document_ids
+
     ids, mask = batch["input_ids"], batch["label_mask"]
     # Token t predicts token t + 1 where the mask allows; the last position predicts nothing.
     targets, keep = ids[:, 1:], mask[:, 1:]
@@ -116,7 +119,8 @@ def reference_step(model, batch, lb_scale: float, z_scale: float):
     totals = {"ce": 0.0, "lb": 0.0, "z": 0.0}
     counts_LE = 0
     for rows in torch.arange(BATCH).split(MICRO):
-        out = model(ids[rows])
+        docs = None if eos_token_id is None else document_ids(ids[rows], eos_token_id)
+        out = model(ids[rows], docs)
         logprobs = out.logits[:, :-1].float().log_softmax(-1)
         picked = logprobs.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
         ce = -(picked * keep[rows]).sum() / n_tokens
@@ -209,6 +213,60 @@ def test_per_source_sums_and_unchanged_objective_with_a_mixture_batch():
     assert not any(k.startswith(SOURCE_SUM_PREFIX) for k in plain_trainer.metrics)
 
 
+
+def test_document_masking_reads_the_batchs_document_ids():
+    """The train module takes document boundaries from the batch (the data layer's collator);
+    the gradients and losses equal those of the model given document_ids(input_ids, EOS), as the
+    train module computed them itself before; a batch without them is refused."""
+    from moe_model.attention import document_ids
+    from olmo.data import BatchCollator, DataConfig
+
+    eos = VOCAB - 1
+    config = model_config(document_masking=True)
+    module, trainer = make_module(config, data=DataConfig(eos_token_id=eos))
+    reference = copy.deepcopy(module.model)
+    batch = make_batch()
+    batch["input_ids"][:, 4] = eos  # a boundary in every row, and one more in the first
+    batch["input_ids"][0, 8] = eos
+    collated = BatchCollator(pad_token_id=1, vocab_size=VOCAB, eos_token_id=eos)(
+        [{"input_ids": row} for row in batch["input_ids"]]
+    )
+    # The boundaries the train module derived from the EOS id itself before.
+    assert torch.equal(collated["doc_ids"], document_ids(batch["input_ids"], eos))
+    module.train_batch({**{k: v.clone() for k, v in batch.items()}, "doc_ids": collated["doc_ids"]})
+    reference.train()
+    totals, _ = reference_step(reference, batch, 0.5, 0.5, eos_token_id=eos)
+    err, param = worst_relative_error(grads_of(module.model), grads_of(reference))
+    assert err <= GRAD_TOL, f"{param}: gradient differs from the document-masked model's by {err:.2e}"
+    assert trainer.metrics[CE_LOSS] == pytest.approx(totals["ce"], rel=1e-6)
+    with pytest.raises(ValueError, match="model.document_masking is on but the batch has no 'doc_ids'"):
+        module.train_batch(make_batch())
+
+
+
+def test_train_module_config_takes_each_setting_from_the_run_config():
+    """The train module's own config: every field from its TrainConfig key, defaults resolved."""
+    from olmo.config import ParallelConfig
+    from olmo.data import DataConfig
+
+    sources = {n: {"paths": ["unused.npy"], "fraction": 0.5} for n in ("web", "code")}
+    cfg = TrainConfig(
+        model=model_config(), seed=3, precision="bf16", init_on_device=True, compile=True,
+        activation_checkpointing=True, device_train_microbatch_size=2, max_grad_norm=0.5,
+        reduce_grads_every_microbatch=True, nonfinite_policy="skip", console_log_interval=7,
+        parallel=ParallelConfig(expert_parallel_degree=2), data=DataConfig(sources=sources),
+    )  # fmt: skip
+    tm = train_module_config(cfg)
+    assert tm.model is cfg.model and tm.optimizer is cfg.optimizer and tm.scheduler is cfg.scheduler
+    assert (tm.seed, tm.precision, tm.init_on_device, tm.compile, tm.activation_checkpointing) == (
+        3, "bf16", True, True, True)
+    assert (tm.microbatch_size, tm.eval_batch_size, tm.max_grad_norm) == (2, 2, 0.5)
+    assert (tm.reduce_grads_every_microbatch, tm.nonfinite_policy, tm.expert_parallel_degree) == (
+        True, "skip", 2)
+    assert tm.source_names == ("web", "code") and tm.routing_metrics_interval == 7
+    cfg.eval_batch_size = 5
+    assert train_module_config(cfg).eval_batch_size == 5
+
 def test_dry_run_leaves_no_gradient_and_records_nothing():
     module, trainer = make_module(model_config())
     module.train_batch(make_batch(), dry_run=True)
@@ -278,7 +336,7 @@ def test_model_only_checkpoint_starts_with_a_fresh_optimizer_at_warmup_step_one(
     for key in state:
         if ".act." in key:  # make_module gives every model the same coefficients
             state[key] += 0.25
-    model_dir = save_model_dcp(state, source.cfg.to_yaml(), tmp_path / "imported")
+    model_dir = save_model_dcp(state, TrainConfig(model=source.config.model).to_yaml(), tmp_path / "imported")
 
     module, trainer = make_module(
         model_config(), seed=6, optimizer=OptimizerConfig(learning_rate=peak),
@@ -379,7 +437,7 @@ _SCRIPT = textwrap.dedent(
 
     import moe_model.activations as activations
     from olmo.config import load_config
-    from olmo.train_module import MoETrainModule, activation_modules_with_params
+    from olmo.train_module import MoETrainModule, activation_modules_with_params, train_module_config
 
     CONFIG = sys.argv[1]
     dist.init_process_group("gloo")
@@ -394,7 +452,7 @@ _SCRIPT = textwrap.dedent(
 
     def build(*overrides):
         cfg = load_config(CONFIG, list(overrides))
-        tm = MoETrainModule(cfg.model.build(init_device="meta"), cfg, torch.device("cpu"))
+        tm = MoETrainModule(cfg.model.build(init_device="meta"), train_module_config(cfg), torch.device("cpu"))
         # train_batch / optim_step read only these from olmo-core's Trainer.
         tm._trainer = SimpleNamespace(global_step=1, max_steps=8, record_metric=lambda *a, **k: None)
         return cfg, tm
