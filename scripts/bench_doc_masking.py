@@ -51,6 +51,7 @@ from bench_common import (
 from moe_model.attention import build_document_mask, document_ids
 from moe_model.init import draw_on
 from olmo.config import load_config
+from olmo.objective import objective
 
 OFF = "off"
 BACKENDS = {"cpu": ("sdpa",), "cuda": ("sdpa", "flex")}
@@ -80,7 +81,7 @@ def make_step(model_cfg, batch_BS: torch.Tensor, eos: int | None):
     def step():
         out = model(inputs) if eos is None else model(inputs, document_ids(inputs, eos))
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        (ce + out.lb_loss + out.z_loss).backward()
+        objective(ce, out.lb_loss, out.z_loss).total.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training-step time of each MoE routing/balancing option against OLMoE's default, on this CPU.
 
-One step = forward + backward (CE + auxiliary losses) + AdamW over a micro-batch of the config
-(default configs/tiny.yaml), plus the expert-bias update where auxiliary-loss-free balancing is
-on: the work the trainer does per micro-batch. Every variant changes one thing (or one recipe)
+One step = the train module's step (as in bench_cpu_step.py: forward + backward of the objective,
+clipping, AdamW, and the expert-bias update where auxiliary-loss-free balancing is on) over a
+micro-batch of the config (default configs/tiny.yaml). Every variant changes one thing (or one recipe)
 and keeps the total and active parameter counts where the option allows (a shared expert takes
 one routed slot; fine-grained experts split each expert in four). Variants are interleaved
 round-robin so that load from other processes hits them alike; medians and the ratio to the
