@@ -9,8 +9,8 @@ expert matmul FLOPs, 6 * R * D * (in + H) forward + backward, over the whole lay
 routing, permutation and the activation count against it), the activation's own forward +
 backward time on the routed (R x in) tensor and its share of the layer's time, peak memory.
 
-    python scripts/bench_moe_layer.py                        # GPU, OLMoE shape, bf16 params
-    python scripts/bench_moe_layer.py --device cpu --quick   # smoke test on tiny shapes
+    python -m benchmarks.bench_moe_layer                        # GPU, OLMoE shape, bf16 params
+    python -m benchmarks.bench_moe_layer --device cpu --quick   # smoke test on tiny shapes
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_common import (
+
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     median,
@@ -27,8 +28,7 @@ from bench_common import (
     sync,
     time_phases,
 )
-from bench_profile import add_profile_flag, format_profile, profile_step
-
+from benchmarks.bench_profile import add_profile_flag, format_profile, profile_step
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from moe_model.init import draw_on
 from moe_model.moe import MoELayer

@@ -22,7 +22,7 @@ documents of 256 and 2048 tokens, the config's tokens per micro-batch (16 x 2048
 ``--quick`` shrinks the model (``QUICK_OVERRIDES``, before the command line's) and the
 sequences.
 
-    python scripts/bench_doc_masking.py [--device auto|cpu|cuda] [--config FILE] [--seq 4096]
+    python -m benchmarks.bench_doc_masking [--device auto|cpu|cuda] [--config FILE] [--seq 4096]
         [--doc-len 256 2048] [--iters 20] [--key=value ...]
 """
 
@@ -36,7 +36,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import (
+
+from benchmarks.bench_common import (
     REPO,
     Benchmark,
     Run,
@@ -47,7 +48,6 @@ from bench_common import (
     time_interleaved,
     time_phases,
 )
-
 from moe_model.attention import build_document_mask, document_ids
 from moe_model.init import draw_on
 from olmo.config import load_config

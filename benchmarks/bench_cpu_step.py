@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Training-step time of the tiny config, PolyNorm vs SwiGLU at equal parameters, on this CPU.
 
-One step = the train module's step (scripts/train_steps.py: train_batch, forward + backward of
+One step = the train module's step (benchmarks/train_steps.py: train_batch, forward + backward of
 olmo.objective's loss, then optim_step: clipping, schedule, AdamW) on one micro-batch of random
 tokens, the module built as training builds it. Variants are interleaved round-robin so that load from other
 processes hits them alike; medians and the ratio to SwiGLU are printed and written to
 benchmarks/results/cpu_step.json. ``--quick`` leaves out the compiled variants and shrinks the
 model (``QUICK_OVERRIDES``, before the command line's).
 
-    python scripts/bench_cpu_step.py [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
+    python -m benchmarks.bench_cpu_step [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import dataclasses
 import sys
 
 import torch
-from bench_common import (
+
+from benchmarks.bench_common import (
     REPO,
     Benchmark,
     Run,
@@ -27,8 +28,7 @@ from bench_common import (
     run_benchmark,
     time_interleaved,
 )
-from train_steps import build_train_module, whole_step
-
+from benchmarks.train_steps import build_train_module, whole_step
 from moe_model.config import equal_param_hidden_size
 from olmo.config import load_config
 

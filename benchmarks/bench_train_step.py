@@ -3,7 +3,7 @@
 OLMoE-1B-7B layer shapes (d 2048, 16 heads, 64 experts, top-8, vocab 50304, sequence 4096,
 micro-batch 4) with as many layers as fit (``--layers auto`` tries 16, 12, 8, 6, 4, 2, 1 and
 keeps the first that runs a step), at equal expert parameters (SwiGLU h=1024, PolyNorm
-h=1536). One step = the train module's step (scripts/train_steps.py): ``train_batch`` (forward
+h=1536). One step = the train module's step (benchmarks/train_steps.py): ``train_batch`` (forward
 and backward of cross-entropy + load-balancing + z-loss, olmo.objective) on one micro-batch,
 then ``optim_step`` (clipping, schedule, AdamW), the module built as training builds it, in a
 one-process group as torchrun starts it.
@@ -19,9 +19,9 @@ one process is not sharded, bf16 autocast), fp32 (``auto`` on CPU) runs fp32 thr
 12 layers, 32 experts top-4, micro-batch 16 x 2048); ``--compile`` compiles each block as the
 trainer's ``compile: true`` does; ``--profile`` adds where the step's time goes.
 
-    python scripts/bench_train_step.py                          # GPU
-    python scripts/bench_train_step.py --config configs/small-gpu-swiglu.yaml --compile
-    python scripts/bench_train_step.py --device cpu --quick     # smoke test on a tiny model
+    python -m benchmarks.bench_train_step                          # GPU
+    python -m benchmarks.bench_train_step --config configs/small-gpu-swiglu.yaml --compile
+    python -m benchmarks.bench_train_step --device cpu --quick     # smoke test on a tiny model
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from bench_common import (
+
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     median,
@@ -40,9 +41,8 @@ from bench_common import (
     sync,
     time_phases,
 )
-from bench_profile import add_profile_flag, format_profile, profile_step
-from train_steps import build_train_module, step_phases
-
+from benchmarks.bench_profile import add_profile_flag, format_profile, profile_step
+from benchmarks.train_steps import build_train_module, step_phases
 from moe_model.config import ModelConfig, equal_param_hidden_size
 from olmo.config import TrainConfig, load_config
 from olmo.flops import device_peak_flops
