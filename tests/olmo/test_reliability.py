@@ -2,7 +2,8 @@
 
 Faults are injected with ``MOE_FAULT`` (olmo/faults.py) into real CPU runs of
 tests/olmo/tiny_test.yaml (8 steps, checkpoints every 4), 1 process or 2 gloo processes.
-Runs shared by several tests (an uninterrupted 1- and 2-process run) are module fixtures;
+Runs shared by several tests (an uninterrupted 1- and 2-process run) are session fixtures
+(tests/olmo/conftest.py, shared with test_train.py);
 preflight-only failures call ``olmo.launch.main`` in-process (the same code path as the
 script, without a subprocess's start-up), with one subprocess case proving the script's
 exit code and stderr end to end.
@@ -27,7 +28,7 @@ from olmo.run_files import find_checkpoints
 
 from .helpers import (
     TEST_CONFIG,
-    make_data,
+    ce_losses,
     read_metrics,
     run_train,
     tiny_overrides,
@@ -48,12 +49,8 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _losses(save):
-    return [(m["step"], m[CE]) for m in read_metrics(save) if CE in m]
-
-
 def _steps(save):
-    return [s for s, _ in _losses(save)]
+    return [s for s, _ in ce_losses(save)]
 
 
 def _assert_same_weights(a_dir, b_dir):
@@ -81,22 +78,9 @@ def _trainer_state(step_dir: Path, rank: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("reliability"))
-
-
-@pytest.fixture(scope="module")
-def straight1(tmp_path_factory, data):
-    save = tmp_path_factory.mktemp("straight") / "one"
-    _ok(_run(save, data))
-    return save
-
-
-@pytest.fixture(scope="module")
-def straight2(tmp_path_factory, data):
-    save = tmp_path_factory.mktemp("straight") / "two"
-    _ok(_run(save, data, nproc=2))
-    return save
+def data(tiny_data):
+    """The straight runs' token files: a run resumed from a copy of one sees an unchanged config."""
+    return tiny_data
 
 
 # ---- 1. non-finite loss: stop -----------------------------------------------------------
@@ -125,11 +109,11 @@ def test_nonfinite_stop_keeps_last_checkpoint_and_resumes(tmp_path, data, straig
     # Rerun without the fault: resumes from step2 and continues the straight run exactly.
     _ok(_run(save, data, nproc=nproc, save_interval=2))
     straight = straight1 if nproc == 1 else straight2
-    assert _losses(save) == _losses(straight)
+    assert ce_losses(save) == ce_losses(straight)
     _assert_same_weights(save / "step8", straight / "step8")
     # The spike detector's window survived the resume: steps 1-2 from step2 plus 3-8.
     history = _trainer_state(save / "step8")["callbacks"]["spike_detector"]["history"]
-    assert history["Loss"] == [loss for _, loss in _losses(save)]
+    assert history["Loss"] == [loss for _, loss in ce_losses(save)]
 
 
 # ---- 2. non-finite loss: skip -----------------------------------------------------------
@@ -147,7 +131,7 @@ def test_nonfinite_skip_counts_and_continues(tmp_path, data, straight2):
     assert "optim/LR" not in train[3]
     assert all("optim/LR" in train[s] for s in (1, 2, 4, 5, 6, 7, 8))
     # Before the fault the run is the straight run; after it, training goes on and learns.
-    straight = dict(_losses(straight2))
+    straight = dict(ce_losses(straight2))
     assert [train[s][CE] for s in (1, 2)] == [straight[1], straight[2]]
     assert all(math.isfinite(train[s][CE]) for s in range(4, 9))
     assert train[8][CE] < train[1][CE] - 0.2
@@ -206,7 +190,7 @@ def test_spike_detector_rule_and_state_round_trip():
 def test_spike_detector_state_is_in_the_checkpoint(straight1):
     state = _trainer_state(straight1 / "step8")
     spike = state["callbacks"]["spike_detector"]
-    losses = [loss for _, loss in _losses(straight1)]
+    losses = [loss for _, loss in ce_losses(straight1)]
     assert spike["history"]["Loss"] == losses  # every step's reduced loss, in order
     grad_norms = [m["optim/GradNorm"] for m in read_metrics(straight1) if CE in m]
     assert spike["history"]["GradNorm"] == grad_norms
@@ -233,7 +217,7 @@ def test_signal_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, data, 
     load_state_dict(save / "step3")
     # Resuming (same command, no fault) continues the loss curve of an uninterrupted run.
     _ok(_run(save, data, nproc=2))
-    assert _losses(save) == _losses(straight2)
+    assert ce_losses(save) == ce_losses(straight2)
     _assert_same_weights(save / "step8", straight2 / "step8")
 
 
@@ -258,9 +242,9 @@ def test_unfinished_checkpoints_are_never_picked(tmp_path, data, straight1):
     (save / "step20" / "model_and_optim" / ".metadata").unlink()
     assert find_checkpoints(save)[-1].name == "step8"
     # A resumed run loads step8: it trains steps 9 and 10 only, the earlier lines untouched.
-    before = _losses(save)
+    before = ce_losses(save)
     _ok(_run(save, data, max_duration=10))
-    after = _losses(save)
+    after = ce_losses(save)
     assert after[:8] == before
     assert [s for s, _ in after[8:]] == [9, 10]
 
@@ -274,7 +258,7 @@ def test_killed_process_leaves_last_checkpoint_and_resumes_exactly(tmp_path, dat
     assert _steps(save) == [1, 2, 3, 4, 5]
     load_state_dict(save / "step4")
     _ok(_run(save, data))
-    assert _losses(save) == _losses(straight1)
+    assert ce_losses(save) == ce_losses(straight1)
     _assert_same_weights(save / "step8", straight1 / "step8")
 
 
@@ -384,7 +368,7 @@ def test_resume_two_process_checkpoint_with_one_process(tmp_path, data, straight
     shutil.rmtree(save / "step8")  # resume from step4, written by 2 processes
     _ok(_run(save, data, nproc=1))
     assert _trainer_state(save / "step8")["world_size"] == 1
-    resumed, straight = _losses(save), _losses(straight2)
+    resumed, straight = ce_losses(save), ce_losses(straight2)
     assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 9))
     assert resumed[:4] == straight[:4]
     # Same samples at steps 5-8 (the data position is in global batches); only the summation
@@ -629,7 +613,7 @@ def test_moe_layers_keep_no_tensors_after_forward():
 def test_same_seed_same_losses_other_seed_differs(tmp_path, data, straight1):
     same = tmp_path / "same"
     _ok(_run(same, data, stop_at=3))
-    assert _losses(same) == _losses(straight1)[:3]  # exact, on CPU
+    assert ce_losses(same) == ce_losses(straight1)[:3]  # exact, on CPU
     other = tmp_path / "other"
     _ok(_run(other, data, stop_at=3, seed=4321))
-    assert all(a != b for (_, a), (_, b) in zip(_losses(other), _losses(same)))
+    assert all(a != b for (_, a), (_, b) in zip(ce_losses(other), ce_losses(same)))
