@@ -19,7 +19,7 @@ setup(
     version="0.1.0",
     description="OLMoE-style MoE pretraining with configurable expert activations (PolyNorm, PolyReLU, SwiGLU, ...)",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe_model", "moe_model.*", "olmo", "olmo.*"]),
+    packages=find_packages(include=["moe_model", "moe_model.*", "olmo", "olmo.*", "benchmarks"]),
     install_requires=[
         TORCH,
         # Trainer, checkpointing, numpy datasets; 3.0.0 is the version checked on CPU with gloo.

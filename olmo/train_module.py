@@ -59,6 +59,7 @@ from olmo.metric_names import (
     source_sum,
 )
 from olmo.muon import MuonWithAdamW, muon_layouts
+from olmo.objective import objective
 
 log = logging.getLogger(__name__)
 
@@ -542,12 +543,11 @@ class MoETrainModule(TrainModule):
             out = self._forward(micro)
             logits = out.logits
             ce = self._micro_ce(logits, micro, num_loss_tokens)
-            lb = out.lb_loss.float() / num_micro
-            z = out.z_loss.float() / num_micro
-            (ce + lb + z).backward()
-            ce_total += ce.detach()
-            lb_total += lb.detach()
-            z_total += z.detach()
+            loss = objective(ce, out.lb_loss, out.z_loss, num_micro)
+            loss.total.backward()
+            ce_total += loss.ce.detach()
+            lb_total += loss.lb.detach()
+            z_total += loss.z.detach()
             counts = out.tokens_per_expert_LE
             if counts is not None and counts.numel() > 0:
                 load_LE = counts if load_LE is None else load_LE + counts
@@ -557,7 +557,7 @@ class MoETrainModule(TrainModule):
             if out.dropped_rows_L is not None:
                 dropped = out.dropped_rows_L
                 dropped_L = dropped if dropped_L is None else dropped_L + dropped
-            del out, logits, ce, lb, z
+            del out, logits, ce, loss
 
         if dry_run:
             self.zero_grads()

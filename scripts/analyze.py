@@ -17,12 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from olmo.analysis import analyze, validation_tokens, write_figures  # noqa: E402
-from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
-from olmo.data import resolve_dtype  # noqa: E402
+from olmo.analysis import analyze, validation_tokens, write_figures
+from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint
+from olmo.cli import run_cli
+from olmo.data import resolve_dtype
 
 
 def main(argv: list[str] | None = None) -> int:

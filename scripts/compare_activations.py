@@ -33,11 +33,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_model.errors import LaunchError  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
-from olmo.compare import (  # noqa: E402
+from moe_model.errors import LaunchError
+from olmo.cli import run_cli
+from olmo.compare import (
     DEFAULT_ACTIVATIONS,
     aggregate,
     log_wandb,
@@ -46,7 +44,7 @@ from olmo.compare import (  # noqa: E402
     run_sweep,
     write_report,
 )
-from olmo.config import ConfigError, load_config  # noqa: E402
+from olmo.config import ConfigError, load_config
 
 
 def _csv(value: str) -> list[str]:

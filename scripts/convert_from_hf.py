@@ -31,15 +31,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from moe_model.hf import hf_import_plan  # noqa: E402
-from moe_model.hf.files import atomic_output_dir  # noqa: E402
-from olmo.checkpoint_io import save_model_dcp, save_unsharded  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
-from olmo.config import load_config  # noqa: E402
+from moe_model.hf import hf_import_plan
+from moe_model.hf.files import atomic_output_dir
+from olmo.checkpoint_io import save_model_dcp, save_unsharded
+from olmo.cli import run_cli
+from olmo.config import load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "keep": None}
 

@@ -32,15 +32,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from moe_model.errors import ConversionError, OutputExistsError  # noqa: E402
-from moe_model.hf import FORMATS, choose_format, export_hf  # noqa: E402
-from olmo import object_store  # noqa: E402
-from olmo.checkpoint_io import load_model, load_model_config, open_checkpoint  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
+from moe_model.errors import ConversionError, OutputExistsError
+from moe_model.hf import FORMATS, choose_format, export_hf
+from olmo import object_store
+from olmo.checkpoint_io import load_model, load_model_config, open_checkpoint
+from olmo.cli import run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

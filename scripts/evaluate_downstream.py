@@ -15,11 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
-from olmo.downstream import DEFAULT_TASKS, NORMALIZATIONS, build_tokenizer, evaluate_task  # noqa: E402
+from olmo.checkpoint_io import load_checkpoint, resolve_checkpoint
+from olmo.cli import run_cli
+from olmo.downstream import DEFAULT_TASKS, NORMALIZATIONS, build_tokenizer, evaluate_task
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from moe_model.errors import ConfigError  # noqa: E402
-from moe_model.tokenizer import EOS_TOKEN_ID  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
+from moe_model.errors import ConfigError
+from moe_model.tokenizer import EOS_TOKEN_ID
+from olmo.cli import run_cli
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,

@@ -102,7 +102,7 @@ collect() {
 
 # summary.json and details.tar.gz as of now.
 checkpoint_results() {
-  "$PYTHON" scripts/gpu_round_report.py summary "$OUT/summary.json" "$WORK/parts.tsv" \
+  "$PYTHON" -m benchmarks.gpu_round_report summary "$OUT/summary.json" "$WORK/parts.tsv" \
     "$WORK/setup.log" --round-command "$ROUND_COMMAND" >/dev/null 2>>"$OUT/round.log"
   tar czf "$OUT/details.tar.gz" -C "$WORK" --exclude='*/step*' --exclude='*/data_work' \
     --exclude='*/wandb' . 2>>"$OUT/round.log"
@@ -160,13 +160,13 @@ for part in "${PARTS[@]}"; do
       acts=()
       [ "$ONE_CALL" = 1 ] && acts=(--activations polynorm swiglu)
       run_step activations "$([ "$ONE_CALL" = 1 ] && echo 90 || echo 360)" \
-        "$PYTHON" scripts/bench_activations.py "${QUICK_FLAG[@]}" "${acts[@]}"
+        "$PYTHON" -m benchmarks.bench_activations "${QUICK_FLAG[@]}" "${acts[@]}"
       collect activations
       ;;
     tuning)
       # The Triton PolyNorm launch parameters (warps, backward programs per SM), every variant
       # checked against the default launch: the data to tune the kernels from.
-      run_step tuning 240 "$PYTHON" scripts/bench_kernel_tuning.py "${QUICK_FLAG[@]}"
+      run_step tuning 240 "$PYTHON" -m benchmarks.bench_kernel_tuning "${QUICK_FLAG[@]}"
       collect tuning
       ;;
     moe_layer)
@@ -174,7 +174,7 @@ for part in "${PARTS[@]}"; do
       backends=(auto eager)
       [ "$ONE_CALL" = 1 ] && backends=(auto)
       run_step moe_layer "$([ "$ONE_CALL" = 1 ] && echo 90 || echo 300)" \
-        "$PYTHON" scripts/bench_moe_layer.py "${QUICK_FLAG[@]}" \
+        "$PYTHON" -m benchmarks.bench_moe_layer "${QUICK_FLAG[@]}" \
         --activations swiglu polynorm --poly-backends "${backends[@]}" --profile
       collect moe_layer
       ;;
@@ -184,7 +184,7 @@ for part in "${PARTS[@]}"; do
       # (moe_model/init.py draw_on) rather than drawing one OLMoE layer's 420M values on the CPU.
       layers=()
       [ "$QUICK" = 1 ] || layers=(--layers "$TRAIN_STEP_LAYERS")
-      run_step train_step 480 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
+      run_step train_step 480 "$PYTHON" -m benchmarks.bench_train_step "${QUICK_FLAG[@]}" \
         "${layers[@]}" --profile
       collect train_step
       ;;
@@ -192,7 +192,7 @@ for part in "${PARTS[@]}"; do
       # model.document_masking's cost: off vs the sdpa dense mask vs the flex block mask, the
       # attention alone and the small GPU config's training step at seq 4096 with documents of
       # 256 and 2048 tokens on average; flex's first call compiles (first_s in the JSON).
-      run_step doc_masking 360 "$PYTHON" scripts/bench_doc_masking.py "${QUICK_FLAG[@]}"
+      run_step doc_masking 360 "$PYTHON" -m benchmarks.bench_doc_masking "${QUICK_FLAG[@]}"
       collect doc_masking
       ;;
     small_step)
@@ -203,7 +203,7 @@ for part in "${PARTS[@]}"; do
       for mode in eager compiled; do
         flags=()
         [ $mode = compiled ] && flags=(--compile)
-        run_step "small_step_$mode" 300 "$PYTHON" scripts/bench_train_step.py "${QUICK_FLAG[@]}" \
+        run_step "small_step_$mode" 300 "$PYTHON" -m benchmarks.bench_train_step "${QUICK_FLAG[@]}" \
           --config configs/small-gpu-swiglu.yaml "${flags[@]}" --profile \
           --name "train_step_small_${mode}_$dev"
         collect "small_step_$mode"
@@ -245,7 +245,7 @@ for part in "${PARTS[@]}"; do
       done
       name=pretrain_$("$PYTHON" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
       [ "$QUICK" = 1 ] && name=${name}_quick
-      "$PYTHON" scripts/gpu_round_report.py pretrain "$OUT/$name.json" "${runs[@]}" 2>&1 \
+      "$PYTHON" -m benchmarks.gpu_round_report pretrain "$OUT/$name.json" "${runs[@]}" 2>&1 \
         | tee -a "$OUT/round.log"
       ;;
   esac

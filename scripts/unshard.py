@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from olmo.checkpoint_io import resolve_checkpoint, unshard  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
+from olmo.checkpoint_io import resolve_checkpoint, unshard
+from olmo.cli import run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

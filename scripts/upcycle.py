@@ -25,14 +25,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_model.hf import check_against_config  # noqa: E402
-from moe_model.hf.files import atomic_output_dir  # noqa: E402
-from moe_model.upcycle import upcycle_config, upcycle_plan  # noqa: E402
-from olmo.checkpoint_io import find_config, open_checkpoint, save_model_dcp  # noqa: E402
-from olmo.cli import run_cli  # noqa: E402
-from olmo.config import load_config  # noqa: E402
+from moe_model.hf import check_against_config
+from moe_model.hf.files import atomic_output_dir
+from moe_model.upcycle import upcycle_config, upcycle_plan
+from olmo.checkpoint_io import find_config, open_checkpoint, save_model_dcp
+from olmo.cli import run_cli
+from olmo.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 A conversion is a list of :class:`PlannedTensor` (name, shape, dtype and a function that makes the
 tensor when it is written). Writers call ``make()`` for one tensor, write it and drop it, so
 converting OLMoE-1B-7B never holds a second copy of the model: peak memory is about one source
-tensor plus what one output tensor needs (see scripts/bench_convert.py).
+tensor plus what one output tensor needs (see benchmarks/bench_convert.py).
 
 Sources (:class:`TensorSource`): an in-memory state dict, safetensors files (HF directories and
 unsharded checkpoints) and, in :mod:`olmo.checkpoint_io`, torch.distributed.checkpoint

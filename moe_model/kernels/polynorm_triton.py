@@ -34,7 +34,7 @@ from moe_model.precision import autocast_off
 
 # One program holds a whole row in registers. Up to SPILL_FREE_ROW every kernel builds without
 # register spills for sm_90a and sm_100a at every order and dtype (ptxas -v; the build tests and
-# scripts/bench_triton_build.py check it), so ``auto`` sends rows up to there to Triton and longer
+# benchmarks/bench_triton_build.py check it), so ``auto`` sends rows up to there to Triton and longer
 # ones to the fused torch path. Longer rows still launch when asked for (backend ``triton``) up
 # to MAX_ROW, but spill: at 65536, 32 warps cap ptxas at 64 registers a thread and the backward
 # spills 0.5-4 KB a thread (benchmarks/results/triton_build_sm90.json, ``--widths``).
@@ -54,7 +54,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # - ragged forward 1024: 4 -> 8 warps (4-byte spill at order 4, fp32, 520 and 1000 wide);
 # - ragged backward 2048: 8 -> 16 warps, 4096: 8 -> 32 (16 spilled 8 B at order 3 on sm_100a,
 #   3000 wide); 8192 stays at 16 (32 cap ptxas at 64 registers: 8 B spilled at order 4, 6008).
-# scripts/bench_triton_build.py prints the whole table; the build tests hold it spill-free.
+# benchmarks/bench_triton_build.py prints the whole table; the build tests hold it spill-free.
 _FWD_WARPS = ((32768, 32), (4096, 16), (2048, 8), (1, 4))
 _FWD_WARPS_RAGGED = ((32768, 32), (4096, 16), (1024, 8), (1, 4))
 _BWD_WARPS = ((32768, 32), (8192, 16), (2048, 8), (1, 4))
@@ -228,7 +228,7 @@ def launch_poly_norm_fwd(
     *, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """PolyNorm forward of contiguous rows ``x2`` (rows, cols): ``(y, rstd)``, rstd (rows, order)
-    fp32. ``num_warps`` None = by row length; scripts/bench_kernel_tuning.py sweeps it."""
+    fp32. ``num_warps`` None = by row length; benchmarks/bench_kernel_tuning.py sweeps it."""
     order = weight.numel()
     n_rows, n_cols = x2.shape
     if not 1 <= order <= MAX_ORDER or n_cols > MAX_ROW:

@@ -12,7 +12,7 @@ given row width, dtype and order, then reports
   silent corruption a CPU test never sees.
 
 Builds are cached by Triton (``~/.triton/cache``) and the ptxas reports here per PTX text, so a
-second build of the same case costs a file read. Used by ``scripts/bench_triton_build.py``
+second build of the same case costs a file read. Used by ``benchmarks/bench_triton_build.py``
 (the full matrix, JSON in ``benchmarks/results/``) and the build tests.
 """
 

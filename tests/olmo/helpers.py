@@ -89,6 +89,13 @@ def read_metrics(save_folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def ce_losses(save_folder: Path) -> list[tuple[int, float]]:
+    """(step, training cross-entropy) of every step a run's metrics.jsonl records."""
+    from olmo.metric_names import CE_LOSS
+
+    return [(m["step"], m[CE_LOSS]) for m in read_metrics(save_folder) if CE_LOSS in m]
+
+
 # Scoring rule of each task's OLMo metric: ``acc`` sums the continuation's log-likelihood,
 # ``len_norm`` divides it by the continuation's length in characters.
 TASK_NORMALIZATION = {"arc_easy": "sum", "sciq": "sum", "arc_challenge": "per_char",

@@ -2,7 +2,8 @@
 
 Faults are injected with ``MOE_FAULT`` (olmo/faults.py) into real CPU runs of
 tests/olmo/tiny_test.yaml (8 steps, checkpoints every 4), 1 process or 2 gloo processes.
-Runs shared by several tests (an uninterrupted 1- and 2-process run) are module fixtures;
+Runs shared by several tests (an uninterrupted 1- and 2-process run) are session fixtures
+(tests/olmo/conftest.py, shared with test_train.py);
 preflight-only failures call ``olmo.launch.main`` in-process (the same code path as the
 script, without a subprocess's start-up), with one subprocess case proving the script's
 exit code and stderr end to end.
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from olmo_core.train.callbacks import Callback
 
 from moe_model.errors import LaunchError
 from olmo.checkpoint_io import load_state_dict
@@ -27,7 +29,7 @@ from olmo.run_files import find_checkpoints
 
 from .helpers import (
     TEST_CONFIG,
-    make_data,
+    ce_losses,
     read_metrics,
     run_train,
     tiny_overrides,
@@ -48,12 +50,8 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _losses(save):
-    return [(m["step"], m[CE]) for m in read_metrics(save) if CE in m]
-
-
 def _steps(save):
-    return [s for s, _ in _losses(save)]
+    return [s for s, _ in ce_losses(save)]
 
 
 def _assert_same_weights(a_dir, b_dir):
@@ -81,22 +79,9 @@ def _trainer_state(step_dir: Path, rank: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("reliability"))
-
-
-@pytest.fixture(scope="module")
-def straight1(tmp_path_factory, data):
-    save = tmp_path_factory.mktemp("straight") / "one"
-    _ok(_run(save, data))
-    return save
-
-
-@pytest.fixture(scope="module")
-def straight2(tmp_path_factory, data):
-    save = tmp_path_factory.mktemp("straight") / "two"
-    _ok(_run(save, data, nproc=2))
-    return save
+def data(tiny_data):
+    """The straight runs' token files: a run resumed from a copy of one sees an unchanged config."""
+    return tiny_data
 
 
 # ---- 1. non-finite loss: stop -----------------------------------------------------------
@@ -125,11 +110,11 @@ def test_nonfinite_stop_keeps_last_checkpoint_and_resumes(tmp_path, data, straig
     # Rerun without the fault: resumes from step2 and continues the straight run exactly.
     _ok(_run(save, data, nproc=nproc, save_interval=2))
     straight = straight1 if nproc == 1 else straight2
-    assert _losses(save) == _losses(straight)
+    assert ce_losses(save) == ce_losses(straight)
     _assert_same_weights(save / "step8", straight / "step8")
     # The spike detector's window survived the resume: steps 1-2 from step2 plus 3-8.
     history = _trainer_state(save / "step8")["callbacks"]["spike_detector"]["history"]
-    assert history["Loss"] == [loss for _, loss in _losses(save)]
+    assert history["Loss"] == [loss for _, loss in ce_losses(save)]
 
 
 # ---- 2. non-finite loss: skip -----------------------------------------------------------
@@ -147,7 +132,7 @@ def test_nonfinite_skip_counts_and_continues(tmp_path, data, straight2):
     assert "optim/LR" not in train[3]
     assert all("optim/LR" in train[s] for s in (1, 2, 4, 5, 6, 7, 8))
     # Before the fault the run is the straight run; after it, training goes on and learns.
-    straight = dict(_losses(straight2))
+    straight = dict(ce_losses(straight2))
     assert [train[s][CE] for s in (1, 2)] == [straight[1], straight[2]]
     assert all(math.isfinite(train[s][CE]) for s in range(4, 9))
     assert train[8][CE] < train[1][CE] - 0.2
@@ -206,7 +191,7 @@ def test_spike_detector_rule_and_state_round_trip():
 def test_spike_detector_state_is_in_the_checkpoint(straight1):
     state = _trainer_state(straight1 / "step8")
     spike = state["callbacks"]["spike_detector"]
-    losses = [loss for _, loss in _losses(straight1)]
+    losses = [loss for _, loss in ce_losses(straight1)]
     assert spike["history"]["Loss"] == losses  # every step's reduced loss, in order
     grad_norms = [m["optim/GradNorm"] for m in read_metrics(straight1) if CE in m]
     assert spike["history"]["GradNorm"] == grad_norms
@@ -233,7 +218,7 @@ def test_signal_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, data, 
     load_state_dict(save / "step3")
     # Resuming (same command, no fault) continues the loss curve of an uninterrupted run.
     _ok(_run(save, data, nproc=2))
-    assert _losses(save) == _losses(straight2)
+    assert ce_losses(save) == ce_losses(straight2)
     _assert_same_weights(save / "step8", straight2 / "step8")
 
 
@@ -258,9 +243,9 @@ def test_unfinished_checkpoints_are_never_picked(tmp_path, data, straight1):
     (save / "step20" / "model_and_optim" / ".metadata").unlink()
     assert find_checkpoints(save)[-1].name == "step8"
     # A resumed run loads step8: it trains steps 9 and 10 only, the earlier lines untouched.
-    before = _losses(save)
+    before = ce_losses(save)
     _ok(_run(save, data, max_duration=10))
-    after = _losses(save)
+    after = ce_losses(save)
     assert after[:8] == before
     assert [s for s, _ in after[8:]] == [9, 10]
 
@@ -274,7 +259,7 @@ def test_killed_process_leaves_last_checkpoint_and_resumes_exactly(tmp_path, dat
     assert _steps(save) == [1, 2, 3, 4, 5]
     load_state_dict(save / "step4")
     _ok(_run(save, data))
-    assert _losses(save) == _losses(straight1)
+    assert ce_losses(save) == ce_losses(straight1)
     _assert_same_weights(save / "step8", straight1 / "step8")
 
 
@@ -384,7 +369,7 @@ def test_resume_two_process_checkpoint_with_one_process(tmp_path, data, straight
     shutil.rmtree(save / "step8")  # resume from step4, written by 2 processes
     _ok(_run(save, data, nproc=1))
     assert _trainer_state(save / "step8")["world_size"] == 1
-    resumed, straight = _losses(save), _losses(straight2)
+    resumed, straight = ce_losses(save), ce_losses(straight2)
     assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 9))
     assert resumed[:4] == straight[:4]
     # Same samples at steps 5-8 (the data position is in global batches); only the summation
@@ -578,32 +563,41 @@ def _tiny_model():
     return cfg.build(init_device="cpu")
 
 
-def _train_step(model, optim, gen):
-    input_ids = torch.randint(0, 512, (4, 32), generator=gen)
-    out = model(input_ids)
-    logits = out.logits[:, :-1]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-    loss = ce + out.lb_loss + out.z_loss
-    loss.backward()
-    optim.step()
-    optim.zero_grad(set_to_none=True)
-    return loss.item()
+class _MemoryProbe(Callback):
+    """Live tensors and resident memory after each of ``steps`` (collected first: the trainer's
+    garbage-collector callback runs gc only every few steps)."""
+
+    def __init__(self, steps: tuple[int, ...]):
+        self.steps = steps
+        self.tensors: dict[int, int] = {}
+        self.rss: dict[int, int] = {}
+
+    def post_step(self):
+        step = self.trainer.global_step
+        if step in self.steps:
+            self.tensors[step] = _live_tensors()
+            self.rss[step] = _rss_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
-def test_no_tensor_or_memory_growth_over_50_steps():
-    model = _tiny_model()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    counts, rss = {}, {}
-    for step in range(1, 51):
-        loss = _train_step(model, optim, gen)
-        assert math.isfinite(loss)
-        if step in (10, 30, 50):
-            counts[step] = _live_tensors()
-            rss[step] = _rss_bytes()
-    assert counts[10] == counts[30] == counts[50], counts
-    assert rss[50] - rss[10] < 20 * 2**20, rss
+def test_no_tensor_or_memory_growth_over_60_steps(tmp_path, data, monkeypatch):
+    """60 steps of a real run in this process (olmo.launch.main: the train module, the loader and
+    every callback a run has, validation and checkpoints every 10 steps), probed 5 steps after
+    a checkpoint: anything the step, the module or a callback keeps per step shows as growth."""
+    from olmo import launch
+
+    probe = _MemoryProbe(steps=(15, 35, 55))
+    build_callbacks = launch.build_callbacks
+    monkeypatch.setattr(
+        launch, "build_callbacks", lambda *a, **kw: {**build_callbacks(*a, **kw), "probe": probe}
+    )
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the launcher would set the machine's count
+    every = {"save_interval": 10, "eval_interval": 10}
+    assert main([TEST_CONFIG, *tiny_overrides(tmp_path / "run", data, max_duration=60, **every)]) == 0
+    assert ce_losses(tmp_path / "run")[-1][0] == 60
+    assert probe.tensors[15] == probe.tensors[35] == probe.tensors[55], probe.tensors
+    assert probe.rss[55] - probe.rss[15] < 20 * 2**20, probe.rss
 
 
 def test_moe_layers_keep_no_tensors_after_forward():
@@ -629,7 +623,7 @@ def test_moe_layers_keep_no_tensors_after_forward():
 def test_same_seed_same_losses_other_seed_differs(tmp_path, data, straight1):
     same = tmp_path / "same"
     _ok(_run(same, data, stop_at=3))
-    assert _losses(same) == _losses(straight1)[:3]  # exact, on CPU
+    assert ce_losses(same) == ce_losses(straight1)[:3]  # exact, on CPU
     other = tmp_path / "other"
     _ok(_run(other, data, stop_at=3, seed=4321))
-    assert all(a != b for (_, a), (_, b) in zip(_losses(other), _losses(same)))
+    assert all(a != b for (_, a), (_, b) in zip(ce_losses(other), ce_losses(same)))

@@ -11,6 +11,7 @@ from olmo.config import load_config
 
 from .helpers import (
     TEST_CONFIG,
+    ce_losses,
     direct_accuracy,
     make_data,
     read_metrics,
@@ -48,18 +49,8 @@ def _train(tmp_path, name, nproc=1, output=None, **extra):
     return save
 
 
-def _losses(save):
-    return [(m["step"], m[names.CE_LOSS]) for m in read_metrics(save) if names.CE_LOSS in m]
-
-
 def _final_weights(save, step):
     return load_state_dict(save / f"step{step}")
-
-
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("straight")
-    return {n: _train(tmp, f"straight{n}", nproc=n) for n in (1, 2)}
 
 
 def test_metrics_file_has_the_keys_and_loss_falls(straight_runs):
@@ -94,7 +85,7 @@ def test_metrics_file_has_the_keys_and_loss_falls(straight_runs):
 
 
 def test_two_processes_match_one(straight_runs):
-    one, two = _losses(straight_runs[1]), _losses(straight_runs[2])
+    one, two = ce_losses(straight_runs[1]), ce_losses(straight_runs[2])
     assert [s for s, _ in one] == [s for s, _ in two]
     # Summation order differs (gradient reduce-scatter vs one process), so losses agree to fp32
     # rounding at first. After a few AdamW updates, entries whose gradient is ~0 can take a
@@ -109,9 +100,9 @@ def test_two_processes_match_one(straight_runs):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_continues_exactly(tmp_path, straight_runs, nproc):
     save = _train(tmp_path, "split", nproc=nproc, stop_at=4)
-    assert _losses(save)[-1][0] == 4
+    assert ce_losses(save)[-1][0] == 4
     save = _train(tmp_path, "split", nproc=nproc)  # same save_folder: resumes from step4
-    assert _losses(save) == _losses(straight_runs[nproc]), "per-step losses differ after resume"
+    assert ce_losses(save) == ce_losses(straight_runs[nproc]), "per-step losses differ after resume"
     resumed, straight = _final_weights(save, 8), _final_weights(straight_runs[nproc], 8)
     assert resumed.keys() == straight.keys()
     for key in straight:
@@ -121,7 +112,7 @@ def test_resume_continues_exactly(tmp_path, straight_runs, nproc):
 def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
     # Recomputing blocks in backward must not change the numbers; W&B logs offline, no key.
     save = _train(tmp_path, "ac", activation_checkpointing="true", **{"wandb.mode": "offline"})
-    ac, plain = _losses(save), _losses(straight_runs[1])
+    ac, plain = ce_losses(save), ce_losses(straight_runs[1])
     assert [s for s, _ in ac] == [s for s, _ in plain]
     assert [loss for _, loss in ac] == pytest.approx([loss for _, loss in plain], rel=1e-6)
     runs = list((save / "wandb").glob("offline-run-*"))
@@ -130,19 +121,19 @@ def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
 
 def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
     save = straight_runs[1]
-    before = _losses(save)
+    before = ce_losses(save)
     data = save.parent / "data"
     proc = run_train([TEST_CONFIG, *tiny_overrides(save, data)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only a checkpoint-load timing line may be added; no training step runs again.
-    assert _losses(save) == before
+    assert ce_losses(save) == before
     assert max(r["step"] for r in read_metrics(save)) == 8
 
 
 def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     # torch.compile of each block (inductor on CPU) computes the same step.
     save = _train(tmp_path, "compiled", compile="true")
-    compiled, plain = _losses(save), _losses(straight_runs[1])
+    compiled, plain = ce_losses(save), ce_losses(straight_runs[1])
     assert [s for s, _ in compiled] == [s for s, _ in plain]
     # Fused kernels reorder fp32 sums; the first steps agree to rounding.
     assert [loss for _, loss in compiled[:3]] == pytest.approx([loss for _, loss in plain[:3]], rel=1e-4)
@@ -178,7 +169,7 @@ def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     """One PolyNorm set per expert: 2 FSDP ranks match 1 process, and the sets drift apart."""
     runs = {n: _train(tmp_path / f"p{n}", "per_expert", nproc=n,
                       **{"model.moe_activation_per_expert": "true"}) for n in (1, 2)}
-    one, two = _losses(runs[1]), _losses(runs[2])
+    one, two = ce_losses(runs[1]), ce_losses(runs[2])
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
     for (step, a), (_, b) in zip(one[:2], two[:2]):
         assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
@@ -207,7 +198,7 @@ def test_routing_variants_resume_exactly_on_two_ranks(tmp_path):
     straight = _train(tmp_path, "straight", nproc=2, **ROUTING_VARIANTS)
     _train(tmp_path, "split", nproc=2, stop_at=4, **ROUTING_VARIANTS)
     split = _train(tmp_path, "split", nproc=2, **ROUTING_VARIANTS)
-    assert _losses(split) == _losses(straight)
+    assert ce_losses(split) == ce_losses(straight)
     resumed, uninterrupted = _final_weights(split, 8), _final_weights(straight, 8)
     assert {"blocks.1.ffn.expert_bias_E", "blocks.2.ffn.expert_bias_E"} <= resumed.keys()
     assert resumed.keys() == uninterrupted.keys()
@@ -238,12 +229,12 @@ def fsdp_bf16_steps_match_cpu_fp32(tmp_path, device: str):
     cpu = run_train([TEST_CONFIG, *tiny_overrides(fp32, data, max_duration=1)],
                     env={"CUDA_VISIBLE_DEVICES": ""})
     assert cpu.returncode == 0, cpu.stdout[-3000:] + cpu.stderr[-3000:]
-    losses = _losses(bf16)
+    losses = ce_losses(bf16)
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     assert all(math.isfinite(loss) for _, loss in losses)
     # Step 1 runs the initial weights, which are drawn on the CPU whatever the device: the bf16
     # forward sees what the fp32 one does, to bf16 rounding.
-    assert losses[0][1] == pytest.approx(_losses(fp32)[0][1], rel=1e-2)
+    assert losses[0][1] == pytest.approx(ce_losses(fp32)[0][1], rel=1e-2)
     assert losses[-1][1] < losses[0][1]
     weights = _final_weights(bf16, 4)
     for layer in range(2):
@@ -331,7 +322,7 @@ def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
     # Stopped at step 4 and resumed: the same batches, so the same losses and token counts.
     save = _train(tmp_path / "split", "mix", stop_at=4, **extra)
     save = _train(tmp_path / "split", "mix", **extra)
-    assert _losses(save) == _losses(runs[1])
+    assert ce_losses(save) == ce_losses(runs[1])
     assert _source_series(save) == series
 
 
@@ -391,7 +382,7 @@ def test_plain_fsdp_checkpoint_resumes_with_expert_parallelism(tmp_path, straigh
     """2 processes: plain FSDP's step-4 checkpoint loaded with expert parallelism (DCP gives each
     rank its experts); steps 5-8 continue plain FSDP's losses."""
     save = _train(tmp_path, "ep", nproc=2, load_path=straight_runs[2] / "step4", **{EP: 2})
-    assert [s for s, _ in _losses(save)] == [5, 6, 7, 8]
+    assert [s for s, _ in ce_losses(save)] == [5, 6, 7, 8]
     _assert_steps_match(save, straight_runs[2])
 
 
@@ -407,5 +398,5 @@ def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, plain_four):
     (not 2: the balance loss is taken per micro-batch, and 2 processes split the batch into
     other micro-batches than 4 do)."""
     save = _train(tmp_path, "ep4", nproc=4, **{EP: 2})
-    assert [s for s, _ in _losses(save)] == list(range(1, 9))
+    assert [s for s, _ in ce_losses(save)] == list(range(1, 9))
     _assert_steps_match(save, plain_four)

@@ -8,7 +8,7 @@ The suite builds a representative subset (38 builds, cached by Triton after the 
 every kernel x order 1-4 in bf16 at the paper's width on sm_90a; every dtype at order 3 on
 sm_100a; on sm_90a at the heaviest case (order 4, fp32) the configs' small width (384), the
 widest row ``auto`` launches (8192) and ragged rows (1000, 1500, 6008: widths not a multiple
-of 16 use another launch table). ``scripts/bench_triton_build.py`` builds the
+of 16 use another launch table). ``benchmarks/bench_triton_build.py`` builds the
 full matrix (every kernel x order x dtype x width, both GPUs) and fails on the same rules.
 """
 

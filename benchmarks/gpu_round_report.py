@@ -1,7 +1,7 @@
 """JSON records of the GPU round (scripts/gpu_round.sh) that no benchmark script writes.
 
-    python scripts/gpu_round_report.py pretrain OUT.json RUN_DIR [RUN_DIR ...]
-    python scripts/gpu_round_report.py summary OUT.json PARTS_TSV SETUP_LOG
+    python -m benchmarks.gpu_round_report pretrain OUT.json RUN_DIR [RUN_DIR ...]
+    python -m benchmarks.gpu_round_report summary OUT.json PARTS_TSV SETUP_LOG
 
 ``pretrain``: per run (one ``run_pretrain.sh`` run, its ``command.txt`` and ``metrics.jsonl``),
 the loss curve, validation losses, median tokens/s and MFU over the timed steps, and the
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import environment, pick_device
 
+from benchmarks.bench_common import environment, pick_device
 from olmo import metric_names as names
 from olmo.run_files import METRICS_FNAME
 

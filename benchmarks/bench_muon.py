@@ -15,7 +15,7 @@ and the optimizer step alone (on the step's gradients) with AdamW and Muon (fp32
 the CPU default; bf16, the GPU default, runs about 10x slower on CPUs), at configs/tiny.yaml and a medium config
 (``MEDIUM``); variants interleaved round-robin; the ratio is to AdamW of the same config.
 
-    python scripts/bench_muon.py [--iters 10] [--quick]
+    python -m benchmarks.bench_muon [--iters 10] [--quick]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_common import REPO, Benchmark, Run, median, run_benchmark, time_interleaved
 
+from benchmarks.bench_common import REPO, Benchmark, Run, median, run_benchmark, time_interleaved
 from olmo.config import OptimizerConfig, load_config
 from olmo.muon import muon_layouts, newton_schulz_flops
 from olmo.train_module import build_optimizer

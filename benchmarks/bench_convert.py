@@ -21,8 +21,8 @@ OLMoE-1B-7B (``--layers 16``: 27.7 GB fp32 checkpoint, 13.8 GB bf16 HF directory
 42 GB of free disk under ``--work``; a run whose files would leave less than ``--min_free_gb``
 free is refused before anything is written.
 
-    python scripts/bench_convert.py [--layers 1,2,3] [--work /tmp/bench_convert]
-    python scripts/bench_convert.py --quick   # smoke test: 1 and 2 layers of a tiny model
+    python -m benchmarks.bench_convert [--layers 1,2,3] [--work /tmp/bench_convert]
+    python -m benchmarks.bench_convert --quick   # smoke test: 1 and 2 layers of a tiny model
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import REPO, Benchmark, Run, repo_relative, run_benchmark
+
+from benchmarks.bench_common import REPO, Benchmark, Run, repo_relative, run_benchmark
 
 CONFIG = REPO / "configs" / "olmoe-1b-7b-swiglu.yaml"
 QUICK_OVERRIDES = ["--model.d_model=64", "--model.n_heads=4", "--model.mlp_hidden_size=32",
@@ -163,7 +164,7 @@ def phase_main(argv: list[str]) -> int:
 
 def _run_phase(name: str, layers: int, src: Path, dst: Path, overrides: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, __file__, "--phase", name, str(layers), str(src), str(dst), *overrides]
+    cmd = [sys.executable, "-m", __spec__.name, "--phase", name, str(layers), str(src), str(dst), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"phase {name} (L={layers}) failed:\n{proc.stderr[-3000:]}")

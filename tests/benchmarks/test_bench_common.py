@@ -1,7 +1,8 @@
-"""The benchmark harness (scripts/bench_common.py) and every bench script's --quick run."""
+"""The benchmark harness (benchmarks/bench_common.py) and every bench script's --quick run."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -11,18 +12,15 @@ import sys
 import pytest
 import torch
 
-from tests.olmo.helpers import REPO
-from tests.scripts.helpers import load_script
-
-sys.path.insert(0, str(REPO / "scripts"))
-import bench_common  # noqa: E402
-from bench_common import (  # noqa: E402
+from benchmarks import bench_common
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     ratio_to_reference,
     run_benchmark,
     time_phases,
 )
+from tests.olmo.helpers import REPO
 
 ENV_KEYS = {"device", "torch", "cuda", "triton", "python", "git_rev", "command", "date_utc"}
 
@@ -177,7 +175,7 @@ def test_time_interleaved_runs_the_steps_round_robin(monkeypatch):
 # server) do not use the harness.
 NOT_HARNESS = ("bench_common.py", "bench_profile.py", "bench_triton_build.py",
                "bench_object_store.py")  # fmt: skip
-SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("bench_*.py") if p.name not in NOT_HARNESS)
+SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py") if p.name not in NOT_HARNESS)
 # The quantity each script measures, which a --quick run must find positive in every row.
 MEASURED = {
     "bench_activations.py": "total_ms",
@@ -212,11 +210,11 @@ def failure_report(stderr: str) -> str:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
     assert script in MEASURED, f"add {script}'s measured row key to MEASURED"
-    module = load_script(script[: -len(".py")])
+    module = importlib.import_module(f"benchmarks.{script[: -len('.py')]}")
     bench = module.BENCHMARK
     argv = ["--device", "cpu", "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), *argv],
+        [sys.executable, "-m", f"benchmarks.{script[: -len('.py')]}", *argv],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )  # fmt: skip

@@ -16,8 +16,8 @@ over the default: what to set in polynorm_triton.py.
 Without CUDA only ``--quick`` runs, in Triton's NumPy interpreter (a check of the script: its
 times mean nothing).
 
-    python scripts/bench_kernel_tuning.py                  # GPU
-    python scripts/bench_kernel_tuning.py --device cpu --quick
+    python -m benchmarks.bench_kernel_tuning                  # GPU
+    python -m benchmarks.bench_kernel_tuning --device cpu --quick
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 if not torch.cuda.is_available():  # before the kernels are imported: they decide at import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_common import (  # noqa: E402
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     copy_bandwidth_gbs,
@@ -38,7 +38,6 @@ from bench_common import (  # noqa: E402
     run_benchmark,
     time_phases,
 )
-
 from moe_model.kernels import polynorm_triton as pt  # noqa: E402
 
 FWD_WARPS = (1, 2, 4, 8, 16)

@@ -20,10 +20,10 @@ ranks, plus the count exchange.
 ``--estimate`` prints instead the arithmetic estimate of OLMoE-1B-7B's communication per step
 on 8 nodes x 8 GPUs (see ``paper_estimate``): no measurement.
 
-    python scripts/bench_expert_parallel.py                    # CPU: 2 and 4 processes
-    python scripts/bench_expert_parallel.py --device cuda --nproc 2 4 8
-    python scripts/bench_expert_parallel.py --quick            # smoke test
-    python scripts/bench_expert_parallel.py --estimate         # -> expert_parallel_estimate.json
+    python -m benchmarks.bench_expert_parallel                    # CPU: 2 and 4 processes
+    python -m benchmarks.bench_expert_parallel --device cuda --nproc 2 4 8
+    python -m benchmarks.bench_expert_parallel --quick            # smoke test
+    python -m benchmarks.bench_expert_parallel --estimate         # -> expert_parallel_estimate.json
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from bench_common import (  # noqa: E402
+from benchmarks.bench_common import (
     REPO,
     Benchmark,
     Run,
@@ -319,7 +318,7 @@ def measure(run: Run):
             # attributable when several ranks write to one stderr.
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", f"--log-dir={tmp}/logs", "--tee=3",
-                   __file__, "--worker", "--result", str(result), *worker_args]  # fmt: skip
+                   "--module", __spec__.name, "--worker", "--result", str(result), *worker_args]  # fmt: skip
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
             yield from json.loads(result.read_text())
 

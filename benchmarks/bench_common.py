@@ -1,4 +1,4 @@
-"""The harness of the ``scripts/bench_*.py`` benchmarks: each script declares what it measures
+"""The harness of the ``benchmarks/bench_*.py`` benchmarks: each script declares what it measures
 (a :class:`Benchmark`: its own flags, its cases, a measure function yielding one row per case, its
 table's columns) and :func:`run_benchmark` does the rest the same way for all of them.
 
@@ -35,10 +35,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
-
-# Allow `python scripts/bench_x.py` from anywhere without installing the package.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 Column = tuple[str, str, str]
 """(row key, table header, format spec) of one table column."""
@@ -151,9 +147,18 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "git_rev": _git_rev(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *_invocation()]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _invocation() -> list[str]:
+    """This process's arguments as typed: ``-m benchmarks.bench_x ...`` for a module run (whose
+    ``sys.argv[0]`` is the file's full path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name, *sys.argv[1:]]
+    return sys.argv
 
 
 def repo_relative(path: str | Path) -> str:

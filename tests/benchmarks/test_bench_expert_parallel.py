@@ -1,4 +1,4 @@
-"""scripts/bench_expert_parallel.py --estimate: the OLMoE-1B-7B communication arithmetic against
+"""benchmarks/bench_expert_parallel.py --estimate: the OLMoE-1B-7B communication arithmetic against
 the same quantities counted by hand from the model's published shapes."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from benchmarks import bench_expert_parallel
 from olmo.config import load_config
 from tests.olmo.helpers import REPO
-from tests.scripts.helpers import load_script
 
 # OLMoE-1B-7B with SwiGLU experts (configs/olmoe-1b-7b-swiglu.yaml), written out so that the
 # counts below do not go through ModelConfig.
@@ -33,7 +33,7 @@ def test_the_hand_count_describes_the_config():
 @pytest.fixture(scope="module")
 def estimate(tmp_path_factory):
     out = tmp_path_factory.mktemp("estimate")
-    bench = load_script("bench_expert_parallel")
+    bench = bench_expert_parallel
     assert bench.run_benchmark(bench.BENCHMARK, ["--estimate", "--device", "cpu",
                                                  "--out", str(out)]) == 0  # fmt: skip
     payload = json.loads((out / "expert_parallel_estimate.json").read_text())

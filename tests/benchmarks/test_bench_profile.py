@@ -1,16 +1,11 @@
-"""scripts/bench_profile.py: kernel kinds by name, and a CPU profile's shares and ordering."""
+"""benchmarks/bench_profile.py: kernel kinds by name, and a CPU profile's shares and ordering."""
 
 from __future__ import annotations
-
-import sys
 
 import pytest
 import torch
 
-from tests.olmo.helpers import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-from bench_profile import format_profile, kind_of, profile_step  # noqa: E402
+from benchmarks.bench_profile import format_profile, kind_of, profile_step
 
 
 @pytest.mark.parametrize(

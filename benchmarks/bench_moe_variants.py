@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Training-step time of each MoE routing/balancing option against OLMoE's default, on this CPU.
 
-One step = forward + backward (CE + auxiliary losses) + AdamW over a micro-batch of the config
-(default configs/tiny.yaml), plus the expert-bias update where auxiliary-loss-free balancing is
-on: the work the trainer does per micro-batch. Every variant changes one thing (or one recipe)
+One step = the train module's step (as in bench_cpu_step.py: forward + backward of the objective,
+clipping, AdamW, and the expert-bias update where auxiliary-loss-free balancing is on) over a
+micro-batch of the config (default configs/tiny.yaml). Every variant changes one thing (or one recipe)
 and keeps the total and active parameter counts where the option allows (a shared expert takes
 one routed slot; fine-grained experts split each expert in four). Variants are interleaved
 round-robin so that load from other processes hits them alike; medians and the ratio to the
@@ -11,7 +11,7 @@ default are printed and written to benchmarks/results/moe_variants_cpu.json. One
 global-batch balance loss would add one small all-reduce per MoE layer and micro-batch, which
 is not measured here. ``--quick`` shrinks the model (``QUICK_OVERRIDES``).
 
-    python scripts/bench_moe_variants.py [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
+    python -m benchmarks.bench_moe_variants [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import bench_cpu_step as cpu_step
-from bench_common import ratio_to_reference, run_benchmark
-from bench_cpu_step import make_setup, measure_steps
-
+from benchmarks import bench_cpu_step as cpu_step
+from benchmarks.bench_common import ratio_to_reference, run_benchmark
+from benchmarks.bench_cpu_step import make_setup, measure_steps
 from olmo.config import load_config
 
 DEFAULT = "default (OLMoE: softmax, dropless)"

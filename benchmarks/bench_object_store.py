@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import REPO, Benchmark, Run, median, run_benchmark
 
+from benchmarks.bench_common import REPO, Benchmark, Run, median, run_benchmark
 from olmo import object_store
 from tests.olmo.helpers import write_token_file
 from tests.olmo.s3_server import moto_server

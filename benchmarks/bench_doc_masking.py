@@ -22,7 +22,7 @@ documents of 256 and 2048 tokens, the config's tokens per micro-batch (16 x 2048
 ``--quick`` shrinks the model (``QUICK_OVERRIDES``, before the command line's) and the
 sequences.
 
-    python scripts/bench_doc_masking.py [--device auto|cpu|cuda] [--config FILE] [--seq 4096]
+    python -m benchmarks.bench_doc_masking [--device auto|cpu|cuda] [--config FILE] [--seq 4096]
         [--doc-len 256 2048] [--iters 20] [--key=value ...]
 """
 
@@ -36,7 +36,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import (
+
+from benchmarks.bench_common import (
     REPO,
     Benchmark,
     Run,
@@ -47,10 +48,10 @@ from bench_common import (
     time_interleaved,
     time_phases,
 )
-
 from moe_model.attention import build_document_mask, document_ids
 from moe_model.init import draw_on
 from olmo.config import load_config
+from olmo.objective import objective
 
 OFF = "off"
 BACKENDS = {"cpu": ("sdpa",), "cuda": ("sdpa", "flex")}
@@ -80,7 +81,7 @@ def make_step(model_cfg, batch_BS: torch.Tensor, eos: int | None):
     def step():
         out = model(inputs) if eos is None else model(inputs, document_ids(inputs, eos))
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        (ce + out.lb_loss + out.z_loss).backward()
+        objective(ce, out.lb_loss, out.z_loss).total.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 

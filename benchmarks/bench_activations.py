@@ -15,9 +15,9 @@ parameters: PolyNorm h=1536 against SwiGLU h=1024.
 CPU: the same table at 8192 rows x 1536 (SwiGLU 8192 x 2*1024 -> 1024), eager/fused/compile.
 ``--quick`` runs tiny shapes (a smoke test of the script).
 
-    python scripts/bench_activations.py                      # GPU, full
-    python scripts/bench_activations.py --device cpu         # CPU, 8192 x 1536
-    python scripts/bench_activations.py --device cpu --quick # smoke test
+    python -m benchmarks.bench_activations                      # GPU, full
+    python -m benchmarks.bench_activations --device cpu         # CPU, 8192 x 1536
+    python -m benchmarks.bench_activations --device cpu --quick # smoke test
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import (
+
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     copy_bandwidth_gbs,
@@ -37,7 +38,6 @@ from bench_common import (
     sync,
     time_phases,
 )
-
 from moe_model.kernels import dispatch as kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

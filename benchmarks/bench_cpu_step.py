@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Training-step time of the tiny config, PolyNorm vs SwiGLU at equal parameters, on this CPU.
 
-One step = forward + backward (CE + auxiliary losses) + AdamW over a micro-batch, the same work
-the trainer does per micro-batch. Variants are interleaved round-robin so that load from other
+One step = the train module's step (benchmarks/train_steps.py: train_batch, forward + backward of
+olmo.objective's loss, then optim_step: clipping, schedule, AdamW) on one micro-batch of random
+tokens, the module built as training builds it. Variants are interleaved round-robin so that load from other
 processes hits them alike; medians and the ratio to SwiGLU are printed and written to
 benchmarks/results/cpu_step.json. ``--quick`` leaves out the compiled variants and shrinks the
 model (``QUICK_OVERRIDES``, before the command line's).
 
-    python scripts/bench_cpu_step.py [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
+    python -m benchmarks.bench_cpu_step [--config configs/tiny.yaml] [--iters 20] [--key=value ...]
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import dataclasses
 import sys
 
 import torch
-import torch.nn.functional as F
-from bench_common import (
+
+from benchmarks.bench_common import (
     REPO,
     Benchmark,
     Run,
@@ -27,25 +28,15 @@ from bench_common import (
     run_benchmark,
     time_interleaved,
 )
-
+from benchmarks.train_steps import build_train_module, whole_step
 from moe_model.config import equal_param_hidden_size
 from olmo.config import load_config
 
 
-def make_step(model_cfg, batch_BS: torch.Tensor):
-    torch.manual_seed(0)
-    model = model_cfg.build(init_device="cpu")
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-
-    def step():
-        out = model(batch_BS[:, :-1])
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch_BS[:, 1:].flatten())
-        (ce + out.lb_loss + out.z_loss).backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        model.update_expert_bias(out.tokens_per_expert_LE)  # a no-op unless the option is on
-
-    return step, model_cfg.num_params()
+def make_step(cfg, batch: dict):
+    """The train module's step for ``cfg``, on a rank batch of one micro-batch."""
+    cfg = dataclasses.replace(cfg, global_train_batch_size=cfg.device_train_microbatch_size)
+    return whole_step(build_train_module(cfg, torch.device("cpu")), batch)
 
 
 def variants(base) -> dict:
@@ -97,25 +88,22 @@ def make_setup(quick_overrides: list[str]):
 
 
 def measure_steps(run: Run, cfg, models: dict):
-    """One row per model config: the step on the config's micro-batch (random tokens), timed
-    interleaved with the others."""
-    seq = cfg.model.max_sequence_length
+    """One row per model config: the train module's step on the config's micro-batch (random
+    tokens), timed interleaved with the others."""
     gen = torch.Generator().manual_seed(0)
-    batch = torch.randint(
-        0, cfg.model.vocab_size, (cfg.device_train_microbatch_size, seq + 1), generator=gen
-    )
-    run.settings["micro_batch"] = list(batch[:, :-1].shape)
-    print(
-        f"# micro-batch {tuple(batch[:, :-1].shape)}, {torch.get_num_threads()} threads", flush=True
-    )
-    steps, params = {}, {}
-    for name, model_cfg in models.items():
-        steps[name], params[name] = make_step(model_cfg, batch)
+    shape = (cfg.device_train_microbatch_size, cfg.model.max_sequence_length)
+    batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, shape, generator=gen)}
+    run.settings["micro_batch"] = list(shape)
+    print(f"# micro-batch {shape}, {torch.get_num_threads()} threads", flush=True)
+    steps = {
+        name: make_step(dataclasses.replace(cfg, model=model_cfg), batch)
+        for name, model_cfg in models.items()
+    }
     first, times = time_interleaved(steps, warmup=run.warmup, iters=run.iters)
     for name, model_cfg in models.items():
         yield {
             "variant": name,
-            "params": params[name],
+            "params": model_cfg.num_params(),
             "active_params": model_cfg.num_active_params(),
             "first_s": first[name],
             "median_ms": median(times[name]),

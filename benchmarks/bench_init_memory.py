@@ -7,9 +7,9 @@
 time). Each mode runs as its own torchrun job of gloo ranks on this CPU, since a process's peak
 RSS only grows. Prints a table and writes benchmarks/results/init_memory_cpu.json (``--name``).
 
-    python scripts/bench_init_memory.py [--config configs/olmoe-1b-7b-polynorm.yaml] \\
+    python -m benchmarks.bench_init_memory [--config configs/olmoe-1b-7b-polynorm.yaml] \\
         [--nproc 2] [--key=value ...]          # e.g. --model.n_layers=2 to fit a small machine
-    python scripts/bench_init_memory.py --quick  # smoke test: configs/tiny.yaml
+    python -m benchmarks.bench_init_memory --quick  # smoke test: configs/tiny.yaml
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import REPO, Benchmark, Run, repo_relative, run_benchmark
+
+from benchmarks.bench_common import REPO, Benchmark, Run, repo_relative, run_benchmark
 
 MODES = ("whole", "sharded")
 GIB = 2**30
@@ -125,7 +126,7 @@ def measure(run: Run):
         for mode in MODES:
             result = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run.args.nproc}",
-                   f"--master_port={_free_port()}", __file__, "--worker", mode, "--result", str(result),
+                   f"--master_port={_free_port()}", "--module", __spec__.name, "--worker", mode, "--result", str(result),
                    "--config", run.args.config, *run.overrides]  # fmt: skip
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
             data = json.loads(result.read_text())

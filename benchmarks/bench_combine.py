@@ -18,8 +18,8 @@ when caches catch reuse. Peak memory is torch's ``MemTracker`` over the call, in
 The JSON also holds the floor a fused kernel would reach: rows, weights and gradient read once,
 output and gradients written once.
 
-    python scripts/bench_combine.py --device cpu
-    python scripts/bench_combine.py --device cpu --quick   # smoke test
+    python -m benchmarks.bench_combine --device cpu
+    python -m benchmarks.bench_combine --device cpu --quick   # smoke test
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import functools
 import sys
 
 import torch
-from bench_common import Benchmark, Run, median, run_benchmark, time_interleaved
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from benchmarks.bench_common import Benchmark, Run, median, run_benchmark, time_interleaved
 from moe_model.dispatch import combine
 
 OLMOE_SHAPE = (16384, 8, 2048)

@@ -13,15 +13,15 @@ launch shapes -- and 16384, 65536 (above ``SPILL_FREE_ROW``: ``auto`` sends them
 path; recorded to show why). The run fails (exit 1) if any build ``auto`` would launch spills
 or has a 32-bit row offset. Builds are cached (Triton's cache): a rerun takes seconds.
 
-    python scripts/bench_triton_build.py --arch 90    # benchmarks/results/triton_build_sm90.json
-    python scripts/bench_triton_build.py --arch 100   # benchmarks/results/triton_build_sm100.json
+    python -m benchmarks.bench_triton_build --arch 90    # benchmarks/results/triton_build_sm90.json
+    python -m benchmarks.bench_triton_build --arch 100   # benchmarks/results/triton_build_sm100.json
 """
 
 from __future__ import annotations
 
 import torch
-from bench_common import Benchmark, Run, run_benchmark
 
+from benchmarks.bench_common import Benchmark, Run, run_benchmark
 from moe_model.kernels import polynorm_triton as pt
 from moe_model.kernels.triton_build import ARCHS, KERNELS, build_kernel
 

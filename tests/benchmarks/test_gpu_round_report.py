@@ -1,18 +1,14 @@
-"""scripts/gpu_round_report.py reads a run's metrics under the names the trainer writes."""
+"""benchmarks/gpu_round_report.py reads a run's metrics under the names the trainer writes."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from benchmarks.gpu_round_report import pretrain_record
 from olmo import metric_names as names
 from olmo.run_files import METRICS_FNAME
-from tests.olmo.helpers import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-from gpu_round_report import pretrain_record  # noqa: E402
 
 
 def test_pretrain_record_from_metrics(tmp_path):

@@ -3,34 +3,36 @@
 OLMoE-1B-7B layer shapes (d 2048, 16 heads, 64 experts, top-8, vocab 50304, sequence 4096,
 micro-batch 4) with as many layers as fit (``--layers auto`` tries 16, 12, 8, 6, 4, 2, 1 and
 keeps the first that runs a step), at equal expert parameters (SwiGLU h=1024, PolyNorm
-h=1536). One step = forward, cross-entropy + load-balancing + z-loss, backward, AdamW step.
+h=1536). One step = the train module's step (benchmarks/train_steps.py): ``train_batch`` (forward
+and backward of cross-entropy + load-balancing + z-loss, olmo.objective) on one micro-batch,
+then ``optim_step`` (clipping, schedule, AdamW), the module built as training builds it, in a
+one-process group as torchrun starts it.
 
 MFU = tokens/s * ModelConfig.num_flops_per_token(seq) / the device's peak FLOP/s in bf16
 (active-parameter FLOPs, 6N + attention; the peak from olmo/flops.py, as the trainer's MFU:
 the dense datasheet figure on GPU, a measured matmul rate on CPU; ``--peak-tflops`` overrides
-it). Precision:
-``--precision bf16`` keeps parameters in bf16 (as OLMoE's FSDP did; optimizer state in bf16
-too, a speed measurement, not a recipe), ``autocast`` keeps fp32 parameters and runs bf16
-autocast.
+it). ``--precision`` is the training config's: bf16 (``auto`` on GPU) runs the model as the
+trainer does on one GPU (FSDP2 with bf16 parameters and fp32 gradient reduction; on CPU, where
+one process is not sharded, bf16 autocast), fp32 (``auto`` on CPU) runs fp32 throughout.
 
 ``--config FILE`` takes the shapes from a training config instead (the small GPU configs: d 512,
 12 layers, 32 experts top-4, micro-batch 16 x 2048); ``--compile`` compiles each block as the
 trainer's ``compile: true`` does; ``--profile`` adds where the step's time goes.
 
-    python scripts/bench_train_step.py                          # GPU
-    python scripts/bench_train_step.py --config configs/small-gpu-swiglu.yaml --compile
-    python scripts/bench_train_step.py --device cpu --quick     # smoke test on a tiny model
+    python -m benchmarks.bench_train_step                          # GPU
+    python -m benchmarks.bench_train_step --config configs/small-gpu-swiglu.yaml --compile
+    python -m benchmarks.bench_train_step --device cpu --quick     # smoke test on a tiny model
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 
 import torch
-import torch.nn.functional as F
-from bench_common import (
+import torch.distributed as dist
+
+from benchmarks.bench_common import (
     Benchmark,
     Run,
     median,
@@ -39,11 +41,10 @@ from bench_common import (
     sync,
     time_phases,
 )
-from bench_profile import add_profile_flag, format_profile, profile_step
-
+from benchmarks.bench_profile import add_profile_flag, format_profile, profile_step
+from benchmarks.train_steps import build_train_module, step_phases
 from moe_model.config import ModelConfig, equal_param_hidden_size
-from moe_model.init import draw_on
-from olmo.config import load_config
+from olmo.config import TrainConfig, load_config
 from olmo.flops import device_peak_flops
 
 
@@ -61,52 +62,38 @@ def make_config(args, act: str, n_layers: int) -> ModelConfig:
     )  # fmt: skip
 
 
+def train_config(args, model: ModelConfig, device: torch.device) -> TrainConfig:
+    """The training config of a step on one micro-batch of ``args.batch`` sequences; the
+    weights drawn on the GPU there (seconds per model instead of a serial CPU draw)."""
+    return TrainConfig(
+        model=model, precision=args.precision, compile=args.compile,
+        global_train_batch_size=args.batch, device_train_microbatch_size=args.batch,
+        init_on_device=device.type == "cuda",
+    )  # fmt: skip
+
+
+def one_process_group(device: torch.device) -> None:
+    """A process group of this one process, as torchrun gives training (so one GPU runs FSDP2,
+    as the trainer does there)."""
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def run_steps(
     args, cfg: ModelConfig, device: torch.device, warmup: int, iters: int, peak: float | None,
     profile: bool = False,
 ) -> dict:  # fmt: skip
-    with draw_on(device):  # on the GPU: seconds per model instead of a serial CPU draw
-        model = cfg.build(init_device=str(device))
-    if args.precision == "bf16":
-        model = model.to(torch.bfloat16)
-    if args.compile:  # as the trainer's compile: true
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=4e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-        fused=device.type == "cuda",
-    )  # fmt: skip
+    module = build_train_module(train_config(args, cfg, device), device)
     gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device, generator=gen)
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if args.precision == "autocast"
-        else contextlib.nullcontext()
-    )
-    state = {}
-
-    def phases():
-        def fwd():
-            with amp:
-                out = model(inputs)
-                ce = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten())
-                state["loss"] = ce + out.lb_loss + out.z_loss
-
-        def bwd():
-            state.pop("loss").backward()
-
-        def step():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return [fwd, bwd, step]
-
+    batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), device=device,
+                                        generator=gen)}  # fmt: skip
+    phases = step_phases(module, batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fwd_ms, bwd_ms, opt_ms = time_phases(phases, device=device, warmup=warmup, iters=iters)
+    fwd_bwd_ms, opt_ms = time_phases(phases, device=device, warmup=warmup, iters=iters)
     sync(device)
-    step_ms = [a + b + c for a, b, c in zip(fwd_ms, bwd_ms, opt_ms)]
+    step_ms = [a + b for a, b in zip(fwd_bwd_ms, opt_ms)]
     tokens = args.batch * args.seq
     tps = tokens / (median(step_ms) * 1e-3)
     flops_tok = cfg.num_flops_per_token(args.seq)
@@ -116,8 +103,7 @@ def run_steps(
         "layers": cfg.n_layers,
         "params_B": cfg.num_params() / 1e9,
         "active_params_B": cfg.num_active_params() / 1e9,
-        "fwd_ms": median(fwd_ms),
-        "bwd_ms": median(bwd_ms),
+        "fwd_bwd_ms": median(fwd_bwd_ms),
         "opt_ms": median(opt_ms),
         "step_ms": median(step_ms),
         "tokens_per_s": tps,
@@ -171,7 +157,8 @@ def add_arguments(p) -> None:
     p.add_argument("--activations", nargs="+", default=["swiglu", "polynorm"])
     p.add_argument("--backend", default="auto", help="activation_backend for polynorm/polyrelu")
     p.add_argument("--expert-impl", default="auto")
-    p.add_argument("--precision", choices=["bf16", "autocast"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the training config's precision (auto: bf16 on GPU, fp32 on CPU)")  # fmt: skip
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="override the device's peak (MFU)"
     )
@@ -196,15 +183,14 @@ def setup(run: Run) -> None:
         args.d_model, args.n_heads, args.experts, args.top_k = 64, 4, 8, 2
         args.swiglu_hidden, args.vocab, args.seq, args.batch = 32, 512, 64, 2
         args.layers = args.layers if args.layers != "auto" else "2"
-    if not run.gpu and args.precision == "bf16" and not run.quick:
-        print("# note: bf16 parameters on CPU are slow; --precision autocast may be fairer there")
+    one_process_group(device)
     if args.layers == "auto":
         candidates = [16, 12, 8, 6, 4, 2, 1]
         args.layers = next((n for n in candidates if fits(args, device, n)), None)
         if args.layers is None:
             raise SystemExit("not even one layer fits; lower --batch or --seq")
     args.layers = int(args.layers)
-    # Both precisions run the matmuls in bf16.
+    # MFU against the bf16 peak whatever the precision, as the trainer's.
     override = args.peak_tflops * 1e12 if args.peak_tflops is not None else None
     peak = device_peak_flops(device, torch.bfloat16, override)
     keys = ("config", "d_model", "n_heads", "experts", "top_k", "swiglu_hidden", "vocab", "seq",
@@ -231,7 +217,7 @@ def columns(run: Run) -> list:
     cols = [
         ("activation", "activation", ""), ("hidden", "h", "d"), ("layers", "layers", "d"),
         ("params_B", "params B", ".2f"), ("active_params_B", "active B", ".2f"),
-        ("fwd_ms", "fwd ms", ".1f"), ("bwd_ms", "bwd ms", ".1f"), ("opt_ms", "optim ms", ".1f"),
+        ("fwd_bwd_ms", "fwd+bwd ms", ".1f"), ("opt_ms", "optim ms", ".1f"),
         ("step_ms", "step ms", ".1f"), ("vs_swiglu", "x SwiGLU", ".3f"),
         ("tokens_per_s", "tokens/s", ".0f"), ("tflops", "TFLOP/s", ".1f"), ("mfu_pct", "MFU %", ".1f"),
     ]  # fmt: skip
