@@ -24,7 +24,7 @@ compute in fp32, returning the input dtype. Backends import lazily: Triton is op
 The gated forms (``poly_norm_glu``, ``poly_relu_glu``: ``act(gate) * up`` on the fused input
 ``[gate | up]`` of width 2H) follow the same table: ``fused`` is :mod:`.gated_fused`, ``triton``
 :mod:`.gated_triton` (activation and product in one kernel each way), and ``auto`` applies the
-rules above to the gate's width H.
+rules above to the gate's width H, up to ``gated_triton.SPILL_FREE_ROW`` (4096).
 """
 
 from __future__ import annotations
@@ -104,13 +104,15 @@ def triton_available() -> bool:
 
 
 def resolve_backend(
-    backend: str, x: torch.Tensor, order: int, *, whole_rows: bool = True, row_width: int | None = None
-) -> str:
+    backend: str, x: torch.Tensor, order: int, *, whole_rows: bool = True,
+    row_width: int | None = None, triton_module: str = "polynorm_triton",
+) -> str:  # fmt: skip
     """The concrete backend that runs ``x`` for the requested name (``auto`` resolved).
 
     ``whole_rows``: the kernel holds a row in registers (PolyNorm), so ``auto`` sends only rows
-    up to ``SPILL_FREE_ROW`` to Triton; PolyReLU is elementwise and takes any width.
-    ``row_width``: the normalised row's length when it is not ``x.shape[-1]`` (the gate's H)."""
+    up to the Triton module's ``SPILL_FREE_ROW`` to Triton; PolyReLU is elementwise and takes
+    any width. ``row_width``: the normalised row's length when it is not ``x.shape[-1]`` (the
+    gate's H). ``triton_module``: the module of ``moe_model.kernels`` whose kernels would run."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown activation backend {backend!r}; expected one of {list(BACKENDS)}")
     if x.numel() == 0:
@@ -120,10 +122,9 @@ def resolve_backend(
     if backend != "auto":
         return backend
     if x.is_cuda and triton_available():
-        from moe_model.kernels.polynorm_triton import MAX_ORDER, SPILL_FREE_ROW
-
+        limits = importlib.import_module(f"moe_model.kernels.{triton_module}")
         width = x.shape[-1] if row_width is None else row_width
-        if order <= MAX_ORDER and (not whole_rows or width <= SPILL_FREE_ROW):
+        if order <= limits.MAX_ORDER and (not whole_rows or width <= limits.SPILL_FREE_ROW):
             return "triton"
     return "fused"
 
@@ -148,7 +149,9 @@ def poly_norm_glu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str = "auto"
 ) -> torch.Tensor:
     """PolyNorm(gate) * up on the fused input [gate | up] (..., 2H) -> (..., H)."""
-    name = resolve_backend(backend, x, weight.numel(), row_width=x.shape[-1] // 2)
+    name = resolve_backend(
+        backend, x, weight.numel(), row_width=x.shape[-1] // 2, triton_module="gated_triton"
+    )
     return _BACKENDS[name].poly_norm_glu()(x, weight, bias, eps)
 
 
@@ -156,5 +159,5 @@ def poly_relu_glu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """PolyReLU(gate) * up on the fused input [gate | up] (..., 2H) -> (..., H)."""
-    name = resolve_backend(backend, x, weight.numel(), whole_rows=False)
+    name = resolve_backend(backend, x, weight.numel(), whole_rows=False, triton_module="gated_triton")
     return _BACKENDS[name].poly_relu_glu()(x, weight, bias)

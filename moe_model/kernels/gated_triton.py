@@ -30,23 +30,29 @@ from moe_model.kernels.polynorm_triton import (
     MAX_ORDER,
     MAX_ROW,
     RELU_NUM_WARPS,
+    _add_power_products,
     _block_and_warps,
     _check_device,
     _num_programs,
+    _store_power_partials,
 )
 from moe_model.kernels.reference import split_gate_up
 from moe_model.precision import autocast_off
 
-__all__ = ["poly_norm_glu_triton", "poly_relu_glu_triton"]
+__all__ = ["MAX_ORDER", "SPILL_FREE_ROW", "poly_norm_glu_triton", "poly_relu_glu_triton"]
 
 # num_warps by BLOCK (H rounded up to a power of two), first match from the top, as in
-# polynorm_triton. A program holds two rows (gate, up) forward and three (gate, up, dy) plus the
-# running sums backward, so these run more warps than the plain PolyNorm's tables at the same
-# width; every entry up to SPILL_FREE_ROW builds without spills on sm_90a and sm_100a (ptxas -v,
-# scripts/bench_triton_build.py, tests/moe_model/kernels/test_triton_build.py).
+# polynorm_triton. A program holds two rows (gate, up) forward and, backward, gate, up and dy
+# plus the running sums (two passes over the powers keep five rows live, not eight), so the
+# backward needs more warps than the plain PolyNorm's at the same width. By ptxas -v on sm_90a
+# (scripts/bench_triton_build.py): aligned 8192 spills 44-80 B at 32 warps (capped at 64
+# registers) and none at 16; ragged rows above 4096 (6008) spill at 16 and 32 warps alike. So
+# ``auto`` sends gates up to SPILL_FREE_ROW = 4096 here (OLMoE's gated H is 1024), longer ones
+# to the fused torch path; ``triton`` asked for by name takes them up to MAX_ROW.
+SPILL_FREE_ROW = 4096
 _GLU_FWD_WARPS = ((16384, 32), (4096, 16), (2048, 8), (1, 4))
 _GLU_FWD_WARPS_RAGGED = ((8192, 32), (2048, 16), (1024, 8), (1, 4))
-_GLU_BWD_WARPS = ((8192, 32), (4096, 16), (1024, 8), (1, 4))
+_GLU_BWD_WARPS = ((16384, 32), (4096, 16), (1024, 8), (1, 4))
 _GLU_BWD_WARPS_RAGGED = ((4096, 32), (2048, 16), (512, 8), (1, 4))
 
 # Columns per program of the elementwise PolyReLU kernels (one row's, at most this many).
@@ -110,9 +116,18 @@ def _poly_norm_glu_bwd(
         x = tl.load(X + x_base + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(X + x_base + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + y_base + cols, mask=mask, other=0.0).to(tl.float32)
+        # Two passes over the powers keep five rows live at a time (not eight): first
+        # a = PolyNorm(gate) and d up = dy * a, then, with dy and up folded into g, d gate.
+        a = tl.zeros([BLOCK], dtype=tl.float32) + bias
+        xp = x
+        for p in tl.static_range(1, ORDER + 1):
+            if p > 1:
+                xp = xp * x
+            r = tl.load(RSTD + row64 * ORDER + (p - 1))
+            a += (tl.load(W + (ORDER - p)).to(tl.float32) * r) * xp
+        tl.store(DX + x_base + n_cols + cols, (dy * a).to(DX.dtype.element_ty), mask=mask)
         g = dy * up  # the gradient reaching PolyNorm(gate)
         db_acc += tl.sum(g, axis=0)
-        a = tl.zeros([BLOCK], dtype=tl.float32) + bias
         dx = tl.zeros([BLOCK], dtype=tl.float32)
         xp = x
         xpm1 = x  # x**(p-1); unused for p == 1
@@ -122,7 +137,6 @@ def _poly_norm_glu_bwd(
                 xp = xp * x
             r = tl.load(RSTD + row64 * ORDER + (p - 1))
             w = tl.load(W + (ORDER - p)).to(tl.float32)
-            a += (w * r) * xp
             gxp = tl.sum(g * xp, axis=0)
             term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
             if p > 1:
@@ -130,7 +144,6 @@ def _poly_norm_glu_bwd(
             dx += term
             dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
         tl.store(DX + x_base + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DX + x_base + n_cols + cols, (dy * a).to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PART + (pid + zero64) * ORDER + (ORDER - 1 - slots), dw_acc, mask=slots < ORDER)
     tl.store(DB_PART + pid + tl.arange(0, 1), db_acc)
 
@@ -189,26 +202,8 @@ def _poly_relu_glu_bwd(
         tl.store(DX + x_base + cols, dgate.to(DX.dtype.element_ty), mask=mask)
         tl.store(DX + x_base + n_cols + cols, (dy * a).to(DX.dtype.element_ty), mask=mask)
         accb += g
-        gp = g * rx
-        acc1 += gp
-        if ORDER >= 2:
-            gp = gp * rx
-            acc2 += gp
-        if ORDER >= 3:
-            gp = gp * rx
-            acc3 += gp
-        if ORDER >= 4:
-            gp = gp * rx
-            acc4 += gp
-    out = DW_PART + (pid + zero64) * ORDER
-    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
-    if ORDER >= 2:
-        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
-    if ORDER >= 3:
-        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
-    if ORDER >= 4:
-        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
-    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
+        acc1, acc2, acc3, acc4 = _add_power_products(g, rx, acc1, acc2, acc3, acc4, ORDER)
+    _store_power_partials(DW_PART, DB_PART, pid, zero64, acc1, acc2, acc3, acc4, accb, ORDER)
 
 
 def _rows_2h(x: torch.Tensor, order: int) -> tuple[torch.Tensor, int]:

@@ -162,6 +162,40 @@ def _poly_relu_fwd(X, W, B, Y, n_elem, ORDER: tl.constexpr, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _add_power_products(g, rx, acc1, acc2, acc3, acc4, ORDER: tl.constexpr):
+    """acc_p += g * rx**p for p = 1..ORDER (PolyReLU's dweight terms; unused ones unchanged)."""
+    gp = g * rx
+    acc1 += gp
+    if ORDER >= 2:
+        gp = gp * rx
+        acc2 += gp
+    if ORDER >= 3:
+        gp = gp * rx
+        acc3 += gp
+    if ORDER >= 4:
+        gp = gp * rx
+        acc4 += gp
+    return acc1, acc2, acc3, acc4
+
+
+@triton.jit
+def _store_power_partials(
+    DW_PART, DB_PART, pid, zero64, acc1, acc2, acc3, acc4, accb, ORDER: tl.constexpr
+):
+    """This program's dweight (row ``pid`` of DW_PART, in weight order: slot ORDER - p holds
+    power p) and dbias partial sums."""
+    out = DW_PART + (pid + zero64) * ORDER
+    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
+    if ORDER >= 2:
+        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
+    if ORDER >= 3:
+        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
+    if ORDER >= 4:
+        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
+    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
+
+
+@triton.jit
 def _poly_relu_bwd(
     X, DY, W, DX, DW_PART, DB_PART, n_elem, ORDER: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -188,27 +222,8 @@ def _poly_relu_bwd(
         dx = tl.where(x > 0, d * g, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         accb += g
-        gp = g * rx
-        acc1 += gp
-        if ORDER >= 2:
-            gp = gp * rx
-            acc2 += gp
-        if ORDER >= 3:
-            gp = gp * rx
-            acc3 += gp
-        if ORDER >= 4:
-            gp = gp * rx
-            acc4 += gp
-    # DW_PART row layout follows weight: slot order - p holds power p.
-    out = DW_PART + (pid + zero64) * ORDER
-    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
-    if ORDER >= 2:
-        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
-    if ORDER >= 3:
-        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
-    if ORDER >= 4:
-        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
-    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
+        acc1, acc2, acc3, acc4 = _add_power_products(g, rx, acc1, acc2, acc3, acc4, ORDER)
+    _store_power_partials(DW_PART, DB_PART, pid, zero64, acc1, acc2, acc3, acc4, accb, ORDER)
 
 
 def _check_device(x: torch.Tensor) -> None:
