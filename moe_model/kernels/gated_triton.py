@@ -34,6 +34,7 @@ from moe_model.kernels.polynorm_triton import (
     _block_and_warps,
     _check_device,
     _num_programs,
+    _poly_norm_row_grad,
     _store_power_partials,
 )
 from moe_model.kernels.reference import split_gate_up
@@ -128,21 +129,7 @@ def _poly_norm_glu_bwd(
         tl.store(DX + x_base + n_cols + cols, (dy * a).to(DX.dtype.element_ty), mask=mask)
         g = dy * up  # the gradient reaching PolyNorm(gate)
         db_acc += tl.sum(g, axis=0)
-        dx = tl.zeros([BLOCK], dtype=tl.float32)
-        xp = x
-        xpm1 = x  # x**(p-1); unused for p == 1
-        for p in tl.static_range(1, ORDER + 1):
-            if p > 1:
-                xpm1 = xp
-                xp = xp * x
-            r = tl.load(RSTD + row64 * ORDER + (p - 1))
-            w = tl.load(W + (ORDER - p)).to(tl.float32)
-            gxp = tl.sum(g * xp, axis=0)
-            term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
-            if p > 1:
-                term = term * xpm1
-            dx += term
-            dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+        dx, dw_acc = _poly_norm_row_grad(x, g, RSTD + row64 * ORDER, W, n_cols, dw_acc, ORDER, BLOCK)
         tl.store(DX + x_base + cols, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PART + (pid + zero64) * ORDER + (ORDER - 1 - slots), dw_acc, mask=slots < ORDER)
     tl.store(DB_PART + pid + tl.arange(0, 1), db_acc)

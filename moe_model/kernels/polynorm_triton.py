@@ -105,6 +105,30 @@ def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
+def _poly_norm_row_grad(x, g, RSTD_ROW, W, n_cols, dw_acc, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """PolyNorm's backward of one row: ``(dx, dw_acc)``, dx for the output gradient ``g`` at
+    ``x`` (fp32 rows), and ``r_p * sum(g * x**p)`` added to slot p-1 of ``dw_acc`` (4 slots)."""
+    slots = tl.arange(0, 4)
+    dx = tl.zeros([BLOCK], dtype=tl.float32)
+    xp = x
+    xpm1 = x  # x**(p-1); unused for p == 1
+    for p in tl.static_range(1, ORDER + 1):
+        if p > 1:
+            xpm1 = xp
+            xp = xp * x
+        r = tl.load(RSTD_ROW + (p - 1))
+        w = tl.load(W + (ORDER - p)).to(tl.float32)
+        gxp = tl.sum(g * xp, axis=0)
+        # d norm(u)/du applied to g: r * (g - r^2 * u * mean(g * u)), chained by p x^(p-1).
+        term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
+        if p > 1:
+            term = term * xpm1
+        dx += term
+        dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+    return dx, dw_acc
+
+
+@triton.jit
 def _poly_norm_bwd(
     X, DY, W, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols,
     ORDER: tl.constexpr, BLOCK: tl.constexpr,
@@ -125,22 +149,7 @@ def _poly_norm_bwd(
         x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
         db_acc += tl.sum(g, axis=0)
-        dx = tl.zeros([BLOCK], dtype=tl.float32)
-        xp = x
-        xpm1 = x  # x**(p-1); unused for p == 1
-        for p in tl.static_range(1, ORDER + 1):
-            if p > 1:
-                xpm1 = xp
-                xp = xp * x
-            r = tl.load(RSTD + row64 * ORDER + (p - 1))
-            w = tl.load(W + (ORDER - p)).to(tl.float32)
-            gxp = tl.sum(g * xp, axis=0)
-            # d norm(u)/du applied to g: r * (g - r^2 * u * mean(g * u)), chained by p x^(p-1).
-            term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
-            if p > 1:
-                term = term * xpm1
-            dx += term
-            dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+        dx, dw_acc = _poly_norm_row_grad(x, g, RSTD + row64 * ORDER, W, n_cols, dw_acc, ORDER, BLOCK)
         tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
     # Store in weight order: power p goes to column ORDER - p. The offset in int64 like every
     # offset from the program id (triton_build.row_offset_32bit_ops checks the PTX for it).
