@@ -5,8 +5,13 @@ Every activation is an ``nn.Module`` with class attributes ``gated`` and ``has_c
 ``gated``:
 
 * non-gated (ReLU, GELU, ReLU2, PolyReLU, PolyNorm) map ``(..., H) -> (..., H)``;
-* gated (SwiGLU) take the fused input ``(..., 2H)`` -- first half the gate input (w1), second
-  half the up input (w3) -- and return ``(..., H)``.
+* gated (SwiGLU, PolyNormGLU, PolyReLUGLU) take the fused input ``(..., 2H)`` -- first half
+  the gate input (w1), second half the up input (w3) -- and return ``(..., H)``.
+
+The gated polynomial forms are Motif's (Motif-2.6B, arXiv 2508.09148; Motif-2-12.7B, arXiv
+2511.07464): ``PolyNorm(gate) * up``, with the paper's PolyNorm on the gate half and the product
+in fp32 (vLLM's ``MotifMLP``, and ``FusedMulPolyNorm`` in the Hugging Face kernel repository
+``Motif-Technologies/activation``); README "Gated PolyNorm" has the sources and where they differ.
 
 ``options`` lists the constructor keywords a class accepts, so a config can hand each class
 exactly the settings it understands (see ``ModelConfig.activation_kwargs``).
@@ -20,14 +25,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_model.kernels.dispatch import poly_norm, poly_relu
+from moe_model.kernels.dispatch import poly_norm, poly_norm_glu, poly_relu, poly_relu_glu
 from moe_model.kernels.reference import poly_norm_eager, poly_relu_eager
 
 __all__ = [
     "ACTIVATIONS",
     "GELU",
     "PolyNorm",
+    "PolyNormGLU",
     "PolyReLU",
+    "PolyReLUGLU",
     "ReLU",
     "ReLU2",
     "SwiGLU",
@@ -150,6 +157,26 @@ class PolyNorm(_Polynomial):
         return f"order={self.order}, eps={self.eps}, backend={self.backend!r}"
 
 
+class PolyReLUGLU(PolyReLU):
+    """PolyReLU(a) * b on the fused input [a | b] of last dim 2H (a from w1, b from w3); one
+    coefficient set, as PolyReLU's. By analogy with PolyNormGLU: no Motif model uses it."""
+
+    gated = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return poly_relu_glu(x, self.weight, self.bias, self.backend)
+
+
+class PolyNormGLU(PolyNorm):
+    """PolyNorm(a) * b on the fused input [a | b] of last dim 2H (a from w1, b from w3): Motif's
+    gated PolyNorm. The norm runs over the gate's H columns; PolyNorm and product in fp32."""
+
+    gated = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return poly_norm_glu(x, self.weight, self.bias, self.eps, self.backend)
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": ReLU,
     "gelu": GELU,
@@ -157,6 +184,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "swiglu": SwiGLU,
     "polyrelu": PolyReLU,
     "polynorm": PolyNorm,
+    "polyrelu_glu": PolyReLUGLU,
+    "polynorm_glu": PolyNormGLU,
 }
 
 

@@ -67,6 +67,8 @@ COLORS = {
     "relu2": "#2ca02c",
     "gelu": "#9467bd",
     "relu": "#8c564b",
+    "polynorm_glu": "#e377c2",
+    "polyrelu_glu": "#bcbd22",
 }
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_model.config import ConfigError, ModelConfig
+from olmo.activation_sizes import check_overridden_activation
 from olmo.data import DataConfig
 
 __all__ = [
@@ -504,10 +505,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """
     schema = OmegaConf.structured(TrainConfig)
     layers: list[DictConfig] = [schema]
-    if path is not None:
-        for layer in _yaml_layers(Path(path)):
-            layer.check_keys(schema)
-            layers.append(OmegaConf.create(layer.raw))
+    files = _yaml_layers(Path(path)) if path is not None else []
+    for layer in files:
+        layer.check_keys(schema)
+        layers.append(OmegaConf.create(layer.raw))
     dotlist = []
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
@@ -541,4 +542,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         # Raised by a dataclass __post_init__ of a nested config (e.g. olmo.data.DataError).
         raise ConfigError(str(err).splitlines()[0]) from None
     assert isinstance(config, TrainConfig)
+    check_overridden_activation(
+        _model_keys(OmegaConf.merge(*layers[1:-1] if dotlist else layers[1:])) if files else {},
+        _model_keys(layers[-1]) if dotlist else {},
+        [f.path for f in files],
+    )
     return config
+
+
+def _model_keys(layer: DictConfig) -> dict:
+    """The ``model`` section of a config layer as a plain dict (empty when it has none)."""
+    return OmegaConf.to_container(layer).get("model") or {}

@@ -10,7 +10,9 @@ Field names follow transformers' OLMoE config where one exists (``hidden_size``,
 
 from transformers import PreTrainedConfig
 
-ACTIVATION_TYPES = ("relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm")
+ACTIVATION_TYPES = (
+    "relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm", "polyrelu_glu", "polynorm_glu"
+)
 
 
 class PolyMoEConfig(PreTrainedConfig):

@@ -1,5 +1,5 @@
 """Hugging Face modeling code of an exported moe-polycom model (OLMoE architecture, any expert
-activation: relu, gelu, relu2, swiglu, polyrelu, polynorm).
+activation: relu, gelu, relu2, swiglu, polyrelu, polynorm, and the gated polyrelu_glu, polynorm_glu).
 
 Self-contained: copied into every exported directory and loaded with ``trust_remote_code=True``,
 so it imports nothing from this repository. The math is a copy of ``moe_model/`` (activations.py,
@@ -22,7 +22,7 @@ Weight layout (safetensors keys):
     model.layers.{i}.mlp.gate.weight                  (E, D)    router
     model.layers.{i}.mlp.experts.w_in                 (E, D, H) or (E, D, 2H) gated [gate | up]
     model.layers.{i}.mlp.experts.w_out                (E, H, D)
-    model.layers.{i}.mlp.act_fn.{weight,bias}         (r,), (1,)  polyrelu/polynorm only, one
+    model.layers.{i}.mlp.act_fn.{weight,bias}         (r,), (1,)  polyrelu/polynorm(_glu) only, one
                                                                  set per layer shared by experts
     model.layers.{i}.mlp.act_fn.{e}.{weight,bias}     (r,), (1,)  instead, one set per expert e
                                                                  (moe_activation_per_expert)
@@ -97,6 +97,29 @@ class PolyReLU(nn.Module):
         return y.to(x.dtype)
 
 
+class _GatedPoly(nn.Module):
+    """act(a) * b on the fused input [a | b] (a the gate half of w_in, b the up half); the
+    polynomial and the product in fp32, one cast back (Motif's gated PolyNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.float().chunk(2, dim=-1)
+        return (self.poly_f32(a) * b).to(x.dtype)
+
+
+class PolyNormGLU(_GatedPoly, PolyNorm):
+    """PolyNorm(a) * b, the norm over the gate's H columns."""
+
+    def poly_f32(self, a: torch.Tensor) -> torch.Tensor:
+        return PolyNorm.forward(self, a)
+
+
+class PolyReLUGLU(_GatedPoly, PolyReLU):
+    """PolyReLU(a) * b."""
+
+    def poly_f32(self, a: torch.Tensor) -> torch.Tensor:
+        return PolyReLU.forward(self, a)
+
+
 class SwiGLU(nn.Module):
     """silu(a) * b on the fused input [a | b] (a from the gate half of w_in, b the up half)."""
 
@@ -109,11 +132,16 @@ class SwiGLU(nn.Module):
         return self.silu(a) * b
 
 
-GATED = ("swiglu",)
+GATED = ("swiglu", "polyrelu_glu", "polynorm_glu")
+WITH_COEFFICIENTS = ("polyrelu", "polynorm", "polyrelu_glu", "polynorm_glu")
 
 
 def build_activation(config: PolyMoEConfig) -> nn.Module:
     name = config.hidden_act
+    if name == "polynorm_glu":
+        return PolyNormGLU(config.activation_order, config.activation_eps)
+    if name == "polyrelu_glu":
+        return PolyReLUGLU(config.activation_order)
     if name == "polynorm":
         return PolyNorm(config.activation_order, config.activation_eps)
     if name == "polyrelu":
@@ -228,8 +256,8 @@ class PolyMoESparseMoeBlock(nn.Module):
             for _ in range(config.moe_shared_experts)
         )
         # One activation (one set of coefficients) per layer shared by all experts, or one per
-        # expert (moe_activation_per_expert, polyrelu/polynorm).
-        if config.moe_activation_per_expert and config.hidden_act in ("polyrelu", "polynorm"):
+        # expert (moe_activation_per_expert, the activations with coefficients).
+        if config.moe_activation_per_expert and config.hidden_act in WITH_COEFFICIENTS:
             self.act_fn = nn.ModuleList(build_activation(config) for _ in range(self.num_experts))
         else:
             self.act_fn = build_activation(config)

@@ -1,4 +1,5 @@
-"""Dispatch of PolyNorm / PolyReLU to a kernel backend, chosen by name from one table.
+"""Dispatch of PolyNorm / PolyReLU and their gated forms to a kernel backend, chosen by name
+from one table.
 
 Backends (``BACKENDS``):
 
@@ -19,11 +20,17 @@ Backends (``BACKENDS``):
 
 All take inputs of any leading shape (the last dim is the normalised row), bf16/fp16/fp32, and
 compute in fp32, returning the input dtype. Backends import lazily: Triton is optional.
+
+The gated forms (``poly_norm_glu``, ``poly_relu_glu``: ``act(gate) * up`` on the fused input
+``[gate | up]`` of width 2H) follow the same table: ``fused`` is :mod:`.gated_fused`, ``triton``
+:mod:`.gated_triton` (activation and product in one kernel each way), and ``auto`` applies the
+rules above to the gate's width H, up to ``gated_triton.SPILL_FREE_ROW`` (4096).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,34 +38,31 @@ import torch
 
 from moe_model.kernels import reference
 
-__all__ = ["BACKENDS", "poly_norm", "poly_relu", "triton_available"]
+__all__ = ["BACKENDS", "poly_norm", "poly_norm_glu", "poly_relu", "poly_relu_glu", "triton_available"]
 
 
 class Backend(NamedTuple):
-    """How to get one backend's two functions (imported on first use)."""
+    """How to get one backend's functions (imported on first use)."""
 
     poly_norm: Callable[[], Callable]
     """Returns ``f(x, weight, bias, eps)``."""
     poly_relu: Callable[[], Callable]
     """Returns ``f(x, weight, bias)``."""
+    poly_norm_glu: Callable[[], Callable]
+    """Returns ``f(x, weight, bias, eps)`` on the fused input [gate | up]."""
+    poly_relu_glu: Callable[[], Callable]
+    """Returns ``f(x, weight, bias)`` on the fused input [gate | up]."""
 
 
-def _fused(name: str) -> Callable[[], Callable]:
+def _lazy(module: str, name: str) -> Callable[[], Callable]:
     def load():
-        from moe_model.kernels import polynorm_fused
-
-        return getattr(polynorm_fused, name)
+        return getattr(importlib.import_module(f"moe_model.kernels.{module}"), name)
 
     return load
 
 
-def _triton(name: str) -> Callable[[], Callable]:
-    def load():
-        from moe_model.kernels import polynorm_triton
-
-        return getattr(polynorm_triton, name)
-
-    return load
+def _reference(name: str) -> Callable[[], Callable]:
+    return lambda: getattr(reference, name)
 
 
 @functools.cache
@@ -69,13 +73,23 @@ def _compiled(name: str) -> Callable:
 
 
 _BACKENDS: dict[str, Backend] = {
-    "eager": Backend(lambda: reference.poly_norm_eager, lambda: reference.poly_relu_eager),
-    "fused": Backend(_fused("poly_norm_fused"), _fused("poly_relu_fused")),
-    "triton": Backend(_triton("poly_norm_triton"), _triton("poly_relu_triton")),
-    "compile": Backend(
-        lambda: _compiled("poly_norm_eager"), lambda: _compiled("poly_relu_eager")
+    "eager": Backend(
+        _reference("poly_norm_eager"), _reference("poly_relu_eager"),
+        _reference("poly_norm_glu_eager"), _reference("poly_relu_glu_eager"),
     ),
-}
+    "fused": Backend(
+        _lazy("polynorm_fused", "poly_norm_fused"), _lazy("polynorm_fused", "poly_relu_fused"),
+        _lazy("gated_fused", "poly_norm_glu_fused"), _lazy("gated_fused", "poly_relu_glu_fused"),
+    ),
+    "triton": Backend(
+        _lazy("polynorm_triton", "poly_norm_triton"), _lazy("polynorm_triton", "poly_relu_triton"),
+        _lazy("gated_triton", "poly_norm_glu_triton"), _lazy("gated_triton", "poly_relu_glu_triton"),
+    ),
+    "compile": Backend(
+        lambda: _compiled("poly_norm_eager"), lambda: _compiled("poly_relu_eager"),
+        lambda: _compiled("poly_norm_glu_eager"), lambda: _compiled("poly_relu_glu_eager"),
+    ),
+}  # fmt: skip
 BACKENDS = ("auto", *_BACKENDS)
 
 
@@ -83,17 +97,22 @@ BACKENDS = ("auto", *_BACKENDS)
 def triton_available() -> bool:
     """Whether the Triton kernels import (Triton installed and working)."""
     try:
-        from moe_model.kernels import polynorm_triton  # noqa: F401
+        from moe_model.kernels import gated_triton, polynorm_triton  # noqa: F401
     except Exception:  # ImportError, or a broken Triton install: fall back, never crash
         return False
     return True
 
 
-def resolve_backend(backend: str, x: torch.Tensor, order: int, *, whole_rows: bool = True) -> str:
+def resolve_backend(
+    backend: str, x: torch.Tensor, order: int, *, whole_rows: bool = True,
+    row_width: int | None = None, triton_module: str = "polynorm_triton",
+) -> str:  # fmt: skip
     """The concrete backend that runs ``x`` for the requested name (``auto`` resolved).
 
     ``whole_rows``: the kernel holds a row in registers (PolyNorm), so ``auto`` sends only rows
-    up to ``SPILL_FREE_ROW`` to Triton; PolyReLU is elementwise and takes any width."""
+    up to the Triton module's ``SPILL_FREE_ROW`` to Triton; PolyReLU is elementwise and takes
+    any width. ``row_width``: the normalised row's length when it is not ``x.shape[-1]`` (the
+    gate's H). ``triton_module``: the module of ``moe_model.kernels`` whose kernels would run."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown activation backend {backend!r}; expected one of {list(BACKENDS)}")
     if x.numel() == 0:
@@ -103,9 +122,9 @@ def resolve_backend(backend: str, x: torch.Tensor, order: int, *, whole_rows: bo
     if backend != "auto":
         return backend
     if x.is_cuda and triton_available():
-        from moe_model.kernels.polynorm_triton import MAX_ORDER, SPILL_FREE_ROW
-
-        if order <= MAX_ORDER and (not whole_rows or x.shape[-1] <= SPILL_FREE_ROW):
+        limits = importlib.import_module(f"moe_model.kernels.{triton_module}")
+        width = x.shape[-1] if row_width is None else row_width
+        if order <= limits.MAX_ORDER and (not whole_rows or width <= limits.SPILL_FREE_ROW):
             return "triton"
     return "fused"
 
@@ -124,3 +143,21 @@ def poly_relu(
     """sum_i weight[i] * relu(x) ** (r - i) + bias, r = len(weight)."""
     name = resolve_backend(backend, x, weight.numel(), whole_rows=False)
     return _BACKENDS[name].poly_relu()(x, weight, bias)
+
+
+def poly_norm_glu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, backend: str = "auto"
+) -> torch.Tensor:
+    """PolyNorm(gate) * up on the fused input [gate | up] (..., 2H) -> (..., H)."""
+    name = resolve_backend(
+        backend, x, weight.numel(), row_width=x.shape[-1] // 2, triton_module="gated_triton"
+    )
+    return _BACKENDS[name].poly_norm_glu()(x, weight, bias, eps)
+
+
+def poly_relu_glu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """PolyReLU(gate) * up on the fused input [gate | up] (..., 2H) -> (..., H)."""
+    name = resolve_backend(backend, x, weight.numel(), whole_rows=False, triton_module="gated_triton")
+    return _BACKENDS[name].poly_relu_glu()(x, weight, bias)

@@ -105,6 +105,30 @@ def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
+def _poly_norm_row_grad(x, g, RSTD_ROW, W, n_cols, dw_acc, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """PolyNorm's backward of one row: ``(dx, dw_acc)``, dx for the output gradient ``g`` at
+    ``x`` (fp32 rows), and ``r_p * sum(g * x**p)`` added to slot p-1 of ``dw_acc`` (4 slots)."""
+    slots = tl.arange(0, 4)
+    dx = tl.zeros([BLOCK], dtype=tl.float32)
+    xp = x
+    xpm1 = x  # x**(p-1); unused for p == 1
+    for p in tl.static_range(1, ORDER + 1):
+        if p > 1:
+            xpm1 = xp
+            xp = xp * x
+        r = tl.load(RSTD_ROW + (p - 1))
+        w = tl.load(W + (ORDER - p)).to(tl.float32)
+        gxp = tl.sum(g * xp, axis=0)
+        # d norm(u)/du applied to g: r * (g - r^2 * u * mean(g * u)), chained by p x^(p-1).
+        term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
+        if p > 1:
+            term = term * xpm1
+        dx += term
+        dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+    return dx, dw_acc
+
+
+@triton.jit
 def _poly_norm_bwd(
     X, DY, W, RSTD, DX, DW_PART, DB_PART, n_rows, n_cols,
     ORDER: tl.constexpr, BLOCK: tl.constexpr,
@@ -125,22 +149,7 @@ def _poly_norm_bwd(
         x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
         db_acc += tl.sum(g, axis=0)
-        dx = tl.zeros([BLOCK], dtype=tl.float32)
-        xp = x
-        xpm1 = x  # x**(p-1); unused for p == 1
-        for p in tl.static_range(1, ORDER + 1):
-            if p > 1:
-                xpm1 = xp
-                xp = xp * x
-            r = tl.load(RSTD + row64 * ORDER + (p - 1))
-            w = tl.load(W + (ORDER - p)).to(tl.float32)
-            gxp = tl.sum(g * xp, axis=0)
-            # d norm(u)/du applied to g: r * (g - r^2 * u * mean(g * u)), chained by p x^(p-1).
-            term = (w * p * r) * (g - (r * r * gxp / n_cols) * xp)
-            if p > 1:
-                term = term * xpm1
-            dx += term
-            dw_acc += tl.where(slots == p - 1, r * gxp, 0.0)
+        dx, dw_acc = _poly_norm_row_grad(x, g, RSTD + row64 * ORDER, W, n_cols, dw_acc, ORDER, BLOCK)
         tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
     # Store in weight order: power p goes to column ORDER - p. The offset in int64 like every
     # offset from the program id (triton_build.row_offset_32bit_ops checks the PTX for it).
@@ -159,6 +168,40 @@ def _poly_relu_fwd(X, W, B, Y, n_elem, ORDER: tl.constexpr, BLOCK: tl.constexpr)
         y = (y + tl.load(W + i).to(tl.float32)) * rx
     y += tl.load(B).to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_power_products(g, rx, acc1, acc2, acc3, acc4, ORDER: tl.constexpr):
+    """acc_p += g * rx**p for p = 1..ORDER (PolyReLU's dweight terms; unused ones unchanged)."""
+    gp = g * rx
+    acc1 += gp
+    if ORDER >= 2:
+        gp = gp * rx
+        acc2 += gp
+    if ORDER >= 3:
+        gp = gp * rx
+        acc3 += gp
+    if ORDER >= 4:
+        gp = gp * rx
+        acc4 += gp
+    return acc1, acc2, acc3, acc4
+
+
+@triton.jit
+def _store_power_partials(
+    DW_PART, DB_PART, pid, zero64, acc1, acc2, acc3, acc4, accb, ORDER: tl.constexpr
+):
+    """This program's dweight (row ``pid`` of DW_PART, in weight order: slot ORDER - p holds
+    power p) and dbias partial sums."""
+    out = DW_PART + (pid + zero64) * ORDER
+    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
+    if ORDER >= 2:
+        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
+    if ORDER >= 3:
+        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
+    if ORDER >= 4:
+        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
+    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
 
 
 @triton.jit
@@ -188,27 +231,8 @@ def _poly_relu_bwd(
         dx = tl.where(x > 0, d * g, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         accb += g
-        gp = g * rx
-        acc1 += gp
-        if ORDER >= 2:
-            gp = gp * rx
-            acc2 += gp
-        if ORDER >= 3:
-            gp = gp * rx
-            acc3 += gp
-        if ORDER >= 4:
-            gp = gp * rx
-            acc4 += gp
-    # DW_PART row layout follows weight: slot order - p holds power p.
-    out = DW_PART + (pid + zero64) * ORDER
-    tl.store(out + (ORDER - 1), tl.sum(acc1, axis=0))
-    if ORDER >= 2:
-        tl.store(out + (ORDER - 2), tl.sum(acc2, axis=0))
-    if ORDER >= 3:
-        tl.store(out + (ORDER - 3), tl.sum(acc3, axis=0))
-    if ORDER >= 4:
-        tl.store(out + (ORDER - 4), tl.sum(acc4, axis=0))
-    tl.store(DB_PART + pid + tl.arange(0, 1), tl.sum(accb, axis=0) + tl.zeros([1], tl.float32))
+        acc1, acc2, acc3, acc4 = _add_power_products(g, rx, acc1, acc2, acc3, acc4, ORDER)
+    _store_power_partials(DW_PART, DB_PART, pid, zero64, acc1, acc2, acc3, acc4, accb, ORDER)
 
 
 def _check_device(x: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 ``triton.compile`` with a :class:`GPUTarget` lowers a kernel to PTX and runs the ``ptxas``
 Triton ships to a cubin: no driver, no GPU. This module builds each kernel of
-:mod:`.polynorm_triton` with the signature and launch parameters its launcher would use for a
+:mod:`.polynorm_triton` and :mod:`.gated_triton` with the signature and launch parameters its launcher would use for a
 given row width, dtype and order, then reports
 
 * registers, spill bytes and stack frame (``ptxas -v`` on the kernel's own PTX, the tool and
@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "ARCHS",
     "KERNELS",
+    "WIDTH_KERNELS",
     "KernelBuild",
     "build_kernel",
     "ptxas_usage",
@@ -53,7 +54,8 @@ class KernelBuild:
     dtype: str
     order: int
     width: int | None
-    """Row length (PolyNorm); None for the elementwise PolyReLU kernels."""
+    """Row length (PolyNorm; the gate's H for the gated kernels); None for the elementwise
+    PolyReLU kernels."""
     block: int
     num_warps: int
     registers: int
@@ -84,17 +86,42 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
         ),
         "poly_relu_fwd": dict(X=t, W=t, B=t, Y=t, n_elem="i32"),
         "poly_relu_bwd": dict(X=t, DY=t, W=t, DX=t, DW_PART=f32, DB_PART=f32, n_elem="i32"),
-    }[kernel]
+        "poly_norm_glu_fwd": dict(X=t, W=t, B=t, Y=t, RSTD=f32, n_cols="i32", eps="fp32"),
+        "poly_norm_glu_bwd": dict(
+            X=t, DY=t, W=t, B=t, RSTD=f32, DX=t, DW_PART=f32, DB_PART=f32, n_rows="i32",
+            n_cols="i32",
+        ),
+        "poly_relu_glu_fwd": dict(X=t, W=t, B=t, Y=t, n_cols="i32", n_col_blocks="i32"),
+        "poly_relu_glu_bwd": dict(
+            X=t, DY=t, W=t, B=t, DX=t, DW_PART=f32, DB_PART=f32, n_rows="i32", n_cols="i32",
+            n_col_blocks="i32",
+        ),
+    }[kernel]  # fmt: skip
 
 
-KERNELS = ("poly_norm_fwd", "poly_norm_bwd", "poly_relu_fwd", "poly_relu_bwd")
-"""Every kernel of :mod:`.polynorm_triton`, by launch name."""
+KERNELS = (
+    "poly_norm_fwd", "poly_norm_bwd", "poly_relu_fwd", "poly_relu_bwd",
+    "poly_norm_glu_fwd", "poly_norm_glu_bwd", "poly_relu_glu_fwd", "poly_relu_glu_bwd",
+)  # fmt: skip
+"""Every kernel of :mod:`.polynorm_triton` and :mod:`.gated_triton`, by launch name."""
+
+WIDTH_KERNELS = tuple(k for k in KERNELS if k.startswith("poly_norm") or "_glu_" in k)
+"""Kernels whose launch depends on the row width (the others are flat elementwise)."""
 
 
 def _launch(kernel: str, width: int | None) -> tuple[object, int, int]:
     """(jit function, BLOCK, num_warps) exactly as :mod:`.polynorm_triton` launches it."""
+    from moe_model.kernels import gated_triton as gt
     from moe_model.kernels import polynorm_triton as pt
 
+    if kernel == "poly_norm_glu_fwd":
+        return gt._poly_norm_glu_fwd, *gt.poly_norm_glu_fwd_launch(width)
+    if kernel == "poly_norm_glu_bwd":
+        return gt._poly_norm_glu_bwd, *gt.poly_norm_glu_bwd_launch(width)
+    if kernel == "poly_relu_glu_fwd":
+        return gt._poly_relu_glu_fwd, *gt.poly_relu_glu_launch(width)
+    if kernel == "poly_relu_glu_bwd":
+        return gt._poly_relu_glu_bwd, *gt.poly_relu_glu_launch(width)
     if kernel == "poly_norm_fwd":
         return pt._poly_norm_fwd, *pt.poly_norm_fwd_launch(width)
     if kernel == "poly_norm_bwd":
@@ -123,7 +150,7 @@ def build_kernel(
 ) -> KernelBuild:  # fmt: skip
     """Compile ``kernel`` for ``sm_<arch>a`` as its launcher would for rows of ``width``
     (``num_warps`` overrides the launcher's choice, to compare alternatives)."""
-    return _build(kernel, arch, dtype, order, width if kernel.startswith("poly_norm") else None, num_warps)
+    return _build(kernel, arch, dtype, order, width if kernel in WIDTH_KERNELS else None, num_warps)
 
 
 @functools.cache

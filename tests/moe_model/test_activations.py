@@ -13,7 +13,9 @@ from moe_model.activations import (
     ACTIVATIONS,
     GELU,
     PolyNorm,
+    PolyNormGLU,
     PolyReLU,
+    PolyReLUGLU,
     ReLU,
     ReLU2,
     SwiGLU,
@@ -188,8 +190,32 @@ def test_swiglu_gate_is_first_half():
 
 
 def test_gated_flags():
-    assert {name for name, cls in ACTIVATIONS.items() if cls.gated} == {"swiglu"}
-    assert set(ACTIVATIONS) == {"relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm"}
+    gated = {name for name, cls in ACTIVATIONS.items() if cls.gated}
+    assert gated == {"swiglu", "polynorm_glu", "polyrelu_glu"}
+    assert set(ACTIVATIONS) == {
+        "relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm", "polyrelu_glu", "polynorm_glu"
+    }
+
+
+@pytest.mark.parametrize("cls, ref", [(PolyNormGLU, ref_poly_norm), (PolyReLUGLU, ref_poly_relu)])
+def test_gated_poly_is_act_of_first_half_times_second(cls, ref):
+    """Motif's form: act(gate) * up on [gate | up], gate from w1 (first half), up from w3."""
+    module = random_poly(cls, 3)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    y = module(x)
+    assert y.shape == (2, 3, 8)
+    expected = ref(x[..., :8], module.weight.detach(), module.bias.detach()) * x[..., 8:]
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("name", ["polynorm_glu", "polyrelu_glu"])
+def test_gated_poly_init_and_options(name):
+    """Motif's (and the paper's) init: weight 1/order each, bias 0; one set per module."""
+    module = build_activation(name, order=3, backend="eager")
+    assert module.gated
+    assert torch.equal(module.weight.detach(), torch.full((3,), 1 / 3))
+    assert torch.equal(module.bias.detach(), torch.zeros(1))
+    assert set(ACTIVATIONS[name].options) >= {"order", "backend"}
 
 
 def test_build_activation():

@@ -36,6 +36,23 @@ def test_active_params_and_flops():
     assert dense.num_active_params() == dense.num_params()
 
 
+def test_gated_polynomial_forms_have_swiglu_parameters_plus_coefficients():
+    """polynorm_glu / polyrelu_glu: three expert matrices like SwiGLU (h = 1024 at OLMoE-1B-7B),
+    plus PolyNorm's 4 coefficients per layer (16 layers), in the totals and the FLOPs."""
+    swiglu = ModelConfig()
+    for act in ("polynorm_glu", "polyrelu_glu"):
+        assert equal_param_hidden_size(1024, "swiglu", act) == 1024
+        assert equal_param_hidden_size(1536, "polynorm", act) == 1024
+        assert equal_param_hidden_size(1024, act, "polynorm") == 1536
+        gated = ModelConfig(activation_type=act, mlp_hidden_size=1024)
+        assert gated.mlp_in_size == 2048
+        assert gated.num_params() - swiglu.num_params() == 16 * 4
+        assert gated.num_active_params() - swiglu.num_active_params() == 16 * 4
+        assert gated.num_flops_per_token(4096) - swiglu.num_flops_per_token(4096) == 6 * 16 * 4
+        # And exactly the non-gated PolyNorm at 1536 (same matrices, same coefficients).
+        assert gated.num_params() == ModelConfig(activation_type="polynorm", mlp_hidden_size=1536).num_params()
+
+
 def test_equal_param_hidden_size():
     assert equal_param_hidden_size(1024, "swiglu", "polynorm") == 1536
     assert equal_param_hidden_size(1536, "polynorm", "swiglu") == 1024

@@ -14,6 +14,7 @@ from olmo.analysis import (
     analyze,
     collect,
     effective_rank,
+    expert_matrices,
     layer_similarity,
     validation_tokens,
     write_figures,
@@ -148,6 +149,24 @@ def test_load_checkpoint_and_analyze(tmp_path):
     assert result["layer_similarity"] == [pytest.approx(row, abs=1e-5) for row in cosines]
     coeffs = result["activation_coefficients"]
     assert coeffs[1]["weight"] == pytest.approx([1 / 3 + 0.2] * 3)
+
+
+def test_gated_poly_checkpoint_splits_gate_and_up_and_reports_coefficients(tmp_path):
+    save, _ = make_checkpoint(tmp_path, activation="polynorm_glu", hidden=32)
+    loaded, _ = load_checkpoint(save)
+    ffn = loaded.blocks[0].ffn
+    matrices = expert_matrices(ffn)
+    assert set(matrices) == {"w1 (gate)", "w3 (up)", "w2 (out)"}
+    assert torch.equal(matrices["w1 (gate)"], ffn.w_in_EDH.detach()[..., :32])
+    assert torch.equal(matrices["w3 (up)"], ffn.w_in_EDH.detach()[..., 32:])
+    ids = validation_tokens([str(tmp_path / "data" / "val*.npy")], 64, 2, np.uint16)
+    result = analyze(loaded, ids, batch_size=2)
+    assert result["activation"] == "polynorm_glu"
+    assert set(result["effective_rank"]) == {"w1 (gate)", "w3 (up)", "w2 (out)"}
+    # make_checkpoint adds 0.1 * (layer + 1) to the default 1/3 of every coefficient.
+    assert [c["weight"] for c in result["activation_coefficients"]] == [
+        pytest.approx([1 / 3 + 0.1 * (i + 1)] * 3) for i in range(2)
+    ]
 
 
 @pytest.mark.slow

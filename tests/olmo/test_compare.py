@@ -70,6 +70,18 @@ def test_plan_uses_equal_parameter_hidden_sizes(tmp_path):
     assert expected_final_step(load_config(TINY, ["max_duration=4096T", "stop_at=1"])) == 1
 
 
+def test_plan_sizes_the_gated_poly_forms_like_swiglu(tmp_path):
+    plan = plan_sweep(TINY, activations=["polynorm", "polynorm_glu", "polyrelu_glu"], seeds=[0],
+                      out_dir=tmp_path / "g")
+    # tiny.yaml is polynorm at 384: the gated forms' three matrices make it 256, as for SwiGLU.
+    assert {r.activation: r.hidden_size for r in plan.runs} == {
+        "polynorm": 384, "polynorm_glu": 256, "polyrelu_glu": 256,
+    }
+    models = {r.activation: load_config(TINY, r.overrides).model for r in plan.runs}
+    assert models["polynorm_glu"].num_params() == models["polynorm"].num_params()
+    assert models["polyrelu_glu"].num_params() == models["polynorm"].num_params()
+
+
 def test_run_is_complete_reads_the_final_step(tmp_path):
     spec = RunSpec("gelu", 0, 8, "r", tmp_path, [], final_step=3)
     assert not run_is_complete(spec)

@@ -129,6 +129,16 @@ def test_olmoe_configs_have_the_published_counts(activation):
     assert (model.num_params(), model.num_active_params()) == OLMOE_COUNTS[activation]
 
 
+@pytest.mark.parametrize("activation", ["polynorm_glu", "polyrelu_glu"])
+def test_olmoe_gated_poly_configs_have_swiglu_sizes(activation):
+    """The gated forms keep SwiGLU's three matrices at H = 1024: the PolyNorm count exactly."""
+    model = load_config(CONFIGS / f"olmoe-1b-7b-{activation}.yaml").model
+    swiglu = load_config(CONFIGS / "olmoe-1b-7b-swiglu.yaml").model
+    assert model.replace(activation_type="swiglu") == swiglu
+    assert model.activation_type == activation and model.mlp_hidden_size == 1024
+    assert (model.num_params(), model.num_active_params()) == OLMOE_COUNTS["polynorm"]
+
+
 def test_olmoe_swiglu_count_written_out():
     d, v, layers, e, h = 2048, 50304, 16, 64, 1024
     per_layer = 4 * d * d + 4 * d + d * e + e * 3 * d * h  # attention, 2 norms, router, experts

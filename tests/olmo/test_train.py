@@ -181,6 +181,23 @@ def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     assert len({tuple(w.tolist()) for w in sets}) == 4
 
 
+@pytest.mark.parametrize("activation", ["polynorm_glu", "polyrelu_glu"])
+def test_gated_poly_trains_on_two_fsdp_ranks_like_one(tmp_path, activation):
+    """The gated forms through the trainer (FSDP2, gloo): 2 ranks match 1 process, the loss
+    falls, and the layer's coefficient set trains (it leaves its 1/3 init)."""
+    extra = {"model.activation_type": activation, "model.mlp_hidden_size": 32}
+    runs = {n: _train(tmp_path / f"g{n}", activation, nproc=n, **extra) for n in (1, 2)}
+    one, two = _losses(runs[1]), _losses(runs[2])
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (step, a), (_, b) in zip(one[:2], two[:2]):
+        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
+    assert one[-1][1] < one[0][1] - 0.3
+    weights = _final_weights(runs[2], 8)
+    assert weights["blocks.0.ffn.w_in_EDH"].shape[-1] == 64  # [gate | up], 2 x 32
+    coeffs = weights["blocks.0.ffn.act.weight"]
+    assert torch.isfinite(coeffs).all() and not torch.allclose(coeffs, torch.full((3,), 1 / 3))
+
+
 # DeepSeek-V3's recipe, shrunk: a dense first block, a shared expert, sigmoid routing with
 # auxiliary-loss-free bias balancing and a global-batch balance loss; plus token dropping.
 ROUTING_VARIANTS = {

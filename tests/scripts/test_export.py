@@ -43,7 +43,7 @@ from tests.scripts.helpers import (  # noqa: E402
     run_script,
 )
 
-ACTS = ["relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm"]
+ACTS = ["relu", "gelu", "relu2", "swiglu", "polyrelu", "polynorm", "polyrelu_glu", "polynorm_glu"]
 VOCAB = 512
 
 
@@ -271,7 +271,7 @@ def test_left_padded_batch_generation_matches_unpadded(tmp_path):
     assert torch.equal(out[1], greedy(model, long, 8)[0])
 
 
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelu", "polynorm_glu", "polyrelu_glu"])
 @pytest.mark.parametrize("per_expert", [False, True])
 def test_trained_coefficients_survive_export_and_import(tmp_path, activation, per_expert):
     model = tiny_model(activation, seed=3, moe_activation_per_expert=per_expert)

@@ -48,10 +48,11 @@ def topk_mass(x_TD: torch.Tensor, router_ED: torch.Tensor) -> torch.Tensor:
     return (x_TD @ router_ED.T).softmax(dim=-1).topk(K, dim=-1).values.sum(dim=-1)
 
 
-TOL = {"swiglu": 1e-10, "relu": 1e-10, "polyrelu": 1e-10, "polynorm": 1e-5}
+TOL = {"swiglu": 1e-10, "relu": 1e-10, "polyrelu": 1e-10, "polynorm": 1e-5,
+       "polyrelu_glu": 1e-10, "polynorm_glu": 1e-5}
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "relu", "polyrelu", "polynorm"])
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "polyrelu", "polynorm", "polyrelu_glu", "polynorm_glu"])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_upcycled_model_at_step_zero(tmp_path, activation, renormalize):
     dense_path, dense = dense_checkpoint(tmp_path, activation)

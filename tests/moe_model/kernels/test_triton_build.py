@@ -4,11 +4,12 @@ Each case compiles a kernel with the signature and launch parameters its launche
 (``moe_model.kernels.triton_build``: PTX and cubin with the ptxas Triton ships, no driver) and
 asserts that it builds, spills no register, and computes row offsets in 64 bits.
 
-The suite builds a representative subset (38 builds, cached by Triton after the first run):
+The suite builds a representative subset (builds cached by Triton after the first run):
 every kernel x order 1-4 in bf16 at the paper's width on sm_90a; every dtype at order 3 on
 sm_100a; on sm_90a at the heaviest case (order 4, fp32) the configs' small width (384), the
 widest row ``auto`` launches (8192) and ragged rows (1000, 1500, 6008: widths not a multiple
-of 16 use another launch table). ``benchmarks/bench_triton_build.py`` builds the
+of 16 use another launch table), and for the gated PolyNorm OLMoE's gated H (1024), the widest
+gate ``auto`` launches (4096) and a ragged one (3000). ``benchmarks/bench_triton_build.py`` builds the
 full matrix (every kernel x order x dtype x width, both GPUs) and fails on the same rules.
 """
 
@@ -38,6 +39,10 @@ CASES = sorted(
     | {(k, 90, "fp32", 4, width)
        for k in ("poly_norm_fwd", "poly_norm_bwd")
        for width in (384, 8192, 1000, 1500, 6008)}  # fmt: skip
+    # Gated PolyNorm (width = the gate's H): OLMoE's gated H, the widest row auto launches, ragged.
+    | {(k, 90, "fp32", 4, width)
+       for k in ("poly_norm_glu_fwd", "poly_norm_glu_bwd")
+       for width in (1024, 4096, 3000)}  # fmt: skip
 )
 
 
@@ -121,3 +126,23 @@ def test_auto_sends_only_spill_free_rows_to_triton():
             assert kernels.resolve_backend("auto", on_cuda(width), 3, whole_rows=False) == "triton"
             assert kernels.resolve_backend("triton", on_cuda(width), 3) == "triton"
         assert kernels.resolve_backend("auto", on_cuda(PAPER_WIDTH), 5) == "fused"  # order > 4
+
+
+def test_auto_sends_only_spill_free_gates_to_triton():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_model.kernels.gated_triton import SPILL_FREE_ROW
+
+    assert SPILL_FREE_ROW == 4096  # aligned 8192 and ragged 6008 gates spill in the backward
+    with FakeTensorMode():
+        def route(h, backend="auto", order=3):
+            return kernels.resolve_backend(
+                backend, torch.empty(4, 2 * h, device="cuda"), order, row_width=h,
+                triton_module="gated_triton",
+            )  # fmt: skip
+
+        assert route(1024) == "triton" and route(SPILL_FREE_ROW, order=4) == "triton"
+        for h in (SPILL_FREE_ROW + 1, 8192, 16384):
+            assert route(h) == "fused", h
+            assert route(h, backend="triton") == "triton"
+        assert route(1024, order=5) == "fused"
