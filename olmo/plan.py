@@ -112,6 +112,7 @@ class Plan:
             "breakdown": m.breakdown,
             "peak_at": asdict(m.moment),
             "micro_batches": m.micro_batches,
+            "simulated_micro_batches": m.simulated_micro_batches,
             "sharded": m.sharded,
             "param_dtype": m.param_dtype,
             "estimate": {
@@ -133,7 +134,9 @@ class Plan:
         m, s = self.memory, self.speed
         lines = [
             f"plan: {self.gpus} x {self.gpu.label} ({self.gpu.memory_bytes / GIB:.1f} GiB each), "
-            f"{m.micro_batches} micro-batch(es) per step per rank, {m.param_dtype} "
+            f"{m.micro_batches} micro-batch(es) per step per rank (simulated "
+            f"{m.simulated_micro_batches}: the first, second and last; the others repeat the "
+            f"second), {m.param_dtype} "
             f"{'FSDP' if m.sharded else 'unsharded'}",
             f"memory per rank at the peak ({m.moment.phase}, micro-batch {m.moment.micro_batch}, "
             f"{m.moment.module}):",
@@ -163,7 +166,9 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
-def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec) -> Plan:
+def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec, all_micro_batches: bool = False) -> Plan:
     """Plan ``cfg`` on ``gpus`` GPUs of kind ``gpu`` (one simulated step: seconds to minutes)."""
-    memory = simulate_step(cfg, gpus, fake=True, planned_device_type="cuda")
+    memory = simulate_step(
+        cfg, gpus, fake=True, planned_device_type="cuda", all_micro_batches=all_micro_batches
+    )
     return Plan(gpus=gpus, gpu=gpu, memory=memory, speed=roofline(cfg, gpus, gpu))

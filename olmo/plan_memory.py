@@ -26,6 +26,7 @@ tests compare the two on CPU with gloo).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from unittest import mock
@@ -34,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 import olmo.train_module as train_module_lib
 from moe_model.errors import ConfigError
@@ -88,6 +90,8 @@ class MemoryPlan:
     """Where the peak happened."""
     micro_batches: int
     """Forward/backward passes per step on this rank."""
+    simulated_micro_batches: int
+    """How many of them the simulation ran (SIMULATED_MICRO_BATCHES, or all)."""
     sharded: bool
     """Whether FSDP shards the model."""
     param_dtype: str
@@ -103,9 +107,15 @@ class _PeakMomentMixin:
     moment = PeakMoment("(before the step)", "forward", 0)
 
     def _update_peak_stats(self, peak_state) -> None:
-        before = sum(self._peak_mem.values())
-        super()._update_peak_stats(peak_state)
-        if sum(self._peak_mem.values()) > before:
+        # Only the step's peak: the trackers' per-module peaks (a loop over every module and a
+        # deep copy at each op) took most of the simulation's time and are not reported.
+        new_peak = False
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                self._peak_mem[dev] = snap[_TOTAL_KEY]
+                self._peak_mem_snap[dev] = dict(snap)
+                new_peak = True
+        if new_peak:
             names = [n for n in self._mod_tracker.parents if n != "Global"]
             if self._in_opt:
                 phase = "optimizer"
@@ -174,6 +184,21 @@ def check_plannable(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError("compile=true: the planner runs the eager step; plan with --compile=false")
 
 
+def _mark_gradient_accumulators(model, tracker: FSDPMemTracker) -> None:
+    """FSDP2 keeps the fp32 sums of unsharded gradients between micro-batches (no gradient sync)
+    in ``unsharded_accumulated_grad``, which the tracker, seeing them made in backward, counts as
+    temporaries: name them what they are (before the next micro-batch, where the peak falls)."""
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        for fsdp_param in group.fsdp_params if group is not None else ():
+            if fsdp_param.unsharded_accumulated_grad is not None:
+                tracker._update_and_maybe_create_winfos(
+                    fsdp_param.unsharded_accumulated_grad, _FSDPRefType.UNSHARDED_GRAD
+                )
+
+
 def _fill_optimizer_state(train_module) -> None:
     """One update from zero gradients: the optimizer allocates its state as it does at step 1."""
     for p in train_module.model.parameters():
@@ -211,11 +236,16 @@ def _build_train_module(cfg: TrainConfig, model, device: torch.device, planned: 
     return train_module
 
 
-def _rank_batch(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
-    per_rank = cfg.global_train_batch_size // world_size
-    seq = cfg.model.max_sequence_length
-    generator = None if device.type == "meta" else torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, cfg.model.vocab_size, (per_rank, seq), generator=generator)
+SIMULATED_MICRO_BATCHES = 3
+"""Micro-batches a plan runs: the first (it creates the gradient accumulators), the second (the
+state every later one but the last repeats exactly: same tensors, same sizes) and the last (it
+reduces the gradients). Planning OLMoE-1B-7B on 8 GPUs then takes 3 passes instead of 32."""
+
+
+def _rank_batch(cfg: TrainConfig, sequences: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shape = (sequences, cfg.model.max_sequence_length)
+    ids = torch.randint(0, cfg.model.vocab_size, shape, generator=generator)
     return {"input_ids": ids.to(device)}
 
 
@@ -225,10 +255,15 @@ def simulate_step(
     *,
     fake: bool = True,
     planned_device_type: str = "cuda",
+    all_micro_batches: bool = False,
 ) -> MemoryPlan:
     """Track one training step of ``cfg`` on rank 0 of ``world_size`` processes (see the module
-    docstring). ``fake=False`` runs real tensors in the current process group (or none)."""
+    docstring). ``fake=False`` runs real tensors in the current process group (or none).
+    Runs SIMULATED_MICRO_BATCHES of the step's micro-batches unless ``all_micro_batches``."""
     check_plannable(cfg, world_size)
+    micro_size = cfg.device_train_microbatch_size
+    micro_batches = cfg.global_train_batch_size // world_size // micro_size
+    simulated = micro_batches if all_micro_batches else min(micro_batches, SIMULATED_MICRO_BATCHES)
     device = torch.device("cpu")
     planned = planned_device_type if planned_device_type != device.type else None
     needs_group = fake and (world_size > 1 or planned == "cuda")
@@ -246,7 +281,7 @@ def simulate_step(
     model = build_meta_model(cfg)
     with group, mesh_patch, mode:
         train_module = _build_train_module(cfg, model, device, planned, fake)
-        batch = _rank_batch(cfg, world_size, device)
+        batch = _rank_batch(cfg, simulated * micro_size, device)
         _fill_optimizer_state(train_module)
         model = train_module.model
         if isinstance(model, FSDPModule):
@@ -259,20 +294,22 @@ def simulate_step(
         counter = [0]
 
         def count_micro_batch(module, args) -> None:
-            if torch.is_grad_enabled():
+            if module is model and torch.is_grad_enabled():
                 tracker.micro_batch = counter[0]
                 counter[0] += 1
-                # The trackers keep per-module snapshots of one pass only; the step's peak
-                # (what the plan reads) is kept across passes.
+                # The trackers keep per-module snapshots of one pass only (and refuse a
+                # second); the step's peak, what the plan reads, is kept across passes.
                 tracker.reset_mod_stats()
+                if isinstance(tracker, FSDPMemTracker):
+                    _mark_gradient_accumulators(model, tracker)
 
-        with tracker:
-            # Before FSDP's pre-forward hook, which the tracker registers anew on entering.
-            handle = model.register_forward_pre_hook(count_micro_batch, prepend=True)
-            try:
+        # A global hook registered before the tracker's own (on entering it): runs first.
+        handle = register_module_forward_pre_hook(count_micro_batch)
+        try:
+            with tracker:
                 _one_step(train_module, batch)
-            finally:
-                handle.remove()
+        finally:
+            handle.remove()
         snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()), {"Total": 0})
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for kind, nbytes in snapshot.items():
@@ -281,11 +318,15 @@ def simulate_step(
     notes = []
     if planned == "cuda":
         notes.append("CUDA run simulated on fake CPU tensors (same FSDP2 code path)")
+    moment = tracker.moment
+    if moment.micro_batch == simulated - 1:  # the last one ran as the step's last
+        moment = dataclasses.replace(moment, micro_batch=micro_batches - 1)
     return MemoryPlan(
         peak_bytes=int(snapshot.get("Total", sum(breakdown.values()))),
         breakdown=breakdown,
-        moment=tracker.moment,
-        micro_batches=counter[0],
+        moment=moment,
+        micro_batches=micro_batches,
+        simulated_micro_batches=counter[0],
         sharded=train_module.sharded,
         param_dtype=str(train_module.param_dtype).removeprefix("torch."),
         notes=notes,

@@ -16,6 +16,11 @@ def parse_args(argv):
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (processes)")
     parser.add_argument("--gpu", required=True, help="GPU kind: h100, h200, b200, a100-80gb")
     parser.add_argument("--json", default=None, help="also write the plan as JSON here")
+    parser.add_argument(
+        "--all-micro-batches", action="store_true",
+        help="simulate every micro-batch of the step (default: the first, second and last; the "
+        "others repeat the second exactly)",
+    )  # fmt: skip
     return parser.parse_known_args(argv)
 
 
@@ -36,7 +41,7 @@ def main(argv=None) -> int:
         gpu = gpu_spec(args.gpu)
         cfg = load_config(args.config, overrides)
         check_plannable(cfg, args.gpus)
-        plan = plan_run(cfg, args.gpus, gpu)
+        plan = plan_run(cfg, args.gpus, gpu, all_micro_batches=args.all_micro_batches)
         print(plan.report(), flush=True)
         if args.json:
             plan.write_json(args.json)
