@@ -80,12 +80,15 @@ def parallelize_model(
     activation_checkpointing: bool,
     compile_blocks: bool,
     expert_parallel_degree: int = 1,
+    planned_device_type: str | None = None,
 ) -> tuple[nn.Module, bool]:
     """Apply activation checkpointing, torch.compile, expert parallelism and FSDP2 to each block,
     in that order.
 
     Returns the model and whether it is sharded. FSDP is used whenever more than one process
     runs, and on a single GPU too (it then only handles bf16 params with fp32 reduction).
+    ``planned_device_type``: the device a planned run targets when the tensors live elsewhere
+    (olmo/plan.py runs a GPU run's step on fake CPU tensors); None = ``device.type``.
     """
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -107,7 +110,8 @@ def parallelize_model(
             block.compile(dynamic=False)
 
     distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or (dist.get_world_size() == 1 and device.type != "cuda"):
+    on_gpu = (planned_device_type or device.type) == "cuda"
+    if not distributed or (dist.get_world_size() == 1 and not on_gpu):
         return model, False
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -375,11 +379,21 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
 
 
 class MoETrainModule(TrainModule):
-    def __init__(self, model: MoETransformer, config: TrainModuleConfig, device: torch.device):
+    def __init__(
+        self,
+        model: MoETransformer,
+        config: TrainModuleConfig,
+        device: torch.device,
+        planned_device_type: str | None = None,
+    ):
+        """``planned_device_type``: the device type whose settings (precision, single-process
+        FSDP) apply when it is not ``device``'s: olmo/plan.py simulates a CUDA run on fake CPU
+        tensors, since a CPU-only torch cannot index fake CUDA tensors."""
         super().__init__()
         self.config = config
         self.device = device
-        self.param_dtype = resolve_precision(config.precision, device)
+        planned = torch.device(planned_device_type) if planned_device_type else device
+        self.param_dtype = resolve_precision(config.precision, planned)
         on_meta = any(p.is_meta for p in model.parameters())
         if not on_meta:
             model.to(device)
@@ -390,6 +404,7 @@ class MoETrainModule(TrainModule):
             activation_checkpointing=config.activation_checkpointing,
             compile_blocks=config.compile,
             expert_parallel_degree=config.expert_parallel_degree,
+            planned_device_type=planned_device_type,
         )
         if on_meta:
             # After sharding: each rank allocates and fills only its own shards (moe_model/init.py

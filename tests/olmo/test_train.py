@@ -187,7 +187,7 @@ def test_gated_poly_trains_on_two_fsdp_ranks_like_one(tmp_path, activation):
     falls, and the layer's coefficient set trains (it leaves its 1/3 init)."""
     extra = {"model.activation_type": activation, "model.mlp_hidden_size": 32}
     runs = {n: _train(tmp_path / f"g{n}", activation, nproc=n, **extra) for n in (1, 2)}
-    one, two = _losses(runs[1]), _losses(runs[2])
+    one, two = ce_losses(runs[1]), ce_losses(runs[2])
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
     for (step, a), (_, b) in zip(one[:2], two[:2]):
         assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"

@@ -1,0 +1,141 @@
+"""FLOPs and bytes of one training step by kind, and the roofline bound on its time (estimates).
+
+Counted per rank for the step's tokens on that rank, forward + backward (matmuls: backward twice
+the forward), with activation checkpointing's recomputed forward when it is on. Each kind's time
+is bounded below by max(FLOPs / bf16 peak, bytes / HBM bandwidth); the kinds run one after
+another, communication overlaps them (FSDP2 prefetches), so the step takes at least
+max(sum over compute kinds, communication). Every number here is a lower bound from datasheet
+peaks: real kernels reach a fraction of them (benchmarks/README.md has measured figures).
+
+The model FLOPs per token for MFU are olmo/flops.py's convention (``ModelConfig
+.num_flops_per_token``), the same the trainer's MFU uses; the per-kind counts below split the
+same matmuls by kind and add the non-matmul work that convention leaves out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from olmo.config import TrainConfig
+from olmo.gpus import GpuSpec
+
+BF16 = 2
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Work:
+    """FLOPs and HBM (or link) bytes of one kind of work in one step on one rank."""
+
+    flops: float
+    bytes: float
+
+
+@dataclass
+class SpeedPlan:
+    """One rank's step by kind, and the bound on its time."""
+
+    work: dict[str, Work]
+    """Kind -> work: attention, attention_proj, expert_gemm, router, activation, combine,
+    lm_head_loss, communication."""
+    step_seconds: float
+    """Roofline lower bound on the step time."""
+    compute_seconds: float
+    communication_seconds: float
+    tokens_per_second: float
+    """All ranks together, at the bound."""
+    mfu: float
+    """Model FLOPs (olmo/flops.py) at the bound over the dense bf16 peak."""
+
+
+def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
+    """FLOPs and bytes by kind of one step on one rank (see the module docstring)."""
+    m = cfg.model
+    seq = m.max_sequence_length
+    seqs = cfg.global_train_batch_size // world_size
+    T = seqs * seq  # tokens on this rank per step
+    micro = seqs // cfg.device_train_microbatch_size
+    D, L, V = m.d_model, m.n_layers, m.embedding_size
+    moe = len(m.moe_layer_ids)
+    dense = L - moe
+    E, K, H = m.moe_num_experts, m.moe_top_k, m.mlp_hidden_size
+    H_in = m.mlp_in_size
+    # Forward passes of the blocks: 2 with activation checkpointing (recompute in backward).
+    fwd = 2 if cfg.activation_checkpointing else 1
+    train = fwd + 2  # matmul passes: forward(s) + two in backward (input and weight gradients)
+
+    def matmul(flops_fwd: float, weight_elems: float, act_bytes_fwd: float) -> Work:
+        # Weights read once per pass per micro-batch (bf16), weight gradients written once per
+        # micro-batch (fp32 accumulation); activations read/written per pass.
+        weight_bytes = weight_elems * micro * (train * BF16 + FP32)
+        return Work(train * flops_fwd, weight_bytes + train * act_bytes_fwd)
+
+    rows = T * K  # routed rows per MoE layer
+    work = {
+        "attention_proj": matmul(
+            2 * T * L * 4 * D * D, L * 4 * D * D, L * T * 8 * D * BF16
+        ),
+        # QK^T and AV as olmo/flops.py counts them (12 L D S per token, forward + backward);
+        # flash attention reads q, k, v and writes o (and reads them again in backward).
+        "attention": Work(L * D * seq * T * (4 * fwd + 8), L * T * D * BF16 * (4 * fwd + 8)),
+        "router": matmul(2 * T * moe * D * E, moe * D * E, moe * T * (D * BF16 + E * FP32)),
+        "expert_gemm": matmul(
+            2 * rows * moe * D * (H_in + H) + 2 * T * dense * D * (H_in + H),
+            moe * E * D * (H_in + H) + dense * D * (H_in + H),
+            moe * rows * (2 * D + H_in + H) * BF16,
+        ),
+        # Elementwise: forward reads the pre-activation and writes the activation (bf16);
+        # backward reads both inputs and the output gradient, writes the input gradient.
+        "activation": Work(
+            10 * (fwd + 2) * rows * moe * H,
+            moe * rows * BF16 * (fwd * (H_in + H) + (H_in + H + H_in)),
+        ),
+        # Gather rows by expert, weight and scatter-add them back: each routed row read and
+        # written once in forward, its gradient once in backward.
+        "combine": Work(
+            2 * rows * moe * D * (fwd + 1),
+            moe * BF16 * (rows * D * 2 + T * D) * (fwd + 2),
+        ),
+        # LM head matmul and the loss over V logits (fp32 softmax read/write).
+        "lm_head_loss": Work(
+            3 * 2 * T * D * V + 10 * T * V,
+            micro * D * V * (3 * BF16 + FP32) + T * V * (BF16 + 3 * FP32),
+        ),
+    }
+    work["communication"] = Work(0.0, communication_bytes(cfg, world_size, micro))
+    return work
+
+
+def communication_bytes(cfg: TrainConfig, world_size: int, micro: int) -> float:
+    """Bytes each rank sends per step: FSDP all-gathers (bf16, forward and backward of every
+    micro-batch) and reduce-scatters (fp32, per micro-batch or once per step)."""
+    if world_size == 1:
+        return 0.0
+    params = cfg.model.num_params()
+    share = (world_size - 1) / world_size
+    gathers = 2 * micro * params * BF16 * share
+    reductions = (micro if cfg.reduce_grads_every_microbatch else 1) * params * FP32 * share
+    return gathers + reductions
+
+
+def roofline(cfg: TrainConfig, world_size: int, gpu: GpuSpec) -> SpeedPlan:
+    """The step's work and its time bound on ``world_size`` GPUs of kind ``gpu``."""
+    work = step_work(cfg, world_size)
+    compute = sum(
+        max(w.flops / gpu.bf16_flops, w.bytes / gpu.hbm_bytes_per_s)
+        for kind, w in work.items()
+        if kind != "communication"
+    )
+    comm = work["communication"].bytes / gpu.link_bytes_per_s(world_size)
+    step = max(compute, comm)
+    seq = cfg.model.max_sequence_length
+    tokens = cfg.global_train_batch_size * seq
+    model_flops = cfg.model.num_flops_per_token(seq) * tokens / world_size
+    return SpeedPlan(
+        work=work,
+        step_seconds=step,
+        compute_seconds=compute,
+        communication_seconds=comm,
+        tokens_per_second=tokens / step,
+        mfu=model_flops / (step * gpu.bf16_flops),
+    )
