@@ -231,7 +231,9 @@ def _build_train_module(cfg: TrainConfig, model, device: torch.device, planned: 
         # Initial values do not change memory; the init draws read values back (rejection
         # sampling), which fake tensors cannot.
         model.init_weights = lambda: None
-    train_module = train_module_lib.MoETrainModule(model, cfg, device, planned_device_type=planned)
+    train_module = train_module_lib.MoETrainModule(
+        model, train_module_lib.train_module_config(cfg), device, planned_device_type=planned
+    )
     train_module._attach_trainer(_StepTrainer())
     return train_module
 
