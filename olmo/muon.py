@@ -179,13 +179,12 @@ def muon_layouts(model: nn.Module) -> dict[str, MatrixLayout]:
         raise ConfigError("optimizer.name='muon' needs a model with transformer blocks")
     routers, expert_stacks, pieces = set(), set(), {}
     for m in blocks.modules():
-        fused = 2 if getattr(getattr(m, "config", None), "gated", False) else 1
         if isinstance(m, MoELayer):
             routers.add(id(m.router.weight))
             expert_stacks.update(id(getattr(m, n)) for n in EXPERT_WEIGHTS)
-            pieces[id(m.w_in_EDH)] = fused
-        elif isinstance(getattr(m, "w_in", None), nn.Linear):
-            pieces[id(m.w_in.weight)] = fused
+            pieces[id(m.w_in_EDH)] = 2 if m.config.activation.gated else 1
+        elif isinstance(getattr(m, "w_in", None), nn.Linear):  # a shared expert, a dense FFN
+            pieces[id(m.w_in.weight)] = 2 if m.act.gated else 1
     names = {id(p): n for n, p in model.named_parameters()}
     found: dict[str, MatrixLayout] = {}
     for p in blocks.parameters():
