@@ -10,7 +10,9 @@ with the two auxiliary losses (already weighted by the model) divided by the num
 micro-batches in a step, as OLMoE trained (megablocks' formulas). The paper's released trainer
 dropped them from the objective; here they always reach the gradients. With auxiliary-loss-free
 balancing (model.moe_bias_update_rate), every optimizer step is followed by the expert-bias
-update from the step's routed rows, summed over micro-batches and data-parallel ranks.
+update (``post_optim_step``) from the step's routed rows, summed over micro-batches and
+data-parallel ranks. The step's sums live in one :class:`olmo.step_statistics.StepStatistics`
+(the model is stateless); the module reads only its :class:`TrainModuleConfig`.
 """
 
 from __future__ import annotations
@@ -45,21 +47,13 @@ from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import (
-    CE_LOSS,
     GRAD_NORM,
-    LB_LOSS,
     LR,
     SKIPPED_STEPS,
-    SOURCE_SUM_KINDS,
-    TOTAL_LOSS,
-    Z_LOSS,
-    dropped_count,
-    expert_count,
     layer_bias_range,
-    layer_router_entropy,
-    source_sum,
 )
 from olmo.muon import MuonWithAdamW, muon_layouts
+from olmo.step_statistics import StepStatistics
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +346,6 @@ class TrainModuleConfig:
     """On a non-finite loss or gradient norm: 'stop' or 'skip' the update."""
     source_names: tuple[str, ...] = ()
     """Mixture source names in config order: a batch's "source" indexes them."""
-    routing_metrics_interval: int = 1
-    """Steps between records of the routing diagnostics (the console interval)."""
 
 
 def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
@@ -374,7 +366,6 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
         max_grad_norm=cfg.max_grad_norm,
         nonfinite_policy=cfg.nonfinite_policy,
         source_names=tuple(cfg.data.sources),
-        routing_metrics_interval=cfg.console_log_interval,
     )
 
 
@@ -405,12 +396,11 @@ class MoETrainModule(TrainModule):
         self.optim = build_optimizer(self.model, config.optimizer)
         self.microbatch_size = config.microbatch_size
         self.skipped_steps = 0
-        self._step_loss_sum: torch.Tensor | None = None
-        self._step_load_LE: torch.Tensor | None = None
+        # The last train_batch's sums, for optim_step and its post-step hook.
+        self._step_stats: StepStatistics | None = None
         self.moe_layer_ids = config.model.moe_layer_ids
         # Mixture batches carry each row's source index into these names (config order).
         self.source_names = list(config.source_names)
-        self._source_sums: torch.Tensor | None = None
         # Without FSDP, bf16 runs use autocast; FSDP casts params itself.
         self._autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
@@ -489,37 +479,26 @@ class MoETrainModule(TrainModule):
 
     def _micro_ce(
         self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's summed cross-entropy over the rank batch's loss tokens; with a
-        "source" per row, also adds (CE, loss tokens, tokens) per source to _source_sums."""
+        "source" per row, also (CE, loss tokens, tokens) per source (else None)."""
         logits_TV, labels_T = logits.reshape(-1, logits.shape[-1]).float(), micro["labels"].reshape(-1)
         if "source" not in micro or not self.source_names:
             return F.cross_entropy(
                 logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="sum"
-            ) / num_loss_tokens
+            ) / num_loss_tokens, None
         ce_T = F.cross_entropy(logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="none")
         n = len(self.source_names)
         seq_len = micro["labels"].shape[1]
         source_T = micro["source"].to(logits.device).repeat_interleave(seq_len)
         valid_T = (labels_T != LABEL_IGNORE_INDEX).float()
-        sums = torch.stack([
+        sums_N3 = torch.stack([
             torch.zeros(n, device=logits.device).index_add_(0, source_T, ce_T.detach()),
             torch.zeros(n, device=logits.device).index_add_(0, source_T, valid_T),
             # Not bincount: on CUDA it reads the input's min and max back to the host.
             torch.zeros(n, device=logits.device).index_add_(0, source_T, torch.ones_like(valid_T)),
         ], dim=1)  # fmt: skip
-        self._source_sums = sums if self._source_sums is None else self._source_sums + sums
-        return ce_T.sum() / num_loss_tokens
-
-    def _record_source_metrics(self) -> None:
-        if self._source_sums is None:
-            return
-        # Device tensors: olmo-core reduces metrics on the device at its log interval, so
-        # nothing here waits for the device (no host copy in the step).
-        for name, row in zip(self.source_names, self._source_sums):
-            for kind, value in zip(SOURCE_SUM_KINDS, row):
-                self.record_metric(source_sum(name, kind), value, ReduceType.sum)
-        self._source_sums = None
+        return ce_T.sum() / num_loss_tokens, sums_N3
 
     def train_batch(self, batch: dict[str, Any], dry_run: bool = False) -> None:
         self.model.train()
@@ -533,12 +512,7 @@ class MoETrainModule(TrainModule):
         micro_batches = split_batch(batch, self.microbatch_size)
         num_micro = len(micro_batches)
 
-        ce_total = torch.zeros((), device=self.device)
-        lb_total = torch.zeros((), device=self.device)
-        z_total = torch.zeros((), device=self.device)
-        load_LE: torch.Tensor | None = None
-        entropy_L: torch.Tensor | None = None
-        dropped_L: torch.Tensor | None = None
+        stats = StepStatistics.zeros(self.device)
         for index, micro in enumerate(micro_batches):
             if self.sharded and not self.config.reduce_grads_every_microbatch:
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
@@ -546,72 +520,35 @@ class MoETrainModule(TrainModule):
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro)
             logits = out.logits
-            ce = self._micro_ce(logits, micro, num_loss_tokens)
+            ce, source_sums_N3 = self._micro_ce(logits, micro, num_loss_tokens)
             lb = out.lb_loss.float() / num_micro
             z = out.z_loss.float() / num_micro
             (ce + lb + z).backward()
-            ce_total += ce.detach()
-            lb_total += lb.detach()
-            z_total += z.detach()
-            counts = out.tokens_per_expert_LE
-            if counts is not None and counts.numel() > 0:
-                load_LE = counts if load_LE is None else load_LE + counts
-            if out.router_entropy_L is not None:
-                part = out.router_entropy_L / num_micro
-                entropy_L = part if entropy_L is None else entropy_L + part
-            if out.dropped_rows_L is not None:
-                dropped = out.dropped_rows_L
-                dropped_L = dropped if dropped_L is None else dropped_L + dropped
+            stats.add(out, ce=ce, lb=lb, z=z, num_micro=num_micro, source_sums_N3=source_sums_N3)
             del out, logits, ce, lb, z
 
         if dry_run:
             self.zero_grads()
-            self._source_sums = None
             return
 
-        self._step_loss_sum = (ce_total + lb_total + z_total).detach()
-        self.record_metric(CE_LOSS, ce_total, ReduceType.mean)
-        self.record_metric(LB_LOSS, lb_total, ReduceType.mean)
-        self.record_metric(Z_LOSS, z_total, ReduceType.mean)
-        self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
-        self._step_load_LE = load_LE
-        self._record_source_metrics()
-        if load_LE is not None:
-            # Raw counts, summed over ranks; MetricsCallback turns them into fractions. Views of
-            # one device tensor: no host copy in the step (olmo-core reduces them on the device
-            # at its log interval).
-            for layer, counts_E in zip(self.moe_layer_ids, load_LE.float(), strict=True):
-                for expert, count in enumerate(counts_E):
-                    self.record_metric(expert_count(layer, expert), count, ReduceType.sum)
-        if self._routing_metrics_due():
-            # Entropy (mean over ranks) and dropped rows (summed; MetricsCallback divides by
-            # the routed rows): more metrics, at the console interval only; device views too.
-            if entropy_L is not None:
-                for layer, value in zip(self.moe_layer_ids, entropy_L, strict=True):
-                    self.record_metric(layer_router_entropy(layer), value, ReduceType.mean)
-            if dropped_L is not None:
-                for layer, value in zip(self.moe_layer_ids, dropped_L.float(), strict=True):
-                    self.record_metric(dropped_count(layer), value, ReduceType.sum)
+        self._step_stats = stats
+        stats.record(self.record_metric, moe_layer_ids=self.moe_layer_ids, source_names=self.source_names)
         del batch, input_ids
 
-    def _routing_metrics_due(self) -> bool:
-        """Whether this step records the routing diagnostics: at the console interval."""
-        step, max_steps = self.trainer.global_step, self.trainer.max_steps
-        return step % self.config.routing_metrics_interval == 0 or step == max_steps
-
-    def _update_expert_bias(self) -> None:
-        """Auxiliary-loss-free balancing: the step's routed rows summed over data-parallel ranks
-        (so every rank applies the same update), then one bias step in every MoE layer."""
-        if self.config.model.moe_bias_update_rate is None or self._step_load_LE is None:
+    def post_optim_step(self) -> None:
+        """After the optimizer's update (OLMo-core's hook of that name): auxiliary-loss-free
+        balancing's expert-bias step, from the step's routed rows summed over data-parallel
+        ranks (so every rank applies the same update), in every MoE layer."""
+        stats = self._step_stats
+        if self.config.model.moe_bias_update_rate is None or stats is None or stats.load_LE is None:
             return
-        load_LE = self._step_load_LE.clone()
+        load_LE = stats.load_LE.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load_LE)
         self.model.update_expert_bias(load_LE)
-        if self._routing_metrics_due():
-            bias_LE = torch.stack([m.expert_bias_E for m in self.model.moe_layers()])
-            for layer, bias_E in zip(self.moe_layer_ids, bias_LE, strict=True):
-                self.record_metric(layer_bias_range(layer), bias_E.max() - bias_E.min(), None)
+        bias_LE = torch.stack([m.expert_bias_E for m in self.model.moe_layers()])
+        for layer, bias_E in zip(self.moe_layer_ids, bias_LE, strict=True):
+            self.record_metric(layer_bias_range(layer), bias_E.max() - bias_E.min(), None)
 
     def _grad_norm(self) -> torch.Tensor:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
@@ -625,7 +562,7 @@ class MoETrainModule(TrainModule):
     def optim_step(self) -> None:
         step = self.trainer.global_step
         grad_norm = self._grad_norm()
-        loss = self._step_loss_sum if self._step_loss_sum is not None else torch.zeros(())
+        loss = self._step_stats.total if self._step_stats is not None else torch.zeros(())
         # One flag for all ranks: a NaN on one rank must stop (or skip on) every rank at the
         # same step, otherwise the ranks' collectives fall out of step and hang.
         bad = torch.stack(
@@ -659,12 +596,11 @@ class MoETrainModule(TrainModule):
             for group in self.optim.param_groups:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
             self.optim.step()
-            self._update_expert_bias()
+            self.post_optim_step()
             self.record_metric(LR, lr, ReduceType.mean)
         self.record_metric(GRAD_NORM, grad_norm.detach(), None)
         self.record_metric(SKIPPED_STEPS, float(self.skipped_steps), None)
-        self._step_loss_sum = None
-        self._step_load_LE = None
+        self._step_stats = None
 
     # ---- evaluation -------------------------------------------------------------------------
 
