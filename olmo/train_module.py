@@ -1,8 +1,9 @@
 """The train module: our MoE model on olmo-core's Trainer.
 
 olmo-core's Trainer owns the loop, checkpoint files, cancellation and metric reduction; this
-module owns what is specific to our model: parallelism (FSDP2 per block, expert parallelism),
-the optimizer and learning-rate schedule, micro-batching, and the objective
+module owns what is specific to our model: parallelism (FSDP2 per block, expert parallelism:
+olmo/parallelism.py), the optimizer and learning-rate schedule (olmo/optim.py), micro-batching,
+and the objective
 
     loss = cross_entropy + load_balancing + router_z_loss
 
@@ -18,8 +19,6 @@ data-parallel ranks. The step's sums live in one :class:`olmo.step_statistics.St
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,16 +33,11 @@ from olmo_core.data.utils import get_labels, split_batch
 from olmo_core.train.common import ReduceType
 from olmo_core.train.train_module import EvalBatchSizeUnit, EvalBatchSpec, TrainModule
 from olmo_core.utils import move_to_device
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from moe_model.activations import ACTIVATIONS
 from moe_model.config import ModelConfig
 from moe_model.errors import NonFiniteError
-from moe_model.expert_parallel import EXPERT_WEIGHTS, shard_experts
 from moe_model.init import draw_on
-from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import (
@@ -52,7 +46,8 @@ from olmo.metric_names import (
     SKIPPED_STEPS,
     layer_bias_range,
 )
-from olmo.muon import MuonWithAdamW, muon_layouts
+from olmo.optim import build_optimizer, clip_grad_norm_over_meshes_, lr_at
+from olmo.parallelism import parallelize_model
 from olmo.step_statistics import StepStatistics
 
 log = logging.getLogger(__name__)
@@ -64,255 +59,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
-def parallelize_model(
-    model: MoETransformer,
-    *,
-    device: torch.device,
-    param_dtype: torch.dtype,
-    activation_checkpointing: bool,
-    compile_blocks: bool,
-    expert_parallel_degree: int = 1,
-) -> tuple[nn.Module, bool]:
-    """Apply activation checkpointing, torch.compile, expert parallelism and FSDP2 to each block,
-    in that order.
-
-    Returns the model and whether it is sharded. FSDP is used whenever more than one process
-    runs, and on a single GPU too (it then only handles bf16 params with fp32 reduction).
-    """
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    if compile_blocks:
-        config = getattr(model, "config", None)
-        if param_dtype != torch.bfloat16 and config is not None and config.moe_layer_ids:
-            # grouped_mm's fake-tensor rule (what torch.compile traces with) takes only bf16.
-            log.warning(
-                "compile with fp32 MoE experts: they run the per-expert loop, which reads split "
-                "sizes on the host, so each MoE block has a graph break (and runs eagerly under "
-                "activation checkpointing); precision bf16 compiles them"
-            )
-        for block in model.blocks:
-            block.compile(dynamic=False)
-
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or (dist.get_world_size() == 1 and device.type != "cuda"):
-        return model, False
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # Gradients are reduced in fp32 whatever the param dtype: bf16 reduce-scatter loses
-    # precision across many ranks.
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # PolyNorm/PolyReLU coefficients join no block's group: under a bf16 param_dtype they would
-    # reach the fp32 math already rounded (1/3 -> 0.333984). Each block's coefficient sets form
-    # one small group of their own that stays fp32 and leaves the activation's input in the
-    # compute dtype (cast_forward_inputs=False); kept unsharded until backward (a few floats),
-    # so backward needs no second all-gather for them.
-    coefficient_policy = MixedPrecisionPolicy(
-        param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
-    )
-    # The activation and MoE-layer units return views (a reshape); nothing modifies them in
-    # place (the block adds the layer's output out of place), so FSDP's warning is noise.
-    warnings.filterwarnings(
-        "ignore", message=r"FSDP2-wrapped module \(FSDP(MoELayer|Poly)", category=UserWarning
-    )
-    expert_mesh = None
-    if expert_parallel_degree > 1:
-        expert_mesh = expert_parallel_mesh(model, mesh, expert_parallel_degree)
-    for block in model.blocks:
-        coefficient_sets = activation_modules_with_params(block)
-        if coefficient_sets:
-            fully_shard(
-                coefficient_sets,
-                mesh=mesh,
-                mp_policy=coefficient_policy,
-                reshard_after_forward=False,
-            )
-        if expert_mesh is not None:
-            fully_shard_expert_parallel(block, mesh=mesh, expert_mesh=expert_mesh,
-                                        mp_policy=mp_policy)  # fmt: skip
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-    return model, True
-
-
-def expert_parallel_mesh(model: nn.Module, mesh: DeviceMesh, degree: int) -> DeviceMesh:
-    """Shard each MoE layer's experts over EP groups of ``degree`` ranks; returns their mesh.
-
-    The processes form a (world/degree, degree) mesh ("efsdp", "ep"): an EP group is a row of
-    consecutive ranks, each holding E/degree experts of every layer, which
-    :func:`fully_shard_expert_parallel` shards again over its column ("efsdp": the ranks holding
-    the same experts).
-    """
-    world = mesh.size()
-    expert_mesh = init_device_mesh(
-        mesh.device_type, (world // degree, degree), mesh_dim_names=("efsdp", "ep")
-    )
-    shard_experts(model, expert_mesh["ep"])
-    return expert_mesh
-
-
-def fully_shard_expert_parallel(
-    block: nn.Module, *, mesh: DeviceMesh, expert_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy
-) -> None:
-    """FSDP units for the MoE layers of ``block`` under expert parallelism.
-
-    The layer's unit holds only its expert weights, on the column mesh. The router (and any
-    other submodule with parameters, such as shared experts), like every non-expert parameter,
-    stays sharded over all ranks (``mesh``): each becomes a unit of its own, since the layer's
-    unit is on another mesh (the coefficient sets already are units).
-
-    Gradients: the rows an expert computes came from every rank of its EP group, so its
-    gradient summed over the column already sums all ranks' tokens; dividing by the world size
-    (not the column size) gives the same average as plain FSDP.
-    """
-    for layer in block.modules():
-        if not isinstance(layer, MoELayer):
-            continue
-        others = [n for n, _ in layer.named_parameters(recurse=False) if n not in EXPERT_WEIGHTS]
-        if others:
-            # They would land in the expert unit, sharded and averaged over the column only.
-            raise ValueError(
-                f"MoELayer parameters {others} are neither expert weights {EXPERT_WEIGHTS} nor "
-                "in a submodule; expert parallelism cannot place them"
-            )
-        for module in unsharded_submodules(layer):
-            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(layer, mesh=expert_mesh["efsdp"], mp_policy=mp_policy)
-        layer.set_gradient_divide_factor(float(mesh.size()))
-        if mesh.device_type == "cpu" and expert_mesh["efsdp"].size() > 1:
-            # A divide factor other than the group size becomes NCCL's PREMUL_SUM, which gloo
-            # lacks: sum, then divide. (Not on a one-rank column: FSDP divides there without a
-            # collective, and forcing the sum would divide twice.)
-            layer.set_force_sum_reduction_for_comms(True)
-
-
-def unsharded_submodules(module: nn.Module) -> list[nn.Module]:
-    """The children of ``module`` (looking inside ModuleLists and ModuleDicts, which are never
-    called and so cannot be FSDP units) that hold parameters no FSDP unit manages yet."""
-    found = []
-    for child in module.children():
-        if isinstance(child, nn.ModuleList | nn.ModuleDict):
-            found += unsharded_submodules(child)
-        elif any(not isinstance(p, DTensor) for p in child.parameters()):
-            found.append(child)
-    return found
-
-
-def activation_modules_with_params(module: nn.Module) -> list[nn.Module]:
-    """The activation modules under ``module`` that own parameters (PolyNorm/PolyReLU sets)."""
-    act_types = tuple(ACTIVATIONS.values())
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, act_types) and next(m.parameters(recurse=False), None) is not None
-    ]
-
-
-def adamw_groups(
-    model: nn.Module, cfg: OptimizerConfig, skip: set[int] = frozenset()
-) -> list[dict]:
-    """AdamW's parameter groups (those in ``skip`` left out): activation coefficients (and
-    optionally norms, embeddings) excluded from decay."""
-    act_types = tuple(ACTIVATIONS.values())
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, act_types):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, nn.RMSNorm | nn.LayerNorm) and not cfg.decay_norm_and_bias:
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, nn.Embedding) and not cfg.decay_embeddings:
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    params = [p for p in model.parameters() if id(p) not in skip]
-    decay = [p for p in params if id(p) not in no_decay]
-    other = [p for p in params if id(p) in no_decay]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if other:
-        groups.append({"params": other, "weight_decay": 0.0})
-    return groups
-
-
-def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        adamw_groups(model, cfg), lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,
-        foreach=True,
-    )  # fmt: skip
-
-
-def build_muon(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
-    """Muon for the blocks' matrices (olmo/muon.py), AdamW as :func:`build_adamw` for the rest."""
-    named = dict(model.named_parameters())
-    layouts = {named[n]: layout for n, layout in muon_layouts(model).items()}
-    # The schedule sets every group's lr to peak_lr(step) x its lr_ratio.
-    muon = {
-        "params": list(layouts), "use_muon": True,
-        "lr_ratio": (cfg.muon_learning_rate or cfg.learning_rate) / cfg.learning_rate,
-        "lr": cfg.muon_learning_rate or cfg.learning_rate, "weight_decay": cfg.weight_decay,
-        "momentum": 0.95 if cfg.muon_momentum is None else cfg.muon_momentum,
-        "lr_scale": cfg.muon_lr_scale or "match_rms_adamw", "ns_steps": cfg.muon_ns_steps or 5,
-        # bf16 as torch.optim.Muon on GPUs; fp32 on CPUs, where bf16 matmuls ran 10x slower.
-        "ns_dtype": cfg.muon_ns_dtype or ("bf16" if _on_gpu(model) else "fp32"),
-    }  # fmt: skip
-    adamw = [
-        {**g, "use_muon": False, "lr": cfg.learning_rate, "betas": tuple(cfg.betas), "eps": cfg.eps}
-        for g in adamw_groups(model, cfg, skip={id(p) for p in layouts})
-    ]
-    return MuonWithAdamW([muon, *adamw], layouts)
-
-
-def _on_gpu(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"
-
-
-OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
-"""Optimizer builders by ``optimizer.name`` (olmo.config.OPTIMIZER_NAMES)."""
-
-
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](model, cfg)
-
-
-def clip_grad_norm_over_meshes_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_`` for gradients sharded over different device meshes (expert and
-    non-expert parameters under expert parallelism), which one foreach norm cannot mix.
-
-    Each mesh's norm is reduced over its ranks, the global norm combines them, and every
-    gradient is scaled by the same factor. Returns the global norm (before clipping).
-    """
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            by_mesh.setdefault(key, []).append(p.grad)
-    norms = []
-    for grads in by_mesh.values():
-        norm = nn.utils.get_total_norm(grads, foreach=True)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for grads in by_mesh.values():
-        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
-    return total
-
-
-def lr_at(cfg: SchedulerConfig, peak_lr: float, step: int, max_steps: int) -> float:
-    """Learning rate for a 1-based step: linear warmup from 0, then the named decay."""
-    if step < cfg.t_warmup:
-        return peak_lr * step / cfg.t_warmup
-    final = peak_lr * cfg.alpha_f
-    if cfg.name == "constant_with_warmup":
-        return peak_lr
-    if step >= max_steps:
-        return final
-    progress = (step - cfg.t_warmup) / max(1, max_steps - cfg.t_warmup)
-    if cfg.name == "linear_with_warmup":
-        return peak_lr - (peak_lr - final) * progress
-    return final + (peak_lr - final) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @dataclass(frozen=True)

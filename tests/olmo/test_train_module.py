@@ -28,7 +28,8 @@ import torch
 from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
-from olmo.train_module import MoETrainModule, lr_at, train_module_config
+from olmo.optim import lr_at
+from olmo.train_module import MoETrainModule, train_module_config
 
 from .helpers import REPO, TEST_CONFIG, free_port, run_worker
 
@@ -444,7 +445,8 @@ _SCRIPT = textwrap.dedent(
 
     import moe_model.activations as activations
     from olmo.config import load_config
-    from olmo.train_module import MoETrainModule, activation_modules_with_params, train_module_config
+    from olmo.parallelism import activation_modules_with_params
+    from olmo.train_module import MoETrainModule, train_module_config
 
     CONFIG = sys.argv[1]
     dist.init_process_group("gloo")
