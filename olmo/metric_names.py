@@ -87,7 +87,7 @@ def layer_min_load(layer: int) -> str:
     return f"moe/layer{layer}/MinLoad"
 
 
-# Routing diagnostics, recorded at the console interval; ``layer`` is the block index.
+# Routing diagnostics, recorded every step; ``layer`` is the block index.
 # Raw dropped-row counts; MetricsCallback turns them into ``layer_dropped_fraction``.
 DROPPED_PREFIX = "moe_dropped/"
 

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from olmo.train_module import clip_grad_norm_over_meshes_, parallelize_model
+from olmo.optim import clip_grad_norm_over_meshes_
+from olmo.parallelism import parallelize_model
 from tests.moe_model.test_transformer import tiny_config
 
 BIAS_RATE = 0.01

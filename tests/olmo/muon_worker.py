@@ -25,7 +25,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from olmo.config import OptimizerConfig
 from olmo.muon import MatrixLayout, MuonWithAdamW
-from olmo.train_module import build_muon, parallelize_model
+from olmo.optim import build_muon
+from olmo.parallelism import parallelize_model
 from tests.moe_model.test_transformer import tiny_config
 
 REL_TOL = 1e-12

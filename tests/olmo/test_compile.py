@@ -112,7 +112,7 @@ def test_compiled_step_is_one_graph_per_block_and_matches_eager(monkeypatch):
 def test_fp32_compile_of_moe_blocks_warns(caplog):
     """fp32 experts cannot trace (grouped_mm's fake rule is bf16-only): the run says so instead
     of silently compiling around a graph break in every MoE block."""
-    from olmo.train_module import parallelize_model
+    from olmo.parallelism import parallelize_model
 
     def model(**changes):
         return ModelConfig(

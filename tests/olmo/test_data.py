@@ -1,4 +1,4 @@
-"""Tests for olmo/data.py: dolma round trip, rank split, resume, mixtures, and each DataError."""
+"""Tests for olmo/data/: dolma round trip, rank split, resume, mixtures, and each DataError."""
 
 import csv
 import gzip

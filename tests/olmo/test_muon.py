@@ -21,7 +21,7 @@ from olmo.muon import (
     newton_schulz,
     newton_schulz_flops,
 )
-from olmo.train_module import OPTIMIZERS, build_muon
+from olmo.optim import OPTIMIZERS, build_muon
 from tests.moe_model.test_transformer import tiny_config
 
 from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, run_worker, tiny_overrides

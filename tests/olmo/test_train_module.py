@@ -28,7 +28,8 @@ import torch
 from moe_model.config import ModelConfig
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import CE_LOSS, EXPERT_LOAD_PREFIX, LB_LOSS, LR, TOTAL_LOSS, Z_LOSS
-from olmo.train_module import MoETrainModule, lr_at, train_module_config
+from olmo.optim import lr_at
+from olmo.train_module import MoETrainModule, train_module_config
 
 from .helpers import REPO, TEST_CONFIG, free_port, run_worker
 
@@ -253,7 +254,7 @@ def test_train_module_config_takes_each_setting_from_the_run_config():
     cfg = TrainConfig(
         model=model_config(), seed=3, precision="bf16", init_on_device=True, compile=True,
         activation_checkpointing=True, device_train_microbatch_size=2, max_grad_norm=0.5,
-        reduce_grads_every_microbatch=True, nonfinite_policy="skip", console_log_interval=7,
+        reduce_grads_every_microbatch=True, nonfinite_policy="skip",
         parallel=ParallelConfig(expert_parallel_degree=2), data=DataConfig(sources=sources),
     )  # fmt: skip
     tm = train_module_config(cfg)
@@ -263,7 +264,7 @@ def test_train_module_config_takes_each_setting_from_the_run_config():
     assert (tm.microbatch_size, tm.eval_batch_size, tm.max_grad_norm) == (2, 2, 0.5)
     assert (tm.reduce_grads_every_microbatch, tm.nonfinite_policy, tm.expert_parallel_degree) == (
         True, "skip", 2)
-    assert tm.source_names == ("web", "code") and tm.routing_metrics_interval == 7
+    assert tm.source_names == ("web", "code")
     cfg.eval_batch_size = 5
     assert train_module_config(cfg).eval_batch_size == 5
 
@@ -386,7 +387,7 @@ def test_bias_update_after_the_step_and_resume_from_state_dict():
     assert all(w.abs().max() > 0 for w in expected)
     assert {"blocks.1.ffn.expert_bias_E", "blocks.2.ffn.expert_bias_E"} <= set(
         module.state_dict()["model"])
-    # Routing diagnostics (console interval 1): entropy, bias range, by block index.
+    # Routing diagnostics: entropy, bias range, by block index.
     assert trainer.metrics["moe/layer2/BiasRange"] == pytest.approx(
         (expected[1].max() - expected[1].min()).item())
     assert 0 < trainer.metrics["moe/layer1/RouterEntropy"] < math.log(4)
@@ -406,19 +407,26 @@ def test_bias_update_after_the_step_and_resume_from_state_dict():
         assert torch.equal(a.expert_bias_E, b.expert_bias_E)
 
 
-def test_capacity_drops_recorded_at_the_console_interval():
+def test_routing_statistics_are_summed_over_micro_batches_and_recorded_every_step():
+    """Dropped rows and router entropy: the sum (mean) over the step's micro-batches of what the
+    model returns, recorded at every step whatever the console interval."""
     config = model_config(moe_capacity_factor=0.5)
     module, trainer = make_module(config, console_log_interval=2)
     for step in (1, 2):
         trainer.global_step, trainer.metrics = step, {}
-        module.train_batch(make_batch(seed=step))
+        batch = make_batch(seed=step)
+        with torch.no_grad():
+            outs = [copy.deepcopy(module.model).train()(ids) for ids in batch["input_ids"].split(MICRO)]
+        module.train_batch(batch)
         module.optim_step()
         recorded = {k for k in trainer.metrics if k.startswith(("moe_dropped/", "moe/"))}
-        if step == 1:
-            assert recorded == set()
-        else:
-            assert recorded == {f"moe_dropped/layer{i}" for i in (0, 1)} | {
-                f"moe/layer{i}/RouterEntropy" for i in (0, 1)}
+        assert recorded == {f"moe_dropped/layer{i}" for i in (0, 1)} | {
+            f"moe/layer{i}/RouterEntropy" for i in (0, 1)}
+        dropped_L = sum(o.dropped_rows_L for o in outs)
+        entropy_L = sum(o.router_entropy_L for o in outs) / len(outs)
+        for i in (0, 1):
+            assert trainer.metrics[f"moe_dropped/layer{i}"] == dropped_L[i].item()
+            assert trainer.metrics[f"moe/layer{i}/RouterEntropy"] == pytest.approx(entropy_L[i].item(), rel=1e-6)
     # Capacity 0.5 of the even share: at least half of the rows go.
     routed = BATCH * SEQ * config.moe_top_k
     assert all(trainer.metrics[f"moe_dropped/layer{i}"] >= routed / 2 for i in (0, 1))
@@ -437,7 +445,8 @@ _SCRIPT = textwrap.dedent(
 
     import moe_model.activations as activations
     from olmo.config import load_config
-    from olmo.train_module import MoETrainModule, activation_modules_with_params, train_module_config
+    from olmo.parallelism import activation_modules_with_params
+    from olmo.train_module import MoETrainModule, train_module_config
 
     CONFIG = sys.argv[1]
     dist.init_process_group("gloo")
