@@ -39,6 +39,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+import olmo.parallelism as parallelism_lib
 import olmo.train_module as train_module_lib
 from moe_model.errors import ConfigError
 from olmo.config import TrainConfig
@@ -273,9 +274,9 @@ def simulate_step(
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     mesh_patch = (
         mock.patch.object(
-            train_module_lib,
+            parallelism_lib,
             "init_device_mesh",
-            _mesh_outside_fake_mode(train_module_lib.init_device_mesh),
+            _mesh_outside_fake_mode(parallelism_lib.init_device_mesh),
         )
         if fake
         else contextlib.nullcontext()
