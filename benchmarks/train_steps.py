@@ -15,7 +15,7 @@ import torch
 from olmo_core.utils import seed_all
 
 from olmo.config import TrainConfig
-from olmo.train_module import MoETrainModule
+from olmo.train_module import MoETrainModule, train_module_config
 
 
 class StepCounter:
@@ -34,7 +34,7 @@ class StepCounter:
 
 def build_train_module(cfg: TrainConfig, device: torch.device) -> MoETrainModule:
     seed_all(cfg.seed)
-    module = MoETrainModule(cfg.model.build(init_device="meta"), cfg, device)
+    module = MoETrainModule(cfg.model.build(init_device="meta"), train_module_config(cfg), device)
     module._attach_trainer(StepCounter())  # what olmo-core's Trainer does when it is built
     return module
 
