@@ -279,6 +279,12 @@ class TrainConfig:
             )
         if self.device_peak_flops is not None:
             _positive("device_peak_flops", self.device_peak_flops)
+        if self.model.moe_force_balance:
+            # Forced balance ignores the router: a model trained so learns no routing.
+            raise ConfigError(
+                "model.moe_force_balance=true is for benchmarks and the planner only; a training "
+                "run must route by the router (set it to false)"
+            )
         ep = self.parallel.expert_parallel_degree
         if ep > 1 and self.model.block_type != "moe":
             raise ConfigError(
