@@ -60,6 +60,8 @@ from olmo.metric_names import (
 )
 from olmo.muon import MuonWithAdamW, muon_layouts
 from olmo.objective import objective
+from olmo.routing_trace import RoutingRecorder
+from olmo.run_files import local_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +356,8 @@ class TrainModuleConfig:
     """Mixture source names in config order: a batch's "source" indexes them."""
     routing_metrics_interval: int = 1
     """Steps between records of the routing diagnostics (the console interval)."""
+    routing_trace_steps: tuple[int, ...] = ()
+    """Steps whose routing is written to the run folder (trace.routing_steps)."""
 
 
 def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
@@ -375,6 +379,7 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
         nonfinite_policy=cfg.nonfinite_policy,
         source_names=tuple(cfg.data.sources),
         routing_metrics_interval=cfg.console_log_interval,
+        routing_trace_steps=tuple(cfg.trace.routing_steps),
     )
 
 
@@ -550,12 +555,16 @@ class MoETrainModule(TrainModule):
         load_LE: torch.Tensor | None = None
         entropy_L: torch.Tensor | None = None
         dropped_L: torch.Tensor | None = None
+        recorder = self._routing_recorder(dry_run)
         for index, micro in enumerate(micro_batches):
             if self.sharded and not self.config.reduce_grads_every_microbatch:
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
                 # micro-batch's backward: one collective per step instead of one per micro-batch.
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro)
+            if recorder is not None:
+                doc_ids = micro.get("doc_ids") if self.config.model.document_masking else None
+                recorder.add(micro["input_ids"], doc_ids, out.routes)
             logits = out.logits
             ce = self._micro_ce(logits, micro, num_loss_tokens)
             loss = objective(ce, out.lb_loss, out.z_loss, num_micro)
@@ -586,6 +595,12 @@ class MoETrainModule(TrainModule):
         self.record_metric(TOTAL_LOSS, self._step_loss_sum, ReduceType.mean)
         self._step_load_LE = load_LE
         self._record_source_metrics()
+        if recorder is not None:
+            distributed = dist.is_initialized()
+            rank = dist.get_rank() if distributed else 0
+            world = dist.get_world_size() if distributed else 1
+            recorder.save(local_run_dir(self.trainer.save_folder), self.trainer.global_step,
+                          rank, world)  # fmt: skip
         if load_LE is not None:
             # Raw counts, summed over ranks; MetricsCallback turns them into fractions. Views of
             # one device tensor: no host copy in the step (olmo-core reduces them on the device
@@ -603,6 +618,13 @@ class MoETrainModule(TrainModule):
                 for layer, value in zip(self.moe_layer_ids, dropped_L.float(), strict=True):
                     self.record_metric(dropped_count(layer), value, ReduceType.sum)
         del batch, input_ids
+
+    def _routing_recorder(self, dry_run: bool) -> RoutingRecorder | None:
+        """A recorder on the steps trace.routing_steps names (never on a dry run)."""
+        steps = self.config.routing_trace_steps
+        if dry_run or not steps or self.trainer.global_step not in steps:
+            return None
+        return RoutingRecorder(self.config.model)
 
     def _routing_metrics_due(self) -> bool:
         """Whether this step records the routing diagnostics: at the console interval."""
