@@ -234,3 +234,27 @@ def test_replay_cli_on_a_traced_run(tmp_path):
         f"error: routing trace {str(foreign)!r}: model.moe_num_experts=8 in the trace but 4 in "
         "this model; a trace replays only on a model of the same shape"
     ]
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_trace_their_own_tokens(tmp_path):
+    """2 gloo ranks: one file per rank, disjoint halves of the step's sequences, and their
+    counts summed give the expert load metrics.jsonl logs for the step."""
+    from olmo.analysis import trace_load
+
+    data = make_data(tmp_path)
+    save = tmp_path / "run"
+    proc = run_train([TEST_CONFIG, *tiny_overrides(save, data, max_duration=1,
+                                                   **{"trace.routing_steps": "[1]"})], nproc=2)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in (save / "routing").iterdir())
+    assert names == ["step1-rank0.pt", "step1-rank1.pt"]
+    traces = [load_trace(save / "routing" / name) for name in names]
+    assert [(t.rank, t.world_size) for t in traces] == [(0, 2), (1, 2)]
+    assert all(t.input_ids.shape == (4, 32) for t in traces)  # 8 sequences per step, 4 per rank
+    rows = {tuple(r) for t in traces for r in t.input_ids.tolist()}
+    assert len(rows) == 8
+    record = next(r for r in read_metrics(save) if r["step"] == 1)
+    load = trace_load(traces)["expert_load"]
+    for got, want in zip(load, record["expert_load"], strict=True):
+        assert got == pytest.approx(want, abs=5.1e-7)  # metrics.jsonl keeps 6 decimals
