@@ -24,6 +24,10 @@ on 8 nodes x 8 GPUs (see ``paper_estimate``): no measurement.
     python -m benchmarks.bench_expert_parallel --device cuda --nproc 2 4 8
     python -m benchmarks.bench_expert_parallel --quick            # smoke test
     python -m benchmarks.bench_expert_parallel --estimate         # -> expert_parallel_estimate.json
+    python -m benchmarks.bench_expert_parallel --force-balance    # every expert T*K/E rows
+
+``--force-balance`` routes round-robin (model.moe_force_balance, moe_model/routing.py): every
+expert, and so every EP rank, gets the same rows; the all-to-all sizes carry no routing noise.
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---- worker (one per process) -----------------------------------------------------------------
+
+
+def layer_model_config(args):
+    """The one-layer model config whose MoE layer every rank runs."""
+    from moe_model.config import ModelConfig
+
+    return ModelConfig(
+        d_model=args.d_model, n_layers=1, n_heads=1, activation_type=args.activation,
+        mlp_hidden_size=args.hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
+        moe_force_balance=args.force_balance,
+    )  # fmt: skip
 
 
 def _staged_phases(layer, x_TD: torch.Tensor, g_TD: torch.Tensor, traffic: dict):
@@ -117,7 +132,6 @@ def worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from moe_model.config import ModelConfig
     from moe_model.moe import MoELayer
 
     device = pick_device(args.device)
@@ -127,10 +141,7 @@ def worker(args) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype]
-    cfg = ModelConfig(
-        d_model=args.d_model, n_layers=1, n_heads=1, activation_type=args.activation,
-        mlp_hidden_size=args.hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
-    )  # fmt: skip
+    cfg = layer_model_config(args)
     gen = torch.Generator().manual_seed(1000 + rank)
     x_TD = torch.randn(args.tokens, args.d_model, generator=gen).to(device, dtype)
     g_TD = torch.randn(args.tokens, args.d_model, generator=gen).to(device, dtype)
@@ -284,6 +295,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     p.add_argument("--activation", default="polynorm")
     p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--force-balance", action="store_true",
+                   help="route round-robin: every expert tokens*top_k/experts rows")  # fmt: skip
     p.add_argument("--estimate", action="store_true",
                    help="print the OLMoE-1B-7B arithmetic estimate instead of measuring")  # fmt: skip
 
@@ -299,7 +312,9 @@ def setup(run: Run) -> None:
                          assumptions=paper_estimate.__doc__)  # fmt: skip
         return
     run.args.dtype = run.args.dtype or ("bf16" if run.gpu else "fp32")
-    run.settings.update({k: getattr(run.args, k) for k in (*SHAPE, "dtype", "nproc")})
+    run.settings.update(
+        {k: getattr(run.args, k) for k in (*SHAPE, "dtype", "nproc", "force_balance")}
+    )
 
 
 def measure(run: Run):
@@ -310,6 +325,7 @@ def measure(run: Run):
     worker_args = [f"--device={run.args.device}", f"--dtype={run.args.dtype}",
                    f"--warmup={run.warmup}", f"--iters={run.iters}"]  # fmt: skip
     worker_args += [f"--{k.replace('_', '-')}={getattr(run.args, k)}" for k in SHAPE]
+    worker_args += ["--force-balance"] if run.args.force_balance else []
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in run.args.nproc:
             result = Path(tmp) / f"{nproc}.json"

@@ -11,6 +11,10 @@ backward time on the routed (R x in) tensor and its share of the layer's time, p
 
     python -m benchmarks.bench_moe_layer                        # GPU, OLMoE shape, bf16 params
     python -m benchmarks.bench_moe_layer --device cpu --quick   # smoke test on tiny shapes
+    python -m benchmarks.bench_moe_layer --force-balance        # every expert T*K/E rows
+
+``--force-balance`` routes round-robin (model.moe_force_balance, moe_model/routing.py): speed
+without routing noise, every expert the same row count.
 """
 
 from __future__ import annotations
@@ -46,12 +50,18 @@ def parse_acts(specs: list[str], swiglu_hidden: int) -> list[tuple[str, int]]:
     return out
 
 
-def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters, profile=False):
-    cfg = ModelConfig(
+def layer_model_config(args, act: str, hidden: int, backend: str) -> ModelConfig:
+    """The one-layer model config whose MoE layer the benchmark times."""
+    return ModelConfig(
         d_model=args.d_model, n_layers=1, n_heads=args.n_heads, activation_type=act,
         mlp_hidden_size=hidden, moe_num_experts=args.experts, moe_top_k=args.top_k,
         activation_backend=backend, moe_expert_impl=args.expert_impl,
+        moe_force_balance=args.force_balance,
     )  # fmt: skip
+
+
+def bench_layer(args, act, hidden, device, dtype, backend, warmup, iters, profile=False):
+    cfg = layer_model_config(args, act, hidden, backend)
     with draw_on(device):  # seconds, not the CPU's serial draw of 400M values
         layer = MoELayer(cfg.moe_layer_config(), init_device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -149,6 +159,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--dtype", choices=list(DTYPES), help="params and input; default bf16 on GPU, fp32 on CPU"
     )
+    p.add_argument("--force-balance", action="store_true",
+                   help="route round-robin: every expert tokens*top_k/experts rows")  # fmt: skip
     add_profile_flag(p)
 
 
@@ -159,11 +171,12 @@ def setup(run: Run) -> None:
         args.swiglu_hidden = 32
     args.dtype = args.dtype or ("bf16" if run.gpu else "fp32")
     shape = ("d_model", "n_heads", "experts", "top_k", "tokens", "swiglu_hidden", "activations",
-             "poly_backends", "expert_impl")  # fmt: skip
+             "poly_backends", "expert_impl", "force_balance")  # fmt: skip
     run.settings.update({k: getattr(args, k) for k in shape}, dtype=str(DTYPES[args.dtype]))
     print(
         f"# d_model {args.d_model}, {args.experts} experts, top-{args.top_k}, "
         f"{args.tokens} tokens, {args.dtype}"
+        + (", forced balance" if args.force_balance else "")
     )
 
 

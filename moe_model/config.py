@@ -154,6 +154,9 @@ class ModelConfig:
     moe_first_dense_hidden_size: int | None = None
     """Hidden size of those dense FFNs; None = moe_top_k * mlp_hidden_size (the routed experts'
     active width). DeepSeek-V3's is (K + shared experts) * expert width: 9 * 2048 = 18432."""
+    moe_force_balance: bool = False
+    """Benchmarks and the planner only (training refuses it): route token t's k-th row to expert
+    (t*K + k) mod E, every expert T*K/E rows, weights the router's scores there (torchtitan)."""
     init_std: float = 0.02
     """Std of the truncated-normal init of every linear, embedding and expert weight."""
     init_cutoff_factor: float = 3.0
@@ -228,6 +231,7 @@ class ModelConfig:
             expert_impl=self.moe_expert_impl,
             shared_experts=self.moe_shared_experts,
             shared_hidden_size=self.shared_hidden_size,
+            force_balance=self.moe_force_balance,
         )
 
     @property

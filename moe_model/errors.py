@@ -19,6 +19,7 @@ __all__ = [
     "ObjectStoreError",
     "OutputExistsError",
     "PolycomError",
+    "TraceError",
     "project_error_behind",
 ]
 
@@ -52,6 +53,11 @@ class OutputExistsError(PolycomError, FileExistsError):
 
 class LaunchError(PolycomError, RuntimeError):
     """A problem with the run's inputs or save folder found before (or on resuming) training."""
+
+
+class TraceError(PolycomError, ValueError):
+    """A routing trace that is missing, unreadable, or from another model shape or sequence
+    length than the model it is replayed on (olmo/routing_trace.py)."""
 
 
 class NonFiniteError(PolycomError, RuntimeError):

@@ -69,7 +69,9 @@ from moe_model.moe_losses import LB_GRANULARITIES, router_z_loss
 from moe_model.precision import upcast
 from moe_model.routing import (
     ROUTER_SCORES,
+    RouteChoice,
     Routing,
+    balanced_experts,
     capacity_keep,
     count_per_expert,
     expert_capacity,
@@ -111,6 +113,9 @@ class MoEAux:
     """Mean entropy of the router's distribution over experts (fp32 scalar, detached)."""
     dropped_rows: torch.Tensor | None = None
     """Routed rows dropped by the capacity limit (long scalar); None when dropless."""
+    route: RouteChoice | None = None
+    """The top-k experts and final combine weights of this rank's tokens (detached), for
+    routing traces (``olmo/routing_trace.py``)."""
 
     def __getitem__(self, key: str) -> torch.Tensor:
         # Lets callers treat it as a mapping too: aux["lb_loss"].
@@ -198,6 +203,8 @@ class MoEConfig:
     """Always-on experts."""
     shared_hidden_size: int
     """Hidden size of each shared expert."""
+    force_balance: bool = False
+    """Round-robin top-k choice (:func:`balanced_experts`); benchmarks and the planner only."""
 
 
 class FeedForward(nn.Module):
@@ -317,16 +324,23 @@ class MoELayer(nn.Module):
 
     # ---- routing -----------------------------------------------------------------------------
 
-    def route(self, x_TD: torch.Tensor) -> Routing:
+    def route(self, x_TD: torch.Tensor, choice: RouteChoice | None = None) -> Routing:
         """Router logits, probabilities, the top-k choice of every token and, with a capacity
-        factor in training, which of its rows are kept."""
+        factor in training, which of its rows are kept. ``choice``: experts and final weights
+        to use instead of the router's (a replayed trace); the logits still come from x."""
         # Scores and top-k in fp32: bf16 probabilities tie often and skew the choice. The router
         # runs as a module: under expert parallelism it is an FSDP unit of its own, gathered by
         # its forward hook.
         logits_TE = upcast(self.router(x_TD))
         cfg = self.config
         scores_TE, probs_TE = ROUTER_SCORES[cfg.router_score](logits_TE)
-        if self.expert_bias_E is None:
+        if choice is not None:
+            experts_TK = choice.experts_TK.to(device=x_TD.device, dtype=torch.long)
+            weights_TK = choice.weights_TK.to(device=x_TD.device, dtype=scores_TE.dtype)
+        elif cfg.force_balance:
+            experts_TK = balanced_experts(x_TD.shape[0], cfg.top_k, cfg.num_experts, x_TD.device)
+            weights_TK = scores_TE.gather(-1, experts_TK)
+        elif self.expert_bias_E is None:
             weights_TK, experts_TK = scores_TE.topk(cfg.top_k, dim=-1)
         else:
             with torch.no_grad():
@@ -342,9 +356,9 @@ class MoELayer(nn.Module):
                                        cfg.capacity_factor)  # fmt: skip
             keep_TK = capacity_keep(experts_TK, weights_TK, tokens_per_expert_E, capacity)
             kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
-        if cfg.renormalize:
+        if cfg.renormalize and choice is None:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if cfg.route_scale != 1.0:
+        if cfg.route_scale != 1.0 and choice is None:
             weights_TK = weights_TK * cfg.route_scale
         return Routing(
             logits_TE, probs_TE, weights_TK, experts_TK, tokens_per_expert_E, keep_TK,
@@ -442,13 +456,16 @@ class MoELayer(nn.Module):
         num_padding = h_RH.shape[0] - rows
         return F.pad(a_RH, (0, 0, 0, num_padding)) if num_padding else a_RH
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x: torch.Tensor, route: RouteChoice | None = None
+    ) -> tuple[torch.Tensor, MoEAux]:
         """``x`` (..., D) -> (y shaped like x, MoEAux): route, dispatch, experts, combine, plus
         the shared experts. A 3-d ``x`` is (B, S, D) for the per-sequence balance loss; anything
-        else counts as one sequence."""
+        else counts as one sequence. ``route``: a recorded top-k choice (T = x's tokens) to
+        compute with instead of the router's."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        routing = self.route(x_TD)
+        routing = self.route(x_TD, route)
         # The auxiliary loss and the load metrics count this rank's tokens per expert (all E),
         # as the router chose them (before any capacity drop); the experts count the rows they
         # compute, which under expert parallelism are other ranks' tokens for this rank's experts.
@@ -477,5 +494,6 @@ class MoELayer(nn.Module):
             tokens_per_expert_E=tokens_per_expert_E.detach(),
             router_entropy=router_entropy(routing.probs_TE),
             dropped_rows=dropped_rows,
+            route=RouteChoice(routing.experts_TK.detach(), routing.weights_TK.detach()),
         )
         return y_TD.reshape(shape), aux

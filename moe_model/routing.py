@@ -35,6 +35,17 @@ Variants, each a ModelConfig option (defaults reproduce OLMoE bit for bit):
   (min(count_e, C)). Shapes stay fixed (no host read of how many rows survive): the local
   dispatcher sorts the dropped rows after every expert's and the experts give them zeros; the
   expert-parallel one, which reads split sizes anyway, sends only the kept rows.
+* ``moe_force_balance`` (benchmarks and the planner only; a training config refuses it): token
+  t's k-th expert is (t*K + k) mod E (:func:`balanced_experts`), so every expert gets T*K/E rows
+  when E divides T*K, whatever the router says; the combine weights stay the router's scores at
+  those experts (then renormalised/scaled as configured). This is torchtitan's
+  ``_debug_force_load_balance`` (models/moe/moe.py, TokenChoiceTopKRouter): exact, deterministic
+  and sync-free, and the router's matmul, softmax and losses still run. Megatron-Core's
+  ``moe_router_force_load_balancing`` instead replaces the logits by N(0, 1) noise
+  (``apply_random_logits``), balanced only in expectation; we follow torchtitan so a benchmark
+  measures exactly equal expert loads.
+* A :class:`RouteChoice` passed to the layer's forward replaces the top-k choice and its weights
+  (replaying a routing trace, ``olmo/routing_trace.py``); the router still runs for the losses.
 """
 
 from __future__ import annotations
@@ -47,7 +58,9 @@ import torch
 
 __all__ = [
     "ROUTER_SCORES",
+    "RouteChoice",
     "Routing",
+    "balanced_experts",
     "capacity_keep",
     "count_per_expert",
     "expert_capacity",
@@ -77,6 +90,26 @@ class Routing:
     kept_per_expert_E: torch.Tensor | None = None
     """Rows each expert computes under the capacity limit, min(count_e, C); None when
     dropless."""
+
+
+@dataclass
+class RouteChoice:
+    """One MoE layer's top-k decision for T tokens: what a routing trace records and a replay
+    imposes."""
+
+    experts_TK: torch.Tensor
+    """Index of each token's k-th expert (any integer dtype)."""
+    weights_TK: torch.Tensor
+    """Combine weight of each token's k-th expert, final (after renormalisation and scale)."""
+
+
+def balanced_experts(
+    num_tokens: int, top_k: int, num_experts: int, device: torch.device
+) -> torch.Tensor:
+    """experts_TK with token t's k-th expert (t*K + k) mod E: K distinct experts per token
+    (K <= E), every expert floor or ceil of T*K/E rows (torchtitan's forced balance)."""
+    rows_R = torch.arange(num_tokens * top_k, device=device)
+    return (rows_R % num_experts).view(num_tokens, top_k)
 
 
 def count_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

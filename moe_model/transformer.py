@@ -20,6 +20,7 @@ from moe_model.attention import DocumentMask, build_document_mask
 from moe_model.init import WeightInit
 from moe_model.moe import FeedForward, MoELayer
 from moe_model.precision import at_least_fp32, upcast
+from moe_model.routing import RouteChoice
 
 __all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "apply_rope"]
 
@@ -39,6 +40,9 @@ class ModelOutput:
     """Mean router entropy per MoE layer (fp32, detached)."""
     dropped_rows_L: torch.Tensor | None = None
     """Rows dropped by the capacity limit per MoE layer (long); None when dropless."""
+    routes: tuple[RouteChoice, ...] = ()
+    """Each MoE layer's top-k experts and combine weights over the B*S tokens (detached), in
+    layer order: what a routing trace records (olmo/routing_trace.py)."""
 
 
 def rope_cos_sin(
@@ -182,9 +186,16 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
         self.ffn.reset_parameters()
 
-    def forward(self, x_BSD: torch.Tensor, doc_mask: DocumentMask | None = None):
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        doc_mask: DocumentMask | None = None,
+        route: RouteChoice | None = None,
+    ):
+        """``route``: the MoE layer's top-k choice to use instead of its router's (replay)."""
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), doc_mask)
-        y_BSD, aux = self.ffn(self.ffn_norm(h_BSD))
+        ffn_in = self.ffn_norm(h_BSD)
+        y_BSD, aux = self.ffn(ffn_in) if route is None else self.ffn(ffn_in, route)
         return h_BSD + y_BSD, aux
 
 
@@ -251,12 +262,17 @@ class MoETransformer(nn.Module):
             layer.update_expert_bias(counts_E)
 
     def forward(
-        self, input_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
+        self,
+        input_ids_BS: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None = None,
+        routes: list[RouteChoice] | tuple[RouteChoice, ...] | None = None,
     ) -> ModelOutput:
         """Logits and auxiliary losses. ``doc_ids_BS`` (with ``config.document_masking``): the
         document of each token (:func:`moe_model.attention.document_ids`); attention then stays
         inside documents and RoPE positions restart at each one. Without it a row is one
-        document."""
+        document. ``routes``: one :class:`RouteChoice` per MoE layer, (B*S, K) each, computed
+        with instead of the routers' choices (replaying a trace); the routers still run for the
+        auxiliary losses."""
         doc_mask = None
         if doc_ids_BS is not None:
             if not self.document_masking:
@@ -265,10 +281,16 @@ class MoETransformer(nn.Module):
                     "attend across documents"
                 )
             doc_mask = build_document_mask(doc_ids_BS, self.document_masking_backend)
+        if routes is not None:
+            self._check_routes(routes, input_ids_BS.numel())
+            routes_left = iter(routes)
         x_BSD = self.embedding(input_ids_BS)
         auxes = []
         for block in self.blocks:
-            x_BSD, aux = block(x_BSD, doc_mask)
+            route = None
+            if routes is not None and isinstance(block.ffn, MoELayer):
+                route = next(routes_left)
+            x_BSD, aux = block(x_BSD, doc_mask, route)
             if aux is not None:
                 auxes.append(aux)
         logits_BSV = self.lm_head(self.norm(x_BSD))
@@ -291,4 +313,22 @@ class MoETransformer(nn.Module):
             tokens_per_expert_LE=tokens_per_expert_LE,
             router_entropy_L=router_entropy_L,
             dropped_rows_L=dropped_rows_L,
+            routes=tuple(a.route for a in auxes),
         )
+
+    def _check_routes(self, routes, num_tokens: int) -> None:
+        """One RouteChoice per MoE layer, each (tokens, K): shapes only, no device value read."""
+        layers = self.moe_layers()
+        if len(routes) != len(layers):
+            raise ValueError(
+                f"routes has {len(routes)} layers; the model has {len(layers)} MoE layers"
+            )
+        cfg = layers[0].config if layers else None
+        for index, route in enumerate(routes):
+            want = (num_tokens, cfg.top_k)
+            for name in ("experts_TK", "weights_TK"):
+                got = tuple(getattr(route, name).shape)
+                if got != want:
+                    raise ValueError(
+                        f"routes[{index}].{name} has shape {got}; expected (tokens, top_k) = {want}"
+                    )

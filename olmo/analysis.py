@@ -14,6 +14,10 @@
   each when the model has one (``expert_bias``).
 * The activation coefficients per layer (PolyNorm / PolyReLU ``weight`` and ``bias``; a
   layer's shared experts each have their own set, under ``shared``).
+* From a routing trace instead of a checkpoint (olmo/routing_trace.py, the routing of a
+  training step as it happened): per-layer expert load and overload factor (max load / mean
+  load, 1 = balanced), summed over the traced ranks (:func:`trace_load`,
+  :func:`write_trace_figure`).
 
 Shared experts' matrices get effective ranks of their own (``shared w1 (in)``... , one column
 per shared expert). The routing is the model's in evaluation: dropless, as at inference.
@@ -258,12 +262,7 @@ def write_figures(result: dict[str, Any], out_dir: str | Path, title: str = "") 
     if load.size:
         n_exp = load.shape[1]
         blocks = result.get("moe_layers") or list(range(len(load)))
-        im = axes[0].imshow(load * n_exp, aspect="auto", cmap="magma")
-        fig.colorbar(im, ax=axes[0], label="load x E (1 = balanced)")
-        axes[0].set_yticks(range(len(blocks)), [str(b) for b in blocks])
-        axes[0].set_xlabel("expert")
-        axes[0].set_ylabel("layer")
-        axes[0].set_title(f"{prefix}expert load")
+        _load_heatmap(fig, axes[0], load * n_exp, blocks, f"{prefix}expert load")
         axes[1].plot(blocks, result["routing_entropy"], marker="o", label="routing entropy")
         axes[1].axhline(result["max_routing_entropy"], ls="--", c="gray", label="uniform (log E)")
         axes[1].set_xlabel("layer")
@@ -312,6 +311,63 @@ def write_figures(result: dict[str, Any], out_dir: str | Path, title: str = "") 
     summary.write_text(json.dumps(result, indent=1))
     paths["json"] = summary
     return paths
+
+
+def _load_heatmap(fig, ax, load_x_e: np.ndarray, blocks: list[int], title: str) -> None:
+    """Layers x experts of load share times E (1 = balanced)."""
+    im = ax.imshow(load_x_e, aspect="auto", cmap="magma")
+    fig.colorbar(im, ax=ax, label="load x E (1 = balanced)")
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+
+
+def trace_load(traces: list) -> dict[str, Any]:
+    """Expert load of one traced step (its ranks' :class:`~olmo.routing_trace.RoutingTrace`s,
+    counts summed): per MoE layer the share of routed rows per expert and the overload factor
+    (max load / mean load)."""
+    steps = sorted({t.step for t in traces})
+    if len(steps) != 1:
+        raise DataError(f"routing traces of steps {steps}; expected the ranks of one step")
+    counts_LE = torch.stack([t.counts for t in traces]).sum(0).double()
+    share_LE = counts_LE / counts_LE.sum(-1, keepdim=True)
+    return {
+        "step": steps[0],
+        "ranks": sorted(t.rank for t in traces),
+        "moe_layers": traces[0].moe_layer_ids,
+        "expert_load": share_LE.tolist(),
+        "overload_factor": (counts_LE.max(-1).values / counts_LE.mean(-1)).tolist(),
+        "unused_experts": (counts_LE == 0).sum(-1).tolist(),
+    }
+
+
+def write_trace_figure(result: dict[str, Any], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """``routing_trace_step{N}.png`` (load heatmap, overload factor per layer) and its JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"{title}: " if title else ""
+    load = np.array(result["expert_load"])
+    blocks = result["moe_layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    _load_heatmap(fig, axes[0], load * load.shape[1], blocks,
+                  f"{prefix}expert load, step {result['step']}")  # fmt: skip
+    axes[1].plot(blocks, result["overload_factor"], marker="o")
+    axes[1].axhline(1.0, ls="--", c="gray", label="balanced")
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("max load / mean load")
+    axes[1].set_title("overload factor")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    name = f"routing_trace_step{result['step']}"
+    summary = out_dir / f"{name}.json"
+    summary.write_text(json.dumps(result, indent=1))
+    return {"routing_trace": _save(fig, out_dir / f"{name}.png"), "json": summary}
 
 
 def _save(fig, path: Path) -> Path:

@@ -186,6 +186,18 @@ class ParallelConfig:
 
 
 @dataclass
+class TraceConfig:
+    routing_steps: list[int] = field(default_factory=list)
+    """Steps whose MoE routing (top-k experts, weights, per-expert counts of every layer) is
+    written to {save_folder}/routing/step{N}[-rank{r}].pt (olmo/routing_trace.py); [] = none."""
+
+    def __post_init__(self):
+        for step in self.routing_steps:
+            if not isinstance(step, int) or step < 1:
+                raise ConfigError(f"trace.routing_steps has {step!r}; expected steps >= 1")
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "tiny-polynorm"
     """Name of the run (W&B name unless wandb.name is set)."""
@@ -255,6 +267,8 @@ class TrainConfig:
     """Weights & Biases logging."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the model is split over processes beyond FSDP (expert parallelism)."""
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    """What a run records for analysis beyond metrics (routing traces)."""
 
     def __post_init__(self):
         for key in ("global_train_batch_size", "device_train_microbatch_size", "save_interval",
@@ -279,6 +293,17 @@ class TrainConfig:
             )
         if self.device_peak_flops is not None:
             _positive("device_peak_flops", self.device_peak_flops)
+        if self.trace.routing_steps and not self.model.moe_layer_ids:
+            raise ConfigError(
+                f"trace.routing_steps={list(self.trace.routing_steps)} needs MoE layers; "
+                f"model.block_type={self.model.block_type!r} has none"
+            )
+        if self.model.moe_force_balance:
+            # Forced balance ignores the router: a model trained so learns no routing.
+            raise ConfigError(
+                "model.moe_force_balance=true is for benchmarks and the planner only; a training "
+                "run must route by the router (set it to false)"
+            )
         ep = self.parallel.expert_parallel_degree
         if ep > 1 and self.model.block_type != "moe":
             raise ConfigError(

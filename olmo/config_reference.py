@@ -17,6 +17,7 @@ from olmo.config import (
     OptimizerConfig,
     ParallelConfig,
     SchedulerConfig,
+    TraceConfig,
     TrainConfig,
     WandbConfig,
 )
@@ -31,6 +32,7 @@ SECTIONS = [
     ("data.sources.<name>.", SourceConfig),
     ("wandb.", WandbConfig),
     ("parallel.", ParallelConfig),
+    ("trace.", TraceConfig),
 ]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from olmo.config import TrainConfig
@@ -164,6 +164,14 @@ class Plan:
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def force_balance(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the MoE layers' forced balance on (model.moe_force_balance), which its
+    validation refuses for training: set on the built config, for planning only."""
+    planned = replace(cfg)
+    planned.model = replace(cfg.model, moe_force_balance=True)
+    return planned
 
 
 def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec, all_micro_batches: bool = False) -> Plan:

@@ -49,6 +49,8 @@ from olmo.metric_names import (
 from olmo.objective import objective
 from olmo.optim import build_optimizer, clip_grad_norm_over_meshes_, lr_at
 from olmo.parallelism import parallelize_model
+from olmo.routing_trace import RoutingRecorder
+from olmo.run_files import local_run_dir
 from olmo.step_statistics import StepStatistics
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class TrainModuleConfig:
     """On a non-finite loss or gradient norm: 'stop' or 'skip' the update."""
     source_names: tuple[str, ...] = ()
     """Mixture source names in config order: a batch's "source" indexes them."""
+    routing_trace_steps: tuple[int, ...] = ()
+    """Steps whose routing is written to the run folder (trace.routing_steps)."""
 
 
 def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
@@ -113,6 +117,7 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
         max_grad_norm=cfg.max_grad_norm,
         nonfinite_policy=cfg.nonfinite_policy,
         source_names=tuple(cfg.data.sources),
+        routing_trace_steps=tuple(cfg.trace.routing_steps),
     )
 
 
@@ -271,12 +276,16 @@ class MoETrainModule(TrainModule):
         num_micro = len(micro_batches)
 
         stats = StepStatistics.zeros(self.device)
+        recorder = self._routing_recorder(dry_run)
         for index, micro in enumerate(micro_batches):
             if self.sharded and not self.config.reduce_grads_every_microbatch:
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
                 # micro-batch's backward: one collective per step instead of one per micro-batch.
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
             out = self._forward(micro)
+            if recorder is not None:
+                doc_ids = micro.get("doc_ids") if self.config.model.document_masking else None
+                recorder.add(micro["input_ids"], doc_ids, out.routes)
             logits = out.logits
             ce, source_sums_N3 = self._micro_ce(logits, micro, num_loss_tokens)
             loss = objective(ce, out.lb_loss, out.z_loss, num_micro)
@@ -291,7 +300,20 @@ class MoETrainModule(TrainModule):
 
         self._step_stats = stats
         stats.record(self.record_metric, moe_layer_ids=self.moe_layer_ids, source_names=self.source_names)
+        if recorder is not None:
+            distributed = dist.is_initialized()
+            rank = dist.get_rank() if distributed else 0
+            world = dist.get_world_size() if distributed else 1
+            recorder.save(local_run_dir(self.trainer.save_folder), self.trainer.global_step,
+                          rank, world)  # fmt: skip
         del batch, input_ids
+
+    def _routing_recorder(self, dry_run: bool) -> RoutingRecorder | None:
+        """A recorder on the steps trace.routing_steps names (never on a dry run)."""
+        steps = self.config.routing_trace_steps
+        if dry_run or not steps or self.trainer.global_step not in steps:
+            return None
+        return RoutingRecorder(self.config.model)
 
     def post_optim_step(self) -> None:
         """After the optimizer's update (OLMo-core's hook of that name): auxiliary-loss-free

@@ -9,6 +9,12 @@ layer_similarity.png (hidden-state cosine similarity between layers on validatio
 routing.png (per-layer expert load and routing entropy), activation_coefficients.png
 (PolyNorm/PolyReLU coefficients per layer) and analysis.json with the numbers.
 Validation text: --data, else the run config's first data.validation set.
+
+    python scripts/analyze.py --routing-trace runs/tiny-polynorm/routing/step100.pt [--out DIR]
+
+With --routing-trace (repeatable: the rank files of one step) and no checkpoint: the expert load
+and overload factor per layer of that traced training step (routing_trace_stepN.png and .json,
+default --out: the trace's folder), and a per-layer summary.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from olmo.data import resolve_dtype
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", nargs="?")
+    parser.add_argument("--routing-trace", action="append", default=None,
+                        help="a routing trace file (repeatable: one step's ranks)")  # fmt: skip
     parser.add_argument("--out", default=None)
     parser.add_argument("--config", default=None, help="config.yaml (default: the run's)")
     parser.add_argument("--data", action="append", default=None, help="token files/globs (repeatable)")
@@ -33,7 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args(argv)
+    if args.routing_trace:
+        return run_cli(lambda: _analyze_trace(args))
+    if args.checkpoint is None:
+        parser.error("give a checkpoint, or --routing-trace")
     return run_cli(lambda: _analyze(args))
+
+
+def _analyze_trace(args) -> int:
+    from olmo.analysis import trace_load, write_trace_figure
+    from olmo.routing_trace import load_trace, summary
+
+    traces = [load_trace(path) for path in args.routing_trace]
+    for trace in traces:
+        print(summary(trace))
+    out = Path(args.out) if args.out else Path(args.routing_trace[0]).parent
+    written = write_trace_figure(trace_load(traces), out)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
 
 
 def _analyze(args) -> int:

@@ -21,6 +21,11 @@ def parse_args(argv):
         help="simulate every micro-batch of the step (default: the first, second and last; the "
         "others repeat the second exactly)",
     )  # fmt: skip
+    parser.add_argument(
+        "--force-balance", action="store_true",
+        help="route every MoE layer's tokens round-robin (every expert T*K/E rows) instead of by "
+        "the router: the balanced case, without routing noise",
+    )  # fmt: skip
     return parser.parse_known_args(argv)
 
 
@@ -33,7 +38,7 @@ def main(argv=None) -> int:
     def run() -> int:
         from olmo.config import load_config
         from olmo.gpus import gpu_spec
-        from olmo.plan import plan_run
+        from olmo.plan import force_balance, plan_run
         from olmo.plan_memory import check_plannable
 
         if args.gpus < 1:
@@ -41,6 +46,8 @@ def main(argv=None) -> int:
         gpu = gpu_spec(args.gpu)
         cfg = load_config(args.config, overrides)
         check_plannable(cfg, args.gpus)
+        if args.force_balance:
+            cfg = force_balance(cfg)
         plan = plan_run(cfg, args.gpus, gpu, all_micro_batches=args.all_micro_batches)
         print(plan.report(), flush=True)
         if args.json:

@@ -33,6 +33,7 @@ ROUTING = {
     "sequence lb": dict(moe_lb_granularity="sequence"),
     "global-batch lb (one process)": dict(moe_lb_granularity="global_batch"),
     "swiglu": dict(activation_type="swiglu", mlp_hidden_size=16),
+    "forced balance": dict(moe_force_balance=True),
 }
 BLOCKS = {"dense block": dict(block_type="dense"), **{f"moe: {k}": v for k, v in ROUTING.items()}}
 

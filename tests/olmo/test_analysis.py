@@ -276,3 +276,39 @@ def test_collect_routes_each_token_once(monkeypatch):
     counts_LE = model(ids[:2]).tokens_per_expert_LE + model(ids[2:]).tokens_per_expert_LE
     assert stats["moe_layers"] == [1, 2]
     assert stats["expert_load"] == [(c / c.sum()).tolist() for c in counts_LE]
+
+
+def test_routing_trace_load_and_figure(tmp_path):
+    """Two ranks' traces of one step: counts summed, overload factor = max / mean by hand, and
+    scripts/analyze.py --routing-trace draws it."""
+    from moe_model.config import ModelConfig
+    from olmo.analysis import trace_load
+    from olmo.routing_trace import RoutingRecorder, load_trace
+
+    cfg = ModelConfig(vocab_size=64, embedding_size=64, d_model=16, n_layers=2, n_heads=2,
+                      max_sequence_length=8, mlp_hidden_size=8, moe_num_experts=4, moe_top_k=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = cfg.build().eval()
+    paths = []
+    for rank in (0, 1):
+        recorder = RoutingRecorder(cfg)
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            recorder.add(ids, None, model(ids).routes)
+        paths.append(recorder.save(tmp_path, 5, rank, world_size=2))
+    assert [p.name for p in paths] == ["step5-rank0.pt", "step5-rank1.pt"]
+    traces = [load_trace(p) for p in paths]
+    result = trace_load(traces)
+    counts = (traces[0].counts + traces[1].counts).double()
+    assert counts.sum(-1).tolist() == [2 * 2 * 8 * 2] * 2  # ranks x batch x seq x top-k
+    assert result["overload_factor"] == pytest.approx((counts.max(-1).values / counts.mean(-1)).tolist())
+    assert np.allclose(np.array(result["expert_load"]).sum(-1), 1.0)
+    assert result["moe_layers"] == [0, 1] and result["ranks"] == [0, 1]
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/analyze.py"), "--routing-trace",
+                           str(paths[0]), "--routing-trace", str(paths[1])],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overload" in proc.stdout
+    assert_png_drawn(tmp_path / "routing" / "routing_trace_step5.png")  # beside the traces
+    assert json.loads((tmp_path / "routing" / "routing_trace_step5.json").read_text()) == result

@@ -316,3 +316,8 @@ def test_expert_parallel_degree_must_divide_the_processes(tmp_path, monkeypatch,
                      "processes (6)"], err
     assert not save.exists()
     assert not torch.distributed.is_initialized()
+
+
+def test_training_config_refuses_forced_balance():
+    with pytest.raises(ConfigError, match=r"^model.moe_force_balance=true is for benchmarks"):
+        load_config(None, ["--model.moe_force_balance=true"])

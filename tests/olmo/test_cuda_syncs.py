@@ -20,6 +20,7 @@ from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
 from olmo.data import BatchCollator, DataConfig
 from olmo.metric_names import layer_router_entropy
+from olmo.plan import force_balance as plan_force_balance
 from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 
@@ -65,6 +66,7 @@ VARIANTS: dict[str, dict] = {
         activation_type="swiglu", mlp_hidden_size=16, document_masking=True
     ),
     "per-expert activation sets": dict(moe_activation_per_expert=True),
+    "forced balance (benchmarks, planner)": dict(force_balance=True),
 }
 
 
@@ -80,7 +82,7 @@ class TrainerStandIn:
         self.metrics[name] = value
 
 
-def build_module(**changes) -> MoETrainModule:
+def build_module(force_balance: bool = False, **changes) -> MoETrainModule:
     torch.manual_seed(0)
     config = ModelConfig(**{
         "vocab_size": VOCAB, "embedding_size": VOCAB, "d_model": 32, "n_layers": 2,
@@ -93,7 +95,9 @@ def build_module(**changes) -> MoETrainModule:
         device_train_microbatch_size=2, console_log_interval=1,
         data=DataConfig(sources=sources, eos_token_id=VOCAB - 1),
     )  # fmt: skip
-    module = MoETrainModule(config.build(), train_module_config(cfg), torch.device("cpu"))
+    if force_balance:
+        cfg = plan_force_balance(cfg)  # as the planner runs it: TrainConfig refuses the key
+    module = MoETrainModule(cfg.model.build(), train_module_config(cfg), torch.device("cpu"))
     module._attach_trainer(TrainerStandIn())
     return module
 

@@ -150,3 +150,12 @@ def test_cli_writes_json_with_the_documented_keys(tmp_path):
     assert set(plan["breakdown"]) == set(BREAKDOWN_KEYS)
     assert sum(plan["breakdown"].values()) == plan["peak_bytes_per_rank"]
     assert "fits" in result.stdout and "estimate" in result.stdout
+
+
+def test_plan_forced_balance_sets_the_flag_training_refuses():
+    from olmo.plan import force_balance
+
+    cfg = load_config(TINY, [])
+    planned = force_balance(cfg)
+    assert planned.model.moe_force_balance and not cfg.model.moe_force_balance
+    assert planned.model.moe_layer_config().force_balance
