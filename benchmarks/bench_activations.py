@@ -10,7 +10,9 @@ Implementations: ``eager`` (the reference math), ``eager_ckpt`` (eager under
 ``torch.utils.checkpoint``, the paper's way), ``compile``, ``fused`` (our autograd.Function),
 ``triton`` (our kernels), ``liger`` (Liger-Kernel's PolyNorm, order 3 only, when
 ``liger_kernel`` imports). SwiGLU rows (eager and compiled) are the reference point at equal
-parameters: PolyNorm h=1536 against SwiGLU h=1024.
+parameters: PolyNorm h=1536 against SwiGLU h=1024. The gated forms (``--activations
+polynorm_glu polyrelu_glu``, not in the default list) run at SwiGLU's shape (input 2H, output H
+= ``--swiglu-hidden``), their floor traffic counted as SwiGLU's.
 
 CPU: the same table at 8192 rows x 1536 (SwiGLU 8192 x 2*1024 -> 1024), eager/fused/compile.
 ``--quick`` runs tiny shapes (a smoke test of the script).
@@ -62,9 +64,20 @@ def _liger_poly_norm():
     return lambda x, w, b, eps: LigerPolyNormFunction.apply(x, w, b, eps, False)
 
 
+EPS = 1e-6
+# Backend name -> f(x, weight, bias), per polynomial activation (gated: x is [gate | up]).
+POLY_CALLS = {
+    "polynorm": lambda be: lambda x, w, b: kernels.poly_norm(x, w, b, EPS, backend=be),
+    "polyrelu": lambda be: lambda x, w, b: kernels.poly_relu(x, w, b, backend=be),
+    "polynorm_glu": lambda be: lambda x, w, b: kernels.poly_norm_glu(x, w, b, EPS, backend=be),
+    "polyrelu_glu": lambda be: lambda x, w, b: kernels.poly_relu_glu(x, w, b, backend=be),
+}
+GATED = ("swiglu", "polynorm_glu", "polyrelu_glu")
+"""Activations whose input is [gate | up] of width 2H, sized like SwiGLU (``--swiglu-hidden``)."""
+
+
 def implementations(activation: str, device: torch.device, names: list[str]) -> dict:
     """name -> f(x, weight, bias) for the requested implementations that can run here."""
-    eps = 1e-6
     out = {}
     if activation == "swiglu":
         for name in names:
@@ -73,11 +86,7 @@ def implementations(activation: str, device: torch.device, names: list[str]) -> 
             elif name == "compile":
                 out[name] = lambda x, w, b: _swiglu_compiled()(x)
         return out
-    call = (
-        (lambda be: lambda x, w, b: kernels.poly_norm(x, w, b, eps, backend=be))
-        if activation == "polynorm"
-        else (lambda be: lambda x, w, b: kernels.poly_relu(x, w, b, backend=be))
-    )
+    call = POLY_CALLS[activation]
     for name in names:
         if name in ("eager", "fused", "compile"):
             out[name] = call(name)
@@ -91,20 +100,20 @@ def implementations(activation: str, device: torch.device, names: list[str]) -> 
         elif name == "liger" and activation == "polynorm" and device.type == "cuda":
             liger = _liger_poly_norm()
             if liger is not None:
-                out[name] = lambda x, w, b, liger=liger: liger(x, w, b, eps)
+                out[name] = lambda x, w, b, liger=liger: liger(x, w, b, EPS)
     return out
 
 
 def traffic_bytes(activation: str, rows: int, cols: int, elem: int) -> tuple[int, int]:
-    """Floor bytes moved (forward, backward); for SwiGLU ``cols`` is the output width H."""
+    """Floor bytes moved (forward, backward); for gated ones ``cols`` is the output width H."""
     n = rows * cols * elem
-    if activation == "swiglu":
+    if activation in GATED:
         return 3 * n, 5 * n  # fwd: read a, b, write y; bwd: read a, b, dy, write da, db
     return 2 * n, 3 * n
 
 
 def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, iters, copy_gbs):
-    in_cols = 2 * cols if activation == "swiglu" else cols
+    in_cols = 2 * cols if activation in GATED else cols
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, in_cols, device=device, dtype=dtype, generator=gen).requires_grad_()
     w = torch.full((order,), 1.0 / order, device=device, requires_grad=True)
@@ -154,7 +163,7 @@ def bench_one(activation, name, fn, rows, cols, dtype, device, order, warmup, it
     row = {
         "activation": activation,
         "impl": name,
-        "shape": f"{rows}x{in_cols}" + (f"->{cols}" if activation == "swiglu" else ""),
+        "shape": f"{rows}x{in_cols}" + (f"->{cols}" if activation in GATED else ""),
         "dtype": str(dtype).removeprefix("torch."),
         "fwd_ms": fwd,
         "bwd_ms": bwd,
@@ -221,7 +230,7 @@ def setup(run: Run) -> None:
 def measure(run: Run):
     s, dtype = run.settings, dtype_of(run)
     for act in s["activations"]:
-        for cols in [s["swiglu_hidden"]] if act == "swiglu" else s["cols"]:
+        for cols in [s["swiglu_hidden"]] if act in GATED else s["cols"]:
             for name, fn in implementations(act, run.device, s["impls"]).items():
                 yield bench_one(act, name, fn, s["rows"], cols, dtype, run.device, s["order"],
                                 run.warmup, run.iters, run.extra["copy_gbs"])  # fmt: skip

@@ -99,11 +99,11 @@ class ModelConfig:
     activation_type: ActivationType = "swiglu"
     """Expert activation, a key of moe_model.activations.ACTIVATIONS."""
     activation_order: int = 3
-    """Polynomial order of polyrelu/polynorm (ignored by the others)."""
+    """Polynomial order of polyrelu/polynorm and their _glu forms (ignored by the others)."""
     activation_eps: float = 1e-6
-    """Epsilon of polynorm's per-row RMS norm (ignored by the others)."""
+    """Epsilon of polynorm's (and polynorm_glu's) per-row RMS norm (ignored by the others)."""
     activation_backend: ActivationBackend = "auto"
-    """Kernel backend of polyrelu/polynorm (see moe_model.kernels)."""
+    """Kernel backend of polyrelu/polynorm and their _glu forms (see moe_model.kernels)."""
     mlp_hidden_size: int = 1024
     """Per-expert hidden size H; for gated activations each of w1, w3 is D -> H."""
     moe_num_experts: int = 64

@@ -8,7 +8,7 @@ The checkpoint is a save folder (latest stepN), a stepN directory or an unsharde
 (scripts/unshard.py). ``--format auto`` (the default) writes SwiGLU MoE models -- OLMoE's
 architecture -- as transformers' own ``OlmoeForCausalLM`` (no remote code: vLLM and other
 OLMoE-aware tools load it as they load allenai/OLMoE-1B-7B-0924), and every other model
-(PolyNorm, PolyReLU, ReLU, ReLU², GELU, dense blocks) with its own modeling code:
+(PolyNorm, PolyReLU and their gated forms, ReLU, ReLU², GELU, dense blocks) with its own modeling code:
 
     AutoModelForCausalLM.from_pretrained(OUT)                           # olmoe
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)   # polymoe

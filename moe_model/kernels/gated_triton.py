@@ -71,8 +71,12 @@ def poly_norm_glu_bwd_launch(n_cols: int) -> tuple[int, int]:
 
 
 def poly_relu_glu_launch(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the gated PolyReLU kernels for an output width ``n_cols`` (H)."""
-    return min(RELU_GLU_BLOCK, triton.next_power_of_2(n_cols)), RELU_NUM_WARPS
+    """(BLOCK, num_warps) of the gated PolyReLU kernels for an output width ``n_cols`` (H).
+
+    Ragged widths (not a multiple of 16) take twice the warps: their loads go one element at a
+    time, and at 4 warps the order-1 backward spilled 4 B on sm_100a (fp32, fp16)."""
+    block = min(RELU_GLU_BLOCK, triton.next_power_of_2(n_cols))
+    return block, 2 * RELU_NUM_WARPS if n_cols % 16 else RELU_NUM_WARPS
 
 
 @triton.jit

@@ -84,7 +84,7 @@ def grads(layer, x, loss):
     return dict(zip(["x", *params], g))
 
 
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu", "swiglu", "gelu", "relu2"])
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelu", "swiglu", "gelu", "relu2", "polynorm_glu", "polyrelu_glu"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_experts_match_reference(activation, impl, renormalize):
@@ -388,7 +388,7 @@ def reference_moe_per_expert(layer, x_TD):
     return torch.stack(y)
 
 
-@pytest.mark.parametrize("activation", ["polynorm", "polyrelu"])
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelu", "polynorm_glu", "polyrelu_glu"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_per_expert_coefficients_match_reference(activation, impl, backend):

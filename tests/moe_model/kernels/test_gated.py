@@ -63,13 +63,13 @@ FUSED = {
 }
 
 
-def make_inputs(shape, order, dtype, seed=0):
+def make_inputs(shape, order, dtype, seed=0, device="cpu"):
     """x (..., 2H), weight, bias, and an output gradient (..., H)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(dtype)
-    weight = torch.rand(order, generator=gen) + 0.5  # non-uniform: a swapped order shows
-    bias = torch.randn(1, generator=gen)
-    g = torch.randn((*shape[:-1], shape[-1] // 2), generator=gen).to(dtype)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    weight = (torch.rand(order, generator=gen) + 0.5).to(device)  # non-uniform: swaps show
+    bias = torch.randn(1, generator=gen).to(device)
+    g = torch.randn((*shape[:-1], shape[-1] // 2), generator=gen).to(device=device, dtype=dtype)
     return x, weight, bias, g
 
 
@@ -239,3 +239,40 @@ def test_triton_interpreter_handles_empty_input(interp_results, case):
     y, dx, dw, db, _ = results[len(INTERP_CASES) + case]
     assert y.shape == (0, 32) and dx.shape == x.shape
     assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape, order, dtype", [
+    ((131072, 2 * 1024), 3, torch.bfloat16),  # one OLMoE MoE layer's rows at the gated H = 1024
+    ((4, 8191, 2 * 1024), 2, torch.bfloat16),  # ragged row count, leading dims
+    ((333, 2 * 1500), 4, torch.float32),  # ragged H
+    ((1000, 2 * 4096), 1, torch.float16),  # the widest gate auto sends to Triton
+])  # fmt: skip
+def test_triton_gpu_matches_reference(shape, order, dtype):
+    require_triton()
+    x, w, b, g = make_inputs(shape, order, dtype, device="cuda")
+    for kind in REFS:
+        fn = {"polynorm_glu": lambda x, w, b: kernels.poly_norm_glu(x, w, b, EPS, "triton"),
+              "polyrelu_glu": lambda x, w, b: kernels.poly_relu_glu(x, w, b, "triton")}[kind]  # fmt: skip
+        got = grads(fn, x, w, b, g)
+        check_all(got, grads(REFS[kind], x, w, b, g, double=True), dtype, f"triton {kind} {shape}")
+        del got
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_on_cuda_is_triton():
+    require_triton()
+    x, w, b, _ = make_inputs((16, 512), 3, torch.bfloat16, device="cuda")
+    x.requires_grad_()
+    assert type(kernels.poly_norm_glu(x, w, b, EPS).grad_fn).__name__ == "TritonPolyNormGLUBackward"
+    assert type(kernels.poly_relu_glu(x, w, b).grad_fn).__name__ == "TritonPolyReLUGLUBackward"
