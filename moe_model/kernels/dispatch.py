@@ -30,7 +30,6 @@ rules above to the gate's width H, up to ``gated_triton.SPILL_FREE_ROW`` (4096).
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -54,9 +53,26 @@ class Backend(NamedTuple):
     """Returns ``f(x, weight, bias)`` on the fused input [gate | up]."""
 
 
+def _kernel_module(module: str):
+    """A backend's module of ``moe_model.kernels``, imported on first use. Plain import
+    statements, not ``importlib``: torch.compile traces these (an already imported module), and
+    an ``importlib.import_module`` call would break every compiled MoE block's graph."""
+    if module == "polynorm_fused":
+        from moe_model.kernels import polynorm_fused as kernels
+    elif module == "gated_fused":
+        from moe_model.kernels import gated_fused as kernels
+    elif module == "polynorm_triton":
+        from moe_model.kernels import polynorm_triton as kernels
+    elif module == "gated_triton":
+        from moe_model.kernels import gated_triton as kernels
+    else:
+        raise ValueError(f"no kernel module {module!r}")
+    return kernels
+
+
 def _lazy(module: str, name: str) -> Callable[[], Callable]:
     def load():
-        return getattr(importlib.import_module(f"moe_model.kernels.{module}"), name)
+        return getattr(_kernel_module(module), name)
 
     return load
 
@@ -122,7 +138,7 @@ def resolve_backend(
     if backend != "auto":
         return backend
     if x.is_cuda and triton_available():
-        limits = importlib.import_module(f"moe_model.kernels.{triton_module}")
+        limits = _kernel_module(triton_module)
         width = x.shape[-1] if row_width is None else row_width
         if order <= limits.MAX_ORDER and (not whole_rows or width <= limits.SPILL_FREE_ROW):
             return "triton"
