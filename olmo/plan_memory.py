@@ -181,7 +181,9 @@ def check_plannable(cfg: TrainConfig, world_size: int) -> None:
             "with --parallel.expert_parallel_degree=1"
         )
     if cfg.compile:
-        raise ConfigError("compile=true: the planner runs the eager step; plan with --compile=false")
+        raise ConfigError(
+            "compile=true: the planner runs the eager step; plan with --compile=false"
+        )
 
 
 def _mark_gradient_accumulators(model, tracker: FSDPMemTracker) -> None:
