@@ -263,10 +263,12 @@ def simulate_step(
     docstring). ``fake=False`` runs real tensors in the current process group (or none).
     Runs SIMULATED_MICRO_BATCHES of the step's micro-batches unless ``all_micro_batches``."""
     check_plannable(cfg, world_size)
+    # Real tensors of a planned CUDA run (the GPU round's comparison) live on the GPU.
+    on_gpu = not fake and planned_device_type == "cuda" and torch.cuda.is_available()
     micro_size = cfg.device_train_microbatch_size
     micro_batches = cfg.global_train_batch_size // world_size // micro_size
     simulated = micro_batches if all_micro_batches else min(micro_batches, SIMULATED_MICRO_BATCHES)
-    device = torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     planned = planned_device_type if planned_device_type != device.type else None
     needs_group = fake and (world_size > 1 or planned == "cuda")
     group = fake_process_group(world_size) if needs_group else contextlib.nullcontext()

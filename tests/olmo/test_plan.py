@@ -164,3 +164,35 @@ def test_cli_writes_json_with_the_documented_keys(tmp_path):
     assert set(plan["breakdown"]) == set(BREAKDOWN_KEYS)
     assert sum(plan["breakdown"].values()) == plan["peak_bytes_per_rank"]
     assert "fits" in result.stdout and "estimate" in result.stdout
+
+
+def test_preflight_stops_a_gpu_run_that_does_not_fit_naming_term_and_fix():
+    from moe_model.errors import LaunchError
+    from olmo.launcher import check_memory_plan
+
+    # 4096 sequences in one micro-batch on one GPU: the fake step costs no memory here, the
+    # plan hundreds of GiB (logits alone: 4096 x 64 x 50304 fp32).
+    huge = ["--global_train_batch_size=4096", "--device_train_microbatch_size=4096"]
+    cfg = load_config(TINY, COMMON + huge)
+    with pytest.raises(LaunchError) as err:
+        check_memory_plan(cfg, 1, "NVIDIA H100 80GB HBM3")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "1 x h100" in message and "does NOT fit; biggest term" in message
+    assert "device_train_microbatch_size" in message and "--plan_preflight=false" in message
+
+
+def test_launcher_plans_only_gpu_runs(monkeypatch):
+    import olmo.launch
+    import olmo.launcher
+
+    planned = []
+    monkeypatch.setattr(olmo.launcher, "check_memory_plan", lambda *a: planned.append(a))
+    monkeypatch.setattr(olmo.launcher, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr("torch.distributed.run.main", lambda argv: None)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    for device, calls in (("cpu", 0), ("cuda", 1)):
+        monkeypatch.setattr(olmo.launch, "training_device_type", lambda d=device: d)
+        olmo.launcher.main([TINY, "--save_folder=/tmp/plan-launcher-test", *COMMON])
+        assert len(planned) == calls
+    assert planned[0][1:] == (2, "NVIDIA H100 80GB HBM3")
