@@ -38,6 +38,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefT
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.utils._python_dispatch import _disable_current_modes
 
 import olmo.train_module as train_module_lib
 from moe_model.errors import ConfigError
@@ -211,9 +212,15 @@ def _fill_optimizer_state(train_module) -> None:
 
 def _one_step(train_module, batch: dict) -> None:
     """The trainer's step: train_batch (all micro-batches), clipping, the optimizer update.
-    (optim_step's non-finite check reads two flags on the host, which fake tensors cannot.)"""
+    (optim_step's non-finite check reads two flags on the host, which fake tensors cannot.)
+
+    Clipping runs untracked: it makes only scalars and scales the gradients in place, but on
+    fake tensors DTensor's sharding propagation of its foreach ops runs in the tracked fake mode
+    on whole-gradient shapes (a full fp32 gradient that no real run allocates: measured on
+    gloo, the real clipping never set the peak)."""
     train_module.train_batch(batch)
-    train_module._grad_norm()
+    with _disable_current_modes():
+        train_module._grad_norm()
     train_module.optim.step()
     train_module.zero_grads()
 
