@@ -110,7 +110,10 @@ def check_memory_plan(cfg, world_size: int, device_name: str) -> None:
 
     gpu = gpu_from_device_name(device_name)
     if gpu is None:
-        print(f"memory plan skipped: no entry for GPU {device_name!r} in olmo/gpus.py", file=sys.stderr)
+        print(
+            f"memory plan skipped: no entry for GPU {device_name!r} in olmo/gpus.py",
+            file=sys.stderr,
+        )
         return
     plan = plan_run(cfg, world_size, gpu)
     if not plan.fits:

@@ -122,7 +122,7 @@ class _PeakMomentMixin:
                 phase = "optimizer"
             else:
                 phase = "backward" if self._mod_tracker.is_bw else "forward"
-            module = max(names, key=len) if names else "(outside the model)"
+            module = max(names, key=len) if names else "(no module: the loss or the optimizer)"
             self.moment = PeakMoment(module, phase, self.micro_batch)
 
 
