@@ -253,6 +253,9 @@ class TrainConfig:
     """First N questions of each task (None = all)."""
     nonfinite_policy: str = "stop"
     """On a non-finite loss or gradient norm: ``stop`` before the update, or ``skip`` the step."""
+    plan_preflight: bool = True
+    """Before a GPU run starts, plan one step's memory per rank (olmo/plan.py) and stop with one
+    line when it does not fit the GPUs; false skips the check (CPU runs never plan)."""
     device_peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None = olmo/flops.py: datasheet on GPU, measured on CPU."""
     model: ModelConfig = field(default_factory=ModelConfig)

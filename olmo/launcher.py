@@ -92,11 +92,42 @@ def torchrun_args(argv: list[str], env: Mapping[str, str], nproc: int) -> list[s
     return [*rendezvous_args(env), f"--nproc_per_node={nproc}", TRAIN_SCRIPT, *argv]
 
 
+def gpu_name() -> str:
+    """The first GPU's name as ``nvidia-smi`` reports it (``NVIDIA H100 80GB HBM3``), or ""."""
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.splitlines()[0].strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+
+
+def check_memory_plan(cfg, world_size: int, device_name: str) -> None:
+    """Plan one step of ``cfg`` on ``world_size`` GPUs named ``device_name`` (olmo/plan.py) and
+    raise LaunchError, naming the biggest term and the setting that shrinks it, when it does not
+    fit. A GPU the plan's table lacks is not checked (one line on stderr says so)."""
+    from moe_model.errors import LaunchError
+    from olmo.gpus import gpu_from_device_name
+    from olmo.plan import plan_run
+
+    gpu = gpu_from_device_name(device_name)
+    if gpu is None:
+        print(
+            f"memory plan skipped: no entry for GPU {device_name!r} in olmo/gpus.py",
+            file=sys.stderr,
+        )
+        return
+    plan = plan_run(cfg, world_size, gpu)
+    if not plan.fits:
+        raise LaunchError(f"memory plan: {plan.verdict()}; --plan_preflight=false starts it anyway")
+
+
 def main(argv: list[str] | None = None) -> int:
     from moe_model.errors import LaunchError
     from olmo.cli import run_cli
     from olmo.config import load_config
-    from olmo.launch import finished_run_message, parse_args, preflight
+    from olmo.launch import finished_run_message, parse_args, preflight, training_device_type
 
     argv = sys.argv[1:] if argv is None else argv
     config_only = bool(argv) and argv[0] == "--check-config"
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.validate_parallel(nproc * nnodes)
             return 0
         preflight(cfg, world_size=nproc * nnodes)
+        if cfg.plan_preflight and training_device_type() == "cuda":
+            # Before torchrun starts any process; CPU runs skip it (no planning cost).
+            check_memory_plan(cfg, nproc * nnodes, gpu_name())
         if (finished := finished_run_message(cfg)) is not None:
             print(finished, flush=True)
         else:

@@ -38,6 +38,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefT
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.utils._python_dispatch import _disable_current_modes
 
 import olmo.parallelism as parallelism_lib
 import olmo.train_module as train_module_lib
@@ -122,7 +123,7 @@ class _PeakMomentMixin:
                 phase = "optimizer"
             else:
                 phase = "backward" if self._mod_tracker.is_bw else "forward"
-            module = max(names, key=len) if names else "(outside the model)"
+            module = max(names, key=len) if names else "(no module: the loss or the optimizer)"
             self.moment = PeakMoment(module, phase, self.micro_batch)
 
 
@@ -182,7 +183,9 @@ def check_plannable(cfg: TrainConfig, world_size: int) -> None:
             "with --parallel.expert_parallel_degree=1"
         )
     if cfg.compile:
-        raise ConfigError("compile=true: the planner runs the eager step; plan with --compile=false")
+        raise ConfigError(
+            "compile=true: the planner runs the eager step; plan with --compile=false"
+        )
 
 
 def _mark_gradient_accumulators(model, tracker: FSDPMemTracker) -> None:
@@ -210,9 +213,15 @@ def _fill_optimizer_state(train_module) -> None:
 
 def _one_step(train_module, batch: dict) -> None:
     """The trainer's step: train_batch (all micro-batches), clipping, the optimizer update.
-    (optim_step's non-finite check reads two flags on the host, which fake tensors cannot.)"""
+    (optim_step's non-finite check reads two flags on the host, which fake tensors cannot.)
+
+    Clipping runs untracked: it makes only scalars and scales the gradients in place, but on
+    fake tensors DTensor's sharding propagation of its foreach ops runs in the tracked fake mode
+    on whole-gradient shapes (a full fp32 gradient that no real run allocates: measured on
+    gloo, the real clipping never set the peak)."""
     train_module.train_batch(batch)
-    train_module._grad_norm()
+    with _disable_current_modes():
+        train_module._grad_norm()
     train_module.optim.step()
     train_module.zero_grads()
 
@@ -264,10 +273,12 @@ def simulate_step(
     docstring). ``fake=False`` runs real tensors in the current process group (or none).
     Runs SIMULATED_MICRO_BATCHES of the step's micro-batches unless ``all_micro_batches``."""
     check_plannable(cfg, world_size)
+    # Real tensors of a planned CUDA run (the GPU round's comparison) live on the GPU.
+    on_gpu = not fake and planned_device_type == "cuda" and torch.cuda.is_available()
     micro_size = cfg.device_train_microbatch_size
     micro_batches = cfg.global_train_batch_size // world_size // micro_size
     simulated = micro_batches if all_micro_batches else min(micro_batches, SIMULATED_MICRO_BATCHES)
-    device = torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     planned = planned_device_type if planned_device_type != device.type else None
     needs_group = fake and (world_size > 1 or planned == "cuda")
     group = fake_process_group(world_size) if needs_group else contextlib.nullcontext()

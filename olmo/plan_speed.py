@@ -72,9 +72,7 @@ def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
 
     rows = T * K  # routed rows per MoE layer
     work = {
-        "attention_proj": matmul(
-            2 * T * L * 4 * D * D, L * 4 * D * D, L * T * 8 * D * BF16
-        ),
+        "attention_proj": matmul(2 * T * L * 4 * D * D, L * 4 * D * D, L * T * 8 * D * BF16),
         # QK^T and AV as olmo/flops.py counts them (12 L D S per token, forward + backward);
         # flash attention reads q, k, v and writes o (and reads them again in backward).
         "attention": Work(L * D * seq * T * (4 * fwd + 8), L * T * D * BF16 * (4 * fwd + 8)),

@@ -5,11 +5,11 @@
 # from the carried wheels (scripts/gpu_wheels.sh). The device calls: benchmarks/README.md.
 #
 #   bash scripts/gpu_round.sh one_call      the round for one device call of at most 8 minutes:
-#                                          tests, activations, moe_layer, train_step, each cut to
+#                                          tests, activations, moe_layer, train_step, plan_check, each cut to
 #                                          what ROUND_BUDGET (480 s) leaves
 #   bash scripts/gpu_round.sh [PART ...]   PART: tests activations tuning moe_layer train_step
-#                                          doc_masking small_step pretrain (default: all, in
-#                                          that order)
+#                                          doc_masking small_step pretrain plan_check (default:
+#                                          all, in that order)
 #   QUICK=1 bash scripts/gpu_round.sh      tiny shapes, 4 training steps: a smoke run (CPU too)
 #
 # Environment: OUT (results; default runs/gpu_round), QUICK, PYTHON (python3), WHEELS (.whl),
@@ -38,14 +38,14 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-$([ "$QUICK" = 1 ] && echo 4 || echo 300)}
 TRAIN_STEP_LAYERS=${TRAIN_STEP_LAYERS:-auto}
 ROUND_COMMAND="bash scripts/gpu_round.sh $*"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step doc_masking small_step pretrain)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests activations tuning moe_layer train_step doc_masking small_step pretrain plan_check)
 # one_call: the round that fits today's lending (15 device-minutes a session, start-up
 # included; 10 a command): the most valuable parts first, in one call of at most ROUND_BUDGET
 # seconds (480), each part's limit cut to what is left so the last part ends before the call's.
 ONE_CALL=0
 if [ "${PARTS[*]}" = one_call ]; then
   ONE_CALL=1
-  PARTS=(tests activations moe_layer train_step)
+  PARTS=(tests activations moe_layer train_step plan_check)
   ROUND_BUDGET=${ROUND_BUDGET:-480}
   [ "$TRAIN_STEP_LAYERS" = auto ] && TRAIN_STEP_LAYERS=4  # probing the layer count costs minutes
 fi
@@ -53,9 +53,9 @@ ROUND_BUDGET=${ROUND_BUDGET:-0}
 ROUND_START=$SECONDS
 for part in "${PARTS[@]}"; do
   case $part in
-    tests | activations | tuning | moe_layer | train_step | doc_masking | small_step | pretrain) ;;
+    tests | activations | tuning | moe_layer | train_step | doc_masking | small_step | pretrain | plan_check) ;;
     *) echo "unknown part '$part'; expected one_call alone, or tests, activations, tuning, moe_layer, train_step," \
-         "doc_masking, small_step or pretrain" >&2
+         "doc_masking, small_step, pretrain or plan_check" >&2
        exit 2 ;;
   esac
 done
@@ -247,6 +247,14 @@ for part in "${PARTS[@]}"; do
       [ "$QUICK" = 1 ] && name=${name}_quick
       "$PYTHON" -m benchmarks.gpu_round_report pretrain "$OUT/$name.json" "${runs[@]}" 2>&1 \
         | tee -a "$OUT/round.log"
+      ;;
+    plan_check)
+      # The planner's peak (olmo/plan.py, fake tensors) against the CUDA allocator's peak of the
+      # same step on this GPU: small-gpu-polynorm on one GPU (QUICK: tiny).
+      config=configs/small-gpu-polynorm.yaml
+      [ "$QUICK" = 1 ] && config=configs/tiny.yaml
+      run_step plan_check 240 "$PYTHON" scripts/plan_vs_measured.py "$config" \
+        --out "$OUT/plan_vs_measured.json"
       ;;
   esac
   checkpoint_results

@@ -86,6 +86,9 @@ def old_full_file(name: str) -> dict:
     old["model"]["activation_type"] = activation
     if activation != "swiglu":
         old["model"]["mlp_hidden_size"] = old["model"]["mlp_hidden_size"] * 3 // 2
+    if family == "olmoe-1b-7b":
+        # The one change since: turned on by the memory plan (README "Plan a run").
+        old["activation_checkpointing"] = True
     return old
 
 
