@@ -66,8 +66,8 @@ def forced_routing(layer, experts_TK: torch.Tensor):
     """Wrap ``layer.route`` so every token picks the given experts (with the router's weights)."""
     route = layer.route
 
-    def routed(x_TD: torch.Tensor) -> Routing:
-        r = route(x_TD)
+    def routed(x_TD: torch.Tensor, choice=None) -> Routing:
+        r = route(x_TD, choice)
         chosen = experts_TK.expand(x_TD.shape[0], -1)
         counts_E = count_per_expert(chosen, r.probs_TE.shape[-1])
         return Routing(r.logits_TE, r.probs_TE, r.probs_TE.gather(1, chosen), chosen, counts_E)

@@ -18,6 +18,7 @@ from moe_model.attention import (
     resolve_document_mask_backend,
 )
 from moe_model.errors import ConfigError
+from tests.cpu_capability import INDUCTOR_CPU
 
 EOS = 9
 
@@ -72,6 +73,7 @@ def _tile_table(num_blocks_BHQ: torch.Tensor, indices_BHQK: torch.Tensor) -> tor
 
 
 @pytest.mark.slow
+@INDUCTOR_CPU  # the block mask is built by a compiled function
 def test_flex_block_mask_is_built_compiled_and_never_dense():
     """The flex backend's mask comes from compiled code whose every buffer is a tile table:
     nothing of B x S x S (nor one S x S) is allocated. Its tiles are those of the dense
