@@ -269,7 +269,7 @@ def test_collect_routes_each_token_once(monkeypatch):
     ids = torch.randint(0, 64, (3, 16))
     calls = []
     route = MoELayer.route
-    monkeypatch.setattr(MoELayer, "route", lambda self, x: calls.append(x.shape) or route(self, x))
+    monkeypatch.setattr(MoELayer, "route", lambda self, x, *rest: calls.append(x.shape) or route(self, x, *rest))
     stats = collect(model, ids, batch_size=2)
     assert len(calls) == 2 * 2  # two batches (2 + 1 sequences), two MoE layers
     model.eval()

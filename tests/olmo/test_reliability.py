@@ -596,7 +596,9 @@ def test_no_tensor_or_memory_growth_over_60_steps(tmp_path, data, monkeypatch):
     every = {"save_interval": 10, "eval_interval": 10}
     assert main([TEST_CONFIG, *tiny_overrides(tmp_path / "run", data, max_duration=60, **every)]) == 0
     assert ce_losses(tmp_path / "run")[-1][0] == 60
-    assert probe.tensors[15] == probe.tensors[35] == probe.tensors[55], probe.tensors
+    # Non-increasing: a per-step leak of one tensor adds 20 between probes; one-off clean-ups
+    # (olmo-core's and torch's caches settling after the first checkpoints) may lower the count.
+    assert probe.tensors[15] >= probe.tensors[35] >= probe.tensors[55], probe.tensors
     assert probe.rss[55] - probe.rss[15] < 20 * 2**20, probe.rss
 
 

@@ -8,6 +8,7 @@ import torch
 from olmo import metric_names as names
 from olmo.checkpoint_io import load_state_dict
 from olmo.config import load_config
+from tests.cpu_capability import INDUCTOR_CPU
 
 from .helpers import (
     TEST_CONFIG,
@@ -130,6 +131,7 @@ def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
     assert max(r["step"] for r in read_metrics(save)) == 8
 
 
+@INDUCTOR_CPU
 def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     # torch.compile of each block (inductor on CPU) computes the same step.
     save = _train(tmp_path, "compiled", compile="true")
