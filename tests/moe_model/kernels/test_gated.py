@@ -12,9 +12,6 @@ reference written here from the formula.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,10 +22,10 @@ from moe_model.kernels.gated_fused import poly_norm_glu_fused, poly_relu_glu_fus
 from tests.moe_model.kernels.test_polynorm import (
     EPS,
     ORDERS,
-    REPO,
     TOL,
     assert_close,
     require_triton,
+    run_in_interpreter,
 )
 
 pytestmark = pytest.mark.numerics
@@ -210,14 +207,7 @@ def interp_results(tmp_path_factory):
     for kind, shape in INTERP_EMPTY:
         x, w, b, g = make_inputs(shape, 3, torch.float32)
         cases.append((kind, x, w, b, g))
-    torch.save(cases, tmp / "in.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT, str(tmp / "in.pt"), str(tmp / "out.pt")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return cases, torch.load(tmp / "out.pt")
+    return cases, run_in_interpreter(_INTERP_SCRIPT, cases, tmp, timeout=600)
 
 
 @pytest.mark.parametrize("case", range(len(INTERP_CASES)), ids=lambda i: "-".join(map(str, INTERP_CASES[i])))

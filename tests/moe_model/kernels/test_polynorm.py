@@ -321,6 +321,21 @@ INTERP_AUTOCAST = [
 # The kernels called directly on an expert without rows (they skip the launch).
 INTERP_EMPTY = [(kind, shape) for kind in ("polynorm", "polyrelu") for shape in EMPTY_SHAPES]
 
+
+def run_in_interpreter(script: str, cases: list, tmp: Path, timeout: int) -> list:
+    """``script``'s results for ``cases``, run in a subprocess under TRITON_INTERPRET=1 (it must be
+    set before Triton's first import): the script reads the cases from ``argv[1]`` and saves its
+    results, one per case, to ``argv[2]``."""
+    torch.save(cases, tmp / "in.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp / "in.pt"), str(tmp / "out.pt")],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp / "out.pt")
+
+
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -363,14 +378,7 @@ def interp_results(tmp_path_factory):
     for kind, dtype, autocast in INTERP_AUTOCAST:
         x, w, b, g = make_inputs(INTERP_AUTOCAST_SHAPE, 3, dtype, seed=7)
         cases.append((kind, x, w, b, g, autocast))
-    torch.save(cases, tmp / "in.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERP_SCRIPT, str(tmp / "in.pt"), str(tmp / "out.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return cases, torch.load(tmp / "out.pt")
+    return cases, run_in_interpreter(_INTERP_SCRIPT, cases, tmp, timeout=300)
 
 
 @pytest.mark.parametrize("case", range(len(INTERP_CASES)), ids=lambda i: "-".join(map(str, INTERP_CASES[i])))
