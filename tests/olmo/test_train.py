@@ -54,6 +54,18 @@ def _final_weights(save, step):
     return load_state_dict(save / f"step{step}")
 
 
+def _train_on_one_and_two_ranks(tmp_path, name, **extra):
+    """Train ``name`` in 1 process and on 2 FSDP ranks: the first steps' losses agree to fp32
+    rounding and the loss falls; returns the 2-rank run's save folder."""
+    runs = {n: _train(tmp_path / f"{name}{n}", name, nproc=n, **extra) for n in (1, 2)}
+    one, two = ce_losses(runs[1]), ce_losses(runs[2])
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (step, a), (_, b) in zip(one[:2], two[:2]):
+        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
+    assert one[-1][1] < one[0][1] - 0.3
+    return runs[2]
+
+
 def test_metrics_file_has_the_keys_and_loss_falls(straight_runs):
     records = read_metrics(straight_runs[1])
     train = [r for r in records if names.CE_LOSS in r]
@@ -169,14 +181,9 @@ def test_in_loop_downstream_accuracy_and_mfu(tmp_path):
 
 def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     """One PolyNorm set per expert: 2 FSDP ranks match 1 process, and the sets drift apart."""
-    runs = {n: _train(tmp_path / f"p{n}", "per_expert", nproc=n,
-                      **{"model.moe_activation_per_expert": "true"}) for n in (1, 2)}
-    one, two = ce_losses(runs[1]), ce_losses(runs[2])
-    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
-    for (step, a), (_, b) in zip(one[:2], two[:2]):
-        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
-    assert one[-1][1] < one[0][1] - 0.3
-    weights = _final_weights(runs[2], 8)
+    save = _train_on_one_and_two_ranks(tmp_path, "per_expert",
+                                       **{"model.moe_activation_per_expert": "true"})
+    weights = _final_weights(save, 8)
     sets = [weights[f"blocks.0.ffn.act.{e}.weight"] for e in range(4)]
     assert all(torch.isfinite(w).all() for w in sets)
     # Trained separately from the same init: no two experts end with the same coefficients.
@@ -188,13 +195,7 @@ def test_gated_poly_trains_on_two_fsdp_ranks_like_one(tmp_path, activation):
     """The gated forms through the trainer (FSDP2, gloo): 2 ranks match 1 process, the loss
     falls, and the layer's coefficient set trains (it leaves its 1/3 init)."""
     extra = {"model.activation_type": activation, "model.mlp_hidden_size": 32}
-    runs = {n: _train(tmp_path / f"g{n}", activation, nproc=n, **extra) for n in (1, 2)}
-    one, two = ce_losses(runs[1]), ce_losses(runs[2])
-    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
-    for (step, a), (_, b) in zip(one[:2], two[:2]):
-        assert a == pytest.approx(b, rel=2e-5), f"step {step}: {a} vs {b}"
-    assert one[-1][1] < one[0][1] - 0.3
-    weights = _final_weights(runs[2], 8)
+    weights = _final_weights(_train_on_one_and_two_ranks(tmp_path, activation, **extra), 8)
     assert weights["blocks.0.ffn.w_in_EDH"].shape[-1] == 64  # [gate | up], 2 x 32
     coeffs = weights["blocks.0.ffn.act.weight"]
     assert torch.isfinite(coeffs).all() and not torch.allclose(coeffs, torch.full((3,), 1 / 3))
