@@ -34,6 +34,7 @@ from moe_model.kernels.polynorm_triton import (
     _block_and_warps,
     _check_device,
     _num_programs,
+    _poly_norm_row,
     _poly_norm_row_grad,
     _store_power_partials,
 )
@@ -87,16 +88,7 @@ def _poly_norm_glu_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK
     x_row = X + row * (2 * n_cols)
     x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    a = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(B).to(tl.float32)
-    xp = x
-    for p in tl.static_range(1, ORDER + 1):
-        if p > 1:
-            xp = xp * x
-        # Masked columns are 0, so they add nothing to the sum; divide by the true length.
-        r = tl.rsqrt(tl.sum(xp * xp, axis=0) / n_cols + eps)
-        w = tl.load(W + (ORDER - p)).to(tl.float32)
-        a += (w * r) * xp
-        tl.store(RSTD + row * ORDER + (p - 1), r)
+    a = _poly_norm_row(x, W, B, RSTD + row * ORDER, n_cols, eps, ORDER, BLOCK)
     tl.store(Y + row * n_cols + cols, (a * up).to(Y.dtype.element_ty), mask=mask)
 
 

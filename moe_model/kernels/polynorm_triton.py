@@ -86,11 +86,9 @@ def _num_programs(device: torch.device, n_work: int, per_sm: int) -> int:
 
 
 @triton.jit
-def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+def _poly_norm_row(x, W, B, RSTD_ROW, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """PolyNorm of one row ``x`` (fp32, masked columns 0), fp32; stores each power's
+    ``r_p = rsqrt(mean(x**2p) + eps)`` at ``RSTD_ROW + p - 1`` for the backward."""
     y = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(B).to(tl.float32)
     xp = x
     for p in tl.static_range(1, ORDER + 1):
@@ -100,7 +98,17 @@ def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl
         r = tl.rsqrt(tl.sum(xp * xp, axis=0) / n_cols + eps)
         w = tl.load(W + (ORDER - p)).to(tl.float32)
         y += (w * r) * xp
-        tl.store(RSTD + row * ORDER + (p - 1), r)
+        tl.store(RSTD_ROW + (p - 1), r)
+    return y
+
+
+@triton.jit
+def _poly_norm_fwd(X, W, B, Y, RSTD, n_cols, eps, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = _poly_norm_row(x, W, B, RSTD + row * ORDER, n_cols, eps, ORDER, BLOCK)
     tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
