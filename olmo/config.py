@@ -40,7 +40,7 @@ __all__ = [
 
 
 OPTIMIZER_NAMES = ("adamw", "muon")
-"""``optimizer.name`` values; olmo/train_module.py builds each."""
+"""``optimizer.name`` values; olmo/optim.py builds each (its OPTIMIZERS table)."""
 MUON_LR_SCALES = ("match_rms_adamw", "original")
 """``optimizer.muon_lr_scale`` values (olmo/muon.py's LR_SCALES)."""
 

@@ -30,8 +30,8 @@ Offsets beyond the kernel's own asserts: they must rise from 0 and end within th
 Ending short of it is legal, but the output is ``empty_strided``, so in 2d x 3d and 3d x 2d calls
 the rows past ``offs[-1]`` stay uninitialised: the caller must mask them, as the MoE layer does
 for capacity-dropped rows (``moe.py``; tests/moe_model/test_moe_variants.py writes NaN there
-and checks that nothing reaches the output or the gradients). :func:`grouped_mm_notes` lists
-such calls without counting them as violations.
+and checks that nothing reaches the output or the gradients), so such calls are not
+violations here.
 
 A data pointer's alignment on CUDA is its storage offset's: the caching allocator hands out
 512-byte aligned blocks, so ``storage_offset * itemsize % 16`` decides it (CPU allocations are

@@ -95,7 +95,7 @@ def test_run_is_complete_reads_the_final_step(tmp_path):
 
 @pytest.mark.parametrize("vocab, token_dtype", [(512, np.uint16), (100_000, np.uint32)])
 def test_expected_final_step_of_epochs_reads_the_token_width(tmp_path, vocab, token_dtype):
-    """Regression: compare.py counted 2-byte tokens, where olmo/data.py stores a vocabulary
+    """Regression: olmo/compare counted 2-byte tokens, where olmo/data stores a vocabulary
     above 65,536 ids as uint32; the epoch length it expected was then twice the real one and
     no run of a large-vocabulary sweep ever counted as complete."""
     seq, batch, epochs = 32, 8, 2

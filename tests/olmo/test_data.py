@@ -120,7 +120,7 @@ def test_dolma_tokens_round_trip(tmp_path: Path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "Reusing" in second.stdout, second.stdout + second.stderr
 
-    # Load every token through olmo/data.py: sequence_length 1 so no tail is dropped, and the
+    # Load every token through olmo/data's loaders: sequence_length 1 so no tail is dropped, and the
     # eval loader reads in file order.
     cfg = DataConfig(paths=[str(out / "*.npy")], validation={"docs": [str(out / "*.npy")]})
     validate_data(cfg, vocab_size=VOCAB, sequence_length=1, global_batch_size=1)
