@@ -24,7 +24,6 @@ The task datasets and prompts used here are the same ones it would use.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -258,12 +257,3 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def chance_accuracy(task: str, tokenizer=None, limit: int | None = None) -> float:
-    """Expected accuracy of random guessing on the first ``limit`` questions (1/choices)."""
-    dataset = load_task(task, tokenizer or build_tokenizer(), max_length=2048, limit=limit)
-    choices: dict[int, int] = {}
-    for s in dataset.samples:
-        choices[s["doc_id"]] = choices.get(s["doc_id"], 0) + 1
-    return sum(1 / c for c in choices.values()) / len(choices) if choices else math.nan
