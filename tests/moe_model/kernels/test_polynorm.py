@@ -322,30 +322,22 @@ INTERP_AUTOCAST = [
 INTERP_EMPTY = [(kind, shape) for kind in ("polynorm", "polyrelu") for shape in EMPTY_SHAPES]
 
 
-def run_in_interpreter(script: str, cases: list, tmp: Path, timeout: int) -> list:
-    """``script``'s results for ``cases``, run in a subprocess under TRITON_INTERPRET=1 (it must be
-    set before Triton's first import): the script reads the cases from ``argv[1]`` and saves its
-    results, one per case, to ``argv[2]``."""
-    torch.save(cases, tmp / "in.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp / "in.pt"), str(tmp / "out.pt")],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(tmp / "out.pt")
-
-
 _INTERP_SCRIPT = textwrap.dedent(
     """
     import sys
     import torch
+    from moe_model.kernels.gated_triton import poly_norm_glu_triton, poly_relu_glu_triton
     from moe_model.kernels.polynorm_triton import INTERPRET, poly_norm_triton, poly_relu_triton
 
     assert INTERPRET, "TRITON_INTERPRET was not seen"
-    cases = torch.load(sys.argv[1])
+    KERNELS = {
+        "polynorm": lambda x, w, b: poly_norm_triton(x, w, b, 1e-6),
+        "polyrelu": poly_relu_triton,
+        "polynorm_glu": lambda x, w, b: poly_norm_glu_triton(x, w, b, 1e-6),
+        "polyrelu_glu": poly_relu_glu_triton,
+    }
     out = []
-    for kind, x, w, b, g, autocast in cases:
+    for kind, x, w, b, g, autocast in torch.load(sys.argv[1]):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         saved = []
         def pack(t):
@@ -353,15 +345,27 @@ _INTERP_SCRIPT = textwrap.dedent(
             return t
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                if kind == "polynorm":
-                    y = poly_norm_triton(*leaves, 1e-6)
-                else:
-                    y = poly_relu_triton(*leaves)
+                y = KERNELS[kind](*leaves)
             y.backward(g)
         out.append((y.detach(), *(t.grad for t in leaves), sum(saved)))
     torch.save(out, sys.argv[2])
     """
 )
+
+
+def run_in_interpreter(cases: list, tmp: Path, timeout: int) -> list:
+    """The Triton kernels on ``cases`` in a subprocess under TRITON_INTERPRET=1 (it must be set
+    before Triton's first import). A case is ``(kind, x, weight, bias, grad_out, autocast)``, kind
+    polynorm, polyrelu, polynorm_glu or polyrelu_glu; its result ``(y, dx, dweight, dbias, bytes
+    saved for backward)``."""
+    torch.save(cases, tmp / "in.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERP_SCRIPT, str(tmp / "in.pt"), str(tmp / "out.pt")],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp / "out.pt")
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +382,7 @@ def interp_results(tmp_path_factory):
     for kind, dtype, autocast in INTERP_AUTOCAST:
         x, w, b, g = make_inputs(INTERP_AUTOCAST_SHAPE, 3, dtype, seed=7)
         cases.append((kind, x, w, b, g, autocast))
-    return cases, run_in_interpreter(_INTERP_SCRIPT, cases, tmp, timeout=300)
+    return cases, run_in_interpreter(cases, tmp, timeout=300)
 
 
 @pytest.mark.parametrize("case", range(len(INTERP_CASES)), ids=lambda i: "-".join(map(str, INTERP_CASES[i])))
