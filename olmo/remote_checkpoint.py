@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from moe_model.errors import ObjectStoreError
 from olmo import object_store
 from olmo.object_store import is_remote, join
 
-__all__ = ["UPLOADED_DIR", "RemoteCheckpointer", "upload_fault_step"]
+__all__ = ["UPLOADED_DIR", "DoneWhenAwaited", "RemoteCheckpointer", "upload_fault_step"]
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,52 @@ UPLOADED_DIR = ".uploaded"
 """Inside a remote ``stepN/``: one empty object per rank whose files are all uploaded."""
 FAULT_ENV = "MOE_FAULT_UPLOAD"
 """Tests: ``STEP`` makes every rank exit (code 3, no clean-up) after uploading its first file of
-that step's checkpoint -- a process killed mid-upload."""
+that step's checkpoint, once every rank has uploaded one -- a job killed mid-upload."""
 
 
 def upload_fault_step() -> int | None:
     value = os.environ.get(FAULT_ENV)
     return int(value) if value else None
+
+
+class DoneWhenAwaited(Future):
+    """A future that completes when the training thread waits for it, not when the background
+    upload finishes.
+
+    olmo-core's trainer records ``checkpoint/save_async_duration_s`` and calls every
+    ``post_checkpoint_saved`` from the save future's done-callback, which runs on whichever
+    thread completes the future. On the upload thread that happens at a step that differs
+    between ranks, so one rank reduces metrics of a step the other has already reduced:
+    mismatched gloo collectives (``op.preamble.length <= op.nbytes``, then SIGABRT) or silently
+    wrong sums. Completing here, inside ``result()``, puts that bookkeeping at the same step on
+    every rank: the next save or the end of training, where the checkpointer callback waits.
+    """
+
+    def __init__(self, upload: Future):
+        super().__init__()
+        self._upload = upload
+        self.set_running_or_notify_cancel()  # an upload in flight cannot be cancelled
+
+    def result(self, timeout: float | None = None):
+        if not self.done():
+            try:
+                value = self._upload.result(timeout)
+            except FutureTimeoutError:
+                raise
+            except BaseException as err:
+                self.set_exception(err)
+            else:
+                self.set_result(value)
+        return super().result()
+
+    def exception(self, timeout: float | None = None):
+        try:
+            self.result(timeout)
+        except FutureTimeoutError:
+            raise
+        except BaseException:
+            pass
+        return super().exception()
 
 
 @dataclass
@@ -96,7 +138,7 @@ class RemoteCheckpointer(Checkpointer):
         pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._pool = pool
         self._pending = pool.submit(self._upload, dir, stage, ephemeral)
-        return self._pending
+        return DoneWhenAwaited(self._pending)
 
     def wait_for_uploads(self) -> None:
         """Block until the last background upload is done; raise its error if it failed."""
@@ -137,6 +179,12 @@ class RemoteCheckpointer(Checkpointer):
         for i, path in enumerate(files):
             object_store.upload_file(path, join(dir, path.relative_to(stage).as_posix()))
             if fault is not None and dir.endswith(f"/step{fault}") and i == 0:
+                # Exit only once every rank has a file there, so what the test finds does not
+                # depend on which rank torchrun sees die first (it then stops the others).
+                deadline = time.monotonic() + 120
+                while len(object_store.list_objects(join(dir, ""))) < get_world_size() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                print(f"{FAULT_ENV}: rank {rank} exits after uploading {path.name}", file=sys.stderr, flush=True)
                 os._exit(3)
         object_store.put_bytes(join(dir, UPLOADED_DIR, f"rank{rank}"), b"")
         if rank == 0:
