@@ -196,7 +196,6 @@ def _plain_shell_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
 def test_every_printed_next_command_works_from_a_plain_shell(tmp_path):
     """Train a run with the OLMo tokenizer's vocabulary, then run each command of its summary
     exactly as printed, through bash, without the project's environment activated."""
