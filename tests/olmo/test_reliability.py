@@ -448,6 +448,8 @@ def test_bad_input_is_one_error_line(tmp_path, data, straight1, capsys, name):
         assert _snapshot(save) == before
 
 
+# The same property as tests/olmo/test_config.py's test_cli_errors_exit_nonzero_with_one_line.
+@pytest.mark.slow
 def test_bad_input_through_the_script(tmp_path, data):
     save = tmp_path / "save"
     proc = run_train([TEST_CONFIG, *tiny_overrides(save, data, **{"model.moe_top_k": 8})])
