@@ -122,7 +122,6 @@ def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), list((save / "wandb").iterdir())
 
 
-@pytest.mark.slow
 def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
     save = straight_runs[1]
     before = ce_losses(save)
