@@ -206,8 +206,13 @@ def failure_report(stderr: str) -> str:
     return "\n".join([*rank_lines[-40:], "..."]) + "\n" + stderr[-2000:]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+# The default test command runs one cheap script through the whole harness; the rest are slow.
+IN_DEFAULT_RUN = {"bench_activations.py"}
+
+
+@pytest.mark.parametrize(
+    "script", [s if s in IN_DEFAULT_RUN else pytest.param(s, marks=pytest.mark.slow) for s in SCRIPTS]
+)
 def test_every_bench_script_runs_quick_on_cpu(script, tmp_path):
     assert script in MEASURED, f"add {script}'s measured row key to MEASURED"
     module = importlib.import_module(f"benchmarks.{script[: -len('.py')]}")

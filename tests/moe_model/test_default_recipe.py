@@ -270,7 +270,7 @@ GOLDEN: dict = {
 }
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "polynorm"])
+@pytest.mark.parametrize("activation", ["swiglu", pytest.param("polynorm", marks=pytest.mark.slow)])
 def test_default_recipe_matches_olmoes(activation):
     misses = trace_misses(default_recipe_trace(activation), GOLDEN[activation])
     assert not misses, "\n".join(misses)

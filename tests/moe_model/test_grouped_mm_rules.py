@@ -46,6 +46,7 @@ def test_moe_layer_grouped_mm_calls_follow_cuda_rules(activation, variant):
     assert layouts == ["2d x 2d", "2d x 3d"], layouts
 
 
+@pytest.mark.slow
 def test_expert_parallel_grouped_mm_calls_follow_cuda_rules():
     """2 gloo ranks, bf16 expert-parallel layers with empty local experts and a rank that
     computes every row (tests/moe_model/ep_grouped_mm_worker.py)."""

@@ -143,6 +143,7 @@ _SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_init_equals_whole_build(tmp_path):
     """2 gloo ranks: each fills its own shards, and together they hold the whole-build weights."""
     script = tmp_path / "sharded_init.py"

@@ -409,6 +409,7 @@ _TWO_RANKS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     """Global-batch balancing: the ranks' mean loss and router gradient equal one process's
     micro-batch loss over all 80 tokens. Bias updates: identical on both ranks after every step

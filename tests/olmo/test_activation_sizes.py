@@ -57,6 +57,7 @@ def test_allowed_overrides(path, overrides, act, size):
     assert (model.activation_type, model.mlp_hidden_size) == (act, size)
 
 
+@pytest.mark.slow
 def test_train_cli_prints_one_line_and_exits_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), TINY, "--model.activation_type=polynorm_glu",

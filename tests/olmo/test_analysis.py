@@ -278,6 +278,7 @@ def test_collect_routes_each_token_once(monkeypatch):
     assert stats["expert_load"] == [(c / c.sum()).tolist() for c in counts_LE]
 
 
+@pytest.mark.slow
 def test_routing_trace_load_and_figure(tmp_path):
     """Two ranks' traces of one step: counts summed, overload factor = max / mean by hand, and
     scripts/analyze.py --routing-trace draws it."""

@@ -146,7 +146,6 @@ def _compare(tmp_path, out, data, *extra):
     return proc.stdout
 
 
-@pytest.mark.slow
 def test_sweep_end_to_end_and_resume(tmp_path):
     data = make_data(tmp_path)
     out = tmp_path / "sweep"
@@ -281,6 +280,7 @@ def test_variants_aggregate_and_compare_within_each_variant(tmp_path):
     assert_png_drawn(paths["png"])
 
 
+@pytest.mark.slow
 def test_variant_cli_errors_are_one_line():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), TINY, "--out", "unused", "--variant", "a", "model.x"],
@@ -291,6 +291,7 @@ def test_variant_cli_errors_are_one_line():
         "error: --variant a: 'model.x' must look like KEY=VALUE")
 
 
+@pytest.mark.slow
 def test_report_without_complete_runs_is_one_error_line(tmp_path):
     out = tmp_path / "empty"
     proc = subprocess.run(

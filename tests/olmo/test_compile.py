@@ -11,7 +11,6 @@ take minutes on this test machine's 2 shared cores and adds nothing to what is c
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
@@ -78,7 +77,6 @@ def relative_errors(got: dict, want: dict) -> dict[str, float]:
     }
 
 
-@pytest.mark.slow
 def test_compiled_step_is_one_graph_per_block_and_matches_eager(monkeypatch):
     reference, ref_metrics = step("fp32", False, monkeypatch)
     eager, eager_metrics = step("bf16", False, monkeypatch)

@@ -271,9 +271,12 @@ def test_dry_run_prints_the_data_mixture(tmp_path, capsys):
     "args, message",
     [
         (["--model.foo=1"], "unknown config key 'model.foo'"),
-        (["--model.activation_type=tanh"], "tanh"),
-        (["--model.moe_top_k=99"], "moe_top_k"),
-        (["--data.paths=[/nonexistent/dir/*.npy]"], "/nonexistent/dir/*.npy"),
+        # The same CLI path for other keys (slow: a process each; test_bad_values_name_the_key
+        # and test_reliability.py's bad-input tests check their messages in one process).
+        pytest.param(["--model.activation_type=tanh"], "tanh", marks=pytest.mark.slow),
+        pytest.param(["--model.moe_top_k=99"], "moe_top_k", marks=pytest.mark.slow),
+        pytest.param(["--data.paths=[/nonexistent/dir/*.npy]"], "/nonexistent/dir/*.npy",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_cli_errors_exit_nonzero_with_one_line(tmp_path, args, message):

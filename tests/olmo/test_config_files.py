@@ -148,6 +148,7 @@ def test_olmoe_swiglu_count_written_out():
     assert 2 * v * d + layers * per_layer + d == OLMOE_COUNTS["swiglu"][0]
 
 
+@pytest.mark.slow
 def test_dry_run_of_an_overlay_prints_the_merged_config_and_counts():
     proc = run_train([str(CONFIGS / "olmoe-1b-7b-polynorm.yaml"), "--dry-run"])
     assert proc.returncode == 0, proc.stderr

@@ -126,6 +126,7 @@ def test_training_step_has_no_cuda_sync(variant):
     assert layer_router_entropy(module.moe_layer_ids[0]) in module.trainer.metrics
 
 
+@pytest.mark.slow
 def test_expert_parallel_training_step_has_no_cuda_sync():
     """2 gloo ranks, EP degree 2 under FSDP: dropless, capacity drops with a shared expert, the
     auxiliary-loss-free bias with global-batch balancing, per-expert activation sets."""

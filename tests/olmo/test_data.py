@@ -378,6 +378,7 @@ def test_tokenize_script_rejects_missing_documents(tmp_path: Path):
     assert r.returncode == 1 and "no documents match" in r.stderr
 
 
+@pytest.mark.slow
 def test_tokenize_script_output_is_reproducible(tmp_path: Path):
     """Two tokenizations of the same documents write identical token files. dolma's workers
     shuffle the documents they write with unseeded generators; scripts/dolma_tokens.py seeds

@@ -59,6 +59,7 @@ def test_override_wins(monkeypatch):
     assert device_peak_flops(torch.device("cpu"), torch.float32, override=5e9) == 5e9
 
 
+@pytest.mark.slow
 def test_cpu_peak_is_measured_in_the_given_dtype(monkeypatch, tmp_path):
     monkeypatch.setattr(flops, "CPU_PEAK_CACHE", tmp_path / "cpu_peak.json")
     seen = []

@@ -112,6 +112,7 @@ def test_bad_input_through_run_pretrain_is_one_line_and_exit_2(tmp_path, data, a
     assert "ChildFailedError" not in out + err and not save.exists()
 
 
+@pytest.mark.slow
 def test_check_config_needs_no_data_and_catches_typos(tmp_path):
     """What run_pretrain.sh runs before it makes the sample data: the config alone."""
     missing = ["--data.paths=[/nonexistent/train*.npy]", f"--save_folder={tmp_path / 'run'}"]

@@ -187,7 +187,6 @@ def test_spike_detector_rule_and_state_round_trip():
     assert not SpikeDetectorCallback(window=10, threshold_std=3.0, min_history=5).check("Loss", 80.0)
 
 
-@pytest.mark.slow
 def test_spike_detector_state_is_in_the_checkpoint(straight1):
     state = _trainer_state(straight1 / "step8")
     spike = state["callbacks"]["spike_detector"]
@@ -225,7 +224,6 @@ def test_signal_on_one_rank_stops_all_saves_and_resumes_exactly(tmp_path, data, 
 # ---- 5. atomic checkpoints ----------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_unfinished_checkpoints_are_never_picked(tmp_path, data, straight1):
     from olmo_core.train.checkpoint import Checkpointer
 
@@ -250,7 +248,6 @@ def test_unfinished_checkpoints_are_never_picked(tmp_path, data, straight1):
     assert [s for s, _ in after[8:]] == [9, 10]
 
 
-@pytest.mark.slow
 def test_killed_process_leaves_last_checkpoint_and_resumes_exactly(tmp_path, data, straight1):
     save = tmp_path / "killed"
     proc = _run(save, data, env={"MOE_FAULT": "exit@6"})
@@ -451,6 +448,8 @@ def test_bad_input_is_one_error_line(tmp_path, data, straight1, capsys, name):
         assert _snapshot(save) == before
 
 
+# The same property as tests/olmo/test_config.py's test_cli_errors_exit_nonzero_with_one_line.
+@pytest.mark.slow
 def test_bad_input_through_the_script(tmp_path, data):
     save = tmp_path / "save"
     proc = run_train([TEST_CONFIG, *tiny_overrides(save, data, **{"model.moe_top_k": 8})])

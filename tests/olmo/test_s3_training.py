@@ -20,7 +20,6 @@ from .helpers import TEST_CONFIG, make_data, read_metrics, run_train, tiny_overr
 from .s3_server import CuttingProxy, moto_server
 
 CE = "train/CrossEntropyLoss"
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +93,7 @@ def _assert_same_weights(url: str, local_dir, monkeypatch, server, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_during_upload_resumes_from_last_complete_checkpoint(
     tmp_path, server, local1, local2, monkeypatch, nproc
@@ -131,6 +131,7 @@ def test_killed_during_upload_resumes_from_last_complete_checkpoint(
     assert "s3://tokens/data/train*.npy" in config
 
 
+@pytest.mark.slow
 def test_keep_last_k_deletes_remotely_and_survives_cut_connections(tmp_path, server, local1, monkeypatch):
     run, port = "flaky", int(server.endpoint.rsplit(":", 1)[1])
     proxy = CuttingProxy(port, cut_every=25)
@@ -206,6 +207,7 @@ def test_preflight_errors_are_one_line(tmp_path, server, monkeypatch, capsys, na
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_load_path_url_and_hf_export_between_buckets(tmp_path, server, local1, local_data, monkeypatch, capsys):
     from tests.scripts.helpers import run_script
 

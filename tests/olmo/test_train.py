@@ -20,7 +20,8 @@ from .helpers import (
     tiny_overrides,
 )
 
-pytestmark = pytest.mark.slow
+# The default test command runs the straight runs' checks, exact resume and expert parallelism;
+# the runs marked slow prove the same properties in other settings.
 REQUIRED_KEYS = {
     "step", "tokens", names.CE_LOSS, names.LB_LOSS, names.Z_LOSS,
     names.LR, names.GRAD_NORM, "expert_load",
@@ -122,6 +123,7 @@ def test_resume_continues_exactly(tmp_path, straight_runs, nproc):
         assert torch.equal(resumed[key], straight[key]), key
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_wandb_offline(tmp_path, straight_runs):
     # Recomputing blocks in backward must not change the numbers; W&B logs offline, no key.
     save = _train(tmp_path, "ac", activation_checkpointing="true", **{"wandb.mode": "offline"})
@@ -143,6 +145,7 @@ def test_rerunning_a_finished_run_is_a_no_op(straight_runs):
     assert max(r["step"] for r in read_metrics(save)) == 8
 
 
+@pytest.mark.slow
 @INDUCTOR_CPU
 def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     # torch.compile of each block (inductor on CPU) computes the same step.
@@ -153,6 +156,7 @@ def test_compiled_blocks_match_eager(tmp_path, straight_runs):
     assert [loss for _, loss in compiled[:3]] == pytest.approx([loss for _, loss in plain[:3]], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_in_loop_downstream_accuracy_and_mfu(tmp_path):
     # Downstream tasks need the OLMo tokenizer's vocabulary; the synthetic ids fit inside it.
     # A stated peak FLOP/s makes MFU a known function of the measured tokens per second.
@@ -179,6 +183,7 @@ def test_in_loop_downstream_accuracy_and_mfu(tmp_path):
         assert r[names.MFU] == pytest.approx(want, rel=1e-6), r["step"]
 
 
+@pytest.mark.slow
 def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     """One PolyNorm set per expert: 2 FSDP ranks match 1 process, and the sets drift apart."""
     save = _train_on_one_and_two_ranks(tmp_path, "per_expert",
@@ -190,6 +195,7 @@ def test_per_expert_coefficients_train_under_fsdp(tmp_path):
     assert len({tuple(w.tolist()) for w in sets}) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["polynorm_glu", "polyrelu_glu"])
 def test_gated_poly_trains_on_two_fsdp_ranks_like_one(tmp_path, activation):
     """The gated forms through the trainer (FSDP2, gloo): 2 ranks match 1 process, the loss
@@ -211,6 +217,7 @@ ROUTING_VARIANTS = {
 }
 
 
+@pytest.mark.slow
 def test_routing_variants_resume_exactly_on_two_ranks(tmp_path):
     """Trained on 2 FSDP ranks, stopped at step 4 and resumed: the per-step losses and the final
     weights, expert biases included, are the uninterrupted run's; the routing diagnostics are in
@@ -304,6 +311,7 @@ def _source_series(save) -> dict[int, dict[str, float]]:
             for r in read_metrics(save) if names.CE_LOSS in r}
 
 
+@pytest.mark.slow
 def test_mixture_trains_logs_per_source_and_resumes_exactly(tmp_path):
     data = make_data(tmp_path)
     extra = _mix_overrides(data)
@@ -384,6 +392,7 @@ def _assert_steps_match(got, want, first_tol=1e-5, later_tol=2e-3):
                 assert a == pytest.approx(b, rel=tol), f"{key} step {step}: {a} vs {b}"
 
 
+@pytest.mark.slow
 def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, straight_runs):
     """2 processes: steps 1-4 with expert parallelism (2 experts per rank), then a resume from
     its step-4 checkpoint without (DCP gathers the experts back), against plain FSDP on the same
@@ -398,6 +407,7 @@ def test_expert_parallel_trains_like_fsdp_and_resumes_with_plain_fsdp(tmp_path, 
     _assert_steps_match(save, straight_runs[2])
 
 
+@pytest.mark.slow
 def test_plain_fsdp_checkpoint_resumes_with_expert_parallelism(tmp_path, straight_runs):
     """2 processes: plain FSDP's step-4 checkpoint loaded with expert parallelism (DCP gives each
     rank its experts); steps 5-8 continue plain FSDP's losses."""
@@ -412,6 +422,7 @@ def plain_four(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("straight"), "straight4", nproc=4)
 
 
+@pytest.mark.slow
 def test_expert_parallel_with_fsdp_over_four_processes(tmp_path, plain_four):
     """4 processes, two EP groups of 2 (each rank holds 1 of the 4 experts of a layer): at every
     step the cross-entropy, balance and z-losses and expert load of plain FSDP over 4 processes

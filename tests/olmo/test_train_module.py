@@ -596,8 +596,8 @@ def run_ep_worker(nproc: int, *args: str) -> subprocess.CompletedProcess:
     [
         (2, ("2",)),
         pytest.param(4, ("2", "per_expert"), marks=pytest.mark.slow),
-        (2, ("2", "shared", "capacity")),
-        (2, ("2", "aux_free")),
+        pytest.param(2, ("2", "shared", "capacity"), marks=pytest.mark.slow),
+        pytest.param(2, ("2", "aux_free"), marks=pytest.mark.slow),
     ],
     ids=["2 ranks ep2", "4 ranks ep2 x fsdp2, per-expert sets", "shared expert, capacity drops",
          "sigmoid, expert bias, global-batch balance loss"],

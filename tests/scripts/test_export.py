@@ -340,6 +340,7 @@ def test_unshard_equals_model_state_dict(tmp_path):
     assert checkpoint_io.load_model_config(tmp_path / "out") == model.config
 
 
+@pytest.mark.slow
 def test_real_training_checkpoint_unshard_export_generate(tmp_path, capsys):
     """A short real run: unshard it, export it (verified), and generate from both forms."""
     save = tmp_path / "run"
@@ -545,6 +546,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_training_continues_from_imported_model(tmp_path):
     """HF -> import -> train with load_path: weights loaded strictly, fresh optimizer, warm-up."""
     model = tiny_model("polynorm", seed=11)

@@ -154,7 +154,6 @@ def test_open_hf_dir_reads_sharded_olmoe(tmp_path):
         for i in range(2) for e in range(4) for p in ("gate", "up", "down")}
 
 
-@pytest.mark.slow
 def test_training_continues_from_imported_olmoe(tmp_path):
     """OLMoE dir -> import (with the test run's settings) -> train 4 steps from it."""
     hf = olmoe_dir(tmp_path / "olmoe", seed=3)
