@@ -112,7 +112,8 @@ def communication_bytes(cfg: TrainConfig, world_size: int, micro: int) -> float:
     params = cfg.model.num_params()
     share = (world_size - 1) / world_size
     gathers = 2 * micro * params * BF16 * share
-    reductions = (micro if cfg.reduce_grads_every_microbatch else 1) * params * FP32 * share
+    every = cfg.reduce_grads_every_microbatch is True  # plan_run decides "auto" first
+    reductions = (micro if every else 1) * params * FP32 * share
     return gathers + reductions
 
 

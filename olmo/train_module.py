@@ -117,7 +117,8 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
         compile=cfg.compile,
         expert_parallel_degree=cfg.parallel.expert_parallel_degree,
         fused_lm_loss=cfg.fused_lm_loss,
-        reduce_grads_every_microbatch=cfg.reduce_grads_every_microbatch,
+        # "auto" that no plan decided (a CPU run, no preflight): once per step, as before.
+        reduce_grads_every_microbatch=cfg.reduce_grads_every_microbatch is True,
         max_grad_norm=cfg.max_grad_norm,
         nonfinite_policy=cfg.nonfinite_policy,
         source_names=tuple(cfg.data.sources),

@@ -196,7 +196,7 @@ def test_launcher_plans_only_gpu_runs(monkeypatch):
     import olmo.launcher
 
     planned = []
-    monkeypatch.setattr(olmo.launcher, "check_memory_plan", lambda *a: planned.append(a))
+    monkeypatch.setattr(olmo.launcher, "check_memory_plan", lambda *a: planned.append(a) or [])
     monkeypatch.setattr(olmo.launcher, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr("torch.distributed.run.main", lambda argv: None)
     monkeypatch.setenv("NPROC_PER_NODE", "2")
@@ -222,3 +222,65 @@ def test_fused_lm_loss_plan_drops_the_logits():
     # Measured: 38,632,960 of 38,633,472 bytes (a few small saved tensors differ).
     assert dropped >= 0.99 * logits_bytes, (dropped, logits_bytes)
     assert plans[True].peak_bytes < plans[False].peak_bytes
+
+
+def test_auto_gradient_reduction_is_decided_by_the_plan(monkeypatch):
+    """reduce_grads_every_microbatch=auto: once per step where that plan fits, else every
+    micro-batch; the two real plans differ by the unsharded fp32 accumulators."""
+    import olmo.plan as plan_lib
+    from olmo.gpus import GpuSpec
+
+    memory = {
+        every: simulate_step(load_config(TINY, [*COMMON, f"--reduce_grads_every_microbatch={every}"]),
+                             2, fake=True, planned_device_type="cuda")
+        for every in (False, True)
+    }  # fmt: skip
+    assert memory[False].breakdown["grads_unsharded"] > 0 == memory[True].breakdown["grads_unsharded"]
+    assert memory[True].peak_bytes < memory[False].peak_bytes
+    # The decision is made on these two plans (the simulation is what the test above checks).
+    monkeypatch.setattr(
+        plan_lib, "simulate_step", lambda cfg, *a, **k: memory[cfg.reduce_grads_every_microbatch]
+    )
+
+    def gpu_of(nbytes: int) -> GpuSpec:
+        return GpuSpec("test", "H100 SXM", nbytes, 3.35e12, 450e9)
+
+    def need(every: bool) -> int:
+        return plan_lib.Plan(2, gpu_of(0), memory[every], None).required_bytes
+
+    cfg = load_config(TINY, [*COMMON, "--reduce_grads_every_microbatch=auto"])
+    for gpu_bytes, every, fits in ((need(False), False, True), (need(False) - 1, True, True),
+                                   (need(True) - 1, True, False)):  # fmt: skip
+        plan = plan_lib.plan_run(cfg, 2, gpu_of(gpu_bytes))
+        assert (plan.decided, plan.fits) == ({"reduce_grads_every_microbatch": every}, fits)
+        assert plan.memory is memory[every]
+    assert plan_lib.plan_run(load_config(TINY, COMMON), 2, gpu_of(0)).decided == {}
+
+
+def test_launcher_passes_the_plans_decision_to_torchrun(monkeypatch):
+    import olmo.launch
+    import olmo.launcher
+
+    started = []
+    decided = ["--reduce_grads_every_microbatch=true"]
+    monkeypatch.setattr(olmo.launcher, "check_memory_plan", lambda *a: decided)
+    monkeypatch.setattr(olmo.launcher, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr("torch.distributed.run.main", started.append)
+    monkeypatch.setattr(olmo.launch, "training_device_type", lambda: "cuda")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    argv = [TINY, "--save_folder=/tmp/plan-launcher-test", *COMMON,
+            "--reduce_grads_every_microbatch=auto"]  # fmt: skip
+    olmo.launcher.main(argv)
+    assert started[0][-len(argv) - 1 :] == [*argv, *decided]
+
+
+def test_auto_is_the_only_word_gradient_reduction_takes():
+    from moe_model.errors import ConfigError
+    from olmo.train_module import train_module_config
+
+    with pytest.raises(ConfigError, match=r"^reduce_grads_every_microbatch='sometimes' is unknown; "
+                                          r"expected true, false or auto$"):  # fmt: skip
+        load_config(TINY, ["--reduce_grads_every_microbatch=sometimes"])
+    # Undecided (a CPU run, no plan): once per step, as before.
+    cfg = load_config(TINY, ["--reduce_grads_every_microbatch=auto"])
+    assert train_module_config(cfg).reduce_grads_every_microbatch is False
