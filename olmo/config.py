@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_model.config import ConfigError, ModelConfig
+from olmo.activation_checkpointing import checkpoint_mode
 from olmo.activation_sizes import check_overridden_activation
 from olmo.data import DataConfig
 
@@ -234,8 +235,10 @@ class TrainConfig:
     """Clip the global gradient norm to this (<= 0 disables clipping)."""
     precision: str = "auto"
     """``auto`` (bf16 params + fp32 reduce on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward to save memory."""
+    activation_checkpointing: bool | str = False
+    """Recompute in backward to save memory: ``true``/``full`` each whole block, ``moe`` each
+    block's FFN (the MoE layer), ``attention`` each attention sublayer; ``false``/``none`` off
+    (olmo/activation_checkpointing.py)."""
     compile: bool = False
     """torch.compile each transformer block."""
     fused_lm_loss: bool = False
@@ -306,6 +309,7 @@ class TrainConfig:
             )
         if self.device_peak_flops is not None:
             _positive("device_peak_flops", self.device_peak_flops)
+        checkpoint_mode(self.activation_checkpointing)
         if isinstance(self.reduce_grads_every_microbatch, str) and (
             self.reduce_grads_every_microbatch != AUTO
         ):

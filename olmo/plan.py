@@ -46,7 +46,8 @@ CATEGORY_LABELS = {
 
 FIXES = {
     "grads_unsharded": "--reduce_grads_every_microbatch=true or auto (gradients stay sharded)",
-    "activations": "--activation_checkpointing=true or a smaller --device_train_microbatch_size",
+    "activations": "--activation_checkpointing=moe (the MoE layers) or true (whole blocks), or a "
+    "smaller --device_train_microbatch_size",
     "temporaries": "a smaller --device_train_microbatch_size",
     "params_sharded": "more GPUs (--gpus)",
     "optimizer_state": "more GPUs (--gpus)",

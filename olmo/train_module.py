@@ -84,7 +84,8 @@ class TrainModuleConfig:
     """'auto' (bf16 on GPUs, fp32 on CPUs), 'fp32' or 'bf16'."""
     init_on_device: bool = False
     """Draw the initial weights on the training device instead of the CPU."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
+    """A mode of olmo/activation_checkpointing.py, or true (whole blocks) / false."""
     compile: bool = False
     """torch.compile each block."""
     expert_parallel_degree: int = 1

@@ -242,6 +242,26 @@ def test_fused_lm_loss_equals_the_logits_cross_entropy_in_float64():
     assert any(k.startswith(SOURCE_SUM_PREFIX) for k in runs[True][1])
 
 
+@pytest.mark.parametrize("mode", ["full", "moe", "attention", True])
+def test_activation_checkpointing_modes_keep_losses_and_gradients(mode):
+    """Each checkpointing mode recomputes part of each block in backward: the step's losses and
+    gradients equal those without checkpointing (float64, within FUSED_TOL)."""
+    runs = {}
+    for setting in (False, mode):
+        module, trainer = make_module(model_config(), activation_checkpointing=setting)
+        module.model.double()
+        module.train_batch(make_batch())
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): g
+                 for n, g in grads_of(module.model).items()}  # fmt: skip
+        runs[setting] = grads, trainer.metrics
+    wrappers = [m for m in module.model.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(wrappers) == module.config.model.n_layers
+    err, param = worst_relative_error(runs[mode][0], runs[False][0])
+    assert err <= FUSED_TOL, f"{mode}: {param} differs by {err:.2e}"
+    for name, value in runs[False][1].items():
+        assert runs[mode][1][name] == pytest.approx(value, rel=FUSED_TOL, abs=1e-12), name
+
+
 def test_document_masking_reads_the_batchs_document_ids():
     """The train module takes document boundaries from the batch (the data layer's collator);
     the gradients and losses equal those of the model given document_ids(input_ids, EOS), as the
