@@ -207,3 +207,31 @@ def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec, all_micro_batches: bool 
         if chosen.fits:
             break
     return chosen
+
+
+def microbatch_sizes(cfg: TrainConfig, gpus: int) -> list[int]:
+    """The micro-batch sizes a step of ``cfg`` on ``gpus`` ranks can take: the divisors of the
+    per-rank batch, ascending."""
+    per_rank = cfg.global_train_batch_size // gpus
+    return [size for size in range(1, per_rank + 1) if per_rank % size == 0]
+
+
+def suggest_microbatch_size(
+    cfg: TrainConfig, gpus: int, gpu: GpuSpec
+) -> tuple[int | None, dict[int, Plan]]:
+    """The largest micro-batch size that fits (None when even 1 does not) and the plans made to
+    find it: a binary search over :func:`microbatch_sizes` (memory grows with the size), so
+    about log2(number of divisors) + 1 simulated steps, each seconds to minutes."""
+    sizes = microbatch_sizes(cfg, gpus)
+    plans: dict[int, Plan] = {}
+    best, low, high = None, 0, len(sizes) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        config = copy.copy(cfg)
+        config.device_train_microbatch_size = sizes[middle]
+        plans[sizes[middle]] = plan = plan_run(config, gpus, gpu)
+        if plan.fits:
+            best, low = sizes[middle], middle + 1
+        else:
+            high = middle - 1
+    return best, plans

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -329,3 +330,31 @@ def test_unknown_activation_checkpointing_mode_is_one_line():
                                           r"true, false, none or one of full, moe, attention$"):  # fmt: skip
         load_config(TINY, ["--activation_checkpointing=ffn"])
     assert load_config(TINY, ["--activation_checkpointing=true"]).activation_checkpointing is True
+
+
+def test_suggested_microbatch_is_the_largest_divisor_that_fits(monkeypatch):
+    """A binary search over the divisors of the per-rank batch (here 64 / 2 = 32: 1, 2, 4, 8,
+    16, 32) on plans whose need grows with the size: the largest fitting one, in at most
+    log2(6) + 1 plans; None when even 1 does not fit."""
+    import olmo.plan as plan_lib
+    from olmo.gpus import GpuSpec
+
+    cfg = load_config(TINY, ["--global_train_batch_size=64", "--device_train_microbatch_size=1"])
+    assert plan_lib.microbatch_sizes(cfg, 2) == [1, 2, 4, 8, 16, 32]
+    tried = []
+
+    def plan_of(config, gpus, gpu):
+        size = config.device_train_microbatch_size
+        tried.append(size)
+        memory = SimpleNamespace(peak_bytes=size * 2**30)
+        return plan_lib.Plan(gpus, gpu, memory, None)
+
+    monkeypatch.setattr(plan_lib, "plan_run", plan_of)
+    margin = plan_lib.FIXED_RESERVE_BYTES
+    for limit, want in ((5, 4), (8, 8), (32, 32), (1, 1), (0.5, None)):
+        tried.clear()
+        gpu = GpuSpec("test", "H100 SXM", int(limit * 2**30 * 1.1) + margin + 1, 3.35e12, 450e9)
+        size, plans = plan_lib.suggest_microbatch_size(cfg, 2, gpu)
+        assert size == want, (limit, size, tried)
+        assert len(tried) <= 3 and set(plans) == set(tried)
+    assert cfg.device_train_microbatch_size == 1  # the config itself is left alone
