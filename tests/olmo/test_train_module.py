@@ -242,6 +242,19 @@ def test_fused_lm_loss_equals_the_logits_cross_entropy_in_float64():
     assert any(k.startswith(SOURCE_SUM_PREFIX) for k in runs[True][1])
 
 
+def test_fused_lm_loss_nan_fault_stops_the_step():
+    """MOE_FAULT=nan_loss's hook (olmo/faults.py) poisons the per-token losses when the fused
+    loss leaves no logits: the step stops before the update, as with logits."""
+    from moe_model.errors import NonFiniteError
+    from olmo.faults import _nan_logits
+
+    module, _ = make_module(model_config(), fused_lm_loss=True)
+    module.model.register_forward_hook(_nan_logits)
+    module.train_batch(make_batch())
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        module.optim_step()
+
+
 @pytest.mark.parametrize("mode", ["full", "moe", "attention", True])
 def test_activation_checkpointing_modes_keep_losses_and_gradients(mode):
     """Each checkpointing mode recomputes part of each block in backward: the step's losses and
