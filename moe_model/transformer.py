@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from moe_model.attention import DocumentMask, build_document_mask
 from moe_model.init import WeightInit
+from moe_model.lm_loss import fused_lm_cross_entropy
 from moe_model.moe import FeedForward, MoELayer
 from moe_model.precision import at_least_fp32, upcast
 from moe_model.routing import RouteChoice
@@ -27,8 +28,8 @@ __all__ = ["Attention", "Block", "DenseFFN", "ModelOutput", "MoETransformer", "a
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """(B, S, embedding_size) in the compute dtype."""
+    logits: torch.Tensor | None
+    """(B, S, embedding_size) in the compute dtype; None when the forward was given labels."""
     lb_loss: torch.Tensor
     """Weighted load-balancing loss averaged over MoE layers (0 for dense models)."""
     z_loss: torch.Tensor
@@ -43,6 +44,9 @@ class ModelOutput:
     routes: tuple[RouteChoice, ...] = ()
     """Each MoE layer's top-k experts and combine weights over the B*S tokens (detached), in
     layer order: what a routing trace records (olmo/routing_trace.py)."""
+    ce_T: torch.Tensor | None = None
+    """With labels: each of the B*S tokens' cross-entropy (fp32; 0 at ignored labels), from the
+    LM head fused with its loss (moe_model/lm_loss.py); None otherwise."""
 
 
 def rope_cos_sin(
@@ -266,13 +270,16 @@ class MoETransformer(nn.Module):
         input_ids_BS: torch.Tensor,
         doc_ids_BS: torch.Tensor | None = None,
         routes: list[RouteChoice] | tuple[RouteChoice, ...] | None = None,
+        labels_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits and auxiliary losses. ``doc_ids_BS`` (with ``config.document_masking``): the
         document of each token (:func:`moe_model.attention.document_ids`); attention then stays
         inside documents and RoPE positions restart at each one. Without it a row is one
         document. ``routes``: one :class:`RouteChoice` per MoE layer, (B*S, K) each, computed
         with instead of the routers' choices (replaying a trace); the routers still run for the
-        auxiliary losses."""
+        auxiliary losses. ``labels_BS``: the next tokens (-100 = no loss); the output then holds
+        each token's cross-entropy from the LM head fused with its loss (``ce_T``) instead of the
+        logits, which never materialise (in forward: FSDP gathers the head's weight for it)."""
         doc_mask = None
         if doc_ids_BS is not None:
             if not self.document_masking:
@@ -293,7 +300,12 @@ class MoETransformer(nn.Module):
             x_BSD, aux = block(x_BSD, doc_mask, route)
             if aux is not None:
                 auxes.append(aux)
-        logits_BSV = self.lm_head(self.norm(x_BSD))
+        logits_BSV = ce_T = None
+        if labels_BS is None:
+            logits_BSV = self.lm_head(self.norm(x_BSD))
+        else:
+            h_TD = self.norm(x_BSD).flatten(0, 1)
+            ce_T = fused_lm_cross_entropy(h_TD, self.lm_head.weight, labels_BS.flatten())
         if auxes:
             lb_loss = torch.stack([a.lb_loss for a in auxes]).mean()
             z_loss = torch.stack([a.z_loss for a in auxes]).mean()
@@ -302,9 +314,9 @@ class MoETransformer(nn.Module):
             dropped = [a.dropped_rows for a in auxes]
             dropped_rows_L = None if dropped[0] is None else torch.stack(dropped)
         else:
-            lb_loss = logits_BSV.new_zeros((), dtype=torch.float32)
-            z_loss = logits_BSV.new_zeros((), dtype=torch.float32)
-            tokens_per_expert_LE = torch.zeros(0, 0, dtype=torch.long, device=logits_BSV.device)
+            lb_loss = x_BSD.new_zeros((), dtype=torch.float32)
+            z_loss = x_BSD.new_zeros((), dtype=torch.float32)
+            tokens_per_expert_LE = torch.zeros(0, 0, dtype=torch.long, device=x_BSD.device)
             router_entropy_L = dropped_rows_L = None
         return ModelOutput(
             logits=logits_BSV,
@@ -314,6 +326,7 @@ class MoETransformer(nn.Module):
             router_entropy_L=router_entropy_L,
             dropped_rows_L=dropped_rows_L,
             routes=tuple(a.route for a in auxes),
+            ce_T=ce_T,
         )
 
     def _check_routes(self, routes, num_tokens: int) -> None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_model.config import ConfigError, ModelConfig
+from olmo.activation_checkpointing import checkpoint_mode
 from olmo.activation_sizes import check_overridden_activation
 from olmo.data import DataConfig
 
@@ -197,6 +198,10 @@ class TraceConfig:
                 raise ConfigError(f"trace.routing_steps has {step!r}; expected steps >= 1")
 
 
+AUTO = "auto"
+"""The value of a setting the GPU launch's memory plan decides (olmo/plan.py)."""
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "tiny-polynorm"
@@ -230,13 +235,21 @@ class TrainConfig:
     """Clip the global gradient norm to this (<= 0 disables clipping)."""
     precision: str = "auto"
     """``auto`` (bf16 params + fp32 reduce on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward to save memory."""
+    activation_checkpointing: bool | str = False
+    """Recompute in backward to save memory: ``true``/``full`` each whole block, ``moe`` each
+    block's FFN (the MoE layer), ``attention`` each attention sublayer; ``false``/``none`` off
+    (olmo/activation_checkpointing.py)."""
     compile: bool = False
     """torch.compile each transformer block."""
-    reduce_grads_every_microbatch: bool = False
+    fused_lm_loss: bool = False
+    """Compute the LM head and its cross-entropy together, a slice of tokens at a time, without
+    the (tokens, vocab) logits (moe_model/lm_loss.py): at OLMoE's micro-batch about 4.7 GiB less
+    per rank, for one extra LM-head GEMM in backward. Same loss (fp32 accumulation)."""
+    reduce_grads_every_microbatch: bool | str = False
     """FSDP: reduce-scatter gradients after every micro-batch (they stay sharded) instead of once
-    per step (each rank then holds unsharded fp32 gradients until the step's last micro-batch)."""
+    per step (each rank then holds unsharded fp32 gradients until the step's last micro-batch).
+    ``auto``: the GPU launch's memory plan decides (once per step when it fits, else every
+    micro-batch; olmo/plan.py); without a plan (CPU runs, --plan_preflight=false) once per step."""
     eval_interval: int = 1000
     """Evaluate on data.validation every this many steps (and at the end)."""
     eval_batch_size: int | None = None
@@ -296,6 +309,14 @@ class TrainConfig:
             )
         if self.device_peak_flops is not None:
             _positive("device_peak_flops", self.device_peak_flops)
+        checkpoint_mode(self.activation_checkpointing)
+        if isinstance(self.reduce_grads_every_microbatch, str) and (
+            self.reduce_grads_every_microbatch != AUTO
+        ):
+            raise ConfigError(
+                f"reduce_grads_every_microbatch={self.reduce_grads_every_microbatch!r} is unknown; "
+                "expected true, false or auto"
+            )
         if self.trace.routing_steps and not self.model.moe_layer_ids:
             raise ConfigError(
                 f"trace.routing_steps={list(self.trace.routing_steps)} needs MoE layers; "

@@ -90,6 +90,8 @@ class FaultInjectionCallback(Callback):
 
 def _nan_logits(module, inputs, output):
     del module, inputs
+    if output.logits is None:  # fused_lm_loss: per-token losses instead of logits
+        return dataclasses.replace(output, ce_T=output.ce_T * float("nan"))
     return dataclasses.replace(output, logits=output.logits * float("nan"))
 
 

@@ -103,10 +103,11 @@ def gpu_name() -> str:
         return ""
 
 
-def check_memory_plan(cfg, world_size: int, device_name: str) -> None:
+def check_memory_plan(cfg, world_size: int, device_name: str) -> list[str]:
     """Plan one step of ``cfg`` on ``world_size`` GPUs named ``device_name`` (olmo/plan.py) and
     raise LaunchError, naming the biggest term and the setting that shrinks it, when it does not
-    fit. A GPU the plan's table lacks is not checked (one line on stderr says so)."""
+    fit. Returns the overrides (``--key=value``) for the settings the plan decided (``auto``).
+    A GPU the plan's table lacks is not checked (one line on stderr says so)."""
     from moe_model.errors import LaunchError
     from olmo.gpus import gpu_from_device_name
     from olmo.plan import plan_run
@@ -117,10 +118,11 @@ def check_memory_plan(cfg, world_size: int, device_name: str) -> None:
             f"memory plan skipped: no entry for GPU {device_name!r} in olmo/gpus.py",
             file=sys.stderr,
         )
-        return
+        return []
     plan = plan_run(cfg, world_size, gpu)
     if not plan.fits:
         raise LaunchError(f"memory plan: {plan.verdict()}; --plan_preflight=false starts it anyway")
+    return [f"--{key}={str(value).lower()}" for key, value in plan.decided.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, TRAIN_SCRIPT, *argv])
 
     torchrun_argv: list[str] = []
+    decided: list[str] = []
 
     def check() -> int:
         """Fill torchrun_argv, or say that the run is already finished (stdout)."""
@@ -157,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg, world_size=nproc * nnodes)
         if cfg.plan_preflight and training_device_type() == "cuda":
             # Before torchrun starts any process; CPU runs skip it (no planning cost).
-            check_memory_plan(cfg, nproc * nnodes, gpu_name())
+            decided.extend(check_memory_plan(cfg, nproc * nnodes, gpu_name()))
         if (finished := finished_run_message(cfg)) is not None:
             print(finished, flush=True)
         else:
-            torchrun_argv.extend(torchrun_args(argv, env, nproc))
+            # The plan's choices for "auto" settings, after the user's (the last one wins).
+            torchrun_argv.extend(torchrun_args([*argv, *decided], env, nproc))
         return 0
 
     status = run_cli(check)

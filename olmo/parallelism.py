@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from moe_model.expert_parallel import EXPERT_WEIGHTS
 from moe_model.moe import MoELayer
 from moe_model.transformer import MoETransformer
+from olmo.activation_checkpointing import apply_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,13 @@ def parallelize_model(
     *,
     device: torch.device,
     param_dtype: torch.dtype,
-    activation_checkpointing: bool,
+    activation_checkpointing: bool | str,
     compile_blocks: bool,
     expert_parallel_degree: int = 1,
     planned_device_type: str | None = None,
 ) -> tuple[nn.Module, bool]:
-    """Apply activation checkpointing, torch.compile, expert parallelism and FSDP2 to each block,
+    """Apply activation checkpointing (olmo/activation_checkpointing.py: a mode or a bool),
+    torch.compile, expert parallelism and FSDP2 to each block,
     in that order.
 
     Returns the model and whether it is sharded. FSDP is used whenever more than one process
@@ -38,13 +40,7 @@ def parallelize_model(
     ``planned_device_type``: the device a planned run targets when the tensors live elsewhere
     (olmo/plan.py runs a GPU run's step on fake CPU tensors); None = ``device.type``.
     """
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    apply_activation_checkpointing(model.blocks, activation_checkpointing)
     if compile_blocks:
         config = getattr(model, "config", None)
         if param_dtype != torch.bfloat16 and config is not None and config.moe_layer_ids:

@@ -14,12 +14,13 @@ from olmo/gpus.py. The fit check keeps a margin for what a tensor-level simulati
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from olmo.config import TrainConfig
+from olmo.config import AUTO, TrainConfig
 from olmo.gpus import GpuSpec
 from olmo.plan_memory import MemoryPlan, simulate_step
 from olmo.plan_speed import SpeedPlan, roofline
@@ -44,8 +45,9 @@ CATEGORY_LABELS = {
 }
 
 FIXES = {
-    "grads_unsharded": "--reduce_grads_every_microbatch=true (gradients stay sharded)",
-    "activations": "--activation_checkpointing=true or a smaller --device_train_microbatch_size",
+    "grads_unsharded": "--reduce_grads_every_microbatch=true or auto (gradients stay sharded)",
+    "activations": "--activation_checkpointing=moe (the MoE layers) or true (whole blocks), or a "
+    "smaller --device_train_microbatch_size",
     "temporaries": "a smaller --device_train_microbatch_size",
     "params_sharded": "more GPUs (--gpus)",
     "optimizer_state": "more GPUs (--gpus)",
@@ -66,6 +68,8 @@ class Plan:
     gpu: GpuSpec
     memory: MemoryPlan
     speed: SpeedPlan
+    decided: dict[str, bool | str] = field(default_factory=dict)
+    """The ``auto`` settings the plan chose (key -> value), for the launcher to pass on."""
 
     @property
     def required_bytes(self) -> int:
@@ -126,6 +130,7 @@ class Plan:
                 "bf16_peak_flops": self.gpu.bf16_flops,
                 "hbm_bytes_per_s": self.gpu.hbm_bytes_per_s,
             },
+            "decided": self.decided,
             "notes": m.notes,
         }
 
@@ -150,6 +155,8 @@ class Plan:
             f"(CUDA context, NCCL, cuBLAS) = {self.required_bytes / GIB:.2f} GiB"
         )
         lines.append(self.verdict())
+        for key, value in self.decided.items():
+            lines.append(f"auto: {key}={str(value).lower()} (decided by this plan)")
         lines.append("estimate (roofline lower bound from datasheet peaks), per rank per step:")
         lines.append(f"  {'kind':<16} {'TFLOP':>10} {'GB moved':>10}")
         for kind, w in s.work.items():
@@ -175,8 +182,56 @@ def force_balance(cfg: TrainConfig) -> TrainConfig:
 
 
 def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec, all_micro_batches: bool = False) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of kind ``gpu`` (one simulated step: seconds to minutes)."""
-    memory = simulate_step(
-        cfg, gpus, fake=True, planned_device_type="cuda", all_micro_batches=all_micro_batches
-    )
-    return Plan(gpus=gpus, gpu=gpu, memory=memory, speed=roofline(cfg, gpus, gpu))
+    """Plan ``cfg`` on ``gpus`` GPUs of kind ``gpu`` (one simulated step: seconds to minutes).
+
+    ``reduce_grads_every_microbatch: auto`` is decided here: once per step (one reduce-scatter
+    per step) when that plan fits, else every micro-batch (no unsharded fp32 accumulators); the
+    plan returned is the chosen setting's (a second simulated step when the first does not fit).
+    """
+
+    def plan(config: TrainConfig) -> Plan:
+        memory = simulate_step(
+            config, gpus, fake=True, planned_device_type="cuda",
+            all_micro_batches=all_micro_batches,
+        )  # fmt: skip
+        return Plan(gpus=gpus, gpu=gpu, memory=memory, speed=roofline(config, gpus, gpu))
+
+    key = "reduce_grads_every_microbatch"
+    if getattr(cfg, key) != AUTO:
+        return plan(cfg)
+    for every in (False, True):
+        config = copy.copy(cfg)  # not replace(): __post_init__ refuses a force-balanced model
+        setattr(config, key, every)
+        chosen = plan(config)
+        chosen.decided[key] = every
+        if chosen.fits:
+            break
+    return chosen
+
+
+def microbatch_sizes(cfg: TrainConfig, gpus: int) -> list[int]:
+    """The micro-batch sizes a step of ``cfg`` on ``gpus`` ranks can take: the divisors of the
+    per-rank batch, ascending."""
+    per_rank = cfg.global_train_batch_size // gpus
+    return [size for size in range(1, per_rank + 1) if per_rank % size == 0]
+
+
+def suggest_microbatch_size(
+    cfg: TrainConfig, gpus: int, gpu: GpuSpec
+) -> tuple[int | None, dict[int, Plan]]:
+    """The largest micro-batch size that fits (None when even 1 does not) and the plans made to
+    find it: a binary search over :func:`microbatch_sizes` (memory grows with the size), so
+    about log2(number of divisors) + 1 simulated steps, each seconds to minutes."""
+    sizes = microbatch_sizes(cfg, gpus)
+    plans: dict[int, Plan] = {}
+    best, low, high = None, 0, len(sizes) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        config = copy.copy(cfg)
+        config.device_train_microbatch_size = sizes[middle]
+        plans[sizes[middle]] = plan = plan_run(config, gpus, gpu)
+        if plan.fits:
+            best, low = sizes[middle], middle + 1
+        else:
+            high = middle - 1
+    return best, plans

@@ -16,11 +16,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from olmo.activation_checkpointing import checkpoint_mode
 from olmo.config import TrainConfig
 from olmo.gpus import GpuSpec
 
 BF16 = 2
 FP32 = 4
+
+BLOCK_KINDS = ("attention_proj", "attention", "router", "expert_gemm", "activation", "combine")
+RECOMPUTED_KINDS: dict[str | None, tuple[str, ...]] = {
+    None: (),
+    "full": BLOCK_KINDS,
+    "moe": ("router", "expert_gemm", "activation", "combine"),
+    "attention": ("attention_proj", "attention"),
+}
+"""Activation checkpointing mode -> the kinds of work whose forward runs again in backward."""
 
 
 @dataclass(frozen=True)
@@ -60,24 +70,32 @@ def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
     dense = L - moe
     E, K, H = m.moe_num_experts, m.moe_top_k, m.mlp_hidden_size
     H_in = m.mlp_in_size
-    # Forward passes of the blocks: 2 with activation checkpointing (recompute in backward).
-    fwd = 2 if cfg.activation_checkpointing else 1
-    train = fwd + 2  # matmul passes: forward(s) + two in backward (input and weight gradients)
+    # Forward passes of each kind: 2 where activation checkpointing recomputes it in backward.
+    recomputed = RECOMPUTED_KINDS[checkpoint_mode(cfg.activation_checkpointing)]
 
-    def matmul(flops_fwd: float, weight_elems: float, act_bytes_fwd: float) -> Work:
-        # Weights read once per pass per micro-batch (bf16), weight gradients written once per
+    def passes(kind: str) -> int:
+        return 2 if kind in recomputed else 1
+
+    def matmul(kind: str, flops_fwd: float, weight_elems: float, act_bytes_fwd: float) -> Work:
+        # Matmul passes: forward(s) + two in backward (input and weight gradients). Weights
+        # read once per pass per micro-batch (bf16), weight gradients written once per
         # micro-batch (fp32 accumulation); activations read/written per pass.
+        train = passes(kind) + 2
         weight_bytes = weight_elems * micro * (train * BF16 + FP32)
         return Work(train * flops_fwd, weight_bytes + train * act_bytes_fwd)
 
     rows = T * K  # routed rows per MoE layer
     work = {
-        "attention_proj": matmul(2 * T * L * 4 * D * D, L * 4 * D * D, L * T * 8 * D * BF16),
+        "attention_proj": matmul("attention_proj", 2 * T * L * 4 * D * D, L * 4 * D * D, L * T * 8 * D * BF16),
         # QK^T and AV as olmo/flops.py counts them (12 L D S per token, forward + backward);
         # flash attention reads q, k, v and writes o (and reads them again in backward).
-        "attention": Work(L * D * seq * T * (4 * fwd + 8), L * T * D * BF16 * (4 * fwd + 8)),
-        "router": matmul(2 * T * moe * D * E, moe * D * E, moe * T * (D * BF16 + E * FP32)),
+        "attention": Work(
+            L * D * seq * T * (4 * passes("attention") + 8),
+            L * T * D * BF16 * (4 * passes("attention") + 8),
+        ),
+        "router": matmul("router", 2 * T * moe * D * E, moe * D * E, moe * T * (D * BF16 + E * FP32)),
         "expert_gemm": matmul(
+            "expert_gemm",
             2 * rows * moe * D * (H_in + H) + 2 * T * dense * D * (H_in + H),
             moe * E * D * (H_in + H) + dense * D * (H_in + H),
             moe * rows * (2 * D + H_in + H) * BF16,
@@ -85,23 +103,33 @@ def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
         # Elementwise: forward reads the pre-activation and writes the activation (bf16);
         # backward reads both inputs and the output gradient, writes the input gradient.
         "activation": Work(
-            10 * (fwd + 2) * rows * moe * H,
-            moe * rows * BF16 * (fwd * (H_in + H) + (H_in + H + H_in)),
+            10 * (passes("activation") + 2) * rows * moe * H,
+            moe * rows * BF16 * (passes("activation") * (H_in + H) + (H_in + H + H_in)),
         ),
         # Gather rows by expert, weight and scatter-add them back: each routed row read and
         # written once in forward, its gradient once in backward.
         "combine": Work(
-            2 * rows * moe * D * (fwd + 1),
-            moe * BF16 * (rows * D * 2 + T * D) * (fwd + 2),
+            2 * rows * moe * D * (passes("combine") + 1),
+            moe * BF16 * (rows * D * 2 + T * D) * (passes("combine") + 2),
         ),
-        # LM head matmul and the loss over V logits (fp32 softmax read/write).
-        "lm_head_loss": Work(
-            3 * 2 * T * D * V + 10 * T * V,
-            micro * D * V * (3 * BF16 + FP32) + T * V * (BF16 + 3 * FP32),
-        ),
+        "lm_head_loss": lm_head_loss_work(cfg.fused_lm_loss, T, D, V, micro),
     }
     work["communication"] = Work(0.0, communication_bytes(cfg, world_size, micro))
     return work
+
+
+def lm_head_loss_work(fused: bool, T: int, D: int, V: int, micro: int) -> Work:
+    """The LM head matmul and the loss over V logits. Unfused: three GEMM passes, the bf16
+    logits written, their fp32 softmax written and read. Fused (moe_model/lm_loss.py): the
+    forward GEMM runs again in backward (four passes), and each pass writes and reads its chunk's
+    fp32 logits (chunks larger than the caches)."""
+    if fused:
+        return Work(4 * 2 * T * D * V + 2 * 10 * T * V,
+                    micro * D * V * (4 * BF16 + FP32) + 2 * T * V * 2 * FP32)  # fmt: skip
+    return Work(
+        3 * 2 * T * D * V + 10 * T * V,
+        micro * D * V * (3 * BF16 + FP32) + T * V * (BF16 + 3 * FP32),
+    )
 
 
 def communication_bytes(cfg: TrainConfig, world_size: int, micro: int) -> float:
@@ -112,7 +140,8 @@ def communication_bytes(cfg: TrainConfig, world_size: int, micro: int) -> float:
     params = cfg.model.num_params()
     share = (world_size - 1) / world_size
     gathers = 2 * micro * params * BF16 * share
-    reductions = (micro if cfg.reduce_grads_every_microbatch else 1) * params * FP32 * share
+    every = cfg.reduce_grads_every_microbatch is True  # plan_run decides "auto" first
+    reductions = (micro if every else 1) * params * FP32 * share
     return gathers + reductions
 
 

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from moe_model.config import ModelConfig
 from moe_model.errors import NonFiniteError
 from moe_model.init import draw_on
+from moe_model.precision import upcast
 from moe_model.transformer import MoETransformer
 from olmo.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from olmo.metric_names import (
@@ -83,10 +84,13 @@ class TrainModuleConfig:
     """'auto' (bf16 on GPUs, fp32 on CPUs), 'fp32' or 'bf16'."""
     init_on_device: bool = False
     """Draw the initial weights on the training device instead of the CPU."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
+    """A mode of olmo/activation_checkpointing.py, or true (whole blocks) / false."""
     compile: bool = False
     """torch.compile each block."""
     expert_parallel_degree: int = 1
+    fused_lm_loss: bool = False
+    """LM head and cross-entropy fused (moe_model/lm_loss.py): no (tokens, vocab) logits."""
     reduce_grads_every_microbatch: bool = False
     """Reduce-scatter gradients after every micro-batch instead of once per step."""
     max_grad_norm: float = 1.0
@@ -113,7 +117,9 @@ def train_module_config(cfg: TrainConfig) -> TrainModuleConfig:
         activation_checkpointing=cfg.activation_checkpointing,
         compile=cfg.compile,
         expert_parallel_degree=cfg.parallel.expert_parallel_degree,
-        reduce_grads_every_microbatch=cfg.reduce_grads_every_microbatch,
+        fused_lm_loss=cfg.fused_lm_loss,
+        # "auto" that no plan decided (a CPU run, no preflight): once per step, as before.
+        reduce_grads_every_microbatch=cfg.reduce_grads_every_microbatch is True,
         max_grad_norm=cfg.max_grad_norm,
         nonfinite_policy=cfg.nonfinite_policy,
         source_names=tuple(cfg.data.sources),
@@ -225,9 +231,10 @@ class MoETrainModule(TrainModule):
 
     # ---- training ---------------------------------------------------------------------------
 
-    def _forward(self, batch: dict[str, Any]):
+    def _forward(self, batch: dict[str, Any], labels: torch.Tensor | None = None):
         """The model on a (micro-)batch; with document masking, attention stays inside the
-        documents the data layer marked ("doc_ids", olmo.data.BatchCollator)."""
+        documents the data layer marked ("doc_ids", olmo.data.BatchCollator). With ``labels``
+        the output holds per-token losses instead of logits (fused_lm_loss)."""
         doc_ids = None
         if self.config.model.document_masking:
             doc_ids = batch.get("doc_ids")
@@ -238,28 +245,39 @@ class MoETrainModule(TrainModule):
                 )
         ctx = self._autocast if self._autocast is not None else nullcontext()
         with ctx:
-            return self.model(batch["input_ids"], doc_ids)
+            if labels is None:
+                return self.model(batch["input_ids"], doc_ids)
+            return self.model(batch["input_ids"], doc_ids, labels_BS=labels)
 
     def _micro_ce(
-        self, logits: torch.Tensor, micro: dict[str, Any], num_loss_tokens: torch.Tensor
+        self, out, micro: dict[str, Any], num_loss_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's summed cross-entropy over the rank batch's loss tokens; with a
-        "source" per row, also (CE, loss tokens, tokens) per source (else None)."""
-        logits_TV, labels_T = logits.reshape(-1, logits.shape[-1]).float(), micro["labels"].reshape(-1)
-        if "source" not in micro or not self.source_names:
-            return F.cross_entropy(
-                logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="sum"
-            ) / num_loss_tokens, None
-        ce_T = F.cross_entropy(logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="none")
+        "source" per row, also (CE, loss tokens, tokens) per source (else None). From the
+        model's per-token losses (fused_lm_loss) or from its logits."""
+        labels_T = micro["labels"].reshape(-1)
+        by_source = "source" in micro and bool(self.source_names)
+        if out.ce_T is not None:
+            ce_T = out.ce_T
+        else:
+            logits_TV = upcast(out.logits.reshape(-1, out.logits.shape[-1]))
+            if not by_source:
+                return F.cross_entropy(
+                    logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="sum"
+                ) / num_loss_tokens, None
+            ce_T = F.cross_entropy(logits_TV, labels_T, ignore_index=LABEL_IGNORE_INDEX, reduction="none")
+        if not by_source:
+            return ce_T.sum() / num_loss_tokens, None
         n = len(self.source_names)
         seq_len = micro["labels"].shape[1]
-        source_T = micro["source"].to(logits.device).repeat_interleave(seq_len)
+        device = ce_T.device
+        source_T = micro["source"].to(device).repeat_interleave(seq_len)
         valid_T = (labels_T != LABEL_IGNORE_INDEX).float()
         sums_N3 = torch.stack([
-            torch.zeros(n, device=logits.device).index_add_(0, source_T, ce_T.detach()),
-            torch.zeros(n, device=logits.device).index_add_(0, source_T, valid_T),
+            torch.zeros(n, device=device).index_add_(0, source_T, ce_T.detach().float()),
+            torch.zeros(n, device=device).index_add_(0, source_T, valid_T),
             # Not bincount: on CUDA it reads the input's min and max back to the host.
-            torch.zeros(n, device=logits.device).index_add_(0, source_T, torch.ones_like(valid_T)),
+            torch.zeros(n, device=device).index_add_(0, source_T, torch.ones_like(valid_T)),
         ], dim=1)  # fmt: skip
         return ce_T.sum() / num_loss_tokens, sums_N3
 
@@ -282,17 +300,16 @@ class MoETrainModule(TrainModule):
                 # Accumulate unsharded gradients locally and reduce-scatter once, after the last
                 # micro-batch's backward: one collective per step instead of one per micro-batch.
                 self.model.set_requires_gradient_sync(index == num_micro - 1)
-            out = self._forward(micro)
+            out = self._forward(micro, micro["labels"] if self.config.fused_lm_loss else None)
             if recorder is not None:
                 doc_ids = micro.get("doc_ids") if self.config.model.document_masking else None
                 recorder.add(micro["input_ids"], doc_ids, out.routes)
-            logits = out.logits
-            ce, source_sums_N3 = self._micro_ce(logits, micro, num_loss_tokens)
+            ce, source_sums_N3 = self._micro_ce(out, micro, num_loss_tokens)
             loss = objective(ce, out.lb_loss, out.z_loss, num_micro)
             loss.total.backward()
             stats.add(out, ce=loss.ce, lb=loss.lb, z=loss.z, num_micro=num_micro,
                       source_sums_N3=source_sums_N3)  # fmt: skip
-            del out, logits, ce, loss
+            del out, ce, loss
 
         if dry_run:
             self.zero_grads()

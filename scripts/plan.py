@@ -26,6 +26,11 @@ def parse_args(argv):
         help="route every MoE layer's tokens round-robin (every expert T*K/E rows) instead of by "
         "the router: the balanced case, without routing noise",
     )  # fmt: skip
+    parser.add_argument(
+        "--suggest-microbatch", action="store_true",
+        help="find the largest device_train_microbatch_size that fits (a binary search over the "
+        "divisors of the per-rank batch: one plan per try) and report that size's plan",
+    )  # fmt: skip
     return parser.parse_known_args(argv)
 
 
@@ -38,7 +43,7 @@ def main(argv=None) -> int:
     def run() -> int:
         from olmo.config import load_config
         from olmo.gpus import gpu_spec
-        from olmo.plan import force_balance, plan_run
+        from olmo.plan import GIB, force_balance, plan_run, suggest_microbatch_size
         from olmo.plan_memory import check_plannable
 
         if args.gpus < 1:
@@ -48,7 +53,21 @@ def main(argv=None) -> int:
         check_plannable(cfg, args.gpus)
         if args.force_balance:
             cfg = force_balance(cfg)
-        plan = plan_run(cfg, args.gpus, gpu, all_micro_batches=args.all_micro_batches)
+        if args.suggest_microbatch:
+            size, plans = suggest_microbatch_size(cfg, args.gpus, gpu)
+            for tried, tried_plan in sorted(plans.items()):
+                need = tried_plan.required_bytes / GIB
+                verdict = "fits" if tried_plan.fits else "does NOT fit"
+                print(f"micro-batch {tried}: {need:.1f} GiB with margins: {verdict}")
+            if size is None:
+                raise ConfigError(
+                    f"no device_train_microbatch_size fits {args.gpus} x {gpu.name}: "
+                    f"{plans[min(plans)].verdict()}"
+                )
+            print(f"suggested: --device_train_microbatch_size={size}", flush=True)
+            plan = plans[size]
+        else:
+            plan = plan_run(cfg, args.gpus, gpu, all_micro_batches=args.all_micro_batches)
         print(plan.report(), flush=True)
         if args.json:
             plan.write_json(args.json)

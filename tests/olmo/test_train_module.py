@@ -215,6 +215,66 @@ def test_per_source_sums_and_unchanged_objective_with_a_mixture_batch():
 
 
 
+FUSED_TOL = 1e-12
+"""float64: fused and unfused losses and gradients differed by at most 1.1e-15 relative."""
+
+
+def test_fused_lm_loss_equals_the_logits_cross_entropy_in_float64():
+    """fused_lm_loss (the LM head and its cross-entropy a slice of tokens at a time) gives the
+    losses, per-source sums and gradients of the logits path, in float64."""
+    from olmo.data import DataConfig
+
+    sources = {n: {"paths": ["unused.npy"], "fraction": f} for n, f in (("web", 0.5), ("code", 0.5))}
+    runs = {}
+    for fused in (False, True):
+        module, trainer = make_module(model_config(), fused_lm_loss=fused,
+                                      data=DataConfig(sources=sources))  # fmt: skip
+        module.model.double()
+        module.train_batch({**make_batch(), "source": torch.tensor([1, 0, 1, 1])})
+        runs[fused] = grads_of(module.model), trainer.metrics
+    err, param = worst_relative_error(runs[True][0], runs[False][0])
+    assert err <= FUSED_TOL, f"{param}: fused gradient differs by {err:.2e}"
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for name, value in runs[False][1].items():
+        assert runs[True][1][name] == pytest.approx(value, rel=FUSED_TOL, abs=1e-12), name
+    from olmo.metric_names import SOURCE_SUM_PREFIX
+
+    assert any(k.startswith(SOURCE_SUM_PREFIX) for k in runs[True][1])
+
+
+def test_fused_lm_loss_nan_fault_stops_the_step():
+    """MOE_FAULT=nan_loss's hook (olmo/faults.py) poisons the per-token losses when the fused
+    loss leaves no logits: the step stops before the update, as with logits."""
+    from moe_model.errors import NonFiniteError
+    from olmo.faults import _nan_logits
+
+    module, _ = make_module(model_config(), fused_lm_loss=True)
+    module.model.register_forward_hook(_nan_logits)
+    module.train_batch(make_batch())
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        module.optim_step()
+
+
+@pytest.mark.parametrize("mode", ["full", "moe", "attention", True])
+def test_activation_checkpointing_modes_keep_losses_and_gradients(mode):
+    """Each checkpointing mode recomputes part of each block in backward: the step's losses and
+    gradients equal those without checkpointing (float64, within FUSED_TOL)."""
+    runs = {}
+    for setting in (False, mode):
+        module, trainer = make_module(model_config(), activation_checkpointing=setting)
+        module.model.double()
+        module.train_batch(make_batch())
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): g
+                 for n, g in grads_of(module.model).items()}  # fmt: skip
+        runs[setting] = grads, trainer.metrics
+    wrappers = [m for m in module.model.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(wrappers) == module.config.model.n_layers
+    err, param = worst_relative_error(runs[mode][0], runs[False][0])
+    assert err <= FUSED_TOL, f"{mode}: {param} differs by {err:.2e}"
+    for name, value in runs[False][1].items():
+        assert runs[mode][1][name] == pytest.approx(value, rel=FUSED_TOL, abs=1e-12), name
+
+
 def test_document_masking_reads_the_batchs_document_ids():
     """The train module takes document boundaries from the batch (the data layer's collator);
     the gradients and losses equal those of the model given document_ids(input_ids, EOS), as the
@@ -500,6 +560,10 @@ _SCRIPT = textwrap.dedent(
         tm.train_batch(dict(batches[rank]))
         counts[every] = calls["n"]
         grads[every] = {n: p.grad.full_tensor() for n, p in tm.model.named_parameters()}
+    # The LM head (in the root's FSDP unit) fused with its loss: the same gradients.
+    cfg, tm = build("--precision=fp32", "--fused_lm_loss=true")
+    tm.train_batch(dict(batches[rank]))
+    grads["fused"] = {n: p.grad.full_tensor() for n, p in tm.model.named_parameters()}
     check(counts[False] > 0, "no reduce-scatter at all")
     check(
         counts[True] == NUM_MICRO * counts[False],
@@ -523,7 +587,7 @@ _SCRIPT = textwrap.dedent(
             loss = ce / n_tokens + (out.lb_loss + out.z_loss) / NUM_MICRO
             (loss / world).backward()
     for name, p in ref.named_parameters():
-        for every in (False, True):
+        for every in (False, True, "fused"):
             try:
                 torch.testing.assert_close(grads[every][name], p.grad, rtol=1e-5, atol=1e-7)
             except AssertionError as err:
