@@ -22,7 +22,8 @@ At GPU scale, give each run a launcher: ``--launcher "bash run_pretrain.sh"`` or
 ``--launcher "torchrun --nproc_per_node=8 scripts/train.py"`` (it replaces
 ``python scripts/train.py``; the config and overrides follow it).
 
-Writes to --out: compare_activations.{png,svg,md,csv}, summary.json, runs/<act>-s<seed>/,
+Writes to --out: compare_activations.{png,svg,md,csv} (``--report-stem`` renames them, so
+another sweep's report can sit beside them in --report-dir), summary.json, runs/<act>-s<seed>/,
 logs/. --wandb-mode (default: the config's wandb.mode, offline unless set) also logs the table
 and figure to W&B as a summary run in the sweep's group (every run is in that group too).
 """
@@ -37,6 +38,7 @@ from moe_model.errors import LaunchError
 from olmo.cli import run_cli
 from olmo.compare import (
     DEFAULT_ACTIVATIONS,
+    REPORT_STEM,
     aggregate,
     log_wandb,
     markdown_table,
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default=None,
                         help="W&B mode of the summary (default: the config's wandb.mode)")
     parser.add_argument("--report-dir", default=None, help="also copy figure and table here (e.g. docs)")
+    parser.add_argument("--report-stem", default=REPORT_STEM,
+                        help=f"file name of figure and table, without suffix (default: {REPORT_STEM}); "
+                             "another sweep's report in --report-dir keeps its files")
     parser.add_argument("--variant", nargs="+", action="append", default=[],
                         metavar=("NAME", "KEY=VALUE"),
                         help="a named set of overrides crossed with the activations (repeatable)")
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args, overrides: list[str]) -> int:
     variants = parse_variants(args.variant)
+    if not args.report_stem or any(c in args.report_stem for c in "/\\") or args.report_stem in (".", ".."):
+        raise ConfigError(f"--report-stem {args.report_stem!r}: expected a file name without a "
+                          "directory or suffix, e.g. compare_2x2")
     plan = plan_sweep(args.config, activations=args.activations, seeds=args.seeds,
                       out_dir=args.out, overrides=overrides, name=args.name, variants=variants)
     base = load_config(args.config, overrides)
@@ -111,7 +119,7 @@ def _compare(args, overrides: list[str]) -> int:
         raise LaunchError(
             f"--out {str(plan.out_dir)!r}: no complete runs to report ({len(plan.runs)} planned, {why})"
         )
-    paths = write_report(result, plan.out_dir, smooth_window=args.smooth)
+    paths = write_report(result, plan.out_dir, smooth_window=args.smooth, stem=args.report_stem)
     if args.report_dir:
         import shutil
 

@@ -302,3 +302,44 @@ def test_report_without_complete_runs_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"error: --out {str(out)!r}: no complete runs to report (2 planned, none has finished)"]
+
+
+def test_optimizer_2x2_report_under_its_own_stem(tmp_path):
+    """The AdamW x Muon sweep's report goes to --report-dir under --report-stem, beside (not over)
+    another sweep's compare_activations.* there, with one row per (optimizer, activation)."""
+    out, docs = tmp_path / "2x2", tmp_path / "docs"
+    variants = {"adamw": ["optimizer.name=adamw"], "muon": ["optimizer.name=muon"]}
+    plan = plan_sweep(TINY, activations=["swiglu", "polynorm"], seeds=[0, 1], out_dir=out,
+                      overrides=["--max_duration=3"], variants=variants)
+    assert {load_config(TINY, r.overrides).optimizer.name for r in plan.runs if r.variant == "muon"} == {"muon"}
+    curves = {("adamw", "swiglu"): [4.0, 3.0, 2.0], ("adamw", "polynorm"): [3.5, 2.5, 2.0],
+              ("muon", "swiglu"): [3.0, 2.0, 1.0], ("muon", "polynorm"): [3.0, 2.5, 2.0]}
+    for spec in plan.runs:
+        _fake_run(spec.save_folder, curves[spec.variant, spec.activation])
+    docs.mkdir()
+    (docs / "compare_activations.png").write_bytes(b"the README's figure")
+    cmd = [sys.executable, str(SCRIPT), TINY, "--out", str(out), "--activations", "swiglu,polynorm",
+           "--seeds", "0,1", "--report-only", "--wandb-mode", "disabled", "--report-dir", str(docs),
+           "--variant", "adamw", "optimizer.name=adamw", "--variant", "muon", "optimizer.name=muon",
+           "--max_duration=3"]
+    proc = subprocess.run([*cmd, "--report-stem", "compare_2x2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in docs.iterdir()) == [
+        "compare_2x2.csv", "compare_2x2.md", "compare_2x2.png", "compare_2x2.svg",
+        "compare_activations.png"]
+    assert (docs / "compare_activations.png").read_bytes() == b"the README's figure"
+    assert_png_drawn(docs / "compare_2x2.png")
+    rows = {(r["variant"], r["activation"]): r for r in csv.DictReader((docs / "compare_2x2.csv").open())}
+    assert list(rows) == [("adamw", "swiglu"), ("adamw", "polynorm"), ("muon", "swiglu"), ("muon", "polynorm")]
+    # Final validation loss = last training loss + 0.1, the same for both seeds.
+    assert [float(r["val_loss_mean"]) for r in rows.values()] == pytest.approx([2.1, 2.1, 1.1, 2.1])
+    # Against SwiGLU of the same optimizer: Muon's SwiGLU reaches PolyNorm's 2.1 at 200 of 300 tokens.
+    assert float(rows["adamw", "polynorm"]["token_efficiency_vs_swiglu"]) == pytest.approx(1.0)
+    assert float(rows["muon", "polynorm"]["token_efficiency_vs_swiglu"]) == pytest.approx(200 / 300)
+
+    bad = subprocess.run([*cmd, "--report-stem", "docs/x"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: --report-stem 'docs/x': expected a file name without a directory or suffix, e.g. compare_2x2"]
