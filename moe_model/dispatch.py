@@ -102,6 +102,8 @@ class Dispatched:
     """Row of y_RD (sorted by expert) holding each flattened (token, k) choice."""
     padded: bool = False
     """Whether rows past the last expert's (the dropped ones) trail the expert rows."""
+    host_rows_per_expert: list[int] | None = None
+    """The experts' row counts as Python ints, when known without a sync (forced balance)."""
 
 
 def sort_by_expert(
@@ -138,10 +140,13 @@ class LocalDispatcher:
         experts_TK: torch.Tensor,
         rows_per_expert_E: torch.Tensor,
         keep_TK: torch.Tensor | None = None,
+        host_rows_per_expert: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        """``rows_per_expert_E``: the (kept) rows of each expert, as the router counted them."""
+        """``rows_per_expert_E``: the (kept) rows of each expert, as the router counted them;
+        ``host_rows_per_expert``: the same as Python ints, when known without a sync (forced
+        balance), passed on for the paths that split rows on the host."""
         token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
-        dispatched = Dispatched(inverse_R=inverse_R, padded=keep_TK is not None)
+        dispatched = Dispatched(inverse_R, keep_TK is not None, host_rows_per_expert)
         return x_TD[token_R], rows_per_expert_E, dispatched
 
     def combine(

@@ -15,7 +15,8 @@ EP degree loads with any other.
 
 Per forward of one MoE layer: one all-to-all of the X*P counts, one host sync for the split
 sizes, one all-to-all of the rows out and one back; backward runs the two row exchanges
-reversed. The row exchanges are torch's functional collective with autograd
+reversed. Under forced balance (benchmarks, the planner) the counts follow from T alone and are
+known on the host: no count exchange and no sync, only the row exchanges. The row exchanges are torch's functional collective with autograd
 (``all_to_all_single_autograd``), not ``torch.distributed.nn.functional.all_to_all_single``:
 the latter warns that it is deprecated on every call (torch 2.13) and raises under
 torch.compile, which ``--compile=true`` applies to every block.
@@ -51,6 +52,9 @@ class EPDispatched:
     """Received row of each local-expert-grouped row."""
     padded: bool = False
     """Always False: only kept rows travel, the experts' input has no trailing dropped rows."""
+    host_rows_per_expert: list[int] | None = None
+    """Rows of each local expert (from every rank of the group) as Python ints, when known
+    without a sync (forced balance)."""
 
 
 class AllToAllDispatcher:
@@ -78,20 +82,32 @@ class AllToAllDispatcher:
         experts_TK: torch.Tensor,
         rows_per_expert_E: torch.Tensor,
         keep_TK: torch.Tensor | None = None,
+        host_rows_per_expert: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, EPDispatched]:
         """``rows_per_expert_E``: this rank's (kept) rows of each of the E experts, as the router
-        counted them; with ``keep_TK`` the dropped rows stay here (they sort last)."""
+        counted them; with ``keep_TK`` the dropped rows stay here (they sort last).
+        ``host_rows_per_expert``: the same counts as Python ints, known without reading the
+        device (forced balance); every rank of the group then routes the same counts (the same
+        T on every rank, the same round-robin), so no count is exchanged and nothing synced."""
         p, x = self.ep_size, self.num_local
         sent_E = rows_per_expert_E
         token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
-        # received_PX[j, e]: rows rank j of the group sends to this rank's local expert e.
-        received_PX = torch.empty_like(sent_E)
-        dist.all_to_all_single(received_PX, sent_E, group=self.group)
-        received_PX = received_PX.view(p, x)
-        # The one host sync: all_to_all_single needs the split sizes as Python ints.
-        send_splits, recv_splits = torch.stack(
-            [sent_E.view(p, x).sum(dim=1), received_PX.sum(dim=1)]
-        ).tolist()
+        host_rows_X = None
+        if host_rows_per_expert is not None:
+            local_X = host_rows_per_expert[self.first : self.first + x]
+            send_splits = [sum(host_rows_per_expert[j * x : (j + 1) * x]) for j in range(p)]
+            recv_splits = [sum(local_X)] * p
+            received_PX = torch.tensor([local_X] * p, dtype=sent_E.dtype, device=sent_E.device)
+            host_rows_X = [p * rows for rows in local_X]
+        else:
+            # received_PX[j, e]: rows rank j of the group sends to this rank's local expert e.
+            received_PX = torch.empty_like(sent_E)
+            dist.all_to_all_single(received_PX, sent_E, group=self.group)
+            received_PX = received_PX.view(p, x)
+            # The one host sync: all_to_all_single needs the split sizes as Python ints.
+            send_splits, recv_splits = torch.stack(
+                [sent_E.view(p, x).sum(dim=1), received_PX.sum(dim=1)]
+            ).tolist()
         # Dropped rows sort after every kept one: the first sum(send_splits) rows are sent.
         x_sent_RD = x_TD[token_R[: sum(send_splits)]]
         x_recv_RD = all_to_all_single_autograd(x_sent_RD, recv_splits, send_splits, self.group)
@@ -100,7 +116,8 @@ class AllToAllDispatcher:
         return (
             x_recv_RD[regroup_R],
             rows_per_expert_X,
-            EPDispatched(inverse_R, send_splits, recv_splits, regroup_R),
+            EPDispatched(inverse_R, send_splits, recv_splits, regroup_R,
+                         host_rows_per_expert=host_rows_X),  # fmt: skip
         )
 
     def combine(

@@ -72,6 +72,7 @@ from moe_model.routing import (
     RouteChoice,
     Routing,
     balanced_experts,
+    balanced_rows_per_expert,
     capacity_keep,
     count_per_expert,
     expert_capacity,
@@ -350,19 +351,23 @@ class MoELayer(nn.Module):
         # Counted once, here, for the capacity limit, the losses, the load metrics and the
         # dispatcher; before any capacity drop.
         tokens_per_expert_E = count_per_expert(experts_TK, cfg.num_experts)
-        keep_TK = kept_per_expert_E = None
+        keep_TK = kept_per_expert_E = capacity = None
         if cfg.capacity_factor is not None and self.training:
             capacity = expert_capacity(x_TD.shape[0], cfg.top_k, cfg.num_experts,
                                        cfg.capacity_factor)  # fmt: skip
             keep_TK = capacity_keep(experts_TK, weights_TK, tokens_per_expert_E, capacity)
             kept_per_expert_E = tokens_per_expert_E.clamp(max=capacity)
+        host_rows = None
+        if cfg.force_balance and choice is None:
+            host_rows = balanced_rows_per_expert(x_TD.shape[0], cfg.top_k, cfg.num_experts,
+                                                 capacity)  # fmt: skip
         if cfg.renormalize and choice is None:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if cfg.route_scale != 1.0 and choice is None:
             weights_TK = weights_TK * cfg.route_scale
         return Routing(
             logits_TE, probs_TE, weights_TK, experts_TK, tokens_per_expert_E, keep_TK,
-            kept_per_expert_E,
+            kept_per_expert_E, host_rows,
         )  # fmt: skip
 
     def _impl(self, x_RD: torch.Tensor) -> str:
@@ -398,10 +403,13 @@ class MoELayer(nn.Module):
         tokens_per_expert_E: torch.Tensor,
         impl: str,
         padded: bool = False,
+        host_counts: list[int] | None = None,
     ) -> torch.Tensor:
         """Expert FFNs over rows sorted by expert (``tokens_per_expert_E`` rows each, for the
         experts this rank holds). ``padded``: rows past the experts' (dropped by the capacity
-        limit) follow them; they give zeros, and no gradient reaches them or comes from them."""
+        limit) follow them; they give zeros, and no gradient reaches them or comes from them.
+        ``host_counts``: the same counts as Python ints when known without a sync (forced
+        balance), for the paths that split rows by expert on the host."""
         dtype = x_RD.dtype
         w_in_EDH = local_weight(self.w_in_EDH, dtype)
         w_out_EHD = local_weight(self.w_out_EHD, dtype)
@@ -419,7 +427,7 @@ class MoELayer(nn.Module):
             h_RH = grouped_mm(x_RD, w_in_EDH, offs=offs_E)
             if padded:
                 h_RH = torch.where(valid_R1, h_RH, 0)
-            a_RH = self.activate(h_RH, tokens_per_expert_E)
+            a_RH = self.activate(h_RH, tokens_per_expert_E, host_counts)
             if padded:
                 a_RH = torch.where(valid_R1, a_RH, 0)
             y_RD = grouped_mm(a_RH, w_out_EHD, offs=offs_E)
@@ -427,16 +435,21 @@ class MoELayer(nn.Module):
         if impl == "loop":
             # The per-expert reference: one host sync for the split sizes; empty experts get
             # empty slices, trailing dropped rows zeros.
-            counts = tokens_per_expert_E.tolist()
+            counts = tokens_per_expert_E.tolist() if host_counts is None else host_counts
             rows = sum(counts)
             x_RD, num_padding = x_RD[:rows], x_RD.shape[0] - rows
             h_RH = torch.cat([x_ND @ w_in_EDH[e] for e, x_ND in enumerate(x_RD.split(counts))])
-            a_RH = self.activate(h_RH, tokens_per_expert_E)
+            a_RH = self.activate(h_RH, tokens_per_expert_E, counts)
             y_RD = torch.cat([a_NH @ w_out_EHD[e] for e, a_NH in enumerate(a_RH.split(counts))])
             return F.pad(y_RD, (0, 0, 0, num_padding)) if num_padding else y_RD
         raise ValueError(f"unknown moe_expert_impl {impl!r}; expected 'grouped_mm' or 'loop'")
 
-    def activate(self, h_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def activate(
+        self,
+        h_RH: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        host_counts: list[int] | None = None,
+    ) -> torch.Tensor:
         """The activation over rows sorted by expert (and any trailing dropped rows).
 
         A shared activation runs once over all rows (it is row-wise). Per-expert coefficient sets
@@ -449,7 +462,7 @@ class MoELayer(nn.Module):
         if not isinstance(self.act, nn.ModuleList):
             return self.act(h_RH)
         local = self.dispatcher.local_experts(self.config.num_experts)
-        counts = tokens_per_expert_E.tolist()
+        counts = tokens_per_expert_E.tolist() if host_counts is None else host_counts
         rows = sum(counts)
         h_by_expert = dict(zip(local, h_RH[:rows].split(counts), strict=True))
         a_RH = torch.cat([act(h_by_expert.get(e, h_RH[:0])) for e, act in enumerate(self.act)])
@@ -476,9 +489,11 @@ class MoELayer(nn.Module):
             rows_per_expert_E = routing.kept_per_expert_E
             dropped_rows = (~routing.keep_TK).sum()
         x_RD, rows_per_expert, dispatched = self.dispatcher.dispatch(
-            x_TD.to(compute_dtype(x)), routing.experts_TK, rows_per_expert_E, routing.keep_TK
+            x_TD.to(compute_dtype(x)), routing.experts_TK, rows_per_expert_E, routing.keep_TK,
+            routing.host_rows_per_expert,
         )
-        y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD), dispatched.padded)
+        y_RD = self.experts(x_RD, rows_per_expert, self._impl(x_RD), dispatched.padded,
+                            dispatched.host_rows_per_expert)  # fmt: skip
         y_TD = self.dispatcher.combine(y_RD, routing.weights_TK, dispatched)
         for ffn in self.shared_experts or ():
             y_TD = y_TD + ffn(x_TD)

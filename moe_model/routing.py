@@ -61,6 +61,7 @@ __all__ = [
     "RouteChoice",
     "Routing",
     "balanced_experts",
+    "balanced_rows_per_expert",
     "capacity_keep",
     "count_per_expert",
     "expert_capacity",
@@ -90,6 +91,10 @@ class Routing:
     kept_per_expert_E: torch.Tensor | None = None
     """Rows each expert computes under the capacity limit, min(count_e, C); None when
     dropless."""
+    host_rows_per_expert: list[int] | None = None
+    """The rows each expert computes, known on the host without reading the device: set under
+    forced balance (:func:`balanced_rows_per_expert`), where they follow from T alone, so the
+    expert-parallel dispatcher needs no count exchange and no host sync; None otherwise."""
 
 
 @dataclass
@@ -110,6 +115,17 @@ def balanced_experts(
     (K <= E), every expert floor or ceil of T*K/E rows (torchtitan's forced balance)."""
     rows_R = torch.arange(num_tokens * top_k, device=device)
     return (rows_R % num_experts).view(num_tokens, top_k)
+
+
+def balanced_rows_per_expert(
+    num_tokens: int, top_k: int, num_experts: int, capacity: int | None = None
+) -> list[int]:
+    """The rows :func:`balanced_experts` gives each expert, as Python ints: row r = t*K + k goes
+    to expert r mod E, so expert e gets floor(T*K/E) rows plus one when e < (T*K mod E); at
+    most ``capacity`` each when a capacity limit drops the rest."""
+    rows, num_experts_with_extra = divmod(num_tokens * top_k, num_experts)
+    counts = [rows + (e < num_experts_with_extra) for e in range(num_experts)]
+    return counts if capacity is None else [min(c, capacity) for c in counts]
 
 
 def count_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

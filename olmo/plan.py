@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from olmo.config import AUTO, TrainConfig
@@ -155,6 +155,7 @@ class Plan:
             f"(CUDA context, NCCL, cuBLAS) = {self.required_bytes / GIB:.2f} GiB"
         )
         lines.append(self.verdict())
+        lines.extend(f"note: {note}" for note in m.notes)
         for key, value in self.decided.items():
             lines.append(f"auto: {key}={str(value).lower()} (decided by this plan)")
         lines.append("estimate (roofline lower bound from datasheet peaks), per rank per step:")
@@ -171,14 +172,6 @@ class Plan:
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
-
-
-def force_balance(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the MoE layers' forced balance on (model.moe_force_balance), which its
-    validation refuses for training: set on the built config, for planning only."""
-    planned = replace(cfg)
-    planned.model = replace(cfg.model, moe_force_balance=True)
-    return planned
 
 
 def plan_run(cfg: TrainConfig, gpus: int, gpu: GpuSpec, all_micro_batches: bool = False) -> Plan:

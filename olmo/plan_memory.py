@@ -19,6 +19,11 @@ weights and one fp32 per row), and flash attention (SDPA's fused CPU kernel save
 the log-sum-exp, as CUDA's flash kernel does). FSDP2's CUDA streams are CPU no-ops here: the
 tensors and their lifetimes are the same Python code path.
 
+Expert parallelism and per-expert activation sets split rows by the router's counts on the
+host, which fake tensors lack: their plans route with forced balance (counts known from the
+shapes). ``compile: true`` compiles the blocks with PLAN_COMPILE_BACKEND (Inductor's partition,
+run op by op) so the tracker sees what the compiled blocks save.
+
 With ``fake=False`` the same step runs on real tensors, in the process group already set up (the
 tests compare the two on CPU with gloo).
 """
@@ -36,12 +41,14 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils._python_dispatch import _disable_current_modes
 
 import olmo.parallelism as parallelism_lib
 import olmo.train_module as train_module_lib
+from moe_model import attention
 from moe_model.errors import ConfigError
 from olmo.config import TrainConfig
 
@@ -108,6 +115,18 @@ class _PeakMomentMixin:
     micro_batch = 0
     moment = PeakMoment("(before the step)", "forward", 0)
 
+    compiled_step = False
+    """Whether the tracked step compiles its blocks (``compile: true``)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Dynamo compiles nothing while a dispatch mode that wants to see compilation's own ops
+        # is active. For a compiled step the tracker says it does not, so the blocks stay
+        # compiled (PLAN_COMPILE_BACKEND then runs their graphs op by op, tracked). Otherwise
+        # dynamo must keep skipping: a function compiled with Inductor on its own (the
+        # 'compiled' activation backend) would run its kernels on fake tensors.
+        return cls.compiled_step
+
     def _update_peak_stats(self, peak_state) -> None:
         # Only the step's peak: the trackers' per-module peaks (a loop over every module and a
         # deep copy at each op) took most of the simulation's time and are not reported.
@@ -128,7 +147,14 @@ class _PeakMomentMixin:
 
 
 class _FSDPTracker(_PeakMomentMixin, FSDPMemTracker):
-    pass
+    # FSDP's own forward hooks are skipped by dynamo (torch._dynamo.config.skip_fsdp_hooks):
+    # the tracker's wrappers of them are too, so a compiled block keeps the graphs it has in a
+    # real run instead of breaking at the tracker's bookkeeping.
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig_pre_forward):
+        return torch._dynamo.disable(super()._fsdp_state_pre_forward(fsdp_mod, orig_pre_forward))
+
+    def _fsdp_state_post_forward(self, fsdp_mod, orig_post_forward):
+        return torch._dynamo.disable(super()._fsdp_state_post_forward(fsdp_mod, orig_post_forward))
 
 
 class _PlainTracker(_PeakMomentMixin, MemTracker):
@@ -146,15 +172,66 @@ class _StepTrainer:
         return None
 
 
-def _mesh_outside_fake_mode(init_device_mesh):
-    """init_device_mesh builds its rank table with torch ops and reads it back (``tolist``),
-    which a FakeTensor cannot answer: build meshes with real tensors (a few ints)."""
+def _outside_fake_mode(function):
+    """``function`` run with real tensors: device meshes keep their rank tables in (a few ints
+    of) tensors and read them back (``tolist``, ``nonzero``), which a FakeTensor cannot answer."""
 
-    def build(*args, **kwargs):
+    def run(*args, **kwargs):
         with unset_fake_temporarily():
-            return init_device_mesh(*args, **kwargs)
+            return function(*args, **kwargs)
 
-    return build
+    return run
+
+
+@contextlib.contextmanager
+def _meshes_outside_fake_mode() -> Iterator[None]:
+    """Building a mesh (parallelism's init_device_mesh, FSDP's and DTensor's own), and slicing
+    one (the expert-parallel "ep" and "efsdp" dims), run with real tensors."""
+    with (
+        mock.patch.object(parallelism_lib, "init_device_mesh",
+                          _outside_fake_mode(parallelism_lib.init_device_mesh)),
+        mock.patch.object(DeviceMesh, "__init__", _outside_fake_mode(DeviceMesh.__init__)),
+        mock.patch.object(DeviceMesh, "__getitem__", _outside_fake_mode(DeviceMesh.__getitem__)),
+    ):  # fmt: skip
+        yield
+
+
+PLAN_COMPILE_BACKEND = "aot_eager_decomp_partition"
+"""How a ``compile: true`` step is simulated: torch's debug backend that captures the same graphs
+as Inductor, applies Inductor's decompositions and its min-cut partitioner (what each block saves
+for backward and what its backward recomputes), then runs the graphs op by op, where the memory
+tracker sees every tensor. Inductor's generated kernels would need a C++ or GPU compiler (minutes
+here) and allocate inside fused kernels, invisible to a dispatch-mode tracker."""
+
+
+@contextlib.contextmanager
+def _compiled_as_inductor_partitions() -> Iterator[None]:
+    """``Module.compile`` (what ``compile: true`` calls on each block) with PLAN_COMPILE_BACKEND;
+    a fresh dynamo cache so no graph of an earlier plan (other shapes) is reused."""
+    compile_module = torch.nn.Module.compile
+
+    def compile_for_plan(module, *args, **kwargs):
+        return compile_module(module, *args, **{**kwargs, "backend": PLAN_COMPILE_BACKEND})
+
+    torch._dynamo.reset()
+    with mock.patch.object(torch.nn.Module, "compile", compile_for_plan):
+        yield
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def _simulation_patches(*, meshes: bool, compiled: bool, on_cpu: bool) -> Iterator[None]:
+    """Meshes built with real tensors (a fake step); for a ``compile: true`` step, trackers that
+    let dynamo compile, and on CPU (fake or real tensors) blocks compiled with
+    PLAN_COMPILE_BACKEND (on a GPU: Inductor, as the run compiles them)."""
+    with contextlib.ExitStack() as stack:
+        if meshes:
+            stack.enter_context(_meshes_outside_fake_mode())
+        if compiled:
+            stack.enter_context(mock.patch.object(_PeakMomentMixin, "compiled_step", True))
+        if compiled and on_cpu:
+            stack.enter_context(_compiled_as_inductor_partitions())
+        yield
 
 
 @contextlib.contextmanager
@@ -175,17 +252,6 @@ def check_plannable(cfg: TrainConfig, world_size: int) -> None:
     """Errors the real launch would raise for ``world_size`` processes, before any work."""
     cfg.validate_parallel(world_size)
     cfg.validate_batch_sizes(world_size)
-    if cfg.parallel.expert_parallel_degree > 1:
-        # Its all-to-all reads per-expert split sizes on the host, which fake tensors lack.
-        raise ConfigError(
-            f"parallel.expert_parallel_degree={cfg.parallel.expert_parallel_degree}: the planner "
-            "simulates FSDP runs only (expert parallelism reads split sizes on the host); plan "
-            "with --parallel.expert_parallel_degree=1"
-        )
-    if cfg.compile:
-        raise ConfigError(
-            "compile=true: the planner runs the eager step; plan with --compile=false"
-        )
 
 
 def _mark_gradient_accumulators(model, tracker: FSDPMemTracker) -> None:
@@ -226,6 +292,14 @@ def _one_step(train_module, batch: dict) -> None:
     train_module.zero_grads()
 
 
+def force_balance(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the MoE layers' forced balance on (model.moe_force_balance), which its
+    validation refuses for training: set on the built config, for planning only."""
+    planned = dataclasses.replace(cfg)
+    planned.model = dataclasses.replace(cfg.model, moe_force_balance=True)
+    return planned
+
+
 def build_meta_model(cfg: TrainConfig):
     """The model on the meta device (outside any fake mode: module.to() cannot swap a meta
     parameter for a fake one); ConfigError when the config does not describe a buildable one."""
@@ -258,7 +332,13 @@ def _rank_batch(cfg: TrainConfig, sequences: int, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     shape = (sequences, cfg.model.max_sequence_length)
     ids = torch.randint(0, cfg.model.vocab_size, shape, generator=generator)
-    return {"input_ids": ids.to(device)}
+    batch = {"input_ids": ids.to(device)}
+    if cfg.model.document_masking:
+        # As the loaders mark them (moe_model.attention.document_ids); the masks' sizes depend
+        # on the shapes only. eos_token_id appears in random ids at its rate in the vocabulary.
+        eos = cfg.data.eos_token_id if cfg.data.eos_token_id is not None else 0
+        batch["doc_ids"] = attention.document_ids(ids, eos).to(device)
+    return batch
 
 
 def simulate_step(
@@ -273,6 +353,30 @@ def simulate_step(
     docstring). ``fake=False`` runs real tensors in the current process group (or none).
     Runs SIMULATED_MICRO_BATCHES of the step's micro-batches unless ``all_micro_batches``."""
     check_plannable(cfg, world_size)
+    notes = []
+    splits_by_count = {
+        "expert parallelism": cfg.parallel.expert_parallel_degree > 1,
+        "per-expert activation sets": cfg.model.moe_activation_per_expert,
+    }
+    if any(splits_by_count.values()) and not cfg.model.moe_force_balance:
+        # These split rows by the router's counts on the host, values a FakeTensor lacks; under
+        # forced balance the counts follow from the shapes (T*K/E rows per expert, T*K/P to each
+        # rank) and the router's matmul, softmax and losses still run.
+        cfg = force_balance(cfg)
+        what = " and ".join(name for name, on in splits_by_count.items() if on)
+        notes.append(
+            f"{what} planned with balanced routing (every expert T*K/E rows): an expert, or a "
+            "rank, that receives more rows holds more activations"
+        )
+    if cfg.compile and cfg.model.document_masking and cfg.model.document_masking_backend == "flex":
+        # flex compiles its block-mask builder with Inductor on its own, whose kernels cannot run
+        # on fake tensors once the tracker lets dynamo compile the blocks.
+        cfg = dataclasses.replace(cfg)
+        cfg.model = dataclasses.replace(cfg.model, document_masking_backend="sdpa")
+        notes.append(
+            "document masking planned with sdpa's boolean mask (flex's mask builder is an "
+            "Inductor kernel): an upper bound on flex's memory"
+        )
     # Real tensors of a planned CUDA run (the GPU round's comparison) live on the GPU.
     on_gpu = not fake and planned_device_type == "cuda" and torch.cuda.is_available()
     micro_size = cfg.device_train_microbatch_size
@@ -283,17 +387,16 @@ def simulate_step(
     needs_group = fake and (world_size > 1 or planned == "cuda")
     group = fake_process_group(world_size) if needs_group else contextlib.nullcontext()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    mesh_patch = (
-        mock.patch.object(
-            parallelism_lib,
-            "init_device_mesh",
-            _mesh_outside_fake_mode(parallelism_lib.init_device_mesh),
+    on_cpu = device.type == "cpu"
+    patches = _simulation_patches(meshes=fake, compiled=cfg.compile, on_cpu=on_cpu)
+    if cfg.compile and on_cpu:
+        notes.append(
+            f"compile=true planned with the {PLAN_COMPILE_BACKEND} backend: Inductor's graphs, "
+            "decompositions and saved tensors, run op by op (Inductor's fused kernels make "
+            "fewer temporaries)"
         )
-        if fake
-        else contextlib.nullcontext()
-    )
     model = build_meta_model(cfg)
-    with group, mesh_patch, mode:
+    with group, patches, mode:
         train_module = _build_train_module(cfg, model, device, planned, fake)
         batch = _rank_batch(cfg, simulated * micro_size, device)
         _fill_optimizer_state(train_module)
@@ -329,7 +432,6 @@ def simulate_step(
     for kind, nbytes in snapshot.items():
         if kind in CATEGORIES:
             breakdown[CATEGORIES[kind]] += nbytes
-    notes = []
     if planned == "cuda":
         notes.append("CUDA run simulated on fake CPU tensors (same FSDP2 code path)")
     moment = tracker.moment

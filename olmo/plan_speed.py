@@ -3,9 +3,11 @@
 Counted per rank for the step's tokens on that rank, forward + backward (matmuls: backward twice
 the forward), with activation checkpointing's recomputed forward when it is on. Each kind's time
 is bounded below by max(FLOPs / bf16 peak, bytes / HBM bandwidth); the kinds run one after
-another, communication overlaps them (FSDP2 prefetches), so the step takes at least
-max(sum over compute kinds, communication). Every number here is a lower bound from datasheet
-peaks: real kernels reach a fraction of them (benchmarks/README.md has measured figures).
+another, as do expert parallelism's all-to-all row exchanges (the next op waits for its rows);
+FSDP's communication overlaps them (FSDP2 prefetches), so the step takes at least
+max(sum over compute kinds + all-to-all, FSDP communication). Every number here is a lower
+bound from datasheet peaks: real kernels reach a fraction of them (benchmarks/README.md has
+measured figures).
 
 The model FLOPs per token for MFU are olmo/flops.py's convention (``ModelConfig
 .num_flops_per_token``), the same the trainer's MFU uses; the per-kind counts below split the
@@ -47,11 +49,13 @@ class SpeedPlan:
 
     work: dict[str, Work]
     """Kind -> work: attention, attention_proj, expert_gemm, router, activation, combine,
-    lm_head_loss, communication."""
+    lm_head_loss, all_to_all (expert parallelism's row exchanges), communication (FSDP)."""
     step_seconds: float
     """Roofline lower bound on the step time."""
     compute_seconds: float
+    """The compute kinds one after another, plus the all-to-all row exchanges they wait for."""
     communication_seconds: float
+    """FSDP's collectives (overlapped with the compute)."""
     tokens_per_second: float
     """All ranks together, at the bound."""
     mfu: float
@@ -114,8 +118,29 @@ def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
         ),
         "lm_head_loss": lm_head_loss_work(cfg.fused_lm_loss, T, D, V, micro),
     }
+    work["all_to_all"] = Work(0.0, all_to_all_bytes(cfg, T))
     work["communication"] = Work(0.0, communication_bytes(cfg, world_size, micro))
     return work
+
+
+def routed_expert_params(cfg: TrainConfig) -> int:
+    """Parameters of the routed experts (w_in_EDH, w_out_EHD of every MoE layer): what expert
+    parallelism splits over its EP group."""
+    m = cfg.model
+    return len(m.moe_layer_ids) * m.moe_num_experts * m.d_model * (m.mlp_in_size + m.mlp_hidden_size)
+
+
+def all_to_all_bytes(cfg: TrainConfig, tokens: int) -> float:
+    """Bytes each rank sends in expert parallelism's row exchanges per step (bf16 rows, balanced
+    routing: (P-1)/P of a rank's T*K rows leave it). Forward sends the rows out and back, backward
+    their gradients, and activation checkpointing of the MoE layers repeats the forward's two."""
+    m, ep = cfg.model, cfg.parallel.expert_parallel_degree
+    if ep == 1:
+        return 0.0
+    recomputed = "expert_gemm" in RECOMPUTED_KINDS[checkpoint_mode(cfg.activation_checkpointing)]
+    exchanges = 2 * (2 if recomputed else 1) + 2
+    rows = tokens * m.moe_top_k
+    return exchanges * len(m.moe_layer_ids) * rows * m.d_model * BF16 * (ep - 1) / ep
 
 
 def lm_head_loss_work(fused: bool, T: int, D: int, V: int, micro: int) -> Work:
@@ -133,16 +158,19 @@ def lm_head_loss_work(fused: bool, T: int, D: int, V: int, micro: int) -> Work:
 
 
 def communication_bytes(cfg: TrainConfig, world_size: int, micro: int) -> float:
-    """Bytes each rank sends per step: FSDP all-gathers (bf16, forward and backward of every
-    micro-batch) and reduce-scatters (fp32, per micro-batch or once per step)."""
-    if world_size == 1:
-        return 0.0
-    params = cfg.model.num_params()
-    share = (world_size - 1) / world_size
-    gathers = 2 * micro * params * BF16 * share
+    """Bytes each rank sends per step in FSDP's collectives: all-gathers (bf16, forward and
+    backward of every micro-batch) and reduce-scatters (fp32, per micro-batch or once per step).
+    Under expert parallelism of degree P a rank gathers only its E/P experts, over the W/P ranks
+    holding the same ones (olmo/parallelism.py); the other parameters over all W ranks."""
+    ep = cfg.parallel.expert_parallel_degree
+    experts = routed_expert_params(cfg) if ep > 1 else 0
     every = cfg.reduce_grads_every_microbatch is True  # plan_run decides "auto" first
-    reductions = (micro if every else 1) * params * FP32 * share
-    return gathers + reductions
+    per_element = 2 * micro * BF16 + (micro if every else 1) * FP32
+
+    def sent(params: float, ranks: int) -> float:
+        return per_element * params * (ranks - 1) / ranks
+
+    return sent(cfg.model.num_params() - experts, world_size) + sent(experts / ep, world_size // ep)
 
 
 def roofline(cfg: TrainConfig, world_size: int, gpu: GpuSpec) -> SpeedPlan:
@@ -151,8 +179,12 @@ def roofline(cfg: TrainConfig, world_size: int, gpu: GpuSpec) -> SpeedPlan:
     compute = sum(
         max(w.flops / gpu.bf16_flops, w.bytes / gpu.hbm_bytes_per_s)
         for kind, w in work.items()
-        if kind != "communication"
+        if kind not in ("communication", "all_to_all")
     )
+    # The row exchanges block the layer that waits for its rows (same stream), so they add to
+    # the compute; an EP group is one node's GPUs at most (NVLink).
+    ep = cfg.parallel.expert_parallel_degree
+    compute += work["all_to_all"].bytes / gpu.link_bytes_per_s(ep)
     comm = work["communication"].bytes / gpu.link_bytes_per_s(world_size)
     step = max(compute, comm)
     seq = cfg.model.max_sequence_length

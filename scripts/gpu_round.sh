@@ -250,10 +250,10 @@ for part in "${PARTS[@]}"; do
       ;;
     plan_check)
       # The planner's peak (olmo/plan.py, fake tensors) against the CUDA allocator's peak of the
-      # same step on this GPU: small-gpu-polynorm on one GPU (QUICK: tiny).
+      # same step on this GPU, eager and compiled: small-gpu-polynorm on one GPU (QUICK: tiny).
       config=configs/small-gpu-polynorm.yaml
       [ "$QUICK" = 1 ] && config=configs/tiny.yaml
-      run_step plan_check 240 "$PYTHON" scripts/plan_vs_measured.py "$config" \
+      run_step plan_check 300 "$PYTHON" scripts/plan_vs_measured.py "$config" --also-compiled \
         --out "$OUT/plan_vs_measured.json"
       ;;
   esac

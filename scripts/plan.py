@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     def run() -> int:
         from olmo.config import load_config
         from olmo.gpus import gpu_spec
-        from olmo.plan import GIB, force_balance, plan_run, suggest_microbatch_size
-        from olmo.plan_memory import check_plannable
+        from olmo.plan import GIB, plan_run, suggest_microbatch_size
+        from olmo.plan_memory import check_plannable, force_balance
 
         if args.gpus < 1:
             raise ConfigError(f"--gpus={args.gpus} must be >= 1")

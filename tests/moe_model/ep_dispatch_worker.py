@@ -136,6 +136,17 @@ def main() -> None:
         check_layer(mesh, config, f"layer (per-expert sets: {per_expert})")
     config = tiny_config("swiglu", moe_num_experts=E, moe_top_k=K)
     check_layer(mesh, config, "swiglu layer, no rows for the last rank", torch.tensor([[0, 1]]))
+    # Forced balance: the split sizes come from the host (no count exchange); 10 tokens x 2
+    # rows over 4 experts, 5 each.
+    exchange = dist.all_to_all_single
+    dist.all_to_all_single = lambda *a, **k: fail("forced balance exchanged counts")
+    try:
+        for per_expert in (False, True):
+            config = tiny_config("polynorm", moe_num_experts=E, moe_top_k=K,
+                                 moe_force_balance=True, moe_activation_per_expert=per_expert)  # fmt: skip
+            check_layer(mesh, config, f"forced balance, counts from the host (per-expert sets: {per_expert})")
+    finally:
+        dist.all_to_all_single = exchange
     dist.destroy_process_group()
     print("ok")
 

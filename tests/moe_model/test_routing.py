@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_model.routing import RouteChoice, balanced_experts, count_per_expert
+from moe_model.routing import (
+    RouteChoice,
+    balanced_experts,
+    balanced_rows_per_expert,
+    capacity_keep,
+    count_per_expert,
+)
 from tests.moe_model.test_moe import D, E, K, layer_config, make_layer, reference_moe
 
 pytestmark = pytest.mark.numerics
@@ -22,6 +28,19 @@ def test_balanced_experts_spread_rows_evenly(tokens, top_k, experts):
         assert counts_E.tolist() == [tokens * top_k // experts] * experts
     # A token never gets the same expert twice.
     assert all(len(set(row)) == top_k for row in experts_TK.tolist())
+
+
+@pytest.mark.parametrize("tokens,top_k,experts", [(12, 2, 6), (64, 8, 64), (7, 3, 5), (3, 1, 8)])
+@pytest.mark.parametrize("capacity", [None, 1, 4])
+def test_balanced_rows_on_the_host_equal_the_device_counts(tokens, top_k, experts, capacity):
+    """What the expert-parallel dispatcher takes as split sizes under forced balance, without
+    reading the device, is what the routing computes there (after any capacity drop)."""
+    experts_TK = balanced_experts(tokens, top_k, experts, torch.device("cpu"))
+    counts_E = count_per_expert(experts_TK, experts)
+    if capacity is not None:
+        keep_TK = capacity_keep(experts_TK, torch.rand(tokens, top_k), counts_E, capacity)
+        counts_E = count_per_expert(experts_TK[keep_TK], experts)
+    assert balanced_rows_per_expert(tokens, top_k, experts, capacity) == counts_E.tolist()
 
 
 def test_forced_balance_layer_gives_every_expert_tk_over_e_rows():

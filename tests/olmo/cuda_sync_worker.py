@@ -4,7 +4,8 @@
     python -m torch.distributed.run --nproc_per_node=2 -m tests.olmo.cuda_sync_worker
 
 Prints "ok" per rank when every recorded sync is in ``EP_ALLOWED`` (and the EP split-size
-exchange was seen, so the EP path ran); otherwise exits non-zero listing the others.
+exchange was seen, so the EP path ran; under forced balance, where the split sizes follow from
+the shapes, that it was not); otherwise exits non-zero listing the others.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 import torch.distributed as dist
 
 from olmo.config import load_config
+from olmo.plan_memory import force_balance
 from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 from tests.olmo.helpers import TEST_CONFIG
 from tests.olmo.test_cuda_syncs import EP_ALLOWED
 
+FORCED = "forced balance (benchmarks, planner): split sizes from the host"
 OPTIONS = {
     "dropless": [],
     "capacity, shared expert": ["--model.moe_capacity_factor=0.5", "--model.moe_shared_experts=1"],
@@ -30,6 +33,7 @@ OPTIONS = {
         "--model.moe_lb_granularity=global_batch",
     ],
     "per-expert sets": ["--model.moe_activation_per_expert=true"],
+    FORCED: [],
 }  # fmt: skip
 EP_EXCHANGE = "moe_model/expert_parallel.py::dispatch"
 
@@ -40,6 +44,8 @@ def main() -> None:
     failures = []
     for label, overrides in OPTIONS.items():
         cfg = load_config(TEST_CONFIG, [f"--parallel.expert_parallel_degree={world}", *overrides])
+        if label == FORCED:
+            cfg = force_balance(cfg)
         module = MoETrainModule(
             cfg.model.build(init_device="meta"), train_module_config(cfg), torch.device("cpu")
         )
@@ -57,7 +63,10 @@ def main() -> None:
         print(f"rank {rank}, {label}: {len(syncs)} recorded: {kinds}", flush=True)
         if bad:
             failures.append(f"{label}: " + "; ".join(map(str, bad)))
-        if not any(s.where == EP_EXCHANGE for s in syncs):
+        exchanged = any(s.where == EP_EXCHANGE for s in syncs)
+        if label == FORCED and exchanged:
+            failures.append(f"{label}: the split sizes were read from the device")
+        elif label != FORCED and not exchanged:
             failures.append(f"{label}: no split-size exchange recorded: the EP path did not run")
     if failures:
         sys.exit(f"rank {rank}:\n" + "\n".join(failures))

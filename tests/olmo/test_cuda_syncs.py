@@ -20,7 +20,7 @@ from moe_model.config import ModelConfig
 from olmo.config import TrainConfig
 from olmo.data import BatchCollator, DataConfig
 from olmo.metric_names import layer_router_entropy
-from olmo.plan import force_balance as plan_force_balance
+from olmo.plan_memory import force_balance as plan_force_balance
 from olmo.train_module import MoETrainModule, train_module_config
 from tests.cuda_rules import record_cuda_syncs, unexpected
 
@@ -126,10 +126,25 @@ def test_training_step_has_no_cuda_sync(variant):
     assert layer_router_entropy(module.moe_layer_ids[0]) in module.trainer.metrics
 
 
+def test_forced_balance_reads_no_row_counts_from_the_device():
+    """Under forced balance (benchmarks, the planner) the row counts follow from the shapes and
+    are known on the host: even per-expert activation sets split their rows without a sync, so
+    the step's only syncs are the optimizer's (expert parallelism: cuda_sync_worker.py)."""
+    module = build_module(force_balance=True, moe_activation_per_expert=True)
+    step_batch = batch()
+    with record_cuda_syncs() as syncs:
+        module.train_batch(step_batch)
+        module.optim_step()
+    optimizer_only = {key: why for key, why in ALLOWED.items() if "optim_step" in key[1]}
+    bad = unexpected(syncs, optimizer_only)
+    assert not bad, "syncs under forced balance:\n" + "\n".join(map(str, bad))
+
+
 @pytest.mark.slow
 def test_expert_parallel_training_step_has_no_cuda_sync():
     """2 gloo ranks, EP degree 2 under FSDP: dropless, capacity drops with a shared expert, the
-    auxiliary-loss-free bias with global-batch balancing, per-expert activation sets."""
+    auxiliary-loss-free bias with global-batch balancing, per-expert activation sets, and forced
+    balance (no split-size exchange at all)."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", "-m", "tests.olmo.cuda_sync_worker"],

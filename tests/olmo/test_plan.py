@@ -15,7 +15,7 @@ import pytest
 from olmo.config import load_config
 from olmo.gpus import GPUS, gpu_spec
 from olmo.plan_memory import BREAKDOWN_KEYS, simulate_step
-from olmo.plan_speed import communication_bytes, roofline
+from olmo.plan_speed import all_to_all_bytes, communication_bytes, roofline
 from tests.olmo.helpers import run_worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,32 +69,103 @@ def _assert_same_memory(plan, measured: dict, *, transient_each: bool) -> None:
     assert plan.sharded == measured["sharded"]
 
 
+def _plan_against_one_rank(overrides: list[str]):
+    """The plan of ``overrides`` on one process against the same step on real tensors (every
+    micro-batch of it: the plan runs the first, second and last), checked; returns both."""
+    measured = simulate_step(load_config(TINY, overrides), 1, fake=False,
+                             planned_device_type="cpu", all_micro_batches=True)  # fmt: skip
+    plan = simulate_step(load_config(TINY, overrides), 1, fake=True, planned_device_type="cpu")
+    _assert_same_memory(plan, asdict(measured), transient_each=True)
+    return plan, measured
+
+
+def _plan_against_two_gloo_ranks(tmp_path, overrides: list[str]):
+    """The plan of ``overrides`` on 2 processes against the same step on 2 gloo ranks
+    (tests/olmo/plan_worker.py), checked; returns the plan."""
+    out = tmp_path / "measured.json"
+    result = run_worker("tests.olmo.plan_worker", 2, str(out), TINY, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = simulate_step(load_config(TINY, overrides), 2, fake=True, planned_device_type="cpu")
+    _assert_same_memory(plan, json.loads(out.read_text()), transient_each=False)
+    return plan
+
+
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
 def test_plan_peak_matches_real_step_on_one_rank(shape):
-    overrides = COMMON + SHAPES[shape]
-    cfg = load_config(TINY, overrides)
     # The real step runs all 4 micro-batches; the plan 3 (first, second, last): the peak and
     # breakdown must agree all the same.
-    measured = simulate_step(cfg, 1, fake=False, planned_device_type="cpu", all_micro_batches=True)
-    plan = simulate_step(load_config(TINY, overrides), 1, fake=True, planned_device_type="cpu")
+    plan, measured = _plan_against_one_rank(COMMON + SHAPES[shape])
     assert (measured.simulated_micro_batches, plan.simulated_micro_batches) == (4, 3)
-    _assert_same_memory(plan, asdict(measured), transient_each=True)
     assert measured.peak_bytes > 0 and not plan.sharded
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_plan_peak_matches_real_step_on_two_gloo_ranks(tmp_path, shape):
-    overrides = COMMON + SHAPES[shape]
-    out = tmp_path / "measured.json"
-    result = run_worker("tests.olmo.plan_worker", 2, str(out), TINY, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(out.read_text())
-    plan = simulate_step(load_config(TINY, overrides), 2, fake=True, planned_device_type="cpu")
-    _assert_same_memory(plan, measured, transient_each=False)
+    plan = _plan_against_two_gloo_ranks(tmp_path, COMMON + SHAPES[shape])
     assert plan.sharded
     # Once-per-step reduction keeps unsharded fp32 gradient accumulators between micro-batches.
     assert plan.breakdown["grads_unsharded"] > 0 or plan.micro_batches == 1
+
+
+def test_per_expert_sets_plan_matches_real_step():
+    """Per-expert activation sets split rows by host counts: planned, like the real step it is
+    checked against, with balanced routing, whose counts follow from the shapes."""
+    plan, _ = _plan_against_one_rank(COMMON + ["--model.moe_activation_per_expert=true"])
+    assert any(n.startswith("per-expert activation sets planned with") for n in plan.notes)
+
+
+def test_document_masking_plan_matches_real_step():
+    """Document masking: the planned batch marks documents as the loaders do (a boolean mask per
+    sequence for sdpa on CPU)."""
+    _plan_against_one_rank(COMMON + ["--model.document_masking=true"])
+
+
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_expert_parallel_plan_matches_real_step_on_two_gloo_ranks(tmp_path, shape):
+    """EP degree 2 over 2 ranks (each holds half the experts; rows travel by all-to-all): the
+    plan, whose split sizes follow from balanced routing on fake tensors, against the same
+    balanced step on real tensors and real gloo all-to-alls."""
+    overrides = COMMON + SHAPES[shape] + ["--parallel.expert_parallel_degree=2"]
+    plan = _plan_against_two_gloo_ranks(tmp_path, overrides)
+    assert any(n.startswith("expert parallelism planned with balanced routing") for n in plan.notes)
+    # Each rank holds half the experts whole, as many bytes as FSDP's half of every expert:
+    # nothing is replicated.
+    fsdp = simulate_step(load_config(TINY, COMMON + SHAPES[shape]), 2, fake=True,
+                         planned_device_type="cpu")  # fmt: skip
+    assert plan.breakdown["params_sharded"] == fsdp.breakdown["params_sharded"]
+
+
+def test_compiled_plan_runs_compiled_blocks():
+    """The default tier's compile check (the comparison with a real compiled step is slow): the
+    plan of a compile=true step runs its blocks compiled by dynamo, and says how."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    plan = simulate_step(load_config(TINY, COMMON + ["--compile=true"]), 2)
+    assert counters["stats"]["unique_graphs"] >= 1, "the plan did not compile its blocks"
+    assert any("aot_eager_decomp_partition" in n for n in plan.notes)
+
+
+@pytest.mark.slow
+def test_compiled_plan_matches_real_compiled_step():
+    """compile=true: every block compiled (PLAN_COMPILE_BACKEND: Inductor's graphs, decompositions
+    and partitioner), on fake tensors against the same compiled step on real tensors. Long
+    sequences and the fused loss put the peak in a block's backward, where what the compiled
+    blocks saved decides it."""
+    from torch._dynamo.utils import counters
+
+    overrides = COMMON + [
+        "--model.max_sequence_length=512", "--device_train_microbatch_size=4",
+        "--fused_lm_loss=true", "--compile=true",
+    ]  # fmt: skip
+    counters.clear()
+    plan, _ = _plan_against_one_rank(overrides)
+    # torch._dynamo.reset() (a fresh cache per compiled simulation) keeps the counters: both
+    # the real step and the plan compiled their blocks.
+    assert counters["stats"]["unique_graphs"] >= 2, "the steps did not compile"
+    assert plan.moment.phase == "backward" and ".blocks." in plan.moment.module, plan.moment
+    assert any("aot_eager_decomp_partition" in n for n in plan.notes)
 
 
 def test_communication_bytes_count_gathers_and_reductions():
@@ -108,6 +179,33 @@ def test_communication_bytes_count_gathers_and_reductions():
         (3 * 2 * 2 + 3 * 4) * params * 3 / 4
     )
     assert communication_bytes(cfg, 1, micro=3) == 0
+
+
+def test_expert_parallel_communication_gathers_only_a_ranks_experts():
+    cfg = load_config(TINY, COMMON + ["--parallel.expert_parallel_degree=2"])
+    m = cfg.model
+    experts = len(m.moe_layer_ids) * m.moe_num_experts * m.d_model * (m.mlp_in_size + m.mlp_hidden_size)
+    others = m.num_params() - experts
+    # 4 ranks in 2 EP groups: the other parameters gathered over 4 ranks, a rank's half of the
+    # experts over the 2 ranks holding the same half; bf16 gathers (2 per micro-batch), one fp32
+    # reduction per step.
+    assert communication_bytes(cfg, 4, micro=1) == pytest.approx(
+        (2 * 2 + 4) * (others * 3 / 4 + experts / 2 * 1 / 2)
+    )
+    # Row exchanges: out and back in forward, both again in backward; half the rows leave.
+    tokens = 1000
+    rows_bytes = len(m.moe_layer_ids) * tokens * m.moe_top_k * m.d_model * 2 / 2
+    assert all_to_all_bytes(cfg, tokens) == pytest.approx(4 * rows_bytes)
+    # The layers wait for their rows: the exchanges add to the compute time, over NVLink.
+    gpu = gpu_spec("h100")
+    with_ep = roofline(cfg, 4, gpu)
+    cfg.activation_checkpointing = "moe"  # the recomputed forward exchanges its rows again
+    assert all_to_all_bytes(cfg, tokens) == pytest.approx(6 * rows_bytes)
+    cfg.activation_checkpointing = False
+    cfg.parallel.expert_parallel_degree = 1
+    assert all_to_all_bytes(cfg, tokens) == 0
+    exchange = with_ep.work["all_to_all"].bytes / gpu.nvlink_bytes_per_s
+    assert with_ep.compute_seconds == pytest.approx(roofline(cfg, 4, gpu).compute_seconds + exchange)
 
 
 def test_roofline_expert_flops_and_mfu_bound():
@@ -174,7 +272,7 @@ def test_cli_writes_json_with_the_documented_keys(tmp_path):
 
 
 def test_plan_forced_balance_sets_the_flag_training_refuses():
-    from olmo.plan import force_balance
+    from olmo.plan_memory import force_balance
 
     cfg = load_config(TINY, [])
     planned = force_balance(cfg)
