@@ -146,7 +146,8 @@ class LocalDispatcher:
         ``host_rows_per_expert``: the same as Python ints, when known without a sync (forced
         balance), passed on for the paths that split rows on the host."""
         token_R, inverse_R = sort_by_expert(experts_TK, keep_TK)
-        dispatched = Dispatched(inverse_R, keep_TK is not None, host_rows_per_expert)
+        dispatched = Dispatched(inverse_R=inverse_R, padded=keep_TK is not None,
+                                host_rows_per_expert=host_rows_per_expert)  # fmt: skip
         return x_TD[token_R], rows_per_expert_E, dispatched
 
     def combine(

@@ -16,8 +16,9 @@ EP degree loads with any other.
 Per forward of one MoE layer: one all-to-all of the X*P counts, one host sync for the split
 sizes, one all-to-all of the rows out and one back; backward runs the two row exchanges
 reversed. Under forced balance (benchmarks, the planner) the counts follow from T alone and are
-known on the host: no count exchange and no sync, only the row exchanges. The row exchanges are torch's functional collective with autograd
-(``all_to_all_single_autograd``), not ``torch.distributed.nn.functional.all_to_all_single``:
+known on the host: no count exchange and no sync, only the row exchanges. The row exchanges are
+torch's functional collective with autograd (``all_to_all_single_autograd``), not
+``torch.distributed.nn.functional.all_to_all_single``:
 the latter warns that it is deprecated on every call (torch 2.13) and raises under
 torch.compile, which ``--compile=true`` applies to every block.
 """

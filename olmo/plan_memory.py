@@ -214,9 +214,11 @@ def _compiled_as_inductor_partitions() -> Iterator[None]:
         return compile_module(module, *args, **{**kwargs, "backend": PLAN_COMPILE_BACKEND})
 
     torch._dynamo.reset()
-    with mock.patch.object(torch.nn.Module, "compile", compile_for_plan):
-        yield
-    torch._dynamo.reset()
+    try:
+        with mock.patch.object(torch.nn.Module, "compile", compile_for_plan):
+            yield
+    finally:
+        torch._dynamo.reset()
 
 
 @contextlib.contextmanager
@@ -292,12 +294,18 @@ def _one_step(train_module, batch: dict) -> None:
     train_module.zero_grads()
 
 
+def _with_model(cfg: TrainConfig, **changes) -> TrainConfig:
+    """A copy of ``cfg`` whose model config has ``changes``, set on the built configs (no
+    validation: the planner's own substitutions, which a training config may refuse)."""
+    planned = dataclasses.replace(cfg)
+    planned.model = dataclasses.replace(cfg.model, **changes)
+    return planned
+
+
 def force_balance(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the MoE layers' forced balance on (model.moe_force_balance), which its
-    validation refuses for training: set on the built config, for planning only."""
-    planned = dataclasses.replace(cfg)
-    planned.model = dataclasses.replace(cfg.model, moe_force_balance=True)
-    return planned
+    validation refuses for training: for planning only."""
+    return _with_model(cfg, moe_force_balance=True)
 
 
 def build_meta_model(cfg: TrainConfig):
@@ -371,8 +379,7 @@ def simulate_step(
     if cfg.compile and cfg.model.document_masking and cfg.model.document_masking_backend == "flex":
         # flex compiles its block-mask builder with Inductor on its own, whose kernels cannot run
         # on fake tensors once the tracker lets dynamo compile the blocks.
-        cfg = dataclasses.replace(cfg)
-        cfg.model = dataclasses.replace(cfg.model, document_masking_backend="sdpa")
+        cfg = _with_model(cfg, document_masking_backend="sdpa")
         notes.append(
             "document masking planned with sdpa's boolean mask (flex's mask builder is an "
             "Inductor kernel): an upper bound on flex's memory"

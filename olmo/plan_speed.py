@@ -101,7 +101,7 @@ def step_work(cfg: TrainConfig, world_size: int) -> dict[str, Work]:
         "expert_gemm": matmul(
             "expert_gemm",
             2 * rows * moe * D * (H_in + H) + 2 * T * dense * D * (H_in + H),
-            moe * E * D * (H_in + H) + dense * D * (H_in + H),
+            routed_expert_params(cfg) + dense * D * (H_in + H),
             moe * rows * (2 * D + H_in + H) * BF16,
         ),
         # Elementwise: forward reads the pre-activation and writes the activation (bf16);

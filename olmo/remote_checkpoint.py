@@ -182,9 +182,13 @@ class RemoteCheckpointer(Checkpointer):
                 # Exit only once every rank has a file there, so what the test finds does not
                 # depend on which rank torchrun sees die first (it then stops the others).
                 deadline = time.monotonic() + 120
-                while len(object_store.list_objects(join(dir, ""))) < get_world_size() and time.monotonic() < deadline:
+                while (
+                    len(object_store.list_objects(join(dir, ""))) < get_world_size()
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.1)
-                print(f"{FAULT_ENV}: rank {rank} exits after uploading {path.name}", file=sys.stderr, flush=True)
+                print(f"{FAULT_ENV}: rank {rank} exits after uploading {path.name}",
+                      file=sys.stderr, flush=True)  # fmt: skip
                 os._exit(3)
         object_store.put_bytes(join(dir, UPLOADED_DIR, f"rank{rank}"), b"")
         if rank == 0:
